@@ -1,0 +1,127 @@
+"""Routing: the data a policy sees, the decision it returns, and the policy registry.
+
+Pure code: plain data in, a `Decision` out, no I/O. The Celery dispatch task loads the
+snapshot, calls `get_policy(name).route(...)`, and stores the result.
+"""
+
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass, field
+from typing import Literal
+
+Sort = Literal["price", "throughput", "latency"]
+
+
+@dataclass(frozen=True)
+class PendingRequest:
+    id: str
+    model: str
+    prompt_tokens: int
+    max_tokens: int
+    region: str | None = None
+    sort: Sort | None = None  # None: balanced price-performance
+    max_price: int | None = None  # nano-dollars per million output tokens
+    max_ttft_ms: float | None = None
+    min_tokens_per_s: float | None = None
+
+
+@dataclass(frozen=True)
+class NodeState:
+    id: str
+    model: str
+    price_in: int  # nano-dollars per million tokens
+    price_out: int
+    tokens_per_s: float  # measured (seeded by the advertised figure)
+    region: str
+    free_slots: int
+    ttft_ms: float = 0.0
+    rtt_ms: float = 0.0  # network RTT to the coordinator
+    reputation: float = 1.0  # 0..1
+    online: bool = True
+
+
+@dataclass
+class Decision:
+    assignments: dict[str, str] = field(default_factory=dict)  # request id -> node id
+    rejections: dict[str, str] = field(default_factory=dict)  # request id -> reason
+    deferred: list[str] = field(default_factory=list)  # feasible, but no free slot now
+
+
+class RoutingPolicy(abc.ABC):
+    name: str
+
+    @abc.abstractmethod
+    def route(self, requests: list[PendingRequest], nodes: list[NodeState]) -> Decision: ...
+
+
+_REGISTRY: dict[str, type[RoutingPolicy]] = {}
+DEFAULT_POLICY = "greedy"
+
+
+def register_policy(cls: type[RoutingPolicy]) -> type[RoutingPolicy]:
+    _REGISTRY[cls.name] = cls
+    return cls
+
+
+def get_policy(name: str | None = None) -> RoutingPolicy:
+    key = name or DEFAULT_POLICY
+    try:
+        return _REGISTRY[key]()
+    except KeyError:
+        raise ValueError(f"unknown routing policy {key!r}; known: {sorted(_REGISTRY)}") from None
+
+
+def available_policies() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+@register_policy
+class GreedyPolicy(RoutingPolicy):
+    """Simple and correct: each request, in arrival order, goes to the eligible node with a
+    free slot that its preference ranks first (default: cost per token ÷ measured speed)."""
+
+    name = "greedy"
+
+    def route(self, requests: list[PendingRequest], nodes: list[NodeState]) -> Decision:
+        decision = Decision()
+        free = {n.id: n.free_slots for n in nodes}
+        for req in requests:
+            candidates = [n for n in nodes if n.online and n.model == req.model]
+            if not candidates:
+                decision.rejections[req.id] = f"no online node serves model {req.model!r}"
+                continue
+            if req.max_price is not None:
+                candidates = [n for n in candidates if n.price_out <= req.max_price]
+                if not candidates:
+                    decision.rejections[req.id] = (
+                        f"no node serves {req.model!r} at or below max_price {req.max_price}"
+                    )
+                    continue
+            if req.min_tokens_per_s is not None:
+                candidates = [n for n in candidates if n.tokens_per_s >= req.min_tokens_per_s]
+                if not candidates:
+                    decision.rejections[req.id] = (
+                        f"no node reaches min_tokens_per_s {req.min_tokens_per_s}"
+                    )
+                    continue
+            ranked = sorted(candidates, key=lambda n: _rank_key(req, n))
+            chosen = next((n for n in ranked if free[n.id] > 0), None)
+            if chosen is None:
+                decision.deferred.append(req.id)
+                continue
+            free[chosen.id] -= 1
+            decision.assignments[req.id] = chosen.id
+        return decision
+
+
+def _rank_key(req: PendingRequest, node: NodeState) -> tuple:
+    cost = req.prompt_tokens * node.price_in + req.max_tokens * node.price_out
+    same_region = 0 if (req.region is None or req.region == node.region) else 1
+    if req.sort == "price":
+        return (cost, -node.tokens_per_s)
+    if req.sort == "throughput":
+        return (-node.tokens_per_s, cost)
+    if req.sort == "latency":
+        return (same_region, node.ttft_ms + node.rtt_ms, -node.tokens_per_s)
+    return (same_region, cost / max(node.tokens_per_s, 1e-9) / max(node.reputation, 1e-3))
