@@ -1,0 +1,64 @@
+"""Shared fixtures: real PostgreSQL and Redis servers, each test session in its own space.
+
+PostgreSQL: a fresh database `agora_t_<random>` per fixture use, dropped afterwards, so
+parallel sessions (and CI) never see each other's rows. Redis: a random key prefix.
+Tests that need a server are skipped with a clear reason when it is not reachable,
+except under CI=true where a missing server is a failure.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import uuid
+
+import pytest
+
+PG_ADMIN_URL = os.environ.get("AGORA_TEST_PG_ADMIN", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
+REDIS_URL = os.environ.get("AGORA_TEST_REDIS", "redis://127.0.0.1:6379/0")
+
+
+def _reachable(host: str, port: int) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=1):
+            return True
+    except OSError:
+        return False
+
+
+def _need(host: str, port: int, what: str) -> None:
+    if _reachable(host, port):
+        return
+    if os.environ.get("CI"):
+        pytest.fail(f"{what} at {host}:{port} is not reachable (CI must start it)")
+    pytest.skip(f"{what} at {host}:{port} is not reachable")
+
+
+@pytest.fixture
+def pg_url():
+    """URL of a brand-new, empty PostgreSQL database; dropped after the test."""
+    _need("127.0.0.1", 5432, "PostgreSQL")
+    import sqlalchemy as sa
+
+    name = f"agora_t_{uuid.uuid4().hex[:12]}"
+    admin = sa.create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(sa.text(f'CREATE DATABASE "{name}"'))
+    url = PG_ADMIN_URL.rsplit("/", 1)[0] + "/" + name
+    try:
+        yield url
+    finally:
+        with admin.connect() as conn:
+            conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        admin.dispose()
+
+
+@pytest.fixture
+def redis_url():
+    _need("127.0.0.1", 6379, "Redis")
+    return REDIS_URL
+
+
+@pytest.fixture
+def redis_prefix():
+    return f"agora-test-{uuid.uuid4().hex[:8]}:"
