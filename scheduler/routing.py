@@ -2,6 +2,10 @@
 
 Pure code: plain data in, a `Decision` out, no I/O. The Celery dispatch task loads the
 snapshot, calls `get_policy(name).route(...)`, and stores the result.
+
+Built-in policies live in `scheduler.policies` (the default, vectorised price-performance
+policy) and `scheduler.baselines` (random, round-robin, least-loaded, cheapest-first,
+inverse-square-price); both register themselves here when first asked for.
 """
 
 from __future__ import annotations
@@ -24,6 +28,8 @@ class PendingRequest:
     max_price: int | None = None  # nano-dollars per million output tokens
     max_ttft_ms: float | None = None
     min_tokens_per_s: float | None = None
+    waited_ms: float = 0.0  # time already spent queued; counts against max_ttft_ms
+    require_region: bool = False  # True: only nodes in `region` (data residency)
 
 
 @dataclass(frozen=True)
@@ -39,6 +45,15 @@ class NodeState:
     rtt_ms: float = 0.0  # network RTT to the coordinator
     reputation: float = 1.0  # 0..1
     online: bool = True
+    # Advertised figures (seeds of the estimate); the gap to the measured ones costs weight.
+    advertised_tokens_per_s: float | None = None
+    claim_ratio: float | None = None  # measured ÷ advertised single-stream tok/s (estimator)
+    load: float = 0.0  # share of the node's slots busy now, 0..1
+    queue_ms: float = 0.0  # expected wait before a new request starts decoding
+    prefill_tokens_per_s: float | None = None  # None: ttft_ms already includes prefill
+    # Per prompt-length bucket (see scheduler.estimates.PROMPT_BUCKET_EDGES); None: use scalars.
+    tokens_per_s_by_bucket: tuple[float, ...] | None = None
+    ttft_ms_by_bucket: tuple[float, ...] | None = None
 
 
 @dataclass
@@ -56,7 +71,8 @@ class RoutingPolicy(abc.ABC):
 
 
 _REGISTRY: dict[str, type[RoutingPolicy]] = {}
-DEFAULT_POLICY = "greedy"
+DEFAULT_POLICY = "price_performance"
+_BUILTIN_MODULES = ("scheduler.policies", "scheduler.baselines")
 
 
 def register_policy(cls: type[RoutingPolicy]) -> type[RoutingPolicy]:
@@ -64,7 +80,15 @@ def register_policy(cls: type[RoutingPolicy]) -> type[RoutingPolicy]:
     return cls
 
 
+def _load_builtins() -> None:
+    import importlib
+
+    for module in _BUILTIN_MODULES:
+        importlib.import_module(module)
+
+
 def get_policy(name: str | None = None) -> RoutingPolicy:
+    _load_builtins()
     key = name or DEFAULT_POLICY
     try:
         return _REGISTRY[key]()
@@ -73,6 +97,7 @@ def get_policy(name: str | None = None) -> RoutingPolicy:
 
 
 def available_policies() -> list[str]:
+    _load_builtins()
     return sorted(_REGISTRY)
 
 

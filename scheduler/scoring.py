@@ -1,0 +1,243 @@
+"""The request × node score matrix, in one vectorised pass.
+
+For request r and node n (same model, node online):
+
+    cost[r, n]    = prompt_r * price_in_n + max_tokens_r * price_out_n          (nano-$)
+    ttft[r, n]    = RTT(region_r, region_n) + queue_n + TTFT_n[bucket_r]
+                    + prompt_r / prefill_n                                      (ms)
+    decode[r, n]  = max_tokens_r / tok_s_n[bucket_r]                           (ms)
+    latency       = ttft + decode
+
+Every term is *linear* in a few per-request features (prompt, max_tokens, a one-hot of
+the buyer's region and of the prompt-length bucket) times per-node coefficients, so each
+matrix is a single small-K matrix product (BLAS), and the preference weighting (per row)
+and the reputation / load / honesty multipliers (per column) fold into the two factors:
+
+    score = (a_r * cost/cost_ref_r + b_r * latency-ish/lat_ref_r) * mult_n
+
+with (a, b) from the request's `sort`: price → cost (latency breaks ties), throughput →
+decode time, latency → time to first token, default (balanced) → cost plus
+`balanced_latency` × latency, each normalised by the request's own reference (its target
+if it has one) so rows are comparable. Hard constraints (max_price, max_ttft_ms after the
+time already queued, min_tokens_per_s, a required region) set infeasible cells to +inf.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from scheduler.estimates import N_BUCKETS, prompt_buckets
+from scheduler.latency import RttTable, default_rtt_table
+from scheduler.routing import NodeState, PendingRequest
+
+SORTS = {None: 0, "price": 1, "throughput": 2, "latency": 3}
+INF = np.float32(np.inf)
+
+
+@dataclass(frozen=True)
+class ScoreWeights:
+    balanced_latency: float = 0.15  # latency weight in the balanced (default) score
+    tie: float = 0.02  # weight of the secondary term under an explicit sort
+    reputation_power: float = 1.0  # score /= reputation ** power
+    load_penalty: float = 0.3  # score *= 1 + load_penalty * load
+    overclaim_power: float = 2.0  # score /= (measured / advertised) ** power when < 1
+
+
+@dataclass
+class Snapshot:
+    """Arrays for one model's requests and nodes (rows: requests, columns: nodes)."""
+
+    requests: list[PendingRequest]
+    nodes: list[NodeState]
+    prompt: np.ndarray
+    max_tokens: np.ndarray
+    bucket: np.ndarray
+    x_ttft: np.ndarray  # R × Kt
+    y_ttft: np.ndarray  # N × Kt
+    x_dec: np.ndarray  # R × B
+    y_dec: np.ndarray  # N × B
+    price_in: np.ndarray
+    price_out: np.ndarray
+    tps_nb: np.ndarray  # N × B measured tok/s
+    ttft_budget: np.ndarray  # R, +inf where none
+    min_tps: np.ndarray  # R, 0 where none
+    max_price: np.ndarray  # R, +inf where none
+    region_ok_rows: np.ndarray  # rows with require_region
+    req_region_code: np.ndarray
+    node_region_code: np.ndarray
+    cost_ref: np.ndarray  # R, nano-$ (a typical node's cost for this request)
+    x_score: np.ndarray
+    y_score: np.ndarray
+    free: np.ndarray  # N, int
+
+
+def _node_multiplier(nodes: list[NodeState], w: ScoreWeights) -> np.ndarray:
+    rep = np.array([max(n.reputation, 1e-3) for n in nodes], dtype=np.float64)
+    load = np.array([min(max(n.load, 0.0), 1.0) for n in nodes], dtype=np.float64)
+    honesty = np.array([_claim_ratio(n) for n in nodes], dtype=np.float64)
+    return rep ** -w.reputation_power * (1.0 + w.load_penalty * load) * np.minimum(honesty, 1.0) ** -w.overclaim_power
+
+
+def _claim_ratio(n: NodeState) -> float:
+    ratio = getattr(n, "claim_ratio", None)
+    if ratio is not None:
+        return max(float(ratio), 1e-3)
+    if n.advertised_tokens_per_s:
+        return max(n.tokens_per_s / n.advertised_tokens_per_s, 1e-3)
+    return 1.0
+
+
+def _per_bucket(values: tuple[float, ...] | None, scalar: float) -> tuple[float, ...]:
+    return tuple(values) if values is not None and len(values) == N_BUCKETS else (scalar,) * N_BUCKETS
+
+
+def build_snapshot(
+    requests: list[PendingRequest],
+    nodes: list[NodeState],
+    rtt: RttTable | None = None,
+    weights: ScoreWeights = ScoreWeights(),
+) -> Snapshot:
+    """Arrays for requests × nodes. Callers pass one model's requests and online nodes."""
+    rtt = rtt or default_rtt_table()
+    R, N, B = len(requests), len(nodes), N_BUCKETS
+    f64 = np.float64
+    prompt = np.fromiter((r.prompt_tokens for r in requests), f64, R)
+    max_tokens = np.fromiter((r.max_tokens for r in requests), f64, R)
+    bucket = prompt_buckets(prompt)
+    req_regions = [r.region for r in requests]
+    uniq = sorted({g for g in req_regions if g is not None})
+    code = {g: i for i, g in enumerate(uniq)}
+    rcode = np.fromiter((code.get(g, len(uniq)) for g in req_regions), np.int64, R)
+    node_regions = [n.region for n in nodes]
+    rtt_rows = np.empty((len(uniq) + 1, N))
+    if uniq:
+        rtt_rows[: len(uniq)] = rtt.matrix(uniq, node_regions)
+    rtt_rows[len(uniq)] = [n.rtt_ms for n in nodes]
+
+    tps_nb = np.array([_per_bucket(n.tokens_per_s_by_bucket, n.tokens_per_s) for n in nodes], f64).reshape(N, B)
+    tps_nb = np.maximum(tps_nb, 1e-6)
+    ttft_nb = np.array([_per_bucket(n.ttft_ms_by_bucket, n.ttft_ms) for n in nodes], f64).reshape(N, B)
+    queue = np.fromiter((n.queue_ms for n in nodes), f64, N)
+    prefill = np.fromiter((1000.0 / n.prefill_tokens_per_s if n.prefill_tokens_per_s else 0.0 for n in nodes), f64, N)
+    price_in = np.fromiter((n.price_in for n in nodes), f64, N)
+    price_out = np.fromiter((n.price_out for n in nodes), f64, N)
+
+    g1 = len(uniq) + 1
+    x_ttft = np.zeros((R, g1 + B + 1), f64)
+    x_ttft[np.arange(R), rcode] = 1.0
+    x_ttft[np.arange(R), g1 + bucket] = 1.0
+    x_ttft[:, -1] = prompt
+    y_ttft = np.concatenate([rtt_rows.T, ttft_nb + queue[:, None], prefill[:, None]], axis=1)
+    x_dec = np.zeros((R, B), f64)
+    x_dec[np.arange(R), bucket] = max_tokens
+    y_dec = 1000.0 / tps_nb
+
+    max_ttft = np.array([np.inf if r.max_ttft_ms is None else r.max_ttft_ms for r in requests], f64).reshape(R)
+    waited = np.fromiter((r.waited_ms for r in requests), f64, R)
+    min_tps = np.array([r.min_tokens_per_s or 0.0 for r in requests], f64).reshape(R)
+    max_price = np.array([np.inf if r.max_price is None else r.max_price for r in requests], f64).reshape(R)
+    sort = np.fromiter((SORTS.get(r.sort, 0) for r in requests), np.int64, R)
+
+    # Per-request references: what a typical node would charge / take for this request.
+    med_in, med_out = (float(np.median(price_in)), float(np.median(price_out))) if N else (1.0, 1.0)
+    med_tps = float(np.median(tps_nb[:, 1])) if N else 1.0
+    med_ttft = float(np.median(ttft_nb[:, 1] + rtt_rows[-1])) if N else 100.0
+    cost_ref = np.maximum((prompt * med_in + max_tokens * med_out) / 1e6, 1e-9)
+    ttft_ref = np.where(np.isfinite(max_ttft), max_ttft, med_ttft)
+    dec_ref = max_tokens * 1000.0 / np.where(min_tps > 0, min_tps, med_tps)
+    lat_ref = ttft_ref + dec_ref
+
+    w = weights
+    a = np.where(sort <= 1, 1.0, w.tie) / cost_ref  # cost weight
+    lat_w = np.select([sort == 0, sort == 1], [w.balanced_latency, w.tie], 0.0) / lat_ref
+    t_w = lat_w + np.where(sort == 3, 1.0 / np.maximum(ttft_ref, 1.0), 0.0)  # on ttft features
+    d_w = lat_w + np.where(sort == 2, 1.0 / np.maximum(dec_ref, 1.0), 0.0)  # on decode features
+    x_score = np.concatenate([(a * prompt / 1e6)[:, None], (a * max_tokens / 1e6)[:, None], t_w[:, None] * x_ttft, d_w[:, None] * x_dec], axis=1)
+    mult = _node_multiplier(nodes, w) if N else np.zeros(0)
+    y_score = mult[:, None] * np.concatenate([price_in[:, None], price_out[:, None], y_ttft, y_dec], axis=1)
+
+    node_code = np.array([code.get(g, -1) for g in node_regions], np.int64).reshape(N)
+    return Snapshot(
+        requests=requests, nodes=nodes, prompt=prompt, max_tokens=max_tokens, bucket=bucket,
+        x_ttft=x_ttft.astype(np.float32), y_ttft=y_ttft.astype(np.float32),
+        x_dec=x_dec.astype(np.float32), y_dec=y_dec.astype(np.float32),
+        price_in=price_in, price_out=price_out, tps_nb=tps_nb,
+        ttft_budget=max_ttft - waited, min_tps=min_tps, max_price=max_price,
+        region_ok_rows=np.flatnonzero([r.require_region for r in requests]).astype(np.int64),
+        req_region_code=rcode, node_region_code=node_code, cost_ref=cost_ref,
+        x_score=x_score.astype(np.float32), y_score=y_score.astype(np.float32),
+        free=np.fromiter((max(n.free_slots, 0) for n in nodes), np.int64, N),
+    )
+
+
+def constraint_masks(snap: Snapshot, rows: np.ndarray) -> dict[str, np.ndarray]:
+    """Per hard constraint, a (len(rows) × N) boolean matrix of *violations*."""
+    out: dict[str, np.ndarray] = {}
+    N = len(snap.nodes)
+    out["max_price"] = snap.price_out[None, :] > snap.max_price[rows, None]
+    req = np.isin(rows, snap.region_ok_rows)
+    out["region"] = req[:, None] & (snap.node_region_code[None, :] != snap.req_region_code[rows, None])
+    tps = snap.tps_nb[:, snap.bucket[rows]].T if N else np.zeros((len(rows), 0))
+    out["min_tokens_per_s"] = tps < snap.min_tps[rows, None]
+    ttft = snap.x_ttft[rows] @ snap.y_ttft.T
+    out["max_ttft_ms"] = ttft > snap.ttft_budget[rows, None]
+    return out
+
+
+def score_matrix(
+    snap: Snapshot, rows: np.ndarray | None = None, node_price: np.ndarray | None = None, chunk: int = 512
+) -> np.ndarray:
+    """float32 scores for `rows` (default: all) × nodes, +inf where a hard constraint fails.
+
+    `node_price` (nano-$ per request, per node) is an extra per-node charge, added in the
+    row's normalised units (the assignment's clearing prices). Work is done in row chunks
+    that stay in cache: one matrix product for the score, one for the TTFT, one mask.
+    """
+    rows = np.arange(len(snap.requests)) if rows is None else np.asarray(rows)
+    xs, ys = snap.x_score[rows], snap.y_score
+    if node_price is not None:
+        xs = np.concatenate([xs, (1.0 / snap.cost_ref[rows]).astype(np.float32)[:, None]], axis=1)
+        ys = np.concatenate([ys, node_price.astype(np.float32)[:, None]], axis=1)
+    ysT, ytT = np.ascontiguousarray(ys.T), np.ascontiguousarray(snap.y_ttft.T)
+    xt = snap.x_ttft[rows]
+    budget = snap.ttft_budget[rows].astype(np.float32)
+    has_ttft = np.isfinite(budget)
+    min_tps, bucket = snap.min_tps[rows], snap.bucket[rows]
+    max_price = snap.max_price[rows]
+    region_rows = np.isin(rows, snap.region_ok_rows) if len(snap.region_ok_rows) else None
+    S = np.empty((len(rows), len(snap.nodes)), dtype=np.float32)
+    for lo in range(0, len(rows), chunk):
+        hi = min(lo + chunk, len(rows))
+        out = S[lo:hi]
+        np.matmul(xs[lo:hi], ysT, out=out)
+        sl = slice(lo, hi)
+        if has_ttft[sl].any():
+            mask = (xt[sl] @ ytT) > budget[sl, None]
+        else:
+            mask = np.zeros(out.shape, dtype=bool)
+        sub = np.flatnonzero(min_tps[sl] > 0)
+        if len(sub):
+            mask[sub] |= snap.tps_nb[:, bucket[sl][sub]].T < min_tps[sl][sub, None]
+        sub = np.flatnonzero(np.isfinite(max_price[sl]))
+        if len(sub):
+            mask[sub] |= snap.price_out[None, :] > max_price[sl][sub, None]
+        if region_rows is not None:
+            sub = np.flatnonzero(region_rows[sl])
+            if len(sub):
+                mask[sub] |= snap.node_region_code[None, :] != snap.req_region_code[rows[sl][sub], None]
+        np.putmask(out, mask, INF)
+    return S
+
+
+def expected_cost(snap: Snapshot, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
+    """Expected (worst-case) cost in nano-$ of serving rows[i] on cols[i]."""
+    return (snap.prompt[rows] * snap.price_in[cols] + snap.max_tokens[rows] * snap.price_out[cols]) / 1e6
+
+
+def expected_latency(snap: Snapshot, rows: np.ndarray, cols: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(time to first token, total latency) in ms for rows[i] on cols[i]."""
+    ttft = np.einsum("ij,ij->i", snap.x_ttft[rows].astype(np.float64), snap.y_ttft[cols].astype(np.float64))
+    dec = snap.max_tokens[rows] * 1000.0 / snap.tps_nb[cols, snap.bucket[rows]]
+    return ttft, ttft + dec
