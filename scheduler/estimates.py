@@ -107,10 +107,14 @@ class SpeedEstimator:
         ttft_ms: float | None,
         output_tokens: int,
         decode_ms: float,
+        concurrent_streams: int = 1,
+        slowdown_per_stream: float = 0.0,
     ) -> None:
-        """One relayed request: time to first token, and `output_tokens` generated over
-        `decode_ms` (first token to last). Call at the end of a stream, or periodically
-        during a long one with the tokens relayed so far."""
+        """One relayed request: node-side time to first token (measured TTFT minus the
+        coordinator↔node RTT), and `output_tokens` generated over `decode_ms` (first token
+        to last). Call at the end of a stream, or periodically during a long one with the
+        tokens relayed so far. The observed speed is normalised to one stream with the
+        node's curve (`concurrent_streams` it was running, `slowdown_per_stream`)."""
         st = self._state.get((node_id, model))
         if st is None:
             raise KeyError(f"node {node_id!r} / model {model!r} was never seeded")
@@ -121,6 +125,7 @@ class SpeedEstimator:
             st.ttft_ratio.update(ttft_ms / max(st.advertised_ttft[b], 1e-6), a, w)
         if output_tokens >= 2 and decode_ms > 0:
             tps = (output_tokens - 1) * 1000.0 / decode_ms
+            tps *= 1.0 + slowdown_per_stream * max(concurrent_streams - 1, 0)
             st.tps[b].update(tps, a, w)
             st.tps_ratio.update(tps / max(st.advertised_tps, 1e-9), a, w)
 
