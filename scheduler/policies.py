@@ -87,6 +87,7 @@ class PricePerformancePolicy(RoutingPolicy):
     name = "price_performance"
     sample_above = 500_000  # R × N from which contested nodes are priced on a sample first
     sample_rows = 500
+    whole_matrix_cells = 1_000_000  # up to this, deferred acceptance on the whole batch at once
 
     def __init__(self, weights: ScoreWeights | None = None, rtt: RttTable | None = None) -> None:
         self.weights = weights or ScoreWeights()
@@ -102,7 +103,9 @@ class PricePerformancePolicy(RoutingPolicy):
                 continue
             snap = build_snapshot(reqs, model_nodes, self.rtt, self.weights)
             S = score_matrix(snap, node_price=self._clearing_prices(snap))
-            choice, feasible = assign(S, snap.free, weight=snap.cost_ref)
+            whole = len(reqs) * len(model_nodes) <= self.whole_matrix_cells
+            chunk = len(reqs) if whole else 128
+            choice, feasible = assign(S, snap.free, weight=snap.cost_ref, chunk=chunk, max_rounds=64 if whole else 16)
             plans.append(ModelPlan(snap, choice, feasible))
             for i in np.flatnonzero(choice >= 0):
                 decision.assignments[reqs[i].id] = model_nodes[choice[i]].id

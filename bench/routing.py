@@ -1,0 +1,200 @@
+"""Routing benchmark: the price-performance policy vs baselines and vs the LP optimum.
+
+    .venv/bin/python bench/routing.py [--quick] [--seed N]
+
+1. Fleet simulation (same fleet, same Poisson and bursty traces, every policy):
+   cost per Mtok (prompt + output tokens, what buyers paid), SLO attainment (share of
+   requests that got their first token within max_ttft_ms and streamed at least
+   min_tokens_per_s; rejections count as misses), p50/p99 end-to-end latency.
+2. Over-claimers: their share of assignments after the first 200, learning on, against
+   the share the same run gives them when the router believes their claims (learning off).
+3. Offline optimum: burst snapshots (a fleet at rest with learned speeds, a burst of
+   requests filling ~70% of the free slots), the policy's assignment vs the LP optimum of
+   the same objective, and vs the pure min-cost LP under the same hard constraints.
+4. Dispatch time per batch at 10,000 pending × 1,000 nodes (and a smaller size).
+
+The last line is one JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from scheduler.fleet import build_fleet  # noqa: E402
+from scheduler.optimum import optimum  # noqa: E402
+from scheduler.policies import PricePerformancePolicy  # noqa: E402
+from scheduler.routing import PendingRequest, get_policy  # noqa: E402
+from scheduler.scoring import expected_cost, score_matrix  # noqa: E402
+from scheduler.simulation import MODEL, Simulation, share  # noqa: E402
+from scheduler.traces import bursty_trace, poisson_trace  # noqa: E402
+
+POLICIES = ["price_performance", "cheapest_first", "inverse_square_price", "least_loaded", "round_robin", "random"]
+
+
+def pooled(results) -> dict:
+    outcomes = [o for r in results for o in r.outcomes]
+    served = [o for o in outcomes if o.end_ms is not None]
+    tokens = sum(o.request.prompt_tokens + o.tokens for o in served)
+    lat = np.array([o.end_ms - o.request.arrival_ms for o in served])
+    return {
+        "cost_per_mtok_usd": sum(o.cost_nano for o in served) / max(tokens, 1) / 1e3,
+        "slo_attainment": sum(o.slo_met for o in outcomes) / len(outcomes),
+        "p50_latency_ms": float(np.percentile(lat, 50)),
+        "p99_latency_ms": float(np.percentile(lat, 99)),
+        "rejected": sum(o.rejected is not None for o in outcomes),
+    }
+
+
+def to_pending(trace, waited: float = 0.0) -> list[PendingRequest]:
+    return [
+        PendingRequest(
+            id=r.id, model=MODEL, prompt_tokens=r.prompt_tokens, max_tokens=r.max_tokens, region=r.region,
+            sort=r.sort, max_price=r.max_price, max_ttft_ms=r.max_ttft_ms, min_tokens_per_s=r.min_tokens_per_s,
+            waited_ms=waited,
+        )
+        for r in trace
+    ]
+
+
+def snapshot_gaps(sim: Simulation, n_snapshots: int, seed: int) -> dict:
+    policy = PricePerformancePolicy()
+    nodes = sim._node_states(0.0)
+    nodes = [n for n in nodes if n.online]
+    slots = sum(n.free_slots for n in nodes)
+    ours = lp = lp_cost = 0.0
+    tok = {"ours": 0.0, "lp": 0.0, "lp_cost": 0.0}
+    placed = {"ours": 0, "lp": 0, "lp_cost": 0}
+    t_lp = 0.0
+    obj = {"ours": 0.0, "lp": 0.0}
+    for k in range(n_snapshots):
+        reqs = to_pending(poisson_trace(int(0.7 * slots), 1e6, seed=seed + 100 + k))
+        _, plans = policy.plan(reqs, nodes)
+        snap, choice = plans[0].snapshot, plans[0].choice
+        t0 = time.perf_counter()
+        best = optimum(snap, "score")
+        cheapest = optimum(snap, "cost")
+        t_lp += time.perf_counter() - t0
+        S = score_matrix(snap).astype(np.float64) * snap.cost_ref[:, None]
+        for name, ch in (("ours", choice), ("lp", best), ("lp_cost", cheapest)):
+            rows = np.flatnonzero(ch >= 0)
+            if name in obj:
+                obj[name] += float(S[rows, ch[rows]].sum())
+            c = float(expected_cost(snap, rows, ch[rows]).sum())
+            tok[name] += float((snap.prompt[rows] + snap.max_tokens[rows]).sum())
+            placed[name] += len(rows)
+            if name == "ours":
+                ours += c
+            elif name == "lp":
+                lp += c
+            else:
+                lp_cost += c
+    per = {k: v / max(tok[k], 1) for k, v in (("ours", ours), ("lp", lp), ("lp_cost", lp_cost))}
+    return {
+        "cost_gap_vs_optimum": per["ours"] / per["lp"] - 1.0,
+        "cost_gap_vs_min_cost_lp": per["ours"] / per["lp_cost"] - 1.0,
+        "objective_gap_vs_optimum": obj["ours"] / obj["lp"] - 1.0,
+        "placed_ours": placed["ours"], "placed_lp": placed["lp"], "placed_lp_cost": placed["lp_cost"],
+        "lp_seconds": t_lp, "snapshot_requests": int(0.7 * slots), "snapshot_nodes": len(nodes),
+    }
+
+
+def dispatch_ms(n_req: int, n_nodes: int, seed: int, repeats: int) -> float:
+    fleet = build_fleet(n_nodes, seed=seed + 7)
+    sim = Simulation(fleet, get_policy("price_performance"))
+    nodes = sim._node_states(0.0)
+    reqs = to_pending(poisson_trace(n_req, 1e6, seed=seed + 8))
+    policy = get_policy("price_performance")
+    policy.route(reqs, nodes)  # warm-up
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        policy.route(reqs, nodes)
+        times.append(time.perf_counter() - t0)
+    return float(np.median(times) * 1e3)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args()
+    t_start = time.perf_counter()
+    n_nodes, n_req, rate = (60, 2000, 60.0) if args.quick else (120, 6000, 120.0)
+    fleet = build_fleet(n_nodes, seed=args.seed + 1)
+    over = {n.id for n in fleet if n.overclaims}
+    traces = [poisson_trace(n_req, rate, seed=args.seed + 2), bursty_trace(n_req, rate, seed=args.seed + 3)]
+    print(f"fleet {n_nodes} nodes ({len(over)} over-claiming, {sum(n.mtbf_s is not None for n in fleet)} failing), "
+          f"traces: Poisson + bursty, {n_req} requests each at {rate:.0f}/s")
+    table, runs = {}, {}
+    for name in POLICIES:
+        results = []
+        for k, tr in enumerate(traces):
+            sim = Simulation(fleet, get_policy(name), seed=args.seed + 10 + k)
+            results.append(sim.run(tr))
+            if name == "price_performance" and k == 0:
+                learned = sim
+        table[name] = pooled(results)
+        runs[name] = results
+    print(f"{'policy':22s} {'$/Mtok':>8s} {'SLO':>7s} {'p50 ms':>8s} {'p99 ms':>8s} {'rejected':>8s}")
+    for name, m in table.items():
+        print(f"{name:22s} {m['cost_per_mtok_usd']:8.4f} {m['slo_attainment']:7.3%} {m['p50_latency_ms']:8.0f} "
+              f"{m['p99_latency_ms']:8.0f} {m['rejected']:8d}")
+
+    # Over-claimers: learning on vs believing the claims, same trace, after the first 200.
+    frozen = [Simulation(fleet, get_policy("price_performance"), seed=args.seed + 10 + k, learn=False).run(tr)
+              for k, tr in enumerate(traces)]
+    after_on = np.mean([share(r.dispatch_log, over, 200) for r in runs["price_performance"]])
+    after_off = np.mean([share(r.dispatch_log, over, 200) for r in frozen])
+    first_on = np.mean([share(r.dispatch_log, over, 0, 200) for r in runs["price_performance"]])
+    drop = 1.0 - after_on / after_off if after_off > 0 else 0.0
+    print(f"over-claimers' share: believed {after_off:.3f}, learned: first 200 {first_on:.3f}, after {after_on:.3f}"
+          f" (drop {drop:.1%})")
+
+    gaps = snapshot_gaps(learned, 2 if args.quick else 4, args.seed)
+    print(f"LP optimum on burst snapshots ({gaps['snapshot_requests']} requests × {gaps['snapshot_nodes']} nodes): "
+          f"cost gap vs same-objective LP {gaps['cost_gap_vs_optimum']:+.2%}, vs min-cost LP "
+          f"{gaps['cost_gap_vs_min_cost_lp']:+.2%}; objective gap {gaps['objective_gap_vs_optimum']:+.2%}; placed {gaps['placed_ours']} vs {gaps['placed_lp']} "
+          f"(LP {gaps['lp_seconds']:.1f} s)")
+
+    reps = 5 if args.quick else 9
+    small = dispatch_ms(1000, 100, args.seed, reps)
+    mid = dispatch_ms(3000, 300, args.seed, reps)
+    big = dispatch_ms(10000, 1000, args.seed, reps)
+    print(f"dispatch per batch: 1k×100 {small:.1f} ms, 3k×300 {mid:.1f} ms, 10k×1k {big:.1f} ms "
+          f"({big / small:.0f}× time for 100× pairs)")
+
+    pp, rr, ll, cf = (table[k] for k in ("price_performance", "round_robin", "least_loaded", "cheapest_first"))
+    out = {
+        "cost_gap_vs_optimum": round(gaps["cost_gap_vs_optimum"], 4),
+        "cost_gap_vs_min_cost_lp": round(gaps["cost_gap_vs_min_cost_lp"], 4),
+        "objective_gap_vs_optimum": round(gaps["objective_gap_vs_optimum"], 4),
+        "slo_attainment": round(pp["slo_attainment"], 4),
+        "cost_vs_round_robin": round(pp["cost_per_mtok_usd"] / rr["cost_per_mtok_usd"], 4),
+        "cost_vs_least_loaded": round(pp["cost_per_mtok_usd"] / ll["cost_per_mtok_usd"], 4),
+        "slo_vs_round_robin": round(pp["slo_attainment"] - rr["slo_attainment"], 4),
+        "slo_vs_least_loaded": round(pp["slo_attainment"] - ll["slo_attainment"], 4),
+        "slo_vs_cheapest_first": round(pp["slo_attainment"] - cf["slo_attainment"], 4),
+        "cost_vs_cheapest_first": round(pp["cost_per_mtok_usd"] / cf["cost_per_mtok_usd"], 4),
+        "overclaim_share_drop": round(drop, 4),
+        "dispatch_ms_10k_x_1k": round(big, 2),
+        "dispatch_ms_3k_x_300": round(mid, 2),
+        "dispatch_ms_1k_x_100": round(small, 2),
+        "cost_per_mtok_usd": {k: round(v["cost_per_mtok_usd"], 4) for k, v in table.items()},
+        "slo": {k: round(v["slo_attainment"], 4) for k, v in table.items()},
+        "p99_latency_ms": {k: round(v["p99_latency_ms"]) for k, v in table.items()},
+        "quick": args.quick,
+        "seconds": round(time.perf_counter() - t_start, 1),
+    }
+    print(json.dumps(out))
+
+
+if __name__ == "__main__":
+    main()
