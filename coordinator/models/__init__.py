@@ -1,0 +1,22 @@
+"""The coordinator's tables. Importing this package registers them on SQLModel.metadata
+(the ledger's tables come from `pricing`)."""
+
+from coordinator.models.account import Account, AccountPublic, ApiKey
+from coordinator.models.node import Node, NodeNonce, NodeOffer, NodeOfferPublic, NodePublic
+from coordinator.models.request import InferenceRequest, ReceiptRecord, RequestStatus
+
+import pricing.ledger  # noqa: F401,E402  (ledger tables share the metadata)
+
+__all__ = [
+    "Account",
+    "AccountPublic",
+    "ApiKey",
+    "InferenceRequest",
+    "Node",
+    "NodeNonce",
+    "NodeOffer",
+    "NodeOfferPublic",
+    "NodePublic",
+    "ReceiptRecord",
+    "RequestStatus",
+]

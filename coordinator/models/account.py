@@ -1,0 +1,39 @@
+"""Buyer accounts and their API keys (stored as SHA-256 hashes, never in clear)."""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+
+from sqlmodel import Field, SQLModel
+
+
+def utcnow() -> datetime:
+    return datetime.now(timezone.utc).replace(tzinfo=None)
+
+
+class AccountBase(SQLModel):
+    name: str = Field(max_length=100)
+
+
+class Account(AccountBase, table=True):
+    __tablename__ = "accounts"
+
+    id: str = Field(primary_key=True, max_length=40)
+    ledger_account_id: int = Field(index=True)
+    created_at: datetime = Field(default_factory=utcnow)
+
+
+class AccountPublic(AccountBase):
+    id: str
+    balance_nano_usd: int
+
+
+class ApiKey(SQLModel, table=True):
+    __tablename__ = "api_keys"
+
+    id: int | None = Field(default=None, primary_key=True)
+    account_id: str = Field(foreign_key="accounts.id", index=True)
+    key_hash: str = Field(unique=True, max_length=64)
+    prefix: str = Field(max_length=16)
+    created_at: datetime = Field(default_factory=utcnow)
+    revoked: bool = False

@@ -1,0 +1,76 @@
+"""Nodes (sellers' machines), what each offers, and the nonces each has used."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import JSON, Column
+from sqlmodel import Field, SQLModel
+
+from coordinator.models.account import utcnow
+
+
+class NodeBase(SQLModel):
+    name: str | None = Field(default=None, max_length=100)
+    region: str = Field(max_length=64)
+    max_concurrency: int
+    engine: str = Field(default="builtin", max_length=40)
+
+
+class Node(NodeBase, table=True):
+    __tablename__ = "nodes"
+
+    id: str = Field(primary_key=True, max_length=64, description="Ed25519 public key, hex")
+    earnings_account_id: int
+    benchmark: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON))
+    registered_at: datetime = Field(default_factory=utcnow)
+    last_heartbeat_at: datetime | None = None
+    channel_connected: bool = False
+    online: bool = Field(default=False, index=True)
+    banned: bool = False
+    reputation: float = 0.5
+    rtt_ms: float = 0.0
+
+
+class NodePublic(NodeBase):
+    id: str
+    online: bool
+    channel_connected: bool
+    last_heartbeat_at: datetime | None
+    reputation: float
+    offers: list["NodeOfferPublic"] = []
+
+
+class NodeOfferBase(SQLModel):
+    model: str = Field(max_length=200, index=True)
+    price_in: int  # nano-dollars per million prompt tokens
+    price_out: int  # nano-dollars per million completion tokens
+    tokens_per_s: float  # advertised (benchmarked by the node)
+    tokens_per_s_b1: float | None = None
+    ttft_ms: float | None = None
+    max_context: int = 2048
+
+
+class NodeOffer(NodeOfferBase, table=True):
+    __tablename__ = "node_offers"
+
+    id: int | None = Field(default=None, primary_key=True)
+    node_id: str = Field(foreign_key="nodes.id", index=True)
+    measured_tokens_per_s: float | None = None  # learned from relayed traffic
+    measured_ttft_ms: float | None = None
+
+
+class NodeOfferPublic(NodeOfferBase):
+    measured_tokens_per_s: float | None = None
+    measured_ttft_ms: float | None = None
+
+
+class NodeNonce(SQLModel, table=True):
+    """A nonce seen in a signed message: a second use is a replay and is refused."""
+
+    __tablename__ = "node_nonces"
+
+    node_id: str = Field(primary_key=True, max_length=64)
+    nonce: str = Field(primary_key=True, max_length=64)
+    seen_at: datetime = Field(default_factory=utcnow, index=True)

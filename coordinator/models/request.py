@@ -1,0 +1,73 @@
+"""Inference requests through their life, and the signed receipts that end them."""
+
+from __future__ import annotations
+
+import enum
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import JSON, Column
+from sqlmodel import Field, SQLModel
+
+from coordinator.models.account import utcnow
+
+
+class RequestStatus(str, enum.Enum):
+    QUEUED = "queued"  # held, waiting for the scheduler
+    ASSIGNED = "assigned"  # a node and its price are locked
+    RUNNING = "running"  # tokens are flowing
+    COMPLETED = "completed"
+    FAILED = "failed"
+    REJECTED = "rejected"  # no node can satisfy it
+    CANCELLED = "cancelled"
+
+    @property
+    def finished(self) -> bool:
+        return self in _FINISHED
+
+
+_FINISHED = {RequestStatus.COMPLETED, RequestStatus.FAILED, RequestStatus.REJECTED, RequestStatus.CANCELLED}
+
+
+class InferenceRequest(SQLModel, table=True):
+    __tablename__ = "inference_requests"
+
+    id: str = Field(primary_key=True, max_length=40)
+    account_id: str = Field(foreign_key="accounts.id", index=True)
+    model: str = Field(max_length=200, index=True)
+    kind: str = Field(max_length=16)  # chat | completion
+    status: RequestStatus = Field(default=RequestStatus.QUEUED, index=True)
+    payload: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON))
+    routing: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON))
+    prompt_tokens_est: int
+    max_tokens: int
+    hold_id: int | None = None
+    hold_amount: int = 0
+    node_id: str | None = Field(default=None, index=True)
+    price_in: int | None = None  # locked at assignment
+    price_out: int | None = None
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
+    cost: int | None = None  # nano-dollars charged
+    finish_reason: str | None = None
+    error: str | None = None
+    created_at: datetime = Field(default_factory=utcnow, index=True)
+    assigned_at: datetime | None = None
+    first_token_at: datetime | None = None
+    finished_at: datetime | None = None
+
+
+class ReceiptRecord(SQLModel, table=True):
+    """A node's signed receipt, stored as sent so it can be re-verified later."""
+
+    __tablename__ = "receipts"
+
+    request_id: str = Field(primary_key=True, foreign_key="inference_requests.id")
+    node_id: str = Field(index=True, max_length=64)
+    prompt_tokens: int
+    completion_tokens: int
+    commitment: str = Field(max_length=64)
+    finish_reason: str = Field(max_length=32)
+    signature: str = Field(max_length=128)
+    payload: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON))
+    created_at: datetime = Field(default_factory=utcnow)

@@ -1,0 +1,69 @@
+"""The coordinator's settings: one object, read from `AGORA_*` environment variables."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+IN_PROCESS_BROKER = "memory://"
+
+
+def default_home() -> Path:
+    return Path.home() / ".agora"
+
+
+class CoordinatorSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="AGORA_", extra="ignore")
+
+    home: Path = Field(default_factory=default_home, description="where the SQLite file lives")
+    database_url: str | None = Field(
+        default=None, description="SQLAlchemy URL; default: a SQLite file under AGORA_HOME"
+    )
+    broker_url: str = Field(
+        default=IN_PROCESS_BROKER,
+        description="Celery broker; memory:// runs an in-process worker (embedded default)",
+    )
+    redis_url: str | None = Field(
+        default=None, description="Redis for the cross-replica token relay; default in-memory"
+    )
+    run_worker_in_process: bool | None = Field(
+        default=None, description="start a Celery worker thread; default: only with memory://"
+    )
+
+    # Node identity and liveness
+    signature_window_s: float = 60.0  # a signed message's timestamp must be this fresh
+    heartbeat_interval_s: float = 5.0
+    heartbeat_timeout_s: float = 20.0  # nodes silent for longer are offline
+
+    # Requests
+    default_max_tokens: int = 256
+    assign_timeout_s: float = 30.0  # a request not assigned by then fails with 503
+    first_token_timeout_s: float = 60.0
+    token_timeout_s: float = 30.0
+    routing_policy: str | None = None  # None: the scheduler's default
+    platform_fee_bps: int = Field(default=500, ge=0, le=10_000)
+    dispatch_window_ms: float = 2.0  # micro-batch window of the dispatch task
+
+    # Operator
+    admin_token: str | None = Field(default=None, description="bearer token for /admin routes")
+
+    @property
+    def effective_database_url(self) -> str:
+        if self.database_url:
+            return self.database_url
+        self.home.mkdir(parents=True, exist_ok=True)
+        return f"sqlite:///{self.home / 'agora.db'}"
+
+    @property
+    def in_process_worker(self) -> bool:
+        if self.run_worker_in_process is not None:
+            return self.run_worker_in_process
+        return self.broker_url.startswith("memory://")
+
+
+@lru_cache
+def get_settings() -> CoordinatorSettings:
+    return CoordinatorSettings()
