@@ -1,0 +1,170 @@
+"""The scheduler's view of the database: the `DispatchStore` the Celery tasks run on.
+
+Assignment is idempotent: a request is assigned only while it is still `queued` (a
+conditional UPDATE), so a redelivered or concurrent dispatch round never assigns twice.
+Notifications (to the node's work channel and the buyer's handler) go out after commit.
+"""
+
+from __future__ import annotations
+
+import logging
+from datetime import timedelta
+from typing import TYPE_CHECKING
+
+from sqlalchemy import func, update
+from sqlalchemy.exc import OperationalError
+from sqlmodel import select
+
+from coordinator.models import InferenceRequest, Node, NodeOffer, RequestStatus
+from coordinator.models.account import utcnow
+from coordinator.node_registry import is_live, mark_silent_offline, prune_nonces
+from node_agent.protocol import Assignment, Sampling
+from pricing.ledger import Ledger
+from scheduler.dispatch import AppliedDecision
+from scheduler.errors import TransientStoreError
+from scheduler.routing import Decision, NodeState, PendingRequest
+
+if TYPE_CHECKING:
+    from coordinator.runtime import Runtime
+
+log = logging.getLogger(__name__)
+ACTIVE = (RequestStatus.ASSIGNED, RequestStatus.RUNNING)
+
+
+def assignment_frame(req: InferenceRequest) -> dict:
+    return Assignment(
+        request_id=req.id, model=req.model, kind=req.kind,  # type: ignore[arg-type]
+        messages=req.payload.get("messages"), prompt=req.payload.get("prompt"),
+        sampling=Sampling(**req.payload["sampling"]), price_in=req.price_in or 0,
+        price_out=req.price_out or 0,
+    ).model_dump()
+
+
+class SqlDispatchStore:
+    def __init__(self, runtime: "Runtime"):
+        self.rt = runtime
+
+    def clear_dispatch_flag(self) -> None:
+        self.rt.clear_dispatch_flag()
+
+    def pending(self, limit: int) -> list[PendingRequest]:
+        try:
+            with self.rt.session() as s:
+                rows = s.exec(
+                    select(InferenceRequest).where(InferenceRequest.status == RequestStatus.QUEUED)
+                    .order_by(InferenceRequest.created_at).limit(limit)
+                ).all()
+        except OperationalError as exc:
+            raise TransientStoreError(str(exc)) from exc
+        return [
+            PendingRequest(
+                id=r.id, model=r.model, prompt_tokens=r.prompt_tokens_est, max_tokens=r.max_tokens,
+                region=r.routing.get("region"), sort=r.routing.get("sort"),
+                max_price=r.routing.get("max_price"), max_ttft_ms=r.routing.get("max_ttft_ms"),
+                min_tokens_per_s=r.routing.get("min_tokens_per_s"),
+            )
+            for r in rows
+        ]
+
+    def nodes(self, models: set[str]) -> list[NodeState]:
+        settings = self.rt.settings
+        with self.rt.session() as s:
+            rows = s.exec(
+                select(NodeOffer, Node).join(Node, Node.id == NodeOffer.node_id)
+                .where(NodeOffer.model.in_(models))  # type: ignore[attr-defined]
+            ).all()
+            busy = dict(
+                s.exec(
+                    select(InferenceRequest.node_id, func.count())
+                    .where(InferenceRequest.status.in_(ACTIVE))  # type: ignore[attr-defined]
+                    .group_by(InferenceRequest.node_id)
+                ).all()
+            )
+        out = []
+        for offer, node in rows:
+            if not is_live(node, settings):
+                continue
+            out.append(NodeState(
+                id=node.id, model=offer.model, price_in=offer.price_in, price_out=offer.price_out,
+                tokens_per_s=offer.measured_tokens_per_s or offer.tokens_per_s,
+                region=node.region, free_slots=max(0, node.max_concurrency - busy.get(node.id, 0)),
+                ttft_ms=offer.measured_ttft_ms or offer.ttft_ms or 0.0, rtt_ms=node.rtt_ms,
+                reputation=node.reputation,
+            ))
+        return out
+
+    def apply(self, decision: Decision) -> AppliedDecision:
+        result = AppliedDecision(deferred=len(decision.deferred))
+        assigned: list[InferenceRequest] = []
+        rejected: list[tuple[str, str]] = []
+        now = utcnow()
+        try:
+            with self.rt.session() as s:
+                for rid, node_id in decision.assignments.items():
+                    req = s.get(InferenceRequest, rid)
+                    offer = s.exec(select(NodeOffer).where(
+                        NodeOffer.node_id == node_id, NodeOffer.model == (req.model if req else ""))).first()
+                    if req is None or offer is None:
+                        result.skipped += 1
+                        continue
+                    n = s.exec(
+                        update(InferenceRequest)
+                        .where(InferenceRequest.id == rid, InferenceRequest.status == RequestStatus.QUEUED)
+                        .values(status=RequestStatus.ASSIGNED, node_id=node_id, price_in=offer.price_in,
+                                price_out=offer.price_out, assigned_at=now)
+                    ).rowcount
+                    if n != 1:
+                        result.skipped += 1
+                        continue
+                    s.refresh(req)
+                    assigned.append(req)
+                for rid, reason in decision.rejections.items():
+                    if self._finish_unserved(s, rid, RequestStatus.REJECTED, reason):
+                        rejected.append((rid, reason))
+        except OperationalError as exc:
+            raise TransientStoreError(str(exc)) from exc
+        for req in assigned:
+            self.rt.bus.publish_sync(f"node:{req.node_id}", assignment_frame(req))
+            self.rt.bus.publish_sync(f"req:{req.id}", {"type": "assigned", "node_id": req.node_id})
+        for rid, reason in rejected:
+            self.rt.bus.publish_sync(f"req:{rid}", {"type": "error", "status": 503, "code": "no_route",
+                                                    "message": reason})
+        result.assigned, result.rejected = len(assigned), len(rejected)
+        return result
+
+    @staticmethod
+    def _finish_unserved(s, rid: str, status: RequestStatus, reason: str) -> bool:
+        """Queued -> `status`, voiding the hold; False if the request had moved on."""
+        n = s.exec(
+            update(InferenceRequest)
+            .where(InferenceRequest.id == rid, InferenceRequest.status == RequestStatus.QUEUED)
+            .values(status=status, error=reason, finished_at=utcnow())
+        ).rowcount
+        if n != 1:
+            return False
+        req = s.get(InferenceRequest, rid)
+        if req.hold_id is not None:
+            Ledger(s).void_hold(req.hold_id, idempotency_key=f"void:{rid}")
+        return True
+
+    def sweep(self) -> dict:
+        """Offline detection, orphaned assignments back to the queue, expired holds."""
+        settings = self.rt.settings
+        requeued: list[str] = []
+        with self.rt.session() as s:
+            offline = mark_silent_offline(s, settings)
+            stale_cutoff = utcnow() - timedelta(seconds=settings.first_token_timeout_s)
+            for req in s.exec(select(InferenceRequest).where(
+                    InferenceRequest.status == RequestStatus.ASSIGNED)).all():
+                node = s.get(Node, req.node_id) if req.node_id else None
+                if node is None or not is_live(node, settings) or (req.assigned_at and req.assigned_at < stale_cutoff):
+                    req.status, req.node_id, req.price_in, req.price_out = RequestStatus.QUEUED, None, None, None
+                    s.add(req)
+                    requeued.append(req.id)
+            pruned = prune_nonces(s, settings)
+            expire = getattr(__import__("pricing.ledger", fromlist=["x"]), "expire_holds", None)
+            expired = len(expire(s, utcnow()) or []) if expire else 0
+            queued = s.exec(select(func.count()).where(InferenceRequest.status == RequestStatus.QUEUED)).one()
+        if queued:
+            self.rt.trigger_dispatch()
+        return {"offline": offline, "requeued": requeued, "nonces_pruned": pruned, "holds_expired": expired}

@@ -1,0 +1,92 @@
+"""What one coordinator process holds: settings, database engine, bus, Celery wiring.
+
+Built once per process (API server or Celery worker). The embedded default also starts
+an in-process Celery worker thread and a sweep ticker, so no broker server is needed.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from contextlib import contextmanager
+from typing import Iterator
+
+from sqlalchemy.engine import Engine
+from sqlmodel import Session
+
+from coordinator.bus import Bus, make_bus
+from coordinator.db import make_engine, session_scope
+from coordinator.settings import CoordinatorSettings
+from scheduler import celery_app as celery_module
+from scheduler.dispatch import set_store
+
+log = logging.getLogger(__name__)
+
+DISPATCH_FLAG = "dispatch-pending"
+
+
+class Runtime:
+    def __init__(self, settings: CoordinatorSettings, engine: Engine | None = None, bus: Bus | None = None):
+        self.settings = settings
+        self.engine = engine or make_engine(settings.effective_database_url)
+        self.bus = bus or make_bus(settings.redis_url)
+        self.celery = celery_module.configure(settings.broker_url)
+        self._worker = None
+        self._worker_thread: threading.Thread | None = None
+        self._ticker_stop = threading.Event()
+        from coordinator.dispatch_store import SqlDispatchStore
+
+        self.store = SqlDispatchStore(self)
+        set_store(self.store)
+
+    @contextmanager
+    def session(self) -> Iterator[Session]:
+        with session_scope(self.engine) as session:
+            yield session
+
+    def trigger_dispatch(self) -> None:
+        """Ask for a dispatch round unless one is already pending (micro-batching)."""
+        if self.bus.set_flag(DISPATCH_FLAG, ttl_s=1.0):
+            from scheduler.tasks import dispatch
+
+            dispatch.apply_async(
+                kwargs={"window_ms": self.settings.dispatch_window_ms, "policy": self.settings.routing_policy}
+            )
+
+    def clear_dispatch_flag(self) -> None:
+        self.bus.clear_flag(DISPATCH_FLAG)
+
+    # ------------------------------------------------------------ embedded worker
+    def start_in_process_worker(self) -> None:
+        if self._worker_thread is not None:
+            return
+        import scheduler.tasks  # noqa: F401  (registers the tasks)
+
+        self._worker = self.celery.Worker(
+            pool="solo", concurrency=1, loglevel="WARNING", quiet=True,
+            without_heartbeat=True, without_mingle=True, without_gossip=True,
+        )
+        self._worker_thread = threading.Thread(target=self._worker.start, name="celery-worker", daemon=True)
+        self._worker_thread.start()
+        ticker = threading.Thread(target=self._tick, name="agora-beat", daemon=True)
+        ticker.start()
+
+    def _tick(self) -> None:
+        from scheduler.celery_app import SWEEP_INTERVAL_S
+        from scheduler.tasks import sweep
+
+        while not self._ticker_stop.wait(SWEEP_INTERVAL_S):
+            try:
+                sweep.apply_async()
+            except Exception:  # pragma: no cover - logged, next tick retries
+                log.exception("could not queue the sweep")
+
+    def stop(self) -> None:
+        self._ticker_stop.set()
+        if self._worker is not None:
+            try:
+                self._worker.stop(in_sighandler=False)
+            except Exception:  # pragma: no cover
+                log.exception("stopping the in-process worker")
+        set_store(None)
+        self.engine.dispose()

@@ -1,0 +1,29 @@
+"""The Celery app. Broker chosen by settings: in-process `memory://` (embedded default,
+worker thread in the coordinator process) or Redis / RabbitMQ (production)."""
+
+from __future__ import annotations
+
+from celery import Celery
+
+celery_app = Celery("agora", include=["scheduler.tasks"])
+
+SWEEP_INTERVAL_S = 2.0
+
+
+def configure(broker_url: str, *, sweep_interval_s: float = SWEEP_INTERVAL_S) -> Celery:
+    celery_app.conf.update(
+        broker_url=broker_url,
+        result_backend=None,
+        task_ignore_result=True,
+        task_acks_late=True,  # a task lost with its worker is redelivered
+        task_reject_on_worker_lost=True,
+        worker_prefetch_multiplier=1,
+        worker_redirect_stdouts=False,
+        worker_hijack_root_logger=False,
+        broker_connection_retry_on_startup=True,
+        task_default_queue="agora",
+        beat_schedule={
+            "agora-sweep": {"task": "agora.sweep", "schedule": sweep_interval_s},
+        },
+    )
+    return celery_app
