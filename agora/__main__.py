@@ -1,0 +1,5 @@
+import sys
+
+from agora.cli import main
+
+sys.exit(main())

@@ -1,0 +1,39 @@
+"""The `agora` command. Sub-commands are imported lazily so that a seller who installed
+only `agora[node]` never imports the coordinator's server code."""
+
+from __future__ import annotations
+
+import sys
+
+USAGE = """usage: agora <command> [options]
+
+  up                 the embedded market in one process: coordinator, in-process scheduler,
+                     SQLite, and local node agents (--port, --nodes)
+  node               run a node agent that sells inference (see `agora node -h`)
+  serve              run the coordinator API (production: PostgreSQL, Redis, separate workers)
+  worker             run a Celery scheduler worker (add --beat for the periodic sweep)
+  migrate            apply database migrations
+  account            create accounts, deposit, show balances
+"""
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(USAGE)
+        return 0
+    cmd, rest = argv[0], argv[1:]
+    if cmd == "node":
+        from node_agent.cli import main as node_main
+
+        return node_main(rest)
+    from coordinator.cli import COMMANDS
+
+    if cmd not in COMMANDS:
+        print(f"agora: unknown command {cmd!r}\n\n{USAGE}", file=sys.stderr)
+        return 2
+    return COMMANDS[cmd](rest) or 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,43 @@
+"""The coordinator's FastAPI application."""
+
+from __future__ import annotations
+
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+
+from coordinator.errors import install_error_handlers
+from coordinator.routes import accounts, nodes, openai_api
+from coordinator.runtime import Runtime
+from coordinator.settings import CoordinatorSettings, get_settings
+
+
+def create_app(settings: CoordinatorSettings | None = None, runtime: Runtime | None = None) -> FastAPI:
+    settings = settings or (runtime.settings if runtime else get_settings())
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        rt = runtime or Runtime(settings)
+        app.state.runtime = rt
+        app.state.settings = settings
+        if settings.in_process_worker:
+            rt.start_in_process_worker()
+        try:
+            yield
+        finally:
+            await rt.bus.close()
+            if runtime is None:
+                rt.stop()
+
+    app = FastAPI(title="Agora coordinator", version="0.1.0", lifespan=lifespan)
+    app.state.settings = settings
+    install_error_handlers(app)
+    app.include_router(openai_api.router)
+    app.include_router(nodes.router)
+    app.include_router(accounts.router)
+
+    @app.get("/healthz", tags=["ops"])
+    async def healthz():
+        return {"ok": True}
+
+    return app

@@ -1,0 +1,130 @@
+"""Coordinator-side commands of `agora`: up, serve, worker, migrate, account."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from coordinator.settings import CoordinatorSettings
+
+
+def _settings(args: argparse.Namespace) -> CoordinatorSettings:
+    overrides = {}
+    if getattr(args, "home", None):
+        overrides["home"] = args.home
+    if getattr(args, "database_url", None):
+        overrides["database_url"] = args.database_url
+    return CoordinatorSettings(**overrides)
+
+
+def cmd_up(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="agora up", description="The whole market on this machine.")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--nodes", type=int, default=3)
+    p.add_argument("--model", default="tiny")
+    p.add_argument("--home", help="state folder (default ~/.agora)")
+    p.add_argument("--credit", type=float, default=10.0, help="demo account credit in USD")
+    args = p.parse_args(argv)
+    from coordinator.embedded import run_embedded
+
+    return run_embedded(_settings(args), host=args.host, port=args.port, nodes=args.nodes,
+                        model=args.model, credit_usd=args.credit)
+
+
+def cmd_serve(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="agora serve", description="Run the coordinator API.")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--no-migrate", action="store_true", help="do not apply migrations at start")
+    args = p.parse_args(argv)
+    import uvicorn
+
+    from coordinator.app import create_app
+    from coordinator.migrate import upgrade
+
+    settings = CoordinatorSettings()
+    if not args.no_migrate:
+        upgrade(settings.effective_database_url)
+    uvicorn.run(create_app(settings), host=args.host, port=args.port, log_level="warning")
+    return 0
+
+
+def cmd_worker(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="agora worker", description="Run a Celery scheduler worker.")
+    p.add_argument("--beat", action="store_true", help="also run the periodic sweep (one per deployment)")
+    p.add_argument("--concurrency", type=int, default=2)
+    p.add_argument("--loglevel", default="WARNING")
+    args = p.parse_args(argv)
+    from coordinator.worker import app
+
+    cli = ["worker", "--pool=threads", f"--concurrency={args.concurrency}", f"--loglevel={args.loglevel}",
+           "--without-gossip", "--without-mingle", "-Q", "agora"]
+    if args.beat:
+        cli.append("--beat")
+    app.worker_main(cli)
+    return 0
+
+
+def cmd_migrate(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="agora migrate", description="Apply database migrations.")
+    p.add_argument("--database-url")
+    args = p.parse_args(argv)
+    from coordinator.migrate import upgrade
+
+    settings = _settings(args)
+    upgrade(settings.effective_database_url)
+    print(f"migrated {settings.effective_database_url.split('@')[-1]}")
+    return 0
+
+
+def cmd_account(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="agora account", description="Buyer accounts.")
+    sub = p.add_subparsers(dest="cmd", required=True)
+    create = sub.add_parser("create", help="create an account; prints its API key on stdout")
+    create.add_argument("--name", default="buyer")
+    create.add_argument("--credit", type=int, default=0, help="initial credit in nano-USD")
+    bal = sub.add_parser("balance", help="show an account's balance")
+    bal.add_argument("account_id")
+    dep = sub.add_parser("deposit", help="credit an account (operator)")
+    dep.add_argument("account_id")
+    dep.add_argument("amount", type=int, help="nano-USD")
+    dep.add_argument("--idempotency-key", required=True)
+    for q in (create, bal, dep):
+        q.add_argument("--database-url")
+        q.add_argument("--json", action="store_true")
+    args = p.parse_args(argv)
+    if getattr(args, "credit", 0) < 0 or getattr(args, "amount", 0) < 0:
+        p.error("amounts must be >= 0")
+    from coordinator.account_service import create_account
+    from coordinator.db import make_engine, session_scope
+    from coordinator.migrate import upgrade
+    from coordinator.models import Account
+    from pricing.ledger import Ledger
+
+    settings = _settings(args)
+    upgrade(settings.effective_database_url)
+    engine = make_engine(settings.effective_database_url)
+    with session_scope(engine) as s:
+        if args.cmd == "create":
+            account, key = create_account(s, args.name, args.credit)
+            out = {"account_id": account.id, "api_key": key, "balance_nano_usd": args.credit}
+            print(json.dumps(out) if args.json else key)
+            if not args.json:
+                print(f"account {account.id} created with {args.credit} nano-USD", file=sys.stderr)
+            return 0
+        account = s.get(Account, args.account_id)
+        if account is None:
+            print(f"no account {args.account_id}", file=sys.stderr)
+            return 1
+        ledger = Ledger(s)
+        if args.cmd == "deposit":
+            ledger.deposit(account.ledger_account_id, args.amount, idempotency_key=args.idempotency_key)
+        balance = ledger.balance(account.ledger_account_id)
+        print(json.dumps({"account_id": account.id, "balance_nano_usd": balance}) if args.json else balance)
+    return 0
+
+
+COMMANDS = {"up": cmd_up, "serve": cmd_serve, "worker": cmd_worker, "migrate": cmd_migrate,
+            "account": cmd_account}

@@ -1,0 +1,154 @@
+"""The buyer's side of a request: admit, queue, then relay the node's tokens back.
+
+Errors that happen before the first token (no route, node refused, timeouts) are returned
+as proper HTTP errors even for streaming requests: the SSE response starts only once the
+first token (or the end) has arrived. A buyer who disconnects mid-stream cancels the
+request at the node, which then settles only the tokens delivered.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import AsyncIterator
+
+from fastapi.responses import JSONResponse, StreamingResponse
+from starlette.concurrency import run_in_threadpool
+
+from coordinator import openai_format as fmt
+from coordinator.admission import admit
+from coordinator.bus import Subscription
+from coordinator.errors import APIError, NoCapacity, UpstreamFailed
+from coordinator.models import Account, RequestStatus
+from coordinator.runtime import Runtime
+from coordinator.schemas import ChatCompletionRequest, CompletionRequest
+from coordinator.settlement import fail_request
+
+log = logging.getLogger(__name__)
+
+
+def _error_from(msg: dict) -> APIError:
+    status = int(msg.get("status", 502))
+    cls = NoCapacity if status == 503 else UpstreamFailed
+    err = cls(msg.get("message", "the request failed"), code=msg.get("code"))
+    err.status_code = status
+    if status == 400:
+        err.type = "invalid_request_error"
+    return err
+
+
+class RequestStream:
+    """Events of one request from the bus, with the timeouts that apply to each phase."""
+
+    def __init__(self, rt: Runtime, rid: str, sub: Subscription):
+        self.rt, self.rid, self.sub = rt, rid, sub
+        self.assigned = False
+        self.node_id: str | None = None
+
+    async def next(self) -> dict:
+        s = self.rt.settings
+        while True:
+            timeout = s.token_timeout_s if self.assigned else s.assign_timeout_s
+            try:
+                msg = await self.sub.get(timeout=timeout)
+            except asyncio.TimeoutError:
+                if await self._give_up():
+                    phase = "a token" if self.assigned else "a node with free capacity"
+                    raise NoCapacity(f"timed out waiting for {phase}; nothing was charged") from None
+                continue
+            if msg["type"] == "assigned":
+                self.assigned, self.node_id = True, msg["node_id"]
+                continue
+            if msg["type"] == "tokens":
+                self.assigned = True
+            return msg
+
+    async def _give_up(self) -> bool:
+        def _fail() -> bool:
+            with self.rt.session() as s:
+                return fail_request(s, self.rid, "timed out", status=RequestStatus.FAILED)
+
+        failed = await run_in_threadpool(_fail)
+        if failed and self.node_id:
+            await self.rt.bus.publish(f"node:{self.node_id}", {"type": "cancel", "request_id": self.rid})
+        return failed
+
+    async def cancel(self) -> None:
+        if self.node_id:
+            await self.rt.bus.publish(f"node:{self.node_id}", {"type": "cancel", "request_id": self.rid})
+        else:  # not yet assigned: end it here and release the hold
+            def _cancel() -> bool:
+                with self.rt.session() as s:
+                    return fail_request(s, self.rid, "cancelled by the buyer", status=RequestStatus.CANCELLED)
+
+            await run_in_threadpool(_cancel)
+
+
+async def handle(rt: Runtime, account: Account, body: ChatCompletionRequest | CompletionRequest, kind: str):
+    def _admit():
+        with rt.session() as s:
+            return admit(s, account, body, kind, rt.settings).request
+
+    request = await run_in_threadpool(_admit)
+    sub = rt.bus.subscribe(f"req:{request.id}")
+    await sub.__aenter__()
+    try:
+        await run_in_threadpool(rt.trigger_dispatch)
+        stream = RequestStream(rt, request.id, sub)
+        first = await stream.next()
+        if first["type"] == "error":
+            raise _error_from(first)
+    except BaseException:
+        await sub.__aexit__(None, None, None)
+        raise
+    if body.stream:
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        return StreamingResponse(_sse(stream, first, body.model, kind, include_usage),
+                                 media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Agora-Request-Id": request.id})
+    try:
+        return await _collect(stream, first, body.model, kind)
+    finally:
+        await sub.__aexit__(None, None, None)
+
+
+async def _collect(stream: RequestStream, msg: dict, model: str, kind: str) -> JSONResponse:
+    parts: list[str] = []
+    created = fmt.now()
+    while msg["type"] == "tokens":
+        parts.append(msg["text"])
+        msg = await stream.next()
+    if msg["type"] == "error":
+        raise _error_from(msg)
+    body = fmt.whole(kind, stream.rid, model, created, "".join(parts), msg["finish_reason"],
+                     msg["usage"], msg.get("node_id"))
+    return JSONResponse(body, headers={"X-Agora-Request-Id": stream.rid})
+
+
+async def _sse(stream: RequestStream, msg: dict, model: str, kind: str, include_usage: bool) -> AsyncIterator[bytes]:
+    created = fmt.now()
+    first = True
+    finished = False
+    try:
+        while msg["type"] == "tokens":
+            if msg["text"] or first:
+                yield fmt.sse(fmt.chunk(kind, stream.rid, model, created, text=msg["text"], first=first))
+                first = False
+            msg = await stream.next()
+        finished = True
+        if msg["type"] == "error":
+            yield fmt.sse({"error": _error_from(msg).body()["error"]})
+        else:
+            yield fmt.sse(fmt.chunk(kind, stream.rid, model, created, first=first,
+                                    finish_reason=msg["finish_reason"]))
+            if include_usage:
+                yield fmt.sse(fmt.usage_chunk(kind, stream.rid, model, created, msg["usage"]))
+        yield fmt.sse("[DONE]")
+    except APIError as exc:
+        finished = True
+        yield fmt.sse({"error": exc.body()["error"]})
+        yield fmt.sse("[DONE]")
+    finally:
+        if not finished:  # the buyer went away mid-stream
+            await stream.cancel()
+        await stream.sub.__aexit__(None, None, None)

@@ -1,0 +1,115 @@
+"""`agora up`: the embedded market in one command.
+
+One process runs the coordinator API, an in-process Celery worker (memory:// broker),
+and SQLite; N node agents run as child processes on the built-in engine with different
+prices, regions and concurrency. Once every node is online it prints `base_url:` and
+`api_key:` lines. SIGINT or SIGTERM stops everything, children included.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+
+from coordinator.settings import CoordinatorSettings
+
+# (USD per Mtok in, out, region, max concurrency): a small, varied market.
+NODE_PROFILES = [
+    ("0.10", "0.20", "us-east", 8),
+    ("0.05", "0.15", "eu-west", 4),
+    ("0.20", "0.40", "ap-southeast", 16),
+    ("0.08", "0.25", "us-west", 8),
+]
+
+
+def node_command(i: int, base_url: str, model: str, home: Path) -> list[str]:
+    p_in, p_out, region, conc = NODE_PROFILES[i % len(NODE_PROFILES)]
+    return [sys.executable, "-m", "agora", "node", "--coordinator", base_url, "--model", model,
+            "--price-in", p_in, "--price-out", p_out, "--region", region, "--max-concurrency", str(conc),
+            "--name", f"local-{i + 1}", "--key", str(home / "nodes" / f"node{i + 1}.pem"), "--torch-threads", "1"]
+
+
+def run_embedded(settings: CoordinatorSettings, *, host: str, port: int, nodes: int, model: str,
+                 credit_usd: float) -> int:
+    import uvicorn
+
+    from coordinator.account_service import create_account
+    from coordinator.app import create_app
+    from coordinator.db import make_engine, session_scope
+    from coordinator.migrate import upgrade
+
+    home = settings.home
+    (home / "nodes").mkdir(parents=True, exist_ok=True)
+    url = settings.effective_database_url
+    upgrade(url)
+    engine = make_engine(url)
+    with session_scope(engine) as s:
+        _, api_key = create_account(s, "demo", int(round(credit_usd * 10**9)))
+    engine.dispose()
+
+    base = f"http://{host}:{port}"
+    server = uvicorn.Server(uvicorn.Config(create_app(settings), host=host, port=port, log_level="warning"))
+    children: list[subprocess.Popen] = []
+
+    async def _bring_up() -> None:
+        while not server.started:
+            await asyncio.sleep(0.05)
+        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        for i in range(nodes):
+            children.append(subprocess.Popen(node_command(i, base, model, home), env=env,
+                                             stdin=subprocess.DEVNULL, start_new_session=True))
+        deadline = time.monotonic() + 300
+        async with httpx.AsyncClient(base_url=base, timeout=5) as client:
+            while time.monotonic() < deadline:
+                if any(c.poll() is not None for c in children):
+                    print("agora up: a node agent exited during start-up", file=sys.stderr, flush=True)
+                    server.should_exit = True
+                    return
+                models = (await client.get("/v1/models")).json()["data"]
+                live = sum(m.get("live_nodes", 0) for m in models if m["id"] == model)
+                if live >= nodes:
+                    break
+                await asyncio.sleep(0.2)
+            else:
+                print("agora up: nodes did not come online in time", file=sys.stderr, flush=True)
+                server.should_exit = True
+                return
+        print(f"base_url: {base}/v1", flush=True)
+        print(f"api_key: {api_key}", flush=True)
+        print(f"agora up: {nodes} node(s) serving {model!r}; Ctrl-C stops everything", file=sys.stderr, flush=True)
+
+    async def _main() -> None:
+        up = asyncio.create_task(_bring_up())
+        try:
+            await server.serve()
+        finally:
+            up.cancel()
+
+    try:
+        asyncio.run(_main())
+    finally:
+        _stop_children(children)
+    return 0
+
+
+def _stop_children(children: list[subprocess.Popen]) -> None:
+    for c in children:
+        if c.poll() is None:
+            try:
+                os.killpg(c.pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+    deadline = time.monotonic() + 10
+    for c in children:
+        try:
+            c.wait(timeout=max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            os.killpg(c.pid, signal.SIGKILL)
+            c.wait()

@@ -1,0 +1,124 @@
+"""Node identity and liveness: registration, signed heartbeats, replay protection.
+
+Every signed message must (1) verify under the node's Ed25519 key, (2) carry a timestamp
+within the signature window, and (3) use a nonce the node has not used before. A node id
+is its public key, so a node cannot speak for another without that node's private key.
+"""
+
+from __future__ import annotations
+
+import time
+from datetime import datetime, timedelta
+
+from sqlalchemy import delete
+from sqlalchemy.exc import IntegrityError
+from sqlmodel import Session, select
+
+from coordinator.errors import APIError, Forbidden, NotFound, Unauthorized
+from coordinator.models import Node, NodeNonce, NodeOffer
+from coordinator.models.account import utcnow
+from coordinator.settings import CoordinatorSettings
+from node_agent.protocol import Heartbeat, Registration, Signed
+from pricing.ledger import AccountKind, Ledger
+
+
+class StaleMessage(Unauthorized):
+    code = "stale_timestamp"
+
+
+class ReplayedNonce(Unauthorized):
+    code = "replayed_nonce"
+
+
+class BadSignature(Unauthorized):
+    code = "bad_signature"
+
+
+def check_signed(session: Session, msg: Signed, settings: CoordinatorSettings) -> None:
+    """Raise unless `msg` is authentic, fresh and not a replay; records its nonce."""
+    if not msg.signature_valid():
+        raise BadSignature("signature does not verify under the node's public key")
+    skew = abs(time.time() - msg.timestamp)
+    if skew > settings.signature_window_s:
+        raise StaleMessage(
+            f"timestamp is {skew:.0f}s away from the coordinator's clock "
+            f"(window {settings.signature_window_s:.0f}s)"
+        )
+    if not (8 <= len(msg.nonce) <= 64):
+        raise APIError("nonce must be 8..64 characters")
+    try:
+        with session.begin_nested():
+            session.add(NodeNonce(node_id=msg.node_id, nonce=msg.nonce))
+    except IntegrityError:
+        raise ReplayedNonce("this nonce was already used: replayed message refused") from None
+
+
+def prune_nonces(session: Session, settings: CoordinatorSettings) -> int:
+    """Nonces older than twice the window can go: their messages would be stale anyway."""
+    cutoff = utcnow() - timedelta(seconds=2 * settings.signature_window_s)
+    result = session.exec(delete(NodeNonce).where(NodeNonce.seen_at < cutoff))  # type: ignore[call-overload]
+    return result.rowcount or 0
+
+
+def register(session: Session, reg: Registration, settings: CoordinatorSettings) -> Node:
+    """Create or update the node `reg.node_id` and replace its offers."""
+    check_signed(session, reg, settings)
+    node = session.get(Node, reg.node_id)
+    if node is not None and node.banned:
+        raise Forbidden("this node is banned from the market")
+    if node is None:
+        earnings = Ledger(session).open_account(AccountKind.SELLER_EARNINGS, ref=f"node:{reg.node_id}")
+        node = Node(id=reg.node_id, earnings_account_id=earnings.id, region=reg.region,
+                    max_concurrency=reg.max_concurrency)
+    node.name = reg.name
+    node.region = reg.region
+    node.max_concurrency = reg.max_concurrency
+    node.engine = reg.engine
+    node.benchmark = reg.benchmark
+    node.last_heartbeat_at = utcnow()
+    node.online = True
+    session.add(node)
+    old = {o.model: o for o in session.exec(select(NodeOffer).where(NodeOffer.node_id == node.id))}
+    for offer in reg.models:
+        row = old.pop(offer.model, None) or NodeOffer(node_id=node.id, model=offer.model, price_in=0,
+                                                     price_out=0, tokens_per_s=offer.tokens_per_s)
+        if row.tokens_per_s != offer.tokens_per_s:
+            row.measured_tokens_per_s = None  # a new benchmark re-seeds the estimate
+        for field in ("price_in", "price_out", "tokens_per_s", "tokens_per_s_b1", "ttft_ms", "max_context"):
+            setattr(row, field, getattr(offer, field))
+        session.add(row)
+    for stale in old.values():
+        session.delete(stale)
+    session.flush()
+    return node
+
+
+def heartbeat(session: Session, hb: Heartbeat, settings: CoordinatorSettings) -> Node:
+    node = session.get(Node, hb.node_id)
+    if node is None:
+        raise NotFound("unknown node: register first")
+    check_signed(session, hb, settings)
+    if node.banned:
+        raise Forbidden("this node is banned from the market")
+    node.last_heartbeat_at = utcnow()
+    node.online = True
+    session.add(node)
+    return node
+
+
+def mark_silent_offline(session: Session, settings: CoordinatorSettings, now: datetime | None = None) -> list[str]:
+    """Nodes whose last heartbeat is older than the timeout go offline; returns their ids."""
+    cutoff = (now or utcnow()) - timedelta(seconds=settings.heartbeat_timeout_s)
+    silent = session.exec(
+        select(Node).where(Node.online == True, Node.last_heartbeat_at < cutoff)  # noqa: E712
+    ).all()
+    for node in silent:
+        node.online = False
+        session.add(node)
+    return [n.id for n in silent]
+
+
+def is_live(node: Node, settings: CoordinatorSettings, now: datetime | None = None) -> bool:
+    if not node.online or node.banned or not node.channel_connected or node.last_heartbeat_at is None:
+        return False
+    return (now or utcnow()) - node.last_heartbeat_at <= timedelta(seconds=settings.heartbeat_timeout_s)

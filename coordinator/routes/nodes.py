@@ -1,0 +1,59 @@
+"""Routes for node agents: registration, signed heartbeats, the work channel."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Depends, WebSocket
+from sqlmodel import select
+from starlette.concurrency import run_in_threadpool
+
+from coordinator import node_registry
+from coordinator.models import Node, NodeOffer, NodeOfferPublic, NodePublic
+from coordinator.routes.deps import runtime
+from coordinator.runtime import Runtime
+from coordinator.work_channel import Channel
+from node_agent.protocol import Heartbeat, Registration
+
+router = APIRouter(prefix="/v1/nodes", tags=["nodes"])
+
+
+@router.post("/register")
+async def register(reg: Registration, rt: Runtime = Depends(runtime)):
+    def _do():
+        with rt.session() as s:
+            node = node_registry.register(s, reg, rt.settings)
+            return {"node_id": node.id, "heartbeat_interval_s": rt.settings.heartbeat_interval_s,
+                    "signature_window_s": rt.settings.signature_window_s}
+
+    return await run_in_threadpool(_do)
+
+
+@router.post("/heartbeat")
+async def heartbeat(hb: Heartbeat, rt: Runtime = Depends(runtime)):
+    def _do():
+        with rt.session() as s:
+            node_registry.heartbeat(s, hb, rt.settings)
+        return {"ok": True}
+
+    return await run_in_threadpool(_do)
+
+
+@router.get("")
+async def list_nodes(rt: Runtime = Depends(runtime)) -> list[NodePublic]:
+    def _do():
+        with rt.session() as s:
+            nodes = s.exec(select(Node).order_by(Node.registered_at)).all()
+            offers = s.exec(select(NodeOffer)).all()
+            out = []
+            for n in nodes:
+                pub = NodePublic.model_validate(n, update={
+                    "online": node_registry.is_live(n, rt.settings),
+                    "offers": [NodeOfferPublic.model_validate(o) for o in offers if o.node_id == n.id]})
+                out.append(pub)
+            return out
+
+    return await run_in_threadpool(_do)
+
+
+@router.websocket("/channel")
+async def channel(ws: WebSocket):
+    await Channel(ws, ws.app.state.runtime).run()

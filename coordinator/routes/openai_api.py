@@ -1,0 +1,60 @@
+"""OpenAI-compatible routes: /v1/chat/completions, /v1/completions, /v1/models."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Depends
+from sqlmodel import select
+from starlette.concurrency import run_in_threadpool
+
+from coordinator import completions
+from coordinator.models import Account, Node, NodeOffer
+from coordinator.node_registry import is_live
+from coordinator.routes.deps import current_account, runtime
+from coordinator.runtime import Runtime
+from coordinator.schemas import ChatCompletionRequest, CompletionRequest
+
+router = APIRouter(prefix="/v1", tags=["openai"])
+
+
+@router.post("/chat/completions")
+async def chat_completions(body: ChatCompletionRequest, account: Account = Depends(current_account),
+                           rt: Runtime = Depends(runtime)):
+    return await completions.handle(rt, account, body, "chat")
+
+
+@router.post("/completions")
+async def legacy_completions(body: CompletionRequest, account: Account = Depends(current_account),
+                             rt: Runtime = Depends(runtime)):
+    return await completions.handle(rt, account, body, "completion")
+
+
+@router.get("/models")
+async def list_models(rt: Runtime = Depends(runtime)):
+    """Models on offer: live nodes, price range (nano-USD per Mtok) and measured tok/s."""
+
+    def _load():
+        with rt.session() as s:
+            return s.exec(select(NodeOffer, Node).join(Node, Node.id == NodeOffer.node_id)).all()
+
+    rows = await run_in_threadpool(_load)
+    models: dict[str, dict] = {}
+    for offer, node in rows:
+        m = models.setdefault(offer.model, {"id": offer.model, "object": "model", "created": 0,
+                                            "owned_by": "agora", "live_nodes": 0, "_offers": []})
+        if is_live(node, rt.settings):
+            m["live_nodes"] += 1
+            m["_offers"].append(offer)
+    data = []
+    for m in sorted(models.values(), key=lambda m: m["id"]):
+        offers = m.pop("_offers")
+        if offers:
+            speeds = [o.measured_tokens_per_s or o.tokens_per_s for o in offers]
+            m["pricing"] = {
+                "unit": "nano-USD per million tokens",
+                "prompt": [min(o.price_in for o in offers), max(o.price_in for o in offers)],
+                "completion": [min(o.price_out for o in offers), max(o.price_out for o in offers)],
+            }
+            m["tokens_per_s"] = {"min": min(speeds), "max": max(speeds), "source": "measured, seeded by benchmark"}
+            m["context_length"] = max(o.max_context for o in offers)
+        data.append(m)
+    return {"object": "list", "data": data}

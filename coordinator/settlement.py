@@ -1,0 +1,124 @@
+"""Ending a request: check the node's signed receipt against what was relayed, then pay.
+
+The coordinator is paid for what it saw: the completion token count is the number of
+tokens it relayed to the buyer, and the receipt's commitment must equal the hash chain
+over those relayed tokens — a node cannot claim more tokens or change its story later.
+The prompt count is the node's (its tokenizer), capped by the admission estimate. The
+charge is `request_cost` at the price locked at assignment, never above the hold; the
+rest of the hold goes back to the buyer and the node's earnings get the charge less the
+platform fee. Idempotent: settling a finished request again returns the first result.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from sqlmodel import Session
+
+from coordinator.models import InferenceRequest, Node, NodeOffer, ReceiptRecord, RequestStatus
+from coordinator.models.account import utcnow
+from coordinator.node_registry import check_signed
+from coordinator.settings import CoordinatorSettings
+from node_agent.protocol import Receipt
+from pricing.ledger import Ledger
+from pricing.money import request_cost
+from sqlmodel import select
+
+EWMA_ALPHA = 0.2
+
+
+class ReceiptRejected(Exception):
+    """The receipt does not match the request or the relayed tokens; nothing is paid."""
+
+
+@dataclass
+class Settled:
+    request_id: str
+    prompt_tokens: int
+    completion_tokens: int
+    cost: int
+    finish_reason: str
+
+
+@dataclass
+class Relayed:
+    """What the coordinator itself saw of a request's stream."""
+
+    token_count: int
+    commitment: str
+    seconds: float = 0.0  # first token to last
+    ttft_ms: float | None = None
+
+
+def _settled(req: InferenceRequest) -> Settled:
+    return Settled(req.id, req.prompt_tokens or 0, req.completion_tokens or 0, req.cost or 0,
+                   req.finish_reason or "stop")
+
+
+def settle(session: Session, receipt: Receipt, node_id: str, relayed: Relayed,
+           settings: CoordinatorSettings) -> Settled:
+    req = session.get(InferenceRequest, receipt.request_id, with_for_update=True)
+    if req is None:
+        raise ReceiptRejected(f"unknown request {receipt.request_id}")
+    if req.status == RequestStatus.COMPLETED:
+        return _settled(req)
+    if req.node_id != node_id or receipt.node_id != node_id:
+        raise ReceiptRejected("receipt is not from the node the request was assigned to")
+    if req.status not in (RequestStatus.ASSIGNED, RequestStatus.RUNNING):
+        raise ReceiptRejected(f"request is {req.status.value}, not running")
+    check_signed(session, receipt, settings)
+    if receipt.completion_tokens != relayed.token_count or receipt.commitment != relayed.commitment:
+        raise ReceiptRejected(
+            f"receipt claims {receipt.completion_tokens} tokens / commitment {receipt.commitment[:8]}…, "
+            f"coordinator relayed {relayed.token_count} / {relayed.commitment[:8]}…"
+        )
+    prompt_tokens = min(receipt.prompt_tokens, req.prompt_tokens_est)
+    completion = relayed.token_count
+    cost = min(request_cost(prompt_tokens, completion, req.price_in or 0, req.price_out or 0), req.hold_amount)
+    node = session.get(Node, node_id)
+    if req.hold_id is not None:
+        Ledger(session).settle_hold(
+            req.hold_id, parts=[(node.earnings_account_id, cost)] if cost else [],
+            fee_bps=settings.platform_fee_bps, idempotency_key=f"settle:{req.id}",
+        )
+    session.add(ReceiptRecord(
+        request_id=req.id, node_id=node_id, prompt_tokens=receipt.prompt_tokens,
+        completion_tokens=receipt.completion_tokens, commitment=receipt.commitment,
+        finish_reason=receipt.finish_reason, signature=receipt.signature,
+        payload=receipt.model_dump(mode="json"),
+    ))
+    req.status = RequestStatus.COMPLETED
+    req.prompt_tokens, req.completion_tokens, req.cost = prompt_tokens, completion, cost
+    req.finish_reason = receipt.finish_reason
+    req.finished_at = utcnow()
+    session.add(req)
+    _learn_speed(session, req, relayed)
+    return _settled(req)
+
+
+def _learn_speed(session: Session, req: InferenceRequest, relayed: Relayed) -> None:
+    """EWMA of the tok/s and time-to-first-token the coordinator measured itself."""
+    offer = session.exec(select(NodeOffer).where(NodeOffer.node_id == req.node_id,
+                                                 NodeOffer.model == req.model)).first()
+    if offer is None:
+        return
+    if relayed.token_count >= 4 and relayed.seconds > 0:
+        tps = (relayed.token_count - 1) / relayed.seconds
+        prev = offer.measured_tokens_per_s or offer.tokens_per_s
+        offer.measured_tokens_per_s = (1 - EWMA_ALPHA) * prev + EWMA_ALPHA * tps
+    if relayed.ttft_ms is not None:
+        prev_ttft = offer.measured_ttft_ms if offer.measured_ttft_ms is not None else relayed.ttft_ms
+        offer.measured_ttft_ms = (1 - EWMA_ALPHA) * prev_ttft + EWMA_ALPHA * relayed.ttft_ms
+    session.add(offer)
+
+
+def fail_request(session: Session, request_id: str, reason: str, *, status: RequestStatus = RequestStatus.FAILED) -> bool:
+    """End an unfinished request unpaid: the hold goes back to the buyer in full."""
+    req = session.get(InferenceRequest, request_id, with_for_update=True)
+    if req is None or req.status.finished:
+        return False
+    if req.hold_id is not None:
+        Ledger(session).void_hold(req.hold_id, idempotency_key=f"void:{req.id}")
+    req.status, req.error, req.finished_at = status, reason, utcnow()
+    session.add(req)
+    return True

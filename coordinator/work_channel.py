@@ -1,0 +1,214 @@
+"""The work channel: one WebSocket a node agent opens to the coordinator (so it works
+behind NAT). Assignments flow down; token chunks, receipts and errors flow up and are
+relayed to the buyer over the bus. No Celery hop on the token path.
+
+First frame from the node: a signed `ChannelHello`. Token chunks are accepted only for
+requests assigned to this node; the coordinator keeps its own count and hash chain of
+what it relayed, which the receipt must match to be paid.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+from fastapi import WebSocket, WebSocketDisconnect
+from pydantic import ValidationError
+from starlette.concurrency import run_in_threadpool
+from sqlalchemy import update
+from sqlmodel import select
+
+from coordinator.errors import APIError
+from coordinator.models import InferenceRequest, Node, RequestStatus
+from coordinator.models.account import utcnow
+from coordinator.node_registry import check_signed
+from coordinator.openai_format import usage
+from coordinator.runtime import Runtime
+from coordinator.settlement import ReceiptRejected, Relayed, fail_request, settle
+from coordinator.dispatch_store import assignment_frame
+from node_agent.protocol import ChannelHello, Done, TokenChunk, TokenCommitment, WorkError
+
+log = logging.getLogger(__name__)
+HELLO_TIMEOUT_S = 10.0
+
+
+class _Stream:
+    """What the coordinator saw of one request on this channel."""
+
+    def __init__(self, request_id: str):
+        self.count = 0
+        self.commitment = TokenCommitment(request_id)
+        self.sent_at = time.monotonic()
+        self.first_at: float | None = None
+        self.last_at: float | None = None
+
+
+class Channel:
+    def __init__(self, ws: WebSocket, rt: Runtime):
+        self.ws, self.rt = ws, rt
+        self.node_id = ""
+        self.streams: dict[str, _Stream] = {}
+        self.send_lock = asyncio.Lock()
+
+    async def run(self) -> None:
+        await self.ws.accept()
+        try:
+            hello = ChannelHello.model_validate(await asyncio.wait_for(self.ws.receive_json(), HELLO_TIMEOUT_S))
+            await run_in_threadpool(self._authenticate, hello)
+        except (asyncio.TimeoutError, ValidationError, ValueError, APIError, WebSocketDisconnect) as exc:
+            reason = exc.message if isinstance(exc, APIError) else f"bad hello: {type(exc).__name__}"
+            await self._close(4401, reason)
+            return
+        self.node_id = hello.node_id
+        await self.ws.send_json({"type": "welcome", "node_id": self.node_id})
+        try:
+            async with self.rt.bus.subscribe(f"node:{self.node_id}") as sub:
+                for frame in await run_in_threadpool(self._pending_assignments):
+                    await self._send_assignment(frame)
+                self.rt.trigger_dispatch()
+                pump = asyncio.create_task(self._pump(sub))
+                try:
+                    await self._read_loop()
+                finally:
+                    pump.cancel()
+        finally:
+            await run_in_threadpool(self._disconnected)
+
+    # ------------------------------------------------------------------ setup
+    def _authenticate(self, hello: ChannelHello) -> None:
+        with self.rt.session() as s:
+            node = s.get(Node, hello.node_id)
+            if node is None:
+                raise APIError("unknown node: register first")
+            check_signed(s, hello, self.rt.settings)
+            if node.banned:
+                raise APIError("this node is banned")
+            node.channel_connected = True
+            node.online = True
+            s.add(node)
+
+    def _pending_assignments(self) -> list[dict]:
+        with self.rt.session() as s:
+            rows = s.exec(select(InferenceRequest).where(
+                InferenceRequest.node_id == self.node_id,
+                InferenceRequest.status == RequestStatus.ASSIGNED)).all()
+            return [assignment_frame(r) for r in rows]
+
+    def _disconnected(self) -> None:
+        with self.rt.session() as s:
+            node = s.get(Node, self.node_id) if self.node_id else None
+            if node is not None:
+                node.channel_connected = False
+                s.add(node)
+            for rid in list(self.streams):
+                if fail_request(s, rid, "the node serving this request disconnected"):
+                    self.rt.bus.publish_sync(f"req:{rid}", {
+                        "type": "error", "status": 502, "code": "node_failed",
+                        "message": "the node serving this request disconnected"})
+
+    async def _close(self, code: int, reason: str) -> None:
+        try:
+            await self.ws.send_json({"type": "refused", "reason": reason})
+            await self.ws.close(code=code, reason=reason[:120])
+        except Exception:  # the peer may be gone already
+            pass
+
+    # ------------------------------------------------------------------ downstream
+    async def _send_assignment(self, frame: dict) -> None:
+        if frame["request_id"] not in self.streams:
+            self.streams[frame["request_id"]] = _Stream(frame["request_id"])
+            async with self.send_lock:
+                await self.ws.send_json(frame)
+
+    async def _pump(self, sub) -> None:
+        while True:
+            msg = await sub.get()
+            if msg.get("type") == "assign":
+                await self._send_assignment(msg)
+            elif msg.get("type") == "cancel" and msg.get("request_id") in self.streams:
+                async with self.send_lock:
+                    await self.ws.send_json(msg)
+
+    # ------------------------------------------------------------------ upstream
+    async def _read_loop(self) -> None:
+        while True:
+            try:
+                frame = await self.ws.receive_json()
+            except WebSocketDisconnect:
+                return
+            except ValueError:
+                continue  # not JSON: ignore the frame
+            kind = frame.get("type")
+            try:
+                if kind == "tokens":
+                    await self._on_tokens(TokenChunk.model_validate(frame))
+                elif kind == "done":
+                    await self._on_done(Done.model_validate(frame))
+                elif kind == "error":
+                    await self._on_error(WorkError.model_validate(frame))
+            except ValidationError as exc:
+                log.warning("node %s sent a malformed %s frame: %s", self.node_id[:12], kind, exc)
+
+    async def _on_tokens(self, chunk: TokenChunk) -> None:
+        st = self.streams.get(chunk.request_id)
+        if st is None or chunk.start != st.count or len(chunk.logprobs) != len(chunk.token_ids):
+            return  # not ours, out of order or malformed: never relayed, never paid
+        now = time.monotonic()
+        if st.first_at is None:
+            st.first_at = now
+            asyncio.get_running_loop().run_in_executor(None, self._mark_running, chunk.request_id)
+        st.last_at = now
+        for tid, lp in zip(chunk.token_ids, chunk.logprobs):
+            st.commitment.update(tid, lp)
+        st.count += len(chunk.token_ids)
+        await self.rt.bus.publish(f"req:{chunk.request_id}", {
+            "type": "tokens", "text": chunk.text, "start": chunk.start, "token_ids": chunk.token_ids,
+            "logprobs": chunk.logprobs})
+
+    async def _on_done(self, done: Done) -> None:
+        rid = done.request_id
+        st = self.streams.pop(rid, None)
+        if st is None or done.receipt.request_id != rid:
+            return
+        relayed = Relayed(
+            token_count=st.count, commitment=st.commitment.hex,
+            seconds=(st.last_at - st.first_at) if st.first_at and st.last_at else 0.0,
+            ttft_ms=(st.first_at - st.sent_at) * 1000 if st.first_at else None,
+        )
+        try:
+            result = await run_in_threadpool(self._settle, done, relayed)
+        except (ReceiptRejected, APIError) as exc:
+            message = exc.message if isinstance(exc, APIError) else str(exc)
+            log.warning("receipt for %s rejected: %s", rid, message)
+            await run_in_threadpool(self._fail, rid, f"receipt rejected: {message}")
+            await self.rt.bus.publish(f"req:{rid}", {"type": "error", "status": 502, "code": "bad_receipt",
+                                                     "message": "the node's receipt was rejected"})
+        else:
+            await self.rt.bus.publish(f"req:{rid}", {
+                "type": "done", "finish_reason": result.finish_reason, "node_id": self.node_id,
+                "usage": usage(result.prompt_tokens, result.completion_tokens, result.cost)})
+        self.rt.trigger_dispatch()
+
+    def _settle(self, done: Done, relayed: Relayed):
+        with self.rt.session() as s:
+            return settle(s, done.receipt, self.node_id, relayed, self.rt.settings)
+
+    def _mark_running(self, rid: str) -> None:
+        with self.rt.session() as s:
+            s.exec(update(InferenceRequest)
+                   .where(InferenceRequest.id == rid, InferenceRequest.status == RequestStatus.ASSIGNED)
+                   .values(status=RequestStatus.RUNNING, first_token_at=utcnow()))
+
+    def _fail(self, rid: str, reason: str) -> None:
+        with self.rt.session() as s:
+            fail_request(s, rid, reason)
+
+    async def _on_error(self, err: WorkError) -> None:
+        if self.streams.pop(err.request_id, None) is None:
+            return
+        await run_in_threadpool(self._fail, err.request_id, f"{err.code}: {err.message}")
+        status = 400 if err.code in ("context_length_exceeded", "bad_request") else 502
+        await self.rt.bus.publish(f"req:{err.request_id}", {
+            "type": "error", "status": status, "code": err.code, "message": err.message})
+        self.rt.trigger_dispatch()

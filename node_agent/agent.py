@@ -1,0 +1,190 @@
+"""The node agent's main loop: register, heartbeat, hold the work channel, serve work.
+
+The agent dials out to the coordinator (one WebSocket), so it works behind NAT. Each
+assignment runs as its own task on the engine (which batches concurrent requests);
+tokens stream back as they are generated with their log-probs, and every request ends
+with a signed receipt committing to the token ids and log-probs delivered.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import random
+
+import httpx
+import websockets
+from pydantic import ValidationError
+
+from node_agent.engines.base import Engine, GenerationRequest, SamplingParams
+from node_agent.errors import CoordinatorRejected, EngineError
+from node_agent.identity import Identity
+from node_agent.protocol import (
+    Assignment, ChannelHello, Done, Heartbeat, ModelOffer, Receipt, Registration, TokenChunk,
+    TokenCommitment, WorkError, fresh_stamp, quantize_logprob,
+)
+from node_agent.settings import NodeSettings
+
+log = logging.getLogger("agora.node")
+
+
+class NodeAgent:
+    def __init__(self, settings: NodeSettings, engine: Engine, identity: Identity,
+                 benchmark: dict | None = None, http: httpx.AsyncClient | None = None):
+        self.settings, self.engine, self.identity = settings, engine, identity
+        self.benchmark = benchmark or {}
+        self.http = http or httpx.AsyncClient(base_url=settings.http_base, timeout=10.0)
+        self.tasks: dict[str, asyncio.Task] = {}
+        self.ready = asyncio.Event()  # set once the work channel is open
+        self._ws = None
+        self._send_lock = asyncio.Lock()
+
+    @property
+    def node_id(self) -> str:
+        return self.identity.public_key_hex
+
+    # ------------------------------------------------------------------ control plane
+    def registration(self) -> Registration:
+        summary = self.benchmark.get("summary", {})
+        tps = self.settings.advertised_tokens_per_s or summary.get("tokens_per_s") or 1.0
+        offer = ModelOffer(
+            model=self.settings.market_model, price_in=self.settings.price_in,
+            price_out=self.settings.price_out, tokens_per_s=tps,
+            tokens_per_s_b1=summary.get("tokens_per_s_b1"), ttft_ms=summary.get("ttft_ms"),
+            max_context=getattr(self.engine, "max_context", 2048),
+        )
+        reg = Registration(node_id=self.node_id, **fresh_stamp(), models=[offer],
+                           region=self.settings.region, max_concurrency=self.settings.max_concurrency,
+                           engine=self.settings.engine, benchmark=self.benchmark, name=self.settings.name)
+        return reg.sign(self.identity)
+
+    async def register(self) -> dict:
+        resp = await self.http.post("/v1/nodes/register", json=self.registration().model_dump(mode="json"))
+        if resp.status_code != 200:
+            raise CoordinatorRejected(f"registration refused ({resp.status_code}): {resp.text}")
+        return resp.json()
+
+    async def heartbeat_once(self) -> None:
+        hb = Heartbeat(node_id=self.node_id, **fresh_stamp(), active=len(self.tasks),
+                       free_slots=max(0, self.settings.max_concurrency - len(self.tasks))).sign(self.identity)
+        resp = await self.http.post("/v1/nodes/heartbeat", json=hb.model_dump(mode="json"))
+        if resp.status_code == 404:  # the coordinator forgot us (new database): register again
+            await self.register()
+        elif resp.status_code != 200:
+            raise CoordinatorRejected(f"heartbeat refused ({resp.status_code}): {resp.text}")
+
+    async def _heartbeats(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.heartbeat_interval_s)
+            try:
+                await self.heartbeat_once()
+            except (httpx.HTTPError, CoordinatorRejected) as exc:
+                log.warning("heartbeat failed: %s", exc)
+
+    # ------------------------------------------------------------------ main loop
+    async def run(self) -> None:
+        delay = 0.2
+        while True:  # register, retrying until the coordinator answers
+            try:
+                await self.register()
+                break
+            except httpx.HTTPError as exc:
+                log.info("coordinator not reachable yet (%s); retrying", type(exc).__name__)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, self.settings.reconnect_max_s)
+        hb = asyncio.create_task(self._heartbeats())
+        try:
+            await self._channel_forever()
+        finally:
+            hb.cancel()
+            for t in self.tasks.values():
+                t.cancel()
+
+    async def _channel_forever(self) -> None:
+        delay = 0.2
+        while True:
+            try:
+                await self._channel_once()
+                delay = 0.2
+            except (OSError, websockets.WebSocketException, CoordinatorRejected) as exc:
+                log.warning("work channel lost (%s); reconnecting in %.1fs", exc, delay)
+            self.ready.clear()
+            await asyncio.sleep(delay + random.random() * delay / 2)
+            delay = min(delay * 2, self.settings.reconnect_max_s)
+
+    async def _channel_once(self) -> None:
+        async with websockets.connect(self.settings.ws_url, max_size=2**24, ping_interval=20) as ws:
+            hello = ChannelHello(node_id=self.node_id, **fresh_stamp()).sign(self.identity)
+            await ws.send(hello.model_dump_json())
+            welcome = json.loads(await ws.recv())
+            if welcome.get("type") != "welcome":
+                if "unknown node" in str(welcome.get("reason", "")):
+                    await self.register()
+                raise CoordinatorRejected(f"channel refused: {welcome.get('reason')}")
+            self._ws = ws
+            self.ready.set()
+            log.info("work channel open as node %s…", self.node_id[:12])
+            async for raw in ws:
+                self._on_frame(json.loads(raw))
+
+    def _on_frame(self, frame: dict) -> None:
+        kind = frame.get("type")
+        if kind == "assign":
+            try:
+                a = Assignment.model_validate(frame)
+            except ValidationError as exc:
+                log.warning("malformed assignment: %s", exc)
+                return
+            if a.request_id not in self.tasks:
+                self.tasks[a.request_id] = asyncio.create_task(self._serve(a))
+        elif kind == "cancel":
+            task = self.tasks.get(frame.get("request_id", ""))
+            if task is not None:
+                task.cancel()
+
+    async def _send(self, frame) -> None:
+        async with self._send_lock:
+            if self._ws is not None:
+                await self._ws.send(frame.model_dump_json())
+
+    # ------------------------------------------------------------------ serving one request
+    async def _serve(self, a: Assignment) -> None:
+        commitment = TokenCommitment(a.request_id)
+        count, prompt_tokens, finish = 0, 0, "stop"
+        try:
+            text = self.engine.render_chat(a.messages or []) if a.kind == "chat" else (a.prompt or "")
+            prompt_ids = self.engine.encode(text)
+            prompt_tokens = len(prompt_ids)
+            s = a.sampling
+            req = GenerationRequest(
+                request_id=a.request_id, prompt_ids=prompt_ids, prefix_ids=list(a.prefix_token_ids),
+                sampling=SamplingParams(max_tokens=s.max_tokens, temperature=s.temperature, top_p=s.top_p,
+                                        top_k=s.top_k, seed=s.seed, stop=list(s.stop)))
+            async for ev in self.engine.generate(req):
+                lp = quantize_logprob(ev.logprob)
+                commitment.update(ev.token_id, lp)
+                await self._send(TokenChunk(request_id=a.request_id, start=count, token_ids=[ev.token_id],
+                                            logprobs=[lp], text=ev.text))
+                count += 1
+                if ev.finish_reason:
+                    finish = ev.finish_reason
+        except asyncio.CancelledError:
+            finish = "cancelled"
+        except EngineError as exc:
+            await self._send(WorkError(request_id=a.request_id, code=exc.code, message=str(exc)))
+            return
+        except Exception as exc:  # an engine bug must not hang the buyer
+            log.exception("engine failed on %s", a.request_id)
+            await self._send(WorkError(request_id=a.request_id, code="engine_error",
+                                       message=f"{type(exc).__name__}: {exc}"))
+            return
+        finally:
+            self.tasks.pop(a.request_id, None)
+        receipt = Receipt(node_id=self.node_id, **fresh_stamp(), request_id=a.request_id, model=a.model,
+                          prompt_tokens=prompt_tokens, completion_tokens=count,
+                          commitment=commitment.hex, finish_reason=finish).sign(self.identity)
+        await self._send(Done(request_id=a.request_id, receipt=receipt))
+
+    async def close(self) -> None:
+        await self.http.aclose()

@@ -1,0 +1,128 @@
+"""`agora node ...`: run a node agent, benchmark this machine, or make a key pair."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import signal
+import sys
+
+from node_agent.settings import NodeSettings, usd_per_mtok_to_nano
+
+
+def _price(value: str) -> int:
+    try:
+        return usd_per_mtok_to_nano(value)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="agora node", description="Sell LLM inference on an Agora market.")
+    sub = p.add_subparsers(dest="cmd")
+    bench = sub.add_parser("bench", help="benchmark this machine on a model and print the figures")
+    keygen = sub.add_parser("keygen", help="create (or show) this node's key pair")
+    keygen.add_argument("--key", dest="key_path")
+    for q in (p, bench):
+        q.add_argument("--model", help="preset name (tiny, tiny-20m, tiny-100m) or a local HF folder")
+        q.add_argument("--device", help="cpu, cuda, cuda:1 ...")
+        q.add_argument("--dtype", choices=["float32", "bfloat16", "float16"])
+    bench.add_argument("--batch-sizes", default="1,2,4,8,16,32")
+    bench.add_argument("--quick", action="store_true")
+    p.add_argument("--coordinator", help="coordinator URL, e.g. http://host:8000")
+    p.add_argument("--served-name", help="model name on the market (default: --model)")
+    p.add_argument("--price-in", type=_price, help="USD per million prompt tokens, e.g. 0.10")
+    p.add_argument("--price-out", type=_price, help="USD per million completion tokens, e.g. 0.20")
+    p.add_argument("--region", help="e.g. us-east, eu-west")
+    p.add_argument("--name", help="a display name")
+    p.add_argument("--max-concurrency", type=int)
+    p.add_argument("--key", dest="key_path", help="key file (default ~/.agora/node_key.pem)")
+    p.add_argument("--engine", choices=["builtin", "openai", "vllm"])
+    p.add_argument("--upstream", help="OpenAI-compatible server for --engine openai, e.g. http://127.0.0.1:8080/v1")
+    p.add_argument("--no-bench", dest="benchmark", action="store_false", default=None,
+                   help="skip the start-up benchmark (needs --tokens-per-s)")
+    p.add_argument("--tokens-per-s", dest="advertised_tokens_per_s", type=float)
+    p.add_argument("--torch-threads", type=int)
+    p.add_argument("-v", "--verbose", action="store_true")
+    return p
+
+
+def settings_from(args: argparse.Namespace) -> NodeSettings:
+    overrides = {k: v for k, v in vars(args).items()
+                 if v is not None and k in NodeSettings.model_fields}
+    return NodeSettings(**overrides)
+
+
+def load_engine(settings: NodeSettings):
+    if settings.torch_threads:
+        import torch
+
+        torch.set_num_threads(settings.torch_threads)
+    if settings.engine == "openai":
+        from node_agent.engines.openai_compat import OpenAICompatEngine
+
+        if not settings.upstream:
+            raise SystemExit("--engine openai needs --upstream http://host:port/v1")
+        return OpenAICompatEngine(settings.upstream, model=settings.model)
+    if settings.engine == "vllm":
+        from node_agent.engines.vllm_engine import load_vllm_engine
+
+        return load_vllm_engine(settings.model, dtype=settings.dtype)
+    from node_agent.engines.builtin import load_builtin_engine
+
+    return load_builtin_engine(settings.model, device=settings.device, dtype=settings.dtype,
+                               max_batch=settings.max_concurrency)
+
+
+async def _run_agent(settings: NodeSettings) -> None:
+    from node_agent.agent import NodeAgent
+    from node_agent.identity import Identity
+
+    identity = Identity.load_or_create(settings.key_path)
+    engine = load_engine(settings)
+    await engine.start()
+    benchmark: dict = {}
+    if settings.benchmark and settings.advertised_tokens_per_s is None:
+        from node_agent.benchmark import run_benchmark
+
+        benchmark = await asyncio.to_thread(run_benchmark, engine, quick=True, progress=sys.stderr.isatty())
+    agent = NodeAgent(settings, engine, identity, benchmark=benchmark)
+    print(f"node {identity.public_key_hex} serving {settings.market_model} -> {settings.coordinator}",
+          file=sys.stderr, flush=True)
+    loop = asyncio.get_running_loop()
+    main = asyncio.current_task()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, main.cancel)
+    try:
+        await agent.run()
+    except asyncio.CancelledError:
+        pass
+    finally:
+        await agent.close()
+        await engine.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if getattr(args, "verbose", False) else logging.INFO,
+                        format="%(asctime)s node %(levelname)s %(message)s", stream=sys.stderr)
+    settings = settings_from(args)
+    if args.cmd == "keygen":
+        from node_agent.identity import Identity
+
+        print(Identity.load_or_create(settings.key_path).public_key_hex)
+        return 0
+    if args.cmd == "bench":
+        from node_agent.benchmark import run_benchmark
+
+        engine = load_engine(settings)
+        sizes = tuple(int(x) for x in args.batch_sizes.split(","))
+        result = run_benchmark(engine, batch_sizes=sizes, quick=args.quick, progress=True)
+        print(json.dumps(result, indent=2))
+        return 0
+    if settings.price_in is None or settings.price_out is None:
+        raise SystemExit("--price-in and --price-out are required")
+    asyncio.run(_run_agent(settings))
+    return 0
