@@ -8,6 +8,7 @@ except under CI=true where a missing server is a failure.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import uuid
@@ -34,9 +35,9 @@ def _need(host: str, port: int, what: str) -> None:
     pytest.skip(f"{what} at {host}:{port} is not reachable")
 
 
-@pytest.fixture
-def pg_url():
-    """URL of a brand-new, empty PostgreSQL database; dropped after the test."""
+@contextlib.contextmanager
+def fresh_pg_database():
+    """Create `agora_t_<random>`, yield its URL, drop it (forcibly) afterwards."""
     _need("127.0.0.1", 5432, "PostgreSQL")
     import sqlalchemy as sa
 
@@ -51,6 +52,20 @@ def pg_url():
         with admin.connect() as conn:
             conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
         admin.dispose()
+
+
+@pytest.fixture
+def pg_url():
+    """URL of a brand-new, empty PostgreSQL database; dropped after the test."""
+    with fresh_pg_database() as url:
+        yield url
+
+
+@pytest.fixture(scope="module")
+def pg_url_module():
+    """Like pg_url, shared by one test module."""
+    with fresh_pg_database() as url:
+        yield url
 
 
 @pytest.fixture
