@@ -15,6 +15,7 @@ class SamplingParams:
     top_k: int = 0  # 0 means off
     seed: int | None = None
     stop: list[str] = field(default_factory=list)
+    ignore_eos: bool = False  # keep generating past end-of-sequence (benchmarks)
 
 
 @dataclass

@@ -1,0 +1,309 @@
+"""The built-in torch engine: continuous batching in a background thread.
+
+One engine thread owns the model and its KV cache. Each iteration it takes new requests,
+cancellations and scoring jobs from an inbox, admits waiting requests into free cache slots
+(bounded by `max_batch` slots and a prefill token budget per iteration), prefills them as
+one batch, then runs one batched decode step for every running request. Events go back to
+each request's asyncio queue with `loop.call_soon_threadsafe`, one call per loop per step.
+Finished or cancelled requests leave at once; the last running request moves into the freed
+slot so slots 0..B-1 are always the decode batch.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import AsyncIterator, Callable
+
+import torch
+
+from node_agent.engines.base import Engine, GenerationRequest, TokenEvent
+from node_agent.engines.builtin.model import LlamaModel
+from node_agent.engines.builtin.sampling import make_generator, select
+from node_agent.engines.builtin.textstream import Detokenizer, StopStream
+from node_agent.engines.builtin.tokenizer import HFTokenizer
+from node_agent.errors import EngineError, RequestTooLong
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class _Running:
+    request: GenerationRequest
+    loop: asyncio.AbstractEventLoop
+    queue: asyncio.Queue
+    tokens: list[int]  # prompt + prefix + generated
+    remaining: int
+    detok: Detokenizer
+    stops: StopStream
+    gen: torch.Generator | None
+    slot: int = -1
+    finished: bool = False
+    cancelled: bool = False
+    outbox: list = field(default_factory=list)
+
+
+class BuiltinEngine(Engine):
+    def __init__(
+        self,
+        model_dir: str | Path,
+        *,
+        model_name: str | None = None,
+        device: str = "cpu",
+        dtype: str = "float32",
+        max_batch: int = 32,
+        max_seq_len: int | None = None,
+        prefill_budget: int = 4096,
+    ):
+        if dtype not in DTYPES:
+            raise EngineError(f"dtype {dtype!r} is not one of {sorted(DTYPES)}")
+        if device.startswith("cuda") and not torch.cuda.is_available():
+            raise EngineError(f"device {device!r} requested but CUDA is not available")
+        self.model_dir = Path(model_dir)
+        self.model_name = model_name or self.model_dir.name
+        self.device, self.dtype = device, dtype
+        self.tokenizer = HFTokenizer(self.model_dir)
+        self.model = LlamaModel(self.model_dir, device=device, dtype=DTYPES[dtype])
+        self.max_batch = max_batch
+        self.max_seq_len = min(max_seq_len or self.model.cfg.max_position_embeddings,
+                               self.model.cfg.max_position_embeddings)
+        self.prefill_budget = prefill_budget
+        self._inbox: queue.Queue = queue.Queue()
+        self._thread: threading.Thread | None = None
+        self._dead: BaseException | None = None
+        self._running: list[_Running] = []
+        self._waiting: deque[_Running] = deque()
+        self._pending: dict[int, _Running] = {}  # requests with undelivered events
+
+    # ------------------------------------------------------------------ Engine API
+    def encode(self, text: str) -> list[int]:
+        return self.tokenizer.encode(text)
+
+    def decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids)
+
+    def render_chat(self, messages: list[dict]) -> str:
+        return self.tokenizer.render_chat(messages)
+
+    @property
+    def eos_ids(self) -> frozenset[int]:
+        return self.tokenizer.eos_ids
+
+    async def start(self) -> None:
+        if self._thread is None:
+            self.model.allocate_cache(self.max_batch, self.max_seq_len)
+            self._thread = threading.Thread(target=self._main, name=f"agora-engine-{self.model_name}", daemon=True)
+            self._thread.start()
+
+    async def close(self) -> None:
+        if self._thread is not None:
+            self._inbox.put(("stop", None))
+            await asyncio.get_running_loop().run_in_executor(None, self._thread.join, 30)
+            self._thread = None
+            self.model.k_cache = self.model.v_cache = None
+
+    def _check_alive(self) -> None:
+        if self._dead is not None:
+            raise EngineError(f"the engine thread died: {self._dead!r}")
+        if self._thread is None:
+            raise EngineError("engine not started (await engine.start() first)")
+
+    async def generate(self, request: GenerationRequest) -> AsyncIterator[TokenEvent]:
+        self._check_alive()
+        context = list(request.prompt_ids) + list(request.prefix_ids)
+        if not context:
+            raise EngineError("empty prompt")
+        if len(context) >= self.max_seq_len:
+            raise RequestTooLong(
+                f"prompt of {len(context)} tokens does not fit the context of {self.max_seq_len} tokens"
+            )
+        bad = [t for t in context if not 0 <= t < self.model.cfg.vocab_size]
+        if bad:
+            raise EngineError(f"token id {bad[0]} is outside the vocabulary of {self.model.cfg.vocab_size}")
+        remaining = request.sampling.max_tokens - len(request.prefix_ids)
+        if remaining <= 0:
+            return
+        loop = asyncio.get_running_loop()
+        r = _Running(
+            request=request, loop=loop, queue=asyncio.Queue(), tokens=context, remaining=remaining,
+            detok=Detokenizer(self.tokenizer.decode, context[-6:]),
+            stops=StopStream(list(request.sampling.stop)), gen=make_generator(request.sampling),
+        )
+        self._inbox.put(("add", r))
+        try:
+            while True:
+                item = await r.queue.get()
+                if isinstance(item, BaseException):
+                    raise item
+                for ev in item:
+                    yield ev
+                if item and item[-1].finish_reason:
+                    return
+        finally:
+            if not r.finished:
+                self._inbox.put(("cancel", r))
+
+    async def score(self, prompt_ids: list[int], completion_ids: list[int]) -> list[float]:
+        if not prompt_ids:
+            raise EngineError("scoring needs at least one prompt token")
+        ids = list(prompt_ids) + list(completion_ids)
+        if len(ids) > self.max_seq_len:
+            raise RequestTooLong(f"{len(ids)} tokens exceed the context of {self.max_seq_len}")
+        if not completion_ids:
+            return []
+
+        def job() -> list[float]:
+            logits = self.model.forward_full(ids)[len(prompt_ids) - 1 : -1]
+            logp = torch.log_softmax(logits.float(), -1)
+            return logp.gather(1, torch.tensor(completion_ids, device=logp.device)[:, None])[:, 0].tolist()
+
+        return await self.call(job)
+
+    async def call(self, fn: Callable[[], object]):
+        """Run `fn` on the engine thread between steps (serialises use of the model)."""
+        self._check_alive()
+        loop = asyncio.get_running_loop()
+        fut = loop.create_future()
+        self._inbox.put(("call", (fn, loop, fut)))
+        return await fut
+
+    # ------------------------------------------------------------------ engine thread
+    def _main(self) -> None:
+        torch.set_grad_enabled(False)
+        try:
+            while True:
+                if not self._drain(block=not (self._running or self._waiting)):
+                    break
+                try:
+                    self._step()
+                except Exception as exc:  # a failed step fails its requests, the engine goes on
+                    log.exception("engine step failed")
+                    self._fail_all(EngineError(f"engine step failed: {exc!r}"))
+                self._flush()
+        except BaseException as exc:  # pragma: no cover - last resort: never leave callers hanging
+            self._dead = exc
+            self._fail_all(EngineError(f"the engine thread died: {exc!r}"))
+            self._flush()
+            raise
+        self._fail_all(EngineError("engine closed"))
+        self._flush()
+
+    def _drain(self, block: bool) -> bool:
+        while True:
+            try:
+                kind, arg = self._inbox.get(block=block)
+            except queue.Empty:
+                return True
+            block = False
+            if kind == "stop":
+                return False
+            if kind == "add":
+                self._waiting.append(arg)
+            elif kind == "cancel":
+                arg.cancelled = True
+                if arg in self._waiting:
+                    self._waiting.remove(arg)
+                elif not arg.finished and arg.slot >= 0:
+                    self._release(arg)
+            elif kind == "call":
+                fn, loop, fut = arg
+                try:
+                    res = fn()
+                    loop.call_soon_threadsafe(_set_result, fut, res, None)
+                except Exception as exc:
+                    loop.call_soon_threadsafe(_set_result, fut, None, EngineError(f"engine call failed: {exc!r}"))
+
+    def _step(self) -> None:
+        admitted, budget = [], self.prefill_budget
+        while self._waiting and len(self._running) < self.max_batch:
+            n = len(self._waiting[0].tokens)
+            if admitted and n > budget:
+                break
+            r = self._waiting.popleft()
+            r.slot = len(self._running)
+            self._running.append(r)
+            admitted.append(r)
+            budget -= n
+        if admitted:
+            logits = self.model.prefill([(r.slot, r.tokens, 0) for r in admitted])
+            self._accept(admitted, logits)
+        if self._running:
+            batch = list(self._running)
+            dev = self.model.device
+            toks = torch.tensor([r.tokens[-1] for r in batch], device=dev)
+            pos = torch.tensor([len(r.tokens) - 1 for r in batch], device=dev)
+            self._accept(batch, self.model.decode(toks, pos))
+
+    def _accept(self, batch: list[_Running], logits: torch.Tensor) -> None:
+        ids, lps = select(logits, [r.request.sampling for r in batch], [r.gen for r in batch])
+        for r, tid, lp in zip(batch, ids, lps):
+            r.tokens.append(tid)
+            r.remaining -= 1
+            ev = TokenEvent(tid, lp, r.detok.add(tid))
+            sp = r.request.sampling
+            if tid in self.tokenizer.eos_ids and not sp.ignore_eos:
+                ev.text += r.detok.flush()
+                r.outbox += r.stops.finish(ev, "stop")
+            elif r.remaining <= 0 or len(r.tokens) >= self.max_seq_len:
+                ev.text += r.detok.flush()
+                r.outbox += r.stops.finish(ev, "length")
+            else:
+                r.outbox += r.stops.push(ev)
+            if r.outbox:
+                self._pending[id(r)] = r
+                r.finished = bool(r.outbox[-1].finish_reason)
+        for r in batch:
+            if r.finished and r.slot >= 0:
+                self._release(r)
+
+    def _release(self, r: _Running) -> None:
+        s, last = r.slot, self._running[-1]
+        if last is not r:
+            self.model.move_slot(last.slot, s, len(last.tokens))
+            last.slot = s
+            self._running[s] = last
+        self._running.pop()
+        r.slot = -1
+
+    def _fail_all(self, err: EngineError) -> None:
+        for r in list(self._running) + list(self._waiting):
+            r.finished = True
+            r.slot = -1
+            r.outbox = []
+            r.loop.call_soon_threadsafe(r.queue.put_nowait, err)
+        self._running.clear()
+        self._waiting.clear()
+
+    def _flush(self) -> None:
+        by_loop: dict = {}
+        pending, self._pending = self._pending, {}
+        for r in pending.values():
+            if r.outbox:
+                by_loop.setdefault(r.loop, []).append((r.queue, r.outbox))
+                r.outbox = []
+        for loop, items in by_loop.items():
+            try:
+                loop.call_soon_threadsafe(_deliver, items)
+            except RuntimeError:  # the consumer's loop is closed
+                pass
+
+
+def _deliver(items) -> None:
+    for q, events in items:
+        q.put_nowait(events)
+
+
+def _set_result(fut: asyncio.Future, res, exc) -> None:
+    if fut.done():
+        return
+    if exc is not None:
+        fut.set_exception(exc)
+    else:
+        fut.set_result(res)

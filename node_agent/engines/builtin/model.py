@@ -1,0 +1,287 @@
+"""A Llama-family decoder (Llama, Qwen2, Mistral) over a slot-based KV cache.
+
+RMSNorm, rotary embeddings (rope_theta, "linear" and "llama3" scaling), grouped-query
+attention, SwiGLU MLP; q/k/v and gate/up projections are fused into one matrix each.
+The cache is pre-allocated: `[layers, slots, kv_heads, max_len, head_dim]` for K and V;
+request i of a decode batch always lives in slot i (the engine keeps slots compact), so
+decode attention reads plain views of the cache.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from node_agent.errors import ModelLoadError
+
+SUPPORTED_TYPES = {"llama", "qwen2", "mistral"}
+
+
+@dataclass
+class LlamaConfig:
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    rope_theta: float
+    rope_scaling: dict | None
+    max_position_embeddings: int
+    tie_word_embeddings: bool
+    model_type: str
+
+    @classmethod
+    def from_folder(cls, folder: Path) -> "LlamaConfig":
+        try:
+            raw = json.loads((folder / "config.json").read_text())
+        except (OSError, ValueError) as exc:
+            raise ModelLoadError(f"cannot read {folder / 'config.json'}: {exc}") from exc
+        mtype = raw.get("model_type", "llama")
+        if mtype not in SUPPORTED_TYPES:
+            raise ModelLoadError(f"model_type {mtype!r} is not supported (supported: {sorted(SUPPORTED_TYPES)})")
+        try:
+            heads = raw["num_attention_heads"]
+            return cls(
+                vocab_size=raw["vocab_size"],
+                hidden_size=raw["hidden_size"],
+                intermediate_size=raw["intermediate_size"],
+                num_layers=raw["num_hidden_layers"],
+                num_heads=heads,
+                num_kv_heads=raw.get("num_key_value_heads") or heads,
+                head_dim=raw.get("head_dim") or raw["hidden_size"] // heads,
+                rms_norm_eps=raw.get("rms_norm_eps", 1e-6),
+                rope_theta=raw.get("rope_theta", 10000.0),
+                rope_scaling=raw.get("rope_scaling"),
+                max_position_embeddings=raw.get("max_position_embeddings", 2048),
+                tie_word_embeddings=raw.get("tie_word_embeddings", False),
+                model_type=mtype,
+            )
+        except KeyError as exc:
+            raise ModelLoadError(f"config.json in {folder} lacks {exc.args[0]!r}") from exc
+
+
+def _rope_inv_freq(cfg: LlamaConfig) -> torch.Tensor:
+    inv = 1.0 / (cfg.rope_theta ** (torch.arange(0, cfg.head_dim, 2, dtype=torch.float64) / cfg.head_dim))
+    sc = cfg.rope_scaling or {}
+    kind = sc.get("rope_type", sc.get("type"))
+    if kind in (None, "default"):
+        return inv.float()
+    if kind == "linear":
+        return (inv / sc["factor"]).float()
+    if kind == "llama3":
+        factor, lo, hi = sc["factor"], sc.get("low_freq_factor", 1.0), sc.get("high_freq_factor", 4.0)
+        old = sc.get("original_max_position_embeddings", 8192)
+        wavelen = 2 * math.pi / inv
+        lo_wl, hi_wl = old / lo, old / hi
+        smooth = (old / wavelen - lo) / (hi - lo)
+        scaled = torch.where(wavelen > lo_wl, inv / factor, inv)
+        mid = (1 - smooth) * inv / factor + smooth * inv
+        is_mid = (wavelen <= lo_wl) & (wavelen >= hi_wl)
+        return torch.where(is_mid, mid, scaled).float()
+    raise ModelLoadError(f"rope_scaling type {kind!r} is not supported")
+
+
+def _load_tensors(folder: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        raise ModelLoadError(f"no *.safetensors weights in {folder}")
+    out: dict[str, torch.Tensor] = {}
+    for f in files:
+        try:
+            out.update(load_file(str(f)))
+        except Exception as exc:  # safetensors raises its own error types
+            raise ModelLoadError(f"cannot read weights {f}: {exc}") from exc
+    return out
+
+
+class Layer:
+    def __init__(self, w: dict, p: str, cfg: LlamaConfig, dtype, device):
+        def t(name):
+            if name not in w:
+                raise ModelLoadError(f"weight {name!r} is missing")
+            return w[name]
+
+        def opt(name):
+            return w.get(name)
+
+        cat = lambda xs: torch.cat(xs, 0).to(device=device, dtype=dtype).contiguous()  # noqa: E731
+        self.ln1 = t(p + "input_layernorm.weight").to(device=device, dtype=dtype)
+        self.ln2 = t(p + "post_attention_layernorm.weight").to(device=device, dtype=dtype)
+        a = p + "self_attn."
+        self.wqkv = cat([t(a + "q_proj.weight"), t(a + "k_proj.weight"), t(a + "v_proj.weight")])
+        biases = [opt(a + f"{n}_proj.bias") for n in "qkv"]
+        self.bqkv = cat(biases) if all(b is not None for b in biases) else None
+        self.wo = t(a + "o_proj.weight").to(device=device, dtype=dtype).contiguous()
+        m = p + "mlp."
+        self.wgu = cat([t(m + "gate_proj.weight"), t(m + "up_proj.weight")])
+        self.wdown = t(m + "down_proj.weight").to(device=device, dtype=dtype).contiguous()
+
+
+class LlamaModel:
+    """Weights plus the forward passes the engine needs; no nn.Module machinery."""
+
+    def __init__(self, folder: Path, device: str = "cpu", dtype: torch.dtype = torch.float32):
+        self.cfg = cfg = LlamaConfig.from_folder(folder)
+        self.device, self.dtype = torch.device(device), dtype
+        w = _load_tensors(folder)
+        try:
+            self.embed = w["model.embed_tokens.weight"].to(device=device, dtype=dtype)
+            self.layers = [Layer(w, f"model.layers.{i}.", cfg, dtype, device) for i in range(cfg.num_layers)]
+            self.norm = w["model.norm.weight"].to(device=device, dtype=dtype)
+        except KeyError as exc:
+            raise ModelLoadError(f"weight {exc.args[0]!r} is missing in {folder}") from exc
+        head = w.get("lm_head.weight")
+        if head is None or cfg.tie_word_embeddings:
+            head = w["model.embed_tokens.weight"]
+        self.lm_head = head.to(device=device, dtype=dtype).contiguous()
+        self.inv_freq = _rope_inv_freq(cfg).to(device)
+        self.q_size = cfg.num_heads * cfg.head_dim
+        self.kv_size = cfg.num_kv_heads * cfg.head_dim
+        self.k_cache: torch.Tensor | None = None
+        self.v_cache: torch.Tensor | None = None
+
+    # ------------------------------------------------------------------ bookkeeping
+    def weight_bytes(self) -> int:
+        ts = [self.embed if self.lm_head.data_ptr() != self.embed.data_ptr() else None, self.norm, self.lm_head]
+        for layer in self.layers:
+            ts += [layer.ln1, layer.ln2, layer.wqkv, layer.bqkv, layer.wo, layer.wgu, layer.wdown]
+        # The embedding lookup reads one row per token; count the head, not the table twice.
+        return sum(t.numel() * t.element_size() for t in ts if t is not None and t is not self.embed)
+
+    def num_params(self) -> int:
+        n = self.embed.numel() + self.norm.numel()
+        if self.lm_head.data_ptr() != self.embed.data_ptr():
+            n += self.lm_head.numel()
+        for layer in self.layers:
+            n += sum(t.numel() for t in (layer.ln1, layer.ln2, layer.wqkv, layer.wo, layer.wgu, layer.wdown))
+            n += layer.bqkv.numel() if layer.bqkv is not None else 0
+        return n
+
+    def allocate_cache(self, slots: int, max_len: int) -> None:
+        c = self.cfg
+        shape = (c.num_layers, slots, c.num_kv_heads, max_len, c.head_dim)
+        self.k_cache = torch.zeros(shape, device=self.device, dtype=self.dtype)
+        self.v_cache = torch.zeros(shape, device=self.device, dtype=self.dtype)
+
+    def move_slot(self, src: int, dst: int, length: int) -> None:
+        self.k_cache[:, dst, :, :length] = self.k_cache[:, src, :, :length]
+        self.v_cache[:, dst, :, :length] = self.v_cache[:, src, :, :length]
+
+    # ------------------------------------------------------------------ pieces
+    def _rms(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        return F.rms_norm(x, (x.shape[-1],), w, self.cfg.rms_norm_eps)
+
+    def _rope(self, pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        freqs = pos.to(torch.float32)[:, None] * self.inv_freq[None, :]
+        emb = torch.cat([freqs, freqs], -1)
+        return emb.cos().to(self.dtype)[:, None, :], emb.sin().to(self.dtype)[:, None, :]
+
+    @staticmethod
+    def _apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        half = x.shape[-1] // 2
+        rot = torch.cat([-x[..., half:], x[..., :half]], -1)
+        return x * cos + rot * sin
+
+    def _qkv(self, layer: Layer, h: torch.Tensor, cos, sin):
+        c = self.cfg
+        qkv = F.linear(h, layer.wqkv, layer.bqkv)
+        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], -1)
+        n = h.shape[0]
+        q = self._apply_rope(q.view(n, c.num_heads, c.head_dim), cos, sin)
+        k = self._apply_rope(k.view(n, c.num_kv_heads, c.head_dim), cos, sin)
+        return q, k, v.view(n, c.num_kv_heads, c.head_dim)
+
+    def _mlp(self, layer: Layer, x: torch.Tensor) -> torch.Tensor:
+        gate, up = F.linear(x, layer.wgu).chunk(2, -1)
+        return F.linear(F.silu(gate) * up, layer.wdown)
+
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        return F.linear(self._rms(h, self.norm), self.lm_head).float()
+
+    # ------------------------------------------------------------------ forward passes
+    @torch.inference_mode()
+    def prefill(self, chunks: list[tuple[int, list[int], int]]) -> torch.Tensor:
+        """Run new tokens into the cache. Each chunk is (slot, token ids, start position);
+        the cache of that slot must already hold positions < start. Returns the float32
+        logits of each chunk's last token, shape [len(chunks), vocab]."""
+        c = self.cfg
+        ids = torch.tensor([t for _, toks, _ in chunks for t in toks], device=self.device)
+        pos = torch.cat([torch.arange(s, s + len(toks)) for _, toks, s in chunks]).to(self.device)
+        cos, sin = self._rope(pos)
+        h = self.embed[ids]
+        bounds, o = [], 0
+        for slot, toks, start in chunks:
+            bounds.append((slot, o, o + len(toks), start))
+            o += len(toks)
+        groups = c.num_heads // c.num_kv_heads
+        for li, layer in enumerate(self.layers):
+            q, k, v = self._qkv(layer, self._rms(h, layer.ln1), cos, sin)
+            att = torch.empty_like(q)
+            for slot, a, b, start in bounds:
+                n = b - a
+                self.k_cache[li, slot, :, start:start + n] = k[a:b].transpose(0, 1)
+                self.v_cache[li, slot, :, start:start + n] = v[a:b].transpose(0, 1)
+                kk = self.k_cache[li, slot, :, : start + n]
+                vv = self.v_cache[li, slot, :, : start + n]
+                qq = q[a:b].transpose(0, 1)
+                if start == 0:
+                    out = F.scaled_dot_product_attention(qq, kk, vv, is_causal=True, enable_gqa=groups > 1)
+                else:
+                    mask = torch.ones(n, start + n, dtype=torch.bool, device=self.device).tril(start)
+                    out = F.scaled_dot_product_attention(qq, kk, vv, attn_mask=mask, enable_gqa=groups > 1)
+                att[a:b] = out.transpose(0, 1)
+            h = h + F.linear(att.reshape(h.shape[0], -1), layer.wo)
+            h = h + self._mlp(layer, self._rms(h, layer.ln2))
+        last = torch.tensor([b - 1 for _, _, b, _ in bounds], device=self.device)
+        return self.logits(h[last])
+
+    @torch.inference_mode()
+    def decode(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """One decode step for slots 0..B-1: token i at position positions[i] in slot i.
+        Returns float32 logits [B, vocab]."""
+        c = self.cfg
+        b = tokens.shape[0]
+        span = int(positions.max()) + 1
+        cos, sin = self._rope(positions)
+        h = self.embed[tokens]
+        slots = torch.arange(b, device=self.device)
+        mask = (torch.arange(span, device=self.device)[None, :] <= positions[:, None])[:, None, None, :]
+        gqa = c.num_heads != c.num_kv_heads
+        for li, layer in enumerate(self.layers):
+            q, k, v = self._qkv(layer, self._rms(h, layer.ln1), cos, sin)
+            kc, vc = self.k_cache[li], self.v_cache[li]
+            kc[slots, :, positions] = k
+            vc[slots, :, positions] = v
+            out = F.scaled_dot_product_attention(
+                q[:, :, None, :], kc[:b, :, :span], vc[:b, :, :span], attn_mask=mask, enable_gqa=gqa
+            )
+            h = h + F.linear(out.reshape(b, -1), layer.wo)
+            h = h + self._mlp(layer, self._rms(h, layer.ln2))
+        return self.logits(h)
+
+    @torch.inference_mode()
+    def forward_full(self, ids: list[int]) -> torch.Tensor:
+        """Logits at every position of one sequence, without touching the cache (scoring)."""
+        c = self.cfg
+        t = torch.tensor(ids, device=self.device)
+        cos, sin = self._rope(torch.arange(len(ids), device=self.device))
+        h = self.embed[t]
+        gqa = c.num_heads != c.num_kv_heads
+        for layer in self.layers:
+            q, k, v = self._qkv(layer, self._rms(h, layer.ln1), cos, sin)
+            out = F.scaled_dot_product_attention(
+                q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), is_causal=True, enable_gqa=gqa
+            )
+            h = h + F.linear(out.transpose(0, 1).reshape(len(ids), -1), layer.wo)
+            h = h + self._mlp(layer, self._rms(h, layer.ln2))
+        return self.logits(h)
