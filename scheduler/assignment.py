@@ -7,19 +7,20 @@ it exactly (`scheduler.optimum` does, for the benchmark) but takes 100 ms – se
 algorithm is O(n³). A pure sequential greedy needs one argmin per request (10,000 Python
 iterations). Instead we run an auction-style deferred acceptance, all in numpy:
 
-1. every open request proposes to its best node (one argmin over the score matrix);
-2. a node with more proposals than free slots keeps those with the largest *regret*
+1. every open request proposes to its best remaining node (one argmin over its row);
+2. a node holding more proposals than free slots keeps those with the largest *regret*
    (second-best score minus best, in money: the normalised score times the request's
    cost reference), i.e. the requests that lose most by going elsewhere — Vogel's rule,
-   which is what an auction's bid increments converge to;
-3. full nodes close (their column becomes +inf for the rest); the rejected propose again.
+   which is what an auction's bid increments converge to; holds are tentative, so a
+   later, higher-regret proposal bumps a held one (Gale–Shapley);
+3. bumped requests cross that node off and propose again.
 
 Each round is one vectorised pass over the still-open rows. When every request wants the
 same few nodes (prices are correlated), a round only fills those nodes, so large batches are
 cut into row chunks (in priority order: oldest first) that each settle in 1–3 rounds while
 staying in cache; for very large batches the policy first estimates per-node clearing
 prices on a row sample (`clearing_prices`), which spreads demand before the full pass.
-Batches up to ~1M cells run as one chunk (better: regret sees the whole batch). After
+Batches up to ~300k cells run as one chunk (better: regret sees the whole batch). After
 `max_rounds` the few stragglers finish with a plain sequential greedy. Measured quality
 against the LP optimum is in bench/routing.py.
 """
@@ -64,9 +65,15 @@ def assign(
 
 
 def _rounds(sub: np.ndarray, rows: np.ndarray, cap: np.ndarray, w: np.ndarray, choice: np.ndarray, max_rounds: int) -> None:
-    """Deferred acceptance with regret priority on one chunk; updates `cap` and `choice`."""
-    N = sub.shape[1]
-    idx = np.arange(len(rows))  # open rows of the chunk (positions in `sub`)
+    """Deferred acceptance with regret priority on one chunk; updates `cap` and `choice`.
+
+    Acceptances are tentative (Gale–Shapley): a node holds its best proposals by regret
+    and bumps a held request when a higher-regret one arrives; a bumped request never
+    proposes to that node again."""
+    n, N = sub.shape
+    tent = np.full(n, -1, dtype=np.int64)
+    prio = np.zeros(n)
+    idx = np.arange(n)  # rows proposing this round
     for _ in range(max_rounds):
         part = sub[idx]
         best = part.argmin(axis=1)
@@ -74,34 +81,27 @@ def _rounds(sub: np.ndarray, rows: np.ndarray, cap: np.ndarray, w: np.ndarray, c
         alive = np.isfinite(best_val)
         idx, best, best_val, part = idx[alive], best[alive], best_val[alive], part[alive]
         if len(idx) == 0:
-            return
-        demand = np.bincount(best, minlength=N)
-        over = demand > cap
-        contested = over[best]
-        if not contested.any():
-            choice[rows[idx]] = best
-            np.subtract.at(cap, best, 1)
-            return
-        regret = np.zeros(len(idx))
-        ci = np.flatnonzero(contested)
-        rc = part[ci]
-        rc[np.arange(len(ci)), best[ci]] = INF
-        second = rc.min(axis=1).astype(np.float64)
-        regret[ci] = np.where(np.isfinite(second), second - best_val[ci], 1e30) * w[idx[ci]]
-        order = np.lexsort((-regret, best))
-        sorted_best = best[order]
-        starts = np.searchsorted(sorted_best, np.arange(N))
-        rank = np.arange(len(order)) - starts[sorted_best]
-        take = order[rank < cap[sorted_best]]
-        choice[rows[idx[take]]] = best[take]
-        np.subtract.at(cap, best[take], 1)
-        keep = np.ones(len(idx), dtype=bool)
-        keep[take] = False
-        idx = idx[keep]
-        if len(idx) == 0:
-            return
-        sub[:, cap <= 0] = INF
-    for i in idx:  # stragglers: sequential greedy
+            break
+        part[np.arange(len(idx)), best] = INF
+        second = part.min(axis=1)
+        prio[idx] = np.where(np.isfinite(second), second - best_val, 1e30) * w[idx]
+        tent[idx] = best
+        held = np.flatnonzero(tent >= 0)
+        t = tent[held]
+        if (np.bincount(t, minlength=N) <= cap).all():
+            idx = idx[:0]
+            break
+        order = np.lexsort((-prio[held], t))
+        st = t[order]
+        starts = np.searchsorted(st, np.arange(N))
+        rank = np.arange(len(order)) - starts[st]
+        idx = held[order[rank >= cap[st]]]
+        sub[idx, tent[idx]] = INF
+        tent[idx] = -1
+    ok = np.flatnonzero(tent >= 0)
+    choice[rows[ok]] = tent[ok]
+    np.subtract.at(cap, tent[ok], 1)
+    for i in idx:  # stragglers after max_rounds: sequential greedy on what is left
         row = sub[i]
         row[cap <= 0] = INF
         j = int(row.argmin())

@@ -87,7 +87,7 @@ class PricePerformancePolicy(RoutingPolicy):
     name = "price_performance"
     sample_above = 500_000  # R × N from which contested nodes are priced on a sample first
     sample_rows = 500
-    whole_matrix_cells = 1_000_000  # up to this, deferred acceptance on the whole batch at once
+    whole_matrix_cells = 300_000  # up to this, deferred acceptance on the whole batch at once
 
     def __init__(self, weights: ScoreWeights | None = None, rtt: RttTable | None = None) -> None:
         self.weights = weights or ScoreWeights()

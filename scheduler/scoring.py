@@ -39,7 +39,7 @@ INF = np.float32(np.inf)
 @dataclass(frozen=True)
 class ScoreWeights:
     balanced_latency: float = 0.15  # latency weight in the balanced (default) score
-    tie: float = 0.02  # weight of the secondary term under an explicit sort
+    tie: float = 0.001  # weight of the secondary term under an explicit sort (tie-break)
     reputation_power: float = 1.0  # score /= reputation ** power
     load_penalty: float = 0.3  # score *= 1 + load_penalty * load
     overclaim_power: float = 2.0  # score /= (measured / advertised) ** power when < 1
