@@ -40,14 +40,17 @@ def assign(
     order: np.ndarray | None = None,
     chunk: int = 128,
     max_rounds: int = 16,
+    feasible: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """(node index per row, -1 for none; whether the row had any feasible node at all,
     ignoring capacity). `S` (float32, +inf = infeasible) is read only. `weight` converts
     a row's score to money for the regret priority (default 1); `order` is the row
-    priority across chunks (default: as given, e.g. oldest first)."""
+    priority across chunks (default: as given, e.g. oldest first); `feasible`, if the
+    caller already knows it (from `score_matrix(feasible_out=...)`), saves a pass."""
     R, N = S.shape
     choice = np.full(R, -1, dtype=np.int64)
-    feasible = np.zeros(R, dtype=bool)
+    known = feasible is not None
+    feasible = np.asarray(feasible, dtype=bool) if known else np.zeros(R, dtype=bool)
     if R == 0 or N == 0:
         return choice, feasible
     cap = np.asarray(capacity, dtype=np.int64).copy()
@@ -56,7 +59,8 @@ def assign(
     for lo in range(0, R, chunk):
         rows = order[lo : lo + chunk]
         sub = S[rows]
-        feasible[rows] = np.isfinite(sub.min(axis=1))
+        if not known:
+            feasible[rows] = np.isfinite(sub.min(axis=1))
         closed = cap <= 0
         if closed.any():
             sub[:, closed] = INF

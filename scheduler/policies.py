@@ -102,10 +102,13 @@ class PricePerformancePolicy(RoutingPolicy):
                     decision.rejections[r.id] = f"no online node serves model {model!r}"
                 continue
             snap = build_snapshot(reqs, model_nodes, self.rtt, self.weights)
-            S = score_matrix(snap, node_price=self._clearing_prices(snap))
+            feasible = np.empty(len(reqs), dtype=bool)
+            S = score_matrix(snap, node_price=self._clearing_prices(snap), feasible_out=feasible)
             whole = len(reqs) * len(model_nodes) <= self.whole_matrix_cells
-            chunk = len(reqs) if whole else 128
-            choice, feasible = assign(S, snap.free, weight=snap.cost_ref, chunk=chunk, max_rounds=64 if whole else 16)
+            chunk = len(reqs) if whole else 64
+            choice, feasible = assign(
+                S, snap.free, weight=snap.cost_ref, chunk=chunk, max_rounds=64 if whole else 8, feasible=feasible
+            )
             plans.append(ModelPlan(snap, choice, feasible))
             for i in np.flatnonzero(choice >= 0):
                 decision.assignments[reqs[i].id] = model_nodes[choice[i]].id

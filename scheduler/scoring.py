@@ -187,13 +187,18 @@ def constraint_masks(snap: Snapshot, rows: np.ndarray) -> dict[str, np.ndarray]:
 
 
 def score_matrix(
-    snap: Snapshot, rows: np.ndarray | None = None, node_price: np.ndarray | None = None, chunk: int = 512
+    snap: Snapshot,
+    rows: np.ndarray | None = None,
+    node_price: np.ndarray | None = None,
+    chunk: int = 512,
+    feasible_out: np.ndarray | None = None,
 ) -> np.ndarray:
     """float32 scores for `rows` (default: all) × nodes, +inf where a hard constraint fails.
 
     `node_price` (nano-$ per request, per node) is an extra per-node charge, added in the
     row's normalised units (the assignment's clearing prices). Work is done in row chunks
     that stay in cache: one matrix product for the score, one for the TTFT, one mask.
+    `feasible_out` (bool, one per row), when given, receives whether any node is feasible.
     """
     rows = np.arange(len(snap.requests)) if rows is None else np.asarray(rows)
     xs, ys = snap.x_score[rows], snap.y_score
@@ -228,6 +233,8 @@ def score_matrix(
             if len(sub):
                 mask[sub] |= snap.node_region_code[None, :] != snap.req_region_code[rows[sl][sub], None]
         np.putmask(out, mask, INF)
+        if feasible_out is not None:
+            feasible_out[lo:hi] = ~mask.all(axis=1)
     return S
 
 
