@@ -59,3 +59,19 @@ def test_price_performance_beats_round_robin_and_learns():
     over = {n.id for n in fleet if n.overclaims}
     _, frozen = run("price_performance", learn=False)
     assert share(pp.dispatch_log, over, 200) < 0.5 * share(frozen.dispatch_log, over, 200) + 1e-9
+
+
+def test_failed_node_streams_continue_elsewhere_and_back_off():
+    fleet = build_fleet(6, seed=2, overclaim_share=0.0, failing_share=0.0)
+    fleet[0].mtbf_s = 3.0  # fails every few seconds
+    for n in fleet[1:]:
+        n.price_out, n.price_in = n.price_out * 5, n.price_in * 5  # node 0 is the cheap one everybody wants
+    trace = poisson_trace(150, 10.0, seed=3)
+    sim = Simulation(fleet, get_policy("price_performance"), seed=4)
+    res = sim.run(trace)
+    moved = [o for o in res.outcomes if len(o.nodes) > 1]
+    assert moved, "some streams should have been cut by the failing node"
+    for o in moved:
+        assert o.nodes[0] == fleet[0].id and o.end_ms is not None
+        assert o.tokens == o.request.output_tokens  # the buyer got the whole answer
+    assert sim.failures[0] > 0 and sim.backoff.nodes[fleet[0].id].last_failure is not None
