@@ -78,12 +78,15 @@ def _rounds(sub: np.ndarray, rows: np.ndarray, cap: np.ndarray, w: np.ndarray, c
     tent = np.full(n, -1, dtype=np.int64)
     prio = np.zeros(n)
     idx = np.arange(n)  # rows proposing this round
-    for _ in range(max_rounds):
-        part = sub[idx]
+    for k in range(max_rounds):
+        # First round: work on `sub` itself (no copy). Crossing a row's proposal off in
+        # `sub` is harmless: it is either kept there or bumped (and crossed off anyway).
+        part = sub if k == 0 else sub[idx]
         best = part.argmin(axis=1)
         best_val = part[np.arange(len(idx)), best]
         alive = np.isfinite(best_val)
-        idx, best, best_val, part = idx[alive], best[alive], best_val[alive], part[alive]
+        if not alive.all():
+            idx, best, best_val, part = idx[alive], best[alive], best_val[alive], part[alive]
         if len(idx) == 0:
             break
         part[np.arange(len(idx)), best] = INF

@@ -34,9 +34,13 @@ class ModelPlan:
 
 def group_by_model(requests: list[PendingRequest], nodes: list[NodeState]):
     """Yield (model, requests, online nodes) in first-seen order of the requests' models."""
+    models = {r.model for r in requests}
     groups: dict[str, list[PendingRequest]] = {}
-    for r in requests:
-        groups.setdefault(r.model, []).append(r)
+    if len(models) == 1:
+        groups[next(iter(models))] = list(requests)
+    else:
+        for r in requests:
+            groups.setdefault(r.model, []).append(r)
     online: dict[str, list[NodeState]] = {}
     for n in nodes:
         if n.online:
@@ -86,7 +90,8 @@ class PricePerformancePolicy(RoutingPolicy):
 
     name = "price_performance"
     sample_above = 500_000  # R × N from which contested nodes are priced on a sample first
-    sample_rows = 500
+    sample_rows = 250
+    chunk_rows = 64  # row chunk of the assignment above that size
     whole_matrix_cells = 300_000  # up to this, deferred acceptance on the whole batch at once
 
     def __init__(self, weights: ScoreWeights | None = None, rtt: RttTable | None = None) -> None:
@@ -105,13 +110,13 @@ class PricePerformancePolicy(RoutingPolicy):
             feasible = np.empty(len(reqs), dtype=bool)
             S = score_matrix(snap, node_price=self._clearing_prices(snap), feasible_out=feasible)
             whole = len(reqs) * len(model_nodes) <= self.whole_matrix_cells
-            chunk = len(reqs) if whole else 64
+            chunk = len(reqs) if whole else self.chunk_rows
             choice, feasible = assign(
                 S, snap.free, weight=snap.cost_ref, chunk=chunk, max_rounds=64 if whole else 8, feasible=feasible
             )
             plans.append(ModelPlan(snap, choice, feasible))
-            for i in np.flatnonzero(choice >= 0):
-                decision.assignments[reqs[i].id] = model_nodes[choice[i]].id
+            node_ids = [n.id for n in model_nodes]
+            decision.assignments.update((reqs[i].id, node_ids[j]) for i, j in zip(np.flatnonzero(choice >= 0).tolist(), choice[choice >= 0].tolist()))
             bad = np.flatnonzero(~feasible)
             if len(bad):
                 for i, reason in zip(bad, explain(snap, bad)):

@@ -71,6 +71,12 @@ class Snapshot:
     x_score: np.ndarray
     y_score: np.ndarray
     free: np.ndarray  # N, int
+    # Fast path: when no node has a per-prompt-token prefill term, a request's TTFT and
+    # every node-threshold constraint depend only on its *class* (region, bucket,
+    # min_tokens_per_s, max_price, require_region): one lookup row per class, +inf
+    # where the class's thresholds exclude the node. None: use the general path.
+    constraint_class: np.ndarray | None  # R
+    constraint_table: np.ndarray | None  # classes × N, float32 ms
 
 
 def _node_multiplier(nodes: list[NodeState], w: ScoreWeights) -> np.ndarray:
@@ -159,16 +165,23 @@ def build_snapshot(
     y_score = mult[:, None] * np.concatenate([price_in[:, None], price_out[:, None], y_ttft, y_dec], axis=1)
 
     node_code = np.array([code.get(g, -1) for g in node_regions], np.int64).reshape(N)
+    require = np.fromiter((r.require_region for r in requests), bool, R)
+    classes, table = _constraint_classes(
+        rcode, bucket, min_tps, max_price, require, rtt_rows, ttft_nb + queue[:, None], tps_nb, price_out, node_code,
+        has_prefill=bool(prefill.any()),
+    )
     return Snapshot(
         requests=requests, nodes=nodes, prompt=prompt, max_tokens=max_tokens, bucket=bucket,
         x_ttft=x_ttft.astype(np.float32), y_ttft=y_ttft.astype(np.float32),
         x_dec=x_dec.astype(np.float32), y_dec=y_dec.astype(np.float32),
         price_in=price_in, price_out=price_out, tps_nb=tps_nb,
         ttft_budget=max_ttft - waited, min_tps=min_tps, max_price=max_price,
-        region_ok_rows=np.flatnonzero([r.require_region for r in requests]).astype(np.int64),
+        region_ok_rows=np.flatnonzero(require).astype(np.int64),
         req_region_code=rcode, node_region_code=node_code, cost_ref=cost_ref,
         x_score=x_score.astype(np.float32), y_score=y_score.astype(np.float32),
         free=np.fromiter((max(n.free_slots, 0) for n in nodes), np.int64, N),
+        constraint_class=classes,
+        constraint_table=table,
     )
 
 
@@ -184,6 +197,27 @@ def constraint_masks(snap: Snapshot, rows: np.ndarray) -> dict[str, np.ndarray]:
     ttft = snap.x_ttft[rows] @ snap.y_ttft.T
     out["max_ttft_ms"] = ttft > snap.ttft_budget[rows, None]
     return out
+
+
+MAX_CLASSES = 1024
+
+
+def _constraint_classes(rcode, bucket, min_tps, max_price, require, rtt_rows, ttft_nb, tps_nb, price_out, node_code, has_prefill):
+    """(class per request, classes × nodes TTFT table with +inf where excluded) or (None, None)."""
+    if has_prefill or len(rcode) == 0:
+        return None, None
+    _, tps_i = np.unique(min_tps, return_inverse=True)
+    _, price_i = np.unique(max_price, return_inverse=True)
+    key = ((((rcode * N_BUCKETS + bucket) * 2 + require) * (tps_i.max() + 1) + tps_i) * (price_i.max() + 1) + price_i)
+    uniq, first, classes = np.unique(key, return_index=True, return_inverse=True)
+    if len(uniq) > MAX_CLASSES:
+        return None, None
+    g, b = rcode[first], bucket[first]
+    table = rtt_rows[g] + ttft_nb[:, b].T  # classes × N
+    table[tps_nb[:, b].T < min_tps[first, None]] = np.inf
+    table[price_out[None, :] > max_price[first, None]] = np.inf
+    table[require[first, None] & (node_code[None, :] != g[:, None])] = np.inf
+    return classes.reshape(-1), table.astype(np.float32)
 
 
 def score_matrix(
@@ -209,33 +243,53 @@ def score_matrix(
     xt = snap.x_ttft[rows]
     budget = snap.ttft_budget[rows].astype(np.float32)
     has_ttft = np.isfinite(budget)
-    min_tps, bucket = snap.min_tps[rows], snap.bucket[rows]
+    min_tps, bucket = snap.min_tps[rows].astype(np.float32), snap.bucket[rows]
+    tps32 = np.ascontiguousarray(snap.tps_nb.T, dtype=np.float32)  # B × N
     max_price = snap.max_price[rows]
     region_rows = np.isin(rows, snap.region_ok_rows) if len(snap.region_ok_rows) else None
     S = np.empty((len(rows), len(snap.nodes)), dtype=np.float32)
+    fast = snap.constraint_table is not None
+    if fast:
+        cls = snap.constraint_class[rows]
+        limit = np.where(has_ttft, budget, np.float32(3e38))  # +inf in the table still fails
+        tbuf = np.empty((min(chunk, len(rows)), len(snap.nodes)), dtype=np.float32)
     for lo in range(0, len(rows), chunk):
         hi = min(lo + chunk, len(rows))
         out = S[lo:hi]
         np.matmul(xs[lo:hi], ysT, out=out)
         sl = slice(lo, hi)
-        if has_ttft[sl].any():
-            mask = (xt[sl] @ ytT) > budget[sl, None]
+        if fast:  # one lookup and one comparison cover every hard constraint
+            t = tbuf[: hi - lo]
+            np.take(snap.constraint_table, cls[sl], axis=0, out=t)
+            mask = t > limit[sl, None]
         else:
-            mask = np.zeros(out.shape, dtype=bool)
-        sub = np.flatnonzero(min_tps[sl] > 0)
-        if len(sub):
-            mask[sub] |= snap.tps_nb[:, bucket[sl][sub]].T < min_tps[sl][sub, None]
-        sub = np.flatnonzero(np.isfinite(max_price[sl]))
-        if len(sub):
-            mask[sub] |= snap.price_out[None, :] > max_price[sl][sub, None]
-        if region_rows is not None:
-            sub = np.flatnonzero(region_rows[sl])
-            if len(sub):
-                mask[sub] |= snap.node_region_code[None, :] != snap.req_region_code[rows[sl][sub], None]
+            mask = _general_mask(snap, rows[sl], xt[sl], ytT, budget[sl], has_ttft[sl], min_tps[sl], bucket[sl],
+                                 tps32, max_price[sl], region_rows[sl] if region_rows is not None else None)
         np.putmask(out, mask, INF)
         if feasible_out is not None:
             feasible_out[lo:hi] = ~mask.all(axis=1)
     return S
+
+
+def _general_mask(snap, rows, xt, ytT, budget, has_ttft, min_tps, bucket, tps32, max_price, region_rows):
+    """Violations for one chunk when TTFT has a per-prompt-token term (matrix product)."""
+    if has_ttft.any():
+        mask = (xt @ ytT) > budget[:, None]
+    else:
+        mask = np.zeros((len(rows), tps32.shape[1]), dtype=bool)
+    need = min_tps > 0
+    for b in range(N_BUCKETS) if need.any() else ():  # broadcast per bucket, no gather
+        sub = np.flatnonzero(need & (bucket == b))
+        if len(sub):
+            mask[sub] |= tps32[b][None, :] < min_tps[sub, None]
+    sub = np.flatnonzero(np.isfinite(max_price))
+    if len(sub):
+        mask[sub] |= snap.price_out[None, :] > max_price[sub, None]
+    if region_rows is not None:
+        sub = np.flatnonzero(region_rows)
+        if len(sub):
+            mask[sub] |= snap.node_region_code[None, :] != snap.req_region_code[rows[sub], None]
+    return mask
 
 
 def expected_cost(snap: Snapshot, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
