@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from node_agent.engines.builtin.linear import Linear
 from node_agent.errors import ModelLoadError
 
 SUPPORTED_TYPES = {"llama", "qwen2", "mistral"}
@@ -118,13 +119,18 @@ class Layer:
         self.ln1 = t(p + "input_layernorm.weight").to(device=device, dtype=dtype)
         self.ln2 = t(p + "post_attention_layernorm.weight").to(device=device, dtype=dtype)
         a = p + "self_attn."
-        self.wqkv = cat([t(a + "q_proj.weight"), t(a + "k_proj.weight"), t(a + "v_proj.weight")])
         biases = [opt(a + f"{n}_proj.bias") for n in "qkv"]
-        self.bqkv = cat(biases) if all(b is not None for b in biases) else None
-        self.wo = t(a + "o_proj.weight").to(device=device, dtype=dtype).contiguous()
+        self.qkv = Linear(
+            cat([t(a + "q_proj.weight"), t(a + "k_proj.weight"), t(a + "v_proj.weight")]),
+            cat(biases) if all(b is not None for b in biases) else None,
+        )
+        self.o = Linear(t(a + "o_proj.weight").to(device=device, dtype=dtype))
         m = p + "mlp."
-        self.wgu = cat([t(m + "gate_proj.weight"), t(m + "up_proj.weight")])
-        self.wdown = t(m + "down_proj.weight").to(device=device, dtype=dtype).contiguous()
+        self.gate_up = Linear(cat([t(m + "gate_proj.weight"), t(m + "up_proj.weight")]))
+        self.down = Linear(t(m + "down_proj.weight").to(device=device, dtype=dtype))
+
+    def linears(self) -> list[Linear]:
+        return [self.qkv, self.o, self.gate_up, self.down]
 
 
 class LlamaModel:
@@ -143,7 +149,7 @@ class LlamaModel:
         head = w.get("lm_head.weight")
         if head is None or cfg.tie_word_embeddings:
             head = w["model.embed_tokens.weight"]
-        self.lm_head = head.to(device=device, dtype=dtype).contiguous()
+        self.lm_head = Linear(head.to(device=device, dtype=dtype).clone())
         self.inv_freq = _rope_inv_freq(cfg).to(device)
         self.q_size = cfg.num_heads * cfg.head_dim
         self.kv_size = cfg.num_kv_heads * cfg.head_dim
@@ -152,19 +158,21 @@ class LlamaModel:
 
     # ------------------------------------------------------------------ bookkeeping
     def weight_bytes(self) -> int:
-        ts = [self.embed if self.lm_head.data_ptr() != self.embed.data_ptr() else None, self.norm, self.lm_head]
+        """Bytes of weights one decode step reads (the embedding lookup reads only one row
+        per token, so the table is not counted; the output head is)."""
+        n = self.lm_head.nbytes + self.norm.numel() * self.norm.element_size()
         for layer in self.layers:
-            ts += [layer.ln1, layer.ln2, layer.wqkv, layer.bqkv, layer.wo, layer.wgu, layer.wdown]
-        # The embedding lookup reads one row per token; count the head, not the table twice.
-        return sum(t.numel() * t.element_size() for t in ts if t is not None and t is not self.embed)
+            n += sum(lin.nbytes for lin in layer.linears())
+            n += (layer.ln1.numel() + layer.ln2.numel()) * layer.ln1.element_size()
+        return n
 
     def num_params(self) -> int:
+        size = self.embed.element_size()
         n = self.embed.numel() + self.norm.numel()
-        if self.lm_head.data_ptr() != self.embed.data_ptr():
-            n += self.lm_head.numel()
+        if not self.cfg.tie_word_embeddings:
+            n += self.lm_head.nbytes // size
         for layer in self.layers:
-            n += sum(t.numel() for t in (layer.ln1, layer.ln2, layer.wqkv, layer.wo, layer.wgu, layer.wdown))
-            n += layer.bqkv.numel() if layer.bqkv is not None else 0
+            n += sum(lin.nbytes for lin in layer.linears()) // size + layer.ln1.numel() + layer.ln2.numel()
         return n
 
     def allocate_cache(self, slots: int, max_len: int) -> None:
@@ -194,7 +202,7 @@ class LlamaModel:
 
     def _qkv(self, layer: Layer, h: torch.Tensor, cos, sin):
         c = self.cfg
-        qkv = F.linear(h, layer.wqkv, layer.bqkv)
+        qkv = layer.qkv(h)
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], -1)
         n = h.shape[0]
         q = self._apply_rope(q.view(n, c.num_heads, c.head_dim), cos, sin)
@@ -202,11 +210,11 @@ class LlamaModel:
         return q, k, v.view(n, c.num_kv_heads, c.head_dim)
 
     def _mlp(self, layer: Layer, x: torch.Tensor) -> torch.Tensor:
-        gate, up = F.linear(x, layer.wgu).chunk(2, -1)
-        return F.linear(F.silu(gate) * up, layer.wdown)
+        gate, up = layer.gate_up(x).chunk(2, -1)
+        return layer.down(F.silu(gate) * up)
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
-        return F.linear(self._rms(h, self.norm), self.lm_head).float()
+        return self.lm_head(self._rms(h, self.norm)).float()
 
     # ------------------------------------------------------------------ forward passes
     @torch.inference_mode()
@@ -240,7 +248,7 @@ class LlamaModel:
                     mask = torch.ones(n, start + n, dtype=torch.bool, device=self.device).tril(start)
                     out = F.scaled_dot_product_attention(qq, kk, vv, attn_mask=mask, enable_gqa=groups > 1)
                 att[a:b] = out.transpose(0, 1)
-            h = h + F.linear(att.reshape(h.shape[0], -1), layer.wo)
+            h = h + layer.o(att.reshape(h.shape[0], -1))
             h = h + self._mlp(layer, self._rms(h, layer.ln2))
         last = torch.tensor([b - 1 for _, _, b, _ in bounds], device=self.device)
         return self.logits(h[last])
@@ -265,7 +273,7 @@ class LlamaModel:
             out = F.scaled_dot_product_attention(
                 q[:, :, None, :], kc[:b, :, :span], vc[:b, :, :span], attn_mask=mask, enable_gqa=gqa
             )
-            h = h + F.linear(out.reshape(b, -1), layer.wo)
+            h = h + layer.o(out.reshape(b, -1))
             h = h + self._mlp(layer, self._rms(h, layer.ln2))
         return self.logits(h)
 
@@ -282,6 +290,6 @@ class LlamaModel:
             out = F.scaled_dot_product_attention(
                 q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), is_causal=True, enable_gqa=gqa
             )
-            h = h + F.linear(out.transpose(0, 1).reshape(len(ids), -1), layer.wo)
+            h = h + layer.o(out.transpose(0, 1).reshape(len(ids), -1))
             h = h + self._mlp(layer, self._rms(h, layer.ln2))
         return self.logits(h)
