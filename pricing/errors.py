@@ -1,0 +1,23 @@
+"""Errors of the ledger."""
+
+
+class LedgerError(Exception):
+    pass
+
+
+class InsufficientFunds(LedgerError):
+    def __init__(self, available: int, needed: int):
+        super().__init__(f"balance {available} is short of {needed}")
+        self.available, self.needed = available, needed
+
+
+class IdempotencyConflict(LedgerError):
+    """The idempotency key was used before with different parameters."""
+
+
+class HoldNotPending(LedgerError):
+    """The hold was already posted or voided (under another idempotency key)."""
+
+
+class UnknownAccount(LedgerError):
+    pass

@@ -1,0 +1,314 @@
+"""The double-entry ledger: accounts, immutable transfers, two-phase escrow holds.
+
+Every transfer debits one account and credits another by the same positive integer, and
+both balances change in the same transaction, so the sum of all balances is always zero
+(deposits come from the EXTERNAL account, which goes negative). Buyer, earnings and stake
+balances never go negative: money leaves them only under a row lock after a check.
+
+Holds are TigerBeetle-style: `create_hold` moves the amount from the buyer to ESCROW
+(pending); `settle_hold` posts part of it to sellers and the platform fee and returns the
+rest to the buyer; `void_hold` returns all of it. Each hold is resolved at most once.
+
+Methods work inside the caller's transaction (flush, never commit) and lock the accounts
+they touch in id order (SELECT ... FOR UPDATE on PostgreSQL), so concurrent transactions
+serialise per account without deadlocks. Every money-changing call takes an idempotency
+key: a replay returns the first result, the same key with other parameters raises
+IdempotencyConflict.
+"""
+
+from __future__ import annotations
+
+import enum
+import hashlib
+import json
+from dataclasses import asdict, dataclass
+from datetime import datetime, timezone
+from typing import Any, Iterable
+
+from sqlalchemy import JSON, BigInteger, Column, UniqueConstraint
+from sqlalchemy.exc import IntegrityError
+from sqlmodel import Field, Session, SQLModel, select
+
+from pricing.errors import (
+    HoldNotPending, IdempotencyConflict, InsufficientFunds, LedgerError, UnknownAccount,
+)
+from pricing.money import fee_of
+
+
+def _utcnow() -> datetime:
+    return datetime.now(timezone.utc).replace(tzinfo=None)
+
+
+class AccountKind(str, enum.Enum):
+    BUYER = "buyer"
+    SELLER_EARNINGS = "seller_earnings"
+    SELLER_STAKE = "seller_stake"
+    ESCROW = "escrow"
+    PLATFORM_FEES = "platform_fees"
+    EXTERNAL = "external"
+
+
+SYSTEM_KINDS = {AccountKind.ESCROW, AccountKind.PLATFORM_FEES, AccountKind.EXTERNAL}
+MAY_GO_NEGATIVE = {AccountKind.EXTERNAL}
+
+
+class HoldState(str, enum.Enum):
+    PENDING = "pending"
+    POSTED = "posted"
+    VOIDED = "voided"
+
+
+class LedgerAccount(SQLModel, table=True):
+    __tablename__ = "ledger_accounts"
+    __table_args__ = (UniqueConstraint("kind", "ref", name="uq_ledger_account_kind_ref"),)
+
+    id: int | None = Field(default=None, primary_key=True)
+    kind: AccountKind = Field(index=True)
+    ref: str = Field(max_length=120)
+    balance: int = Field(default=0, sa_column=Column(BigInteger, nullable=False, default=0))
+    created_at: datetime = Field(default_factory=_utcnow)
+
+
+class LedgerTransfer(SQLModel, table=True):
+    __tablename__ = "ledger_transfers"
+
+    id: int | None = Field(default=None, primary_key=True)
+    debit_account_id: int = Field(foreign_key="ledger_accounts.id", index=True)
+    credit_account_id: int = Field(foreign_key="ledger_accounts.id", index=True)
+    amount: int = Field(sa_column=Column(BigInteger, nullable=False))
+    kind: str = Field(max_length=32)
+    hold_id: int | None = Field(default=None, index=True)
+    request_ref: str | None = Field(default=None, max_length=64, index=True)
+    created_at: datetime = Field(default_factory=_utcnow)
+
+
+class LedgerHold(SQLModel, table=True):
+    __tablename__ = "ledger_holds"
+
+    id: int | None = Field(default=None, primary_key=True)
+    buyer_account_id: int = Field(foreign_key="ledger_accounts.id", index=True)
+    amount: int = Field(sa_column=Column(BigInteger, nullable=False))
+    state: HoldState = Field(default=HoldState.PENDING, index=True)
+    request_ref: str | None = Field(default=None, max_length=64, index=True)
+    expires_at: datetime | None = Field(default=None, index=True)
+    created_at: datetime = Field(default_factory=_utcnow)
+    resolved_at: datetime | None = None
+    posted_amount: int = Field(default=0, sa_column=Column(BigInteger, nullable=False, default=0))
+
+
+class LedgerIdempotency(SQLModel, table=True):
+    __tablename__ = "ledger_idempotency"
+
+    key: str = Field(primary_key=True, max_length=200)
+    op: str = Field(max_length=32)
+    params_hash: str = Field(max_length=64)
+    result: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON))
+    created_at: datetime = Field(default_factory=_utcnow)
+
+
+@dataclass(frozen=True)
+class SettleResult:
+    hold_id: int
+    charged: int  # total gross posted
+    fee: int
+    refunded: int
+
+
+def _hash(params: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(params, sort_keys=True, default=str).encode()).hexdigest()
+
+
+class Ledger:
+    def __init__(self, session: Session):
+        self.s = session
+
+    # ------------------------------------------------------------------ accounts
+    def open_account(self, kind: AccountKind, ref: str) -> LedgerAccount:
+        """The account of `kind` for `ref`, created on first use."""
+        row = self.s.exec(select(LedgerAccount).where(LedgerAccount.kind == kind, LedgerAccount.ref == ref)).first()
+        if row is not None:
+            return row
+        row = LedgerAccount(kind=kind, ref=ref)
+        try:
+            with self.s.begin_nested():
+                self.s.add(row)
+        except IntegrityError:  # created concurrently
+            row = self.s.exec(
+                select(LedgerAccount).where(LedgerAccount.kind == kind, LedgerAccount.ref == ref)).one()
+        return row
+
+    def system(self, kind: AccountKind) -> LedgerAccount:
+        if kind not in SYSTEM_KINDS:
+            raise LedgerError(f"{kind} is not a system account")
+        return self.open_account(kind, ref=kind.value)
+
+    def balance(self, account_id: int) -> int:
+        acct = self.s.get(LedgerAccount, account_id)
+        if acct is None:
+            raise UnknownAccount(f"no ledger account {account_id}")
+        self.s.refresh(acct)
+        return acct.balance
+
+    def _lock(self, ids: Iterable[int]) -> dict[int, LedgerAccount]:
+        ids = sorted(set(ids))
+        rows = self.s.exec(
+            select(LedgerAccount).where(LedgerAccount.id.in_(ids))  # type: ignore[union-attr]
+            .order_by(LedgerAccount.id).with_for_update().execution_options(populate_existing=True)
+        ).all()
+        found = {r.id: r for r in rows}
+        missing = set(ids) - set(found)
+        if missing:
+            raise UnknownAccount(f"no ledger account(s) {sorted(missing)}")
+        return found
+
+    def _move(self, accts: dict[int, LedgerAccount], debit: int, credit: int, amount: int, kind: str,
+              hold_id: int | None = None, request_ref: str | None = None) -> None:
+        if amount < 0 or not isinstance(amount, int):
+            raise LedgerError(f"transfer amount must be a non-negative int, got {amount!r}")
+        if amount == 0:
+            return
+        d, c = accts[debit], accts[credit]
+        if d.kind not in MAY_GO_NEGATIVE and d.balance < amount:
+            raise InsufficientFunds(d.balance, amount)
+        d.balance -= amount
+        c.balance += amount
+        self.s.add(d)
+        self.s.add(c)
+        self.s.add(LedgerTransfer(debit_account_id=debit, credit_account_id=credit, amount=amount, kind=kind,
+                                  hold_id=hold_id, request_ref=request_ref))
+
+    # ------------------------------------------------------------------ idempotency
+    def _once(self, key: str, op: str, params: dict[str, Any], fn) -> dict[str, Any]:
+        """Run `fn()` once per key; replays return the stored result."""
+        if not key:
+            raise LedgerError("an idempotency key is required")
+        h = _hash({"op": op, **params})
+        prior = self.s.get(LedgerIdempotency, key)
+        if prior is None:
+            claim = LedgerIdempotency(key=key, op=op, params_hash=h)
+            try:
+                with self.s.begin_nested():
+                    self.s.add(claim)
+            except IntegrityError:
+                prior = self.s.get(LedgerIdempotency, key, populate_existing=True)
+        if prior is not None:
+            if prior.params_hash != h:
+                raise IdempotencyConflict(f"idempotency key {key!r} was used for a different {prior.op}")
+            return prior.result
+        try:
+            with self.s.begin_nested():
+                result = fn()
+                claim.result = result
+                self.s.add(claim)
+        except BaseException:
+            # the op failed: release the key so a corrected retry can use it
+            if claim in self.s:
+                self.s.delete(claim)
+                self.s.flush()
+            raise
+        return result
+
+    # ------------------------------------------------------------------ operations
+    def deposit(self, account_id: int, amount: int, *, idempotency_key: str) -> int:
+        """EXTERNAL -> account. Returns the account's balance after the first call."""
+        if amount <= 0:
+            raise LedgerError("deposit amount must be positive")
+
+        def op():
+            ext = self.system(AccountKind.EXTERNAL)
+            accts = self._lock([ext.id, account_id])
+            self._move(accts, ext.id, account_id, amount, "deposit")
+            return {"balance": accts[account_id].balance}
+
+        return self._once(idempotency_key, "deposit", {"account": account_id, "amount": amount}, op)["balance"]
+
+    def create_hold(self, buyer_account_id: int, amount: int, *, idempotency_key: str,
+                    request_ref: str | None = None, expires_at: datetime | None = None) -> LedgerHold:
+        if amount < 0:
+            raise LedgerError("hold amount must be >= 0")
+
+        def op():
+            escrow = self.system(AccountKind.ESCROW)
+            accts = self._lock([escrow.id, buyer_account_id])
+            if accts[buyer_account_id].kind != AccountKind.BUYER:
+                raise LedgerError("holds are placed on buyer accounts")
+            if accts[buyer_account_id].balance < amount:
+                raise InsufficientFunds(accts[buyer_account_id].balance, amount)
+            hold = LedgerHold(buyer_account_id=buyer_account_id, amount=amount, request_ref=request_ref,
+                              expires_at=expires_at)
+            self.s.add(hold)
+            self.s.flush()
+            self._move(accts, buyer_account_id, escrow.id, amount, "hold", hold.id, request_ref)
+            return {"hold_id": hold.id}
+
+        result = self._once(idempotency_key, "hold", {"buyer": buyer_account_id, "amount": amount,
+                                                      "ref": request_ref}, op)
+        return self.s.get(LedgerHold, result["hold_id"])
+
+    def _pending_hold(self, hold_id: int) -> LedgerHold:
+        hold = self.s.get(LedgerHold, hold_id, with_for_update=True, populate_existing=True)
+        if hold is None:
+            raise LedgerError(f"no hold {hold_id}")
+        if hold.state != HoldState.PENDING:
+            raise HoldNotPending(f"hold {hold_id} is already {hold.state.value}")
+        return hold
+
+    def settle_hold(self, hold_id: int, parts: list[tuple[int, int]], fee_bps: int, *,
+                    idempotency_key: str) -> SettleResult:
+        """Post `parts` [(seller account, gross)] out of the hold; the rest goes back."""
+        parts = [(int(a), int(g)) for a, g in parts]
+        if any(g < 0 for _, g in parts):
+            raise LedgerError("settlement amounts must be >= 0")
+
+        def op():
+            hold = self._pending_hold(hold_id)
+            gross = sum(g for _, g in parts)
+            if gross > hold.amount:
+                raise LedgerError(f"settlement {gross} exceeds hold {hold.amount}")
+            escrow, platform = self.system(AccountKind.ESCROW), self.system(AccountKind.PLATFORM_FEES)
+            accts = self._lock([escrow.id, platform.id, hold.buyer_account_id, *(a for a, _ in parts)])
+            fee_total = 0
+            for account, g in parts:
+                fee = fee_of(g, fee_bps)
+                fee_total += fee
+                self._move(accts, escrow.id, account, g - fee, "earning", hold.id, hold.request_ref)
+                self._move(accts, escrow.id, platform.id, fee, "fee", hold.id, hold.request_ref)
+            refund = hold.amount - gross
+            self._move(accts, escrow.id, hold.buyer_account_id, refund, "release", hold.id, hold.request_ref)
+            hold.state, hold.posted_amount, hold.resolved_at = HoldState.POSTED, gross, _utcnow()
+            self.s.add(hold)
+            return asdict(SettleResult(hold.id, gross, fee_total, refund))
+
+        result = self._once(idempotency_key, "settle", {"hold": hold_id, "parts": parts, "fee_bps": fee_bps}, op)
+        return SettleResult(**result)
+
+    def void_hold(self, hold_id: int, *, idempotency_key: str) -> SettleResult:
+        def op():
+            hold = self._pending_hold(hold_id)
+            escrow = self.system(AccountKind.ESCROW)
+            accts = self._lock([escrow.id, hold.buyer_account_id])
+            self._move(accts, escrow.id, hold.buyer_account_id, hold.amount, "void", hold.id, hold.request_ref)
+            hold.state, hold.resolved_at = HoldState.VOIDED, _utcnow()
+            self.s.add(hold)
+            return asdict(SettleResult(hold.id, 0, 0, hold.amount))
+
+        return SettleResult(**self._once(idempotency_key, "void", {"hold": hold_id}, op))
+
+
+def expire_holds(session: Session, now: datetime | None = None) -> list[int]:
+    """Void every pending hold past its expiry; returns their ids."""
+    now = now or _utcnow()
+    ids = session.exec(select(LedgerHold.id).where(
+        LedgerHold.state == HoldState.PENDING, LedgerHold.expires_at.is_not(None),  # type: ignore[union-attr]
+        LedgerHold.expires_at < now)).all()
+    ledger = Ledger(session)
+    for hid in ids:
+        ledger.void_hold(hid, idempotency_key=f"expire:{hid}")
+    return list(ids)
+
+
+def total_balance(session: Session) -> int:
+    """The sum of every balance: zero, always."""
+    from sqlalchemy import func
+
+    return int(session.exec(select(func.coalesce(func.sum(LedgerAccount.balance), 0))).one())
