@@ -1,8 +1,12 @@
 """The default routing policy: vectorised price-performance with latency targets.
 
 Per model: build the request × node arrays (`scheduler.scoring`), score every pair in one
-pass, assign under each node's free slots with regret-priority deferred acceptance
-(`scheduler.assignment`, which explains the solver choice). Requests with no feasible
+pass, assign under each node's free slots. The solver depends on the batch size (see
+`PricePerformancePolicy._solve`): regret-priority deferred acceptance
+(`scheduler.assignment`, which explains the choice) always, polished by Bertsekas'
+auction (`scheduler.auction`, near-exact) for ordinary micro-batches, and preceded by
+sampled clearing prices for huge bursts, where only the fast path fits the dispatch
+budget. Requests with no feasible
 node, ignoring capacity, are rejected with the constraint that failed; feasible requests
 that found no free slot are deferred to the next micro-batch.
 
@@ -18,6 +22,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from scheduler.assignment import assign, clearing_prices
+from scheduler.auction import auction
 from scheduler.latency import RttTable
 from scheduler.routing import Decision, NodeState, PendingRequest, RoutingPolicy, register_policy
 from scheduler.scoring import ScoreWeights, Snapshot, build_snapshot, constraint_masks, score_matrix
@@ -30,6 +35,11 @@ class ModelPlan:
     snapshot: Snapshot
     choice: np.ndarray  # node column per request row, -1 = none
     feasible: np.ndarray  # any node satisfies the hard constraints (ignoring capacity)
+
+
+def _total(C: np.ndarray, choice: np.ndarray) -> float:
+    rows = np.flatnonzero(choice >= 0)
+    return float(C[rows, choice[rows]].sum())
 
 
 def group_by_model(requests: list[PendingRequest], nodes: list[NodeState]):
@@ -89,10 +99,10 @@ class PricePerformancePolicy(RoutingPolicy):
     with reputation, load and claim honesty as multipliers."""
 
     name = "price_performance"
-    sample_above = 500_000  # R × N from which contested nodes are priced on a sample first
-    sample_rows = 250
-    chunk_rows = 64  # row chunk of the assignment above that size
+    auction_cells = 100_000  # up to this R × N, also run the auction and keep the better
     whole_matrix_cells = 300_000  # up to this, deferred acceptance on the whole batch at once
+    sample_rows = 250  # above it: clearing prices from this many rows, then row chunks of
+    chunk_rows = 64
 
     def __init__(self, weights: ScoreWeights | None = None, rtt: RttTable | None = None) -> None:
         self.weights = weights or ScoreWeights()
@@ -107,16 +117,13 @@ class PricePerformancePolicy(RoutingPolicy):
                     decision.rejections[r.id] = f"no online node serves model {model!r}"
                 continue
             snap = build_snapshot(reqs, model_nodes, self.rtt, self.weights)
-            feasible = np.empty(len(reqs), dtype=bool)
-            S = score_matrix(snap, node_price=self._clearing_prices(snap), feasible_out=feasible)
-            whole = len(reqs) * len(model_nodes) <= self.whole_matrix_cells
-            chunk = len(reqs) if whole else self.chunk_rows
-            choice, feasible = assign(
-                S, snap.free, weight=snap.cost_ref, chunk=chunk, max_rounds=64 if whole else 8, feasible=feasible
-            )
+            choice, feasible = self._solve(snap)
             plans.append(ModelPlan(snap, choice, feasible))
             node_ids = [n.id for n in model_nodes]
-            decision.assignments.update((reqs[i].id, node_ids[j]) for i, j in zip(np.flatnonzero(choice >= 0).tolist(), choice[choice >= 0].tolist()))
+            placed = np.flatnonzero(choice >= 0)
+            decision.assignments.update(
+                (reqs[i].id, node_ids[j]) for i, j in zip(placed.tolist(), choice[placed].tolist())
+            )
             bad = np.flatnonzero(~feasible)
             if len(bad):
                 for i, reason in zip(bad, explain(snap, bad)):
@@ -124,10 +131,34 @@ class PricePerformancePolicy(RoutingPolicy):
             decision.deferred.extend(reqs[i].id for i in np.flatnonzero((choice < 0) & feasible))
         return decision, plans
 
+    def _solve(self, snap: Snapshot) -> tuple[np.ndarray, np.ndarray]:
+        """(node column per request, -1 = none; feasible ignoring capacity).
+
+        Small batches (≤ `auction_cells`, every ordinary micro-batch): deferred acceptance,
+        then the auction, keeping the better (the auction is near-exact but can stall).
+        Mid-size: deferred acceptance on the whole batch. Huge: clearing prices from a
+        row sample, then deferred acceptance in row chunks (the 10k × 1k path)."""
+        R, N = len(snap.requests), len(snap.nodes)
+        whole = R * N <= self.whole_matrix_cells
+        feasible = np.empty(R, dtype=bool)
+        lam = None if whole else self._clearing_prices(snap)
+        S = score_matrix(snap, node_price=lam, feasible_out=feasible)
+        choice, feasible = assign(
+            S, snap.free, weight=snap.cost_ref, chunk=R if whole else self.chunk_rows,
+            max_rounds=64 if whole else 8, feasible=feasible,
+        )
+        if R > 1 and R * N <= self.auction_cells:
+            C = S.astype(np.float64) * snap.cost_ref[:, None]  # money, as the LP sees it
+            alt = auction(C, snap.free)
+            n_da, n_alt = int((choice >= 0).sum()), int((alt >= 0).sum())
+            if n_alt > n_da or (n_alt == n_da and _total(C, alt) < _total(C, choice)):
+                choice = alt
+        return choice, feasible
+
     def _clearing_prices(self, snap: Snapshot) -> np.ndarray | None:
         """For big batches, price contested nodes on a row sample first (see assignment)."""
         R, N = len(snap.requests), len(snap.nodes)
-        if R * N < self.sample_above or R < 4 * self.sample_rows:
+        if R < 4 * self.sample_rows:
             return None
         rng = np.random.default_rng(R * 7919 + N)
         rows = np.sort(rng.choice(R, self.sample_rows, replace=False))

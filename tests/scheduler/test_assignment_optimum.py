@@ -77,3 +77,30 @@ def test_policy_snapshot_optimum_sanity():
         assert (ch >= 0).sum() == (plan.choice >= 0).sum()
     with pytest.raises(ValueError):
         optimum(plan.snapshot, "speed")
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_auction_is_near_exact(seed):
+    from scheduler.auction import auction
+
+    rng = np.random.default_rng(seed)
+    R, N = 300, 30
+    S = rng.uniform(1, 10, R)[:, None] * rng.uniform(1, 10, N)[None, :] * rng.uniform(0.9, 1.1, (R, N))
+    S[rng.random(S.shape) < 0.2] = np.inf
+    cap = rng.integers(8, 16, N)
+    ch = auction(S, cap)
+    assert (np.bincount(ch[ch >= 0], minlength=N) <= cap).all()
+    assert all(np.isfinite(S[r, ch[r]]) for r in np.flatnonzero(ch >= 0))
+    best = solve_assignment(S, cap)
+    ours, n_ours = total(S, ch)
+    lp, n_lp = total(S, best)
+    assert n_ours == n_lp
+    assert ours <= lp * 1.01
+
+
+def test_auction_leaves_the_unplaceable():
+    from scheduler.auction import auction
+
+    S = np.array([[1.0, np.inf], [2.0, np.inf], [np.inf, np.inf], [5.0, 1.0]])
+    ch = auction(S, np.array([1, 1]))
+    assert ch.tolist() == [0, -1, -1, 1]
