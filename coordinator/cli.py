@@ -57,12 +57,13 @@ def cmd_worker(argv: list[str]) -> int:
     p.add_argument("--concurrency", type=int, default=2)
     p.add_argument("--loglevel", default="WARNING")
     args = p.parse_args(argv)
-    from coordinator.worker import app
+    from coordinator.worker import app, runtime
 
     cli = ["worker", "--pool=threads", f"--concurrency={args.concurrency}", f"--loglevel={args.loglevel}",
-           "--without-gossip", "--without-mingle", "-Q", "agora"]
+           "--without-gossip", "--without-mingle", "-Q", runtime.settings.celery_queue]
     if args.beat:
-        cli.append("--beat")
+        runtime.settings.home.mkdir(parents=True, exist_ok=True)
+        cli += ["--beat", f"--schedule={runtime.settings.home / 'celerybeat-schedule'}"]
     app.worker_main(cli)
     return 0
 

@@ -22,6 +22,7 @@ from coordinator.errors import APIError, NoCapacity, UpstreamFailed
 from coordinator.models import Account, RequestStatus
 from coordinator.runtime import Runtime
 from coordinator.schemas import ChatCompletionRequest, CompletionRequest
+from coordinator.failover import fail_over
 from coordinator.settlement import fail_request
 
 log = logging.getLogger(__name__)
@@ -38,12 +39,24 @@ def _error_from(msg: dict) -> APIError:
 
 
 class RequestStream:
-    """Events of one request from the bus, with the timeouts that apply to each phase."""
+    """Events of one request from the bus, with the timeouts that apply to each phase.
+
+    A node that sends no token within `token_timeout_s` is failed over: the request goes
+    back to the queue and continues on another node after the tokens already relayed.
+    Tokens from a node the request has left are dropped, so the buyer sees one stream.
+    """
+
+    MAX_FAILOVERS = 3
 
     def __init__(self, rt: Runtime, rid: str, sub: Subscription):
         self.rt, self.rid, self.sub = rt, rid, sub
-        self.assigned = False
         self.node_id: str | None = None
+        self.segment_ids: list[int] = []
+        self.failovers = 0
+
+    @property
+    def assigned(self) -> bool:
+        return self.node_id is not None
 
     async def next(self) -> dict:
         s = self.rt.settings
@@ -52,16 +65,41 @@ class RequestStream:
             try:
                 msg = await self.sub.get(timeout=timeout)
             except asyncio.TimeoutError:
+                if self.assigned and self.failovers < self.MAX_FAILOVERS:
+                    await self._fail_over()
+                    continue
                 if await self._give_up():
                     phase = "a token" if self.assigned else "a node with free capacity"
                     raise NoCapacity(f"timed out waiting for {phase}; nothing was charged") from None
                 continue
-            if msg["type"] == "assigned":
-                self.assigned, self.node_id = True, msg["node_id"]
+            kind = msg["type"]
+            if kind == "assigned":
+                self.node_id, self.segment_ids = msg["node_id"], []
                 continue
-            if msg["type"] == "tokens":
-                self.assigned = True
+            if kind == "failover":
+                if msg.get("node_id") == self.node_id:
+                    self.node_id, self.segment_ids = None, []
+                    self.failovers += 1
+                continue
+            if kind == "tokens":
+                if self.node_id is not None and msg.get("node_id") != self.node_id:
+                    continue  # late tokens from a node this request has left
+                self.segment_ids.extend(msg["token_ids"])
             return msg
+
+    async def _fail_over(self) -> None:
+        node_id, ids = self.node_id, list(self.segment_ids)
+
+        def _do() -> bool:
+            with self.rt.session() as s:
+                return fail_over(s, self.rid, node_id, ids)
+
+        if await run_in_threadpool(_do):
+            log.warning("request %s: node %s stalled; failing over after %d tokens", self.rid,
+                        node_id[:12], len(ids))
+            await self.rt.bus.publish(f"node:{node_id}", {"type": "cancel", "request_id": self.rid})
+            await self.rt.bus.publish(f"req:{self.rid}", {"type": "failover", "node_id": node_id})
+            await run_in_threadpool(self.rt.trigger_dispatch)
 
     async def _give_up(self) -> bool:
         def _fail() -> bool:

@@ -19,7 +19,7 @@ from coordinator.models import InferenceRequest, Node, NodeOffer, RequestStatus
 from coordinator.models.account import utcnow
 from coordinator.node_registry import is_live, mark_silent_offline, prune_nonces
 from node_agent.protocol import Assignment, Sampling
-from pricing.ledger import Ledger
+from pricing.ledger import Ledger, expire_holds
 from scheduler.dispatch import AppliedDecision
 from scheduler.errors import TransientStoreError
 from scheduler.routing import Decision, NodeState, PendingRequest
@@ -36,7 +36,7 @@ def assignment_frame(req: InferenceRequest) -> dict:
         request_id=req.id, model=req.model, kind=req.kind,  # type: ignore[arg-type]
         messages=req.payload.get("messages"), prompt=req.payload.get("prompt"),
         sampling=Sampling(**req.payload["sampling"]), price_in=req.price_in or 0,
-        price_out=req.price_out or 0,
+        price_out=req.price_out or 0, prefix_token_ids=req.payload.get("prefix_token_ids", []),
     ).model_dump()
 
 
@@ -56,12 +56,14 @@ class SqlDispatchStore:
                 ).all()
         except OperationalError as exc:
             raise TransientStoreError(str(exc)) from exc
+        now = utcnow()
         return [
             PendingRequest(
                 id=r.id, model=r.model, prompt_tokens=r.prompt_tokens_est, max_tokens=r.max_tokens,
                 region=r.routing.get("region"), sort=r.routing.get("sort"),
                 max_price=r.routing.get("max_price"), max_ttft_ms=r.routing.get("max_ttft_ms"),
                 min_tokens_per_s=r.routing.get("min_tokens_per_s"),
+                waited_ms=max(0.0, (now - r.created_at).total_seconds() * 1000),
             )
             for r in rows
         ]
@@ -84,10 +86,13 @@ class SqlDispatchStore:
         for offer, node in rows:
             if not is_live(node, settings):
                 continue
+            active = busy.get(node.id, 0)
             out.append(NodeState(
                 id=node.id, model=offer.model, price_in=offer.price_in, price_out=offer.price_out,
-                tokens_per_s=offer.measured_tokens_per_s or offer.tokens_per_s,
-                region=node.region, free_slots=max(0, node.max_concurrency - busy.get(node.id, 0)),
+                tokens_per_s=offer.measured_tokens_per_s or offer.tokens_per_s_b1 or offer.tokens_per_s,
+                advertised_tokens_per_s=offer.tokens_per_s_b1 or offer.tokens_per_s,
+                region=node.region, free_slots=max(0, node.max_concurrency - active),
+                load=min(1.0, active / max(1, node.max_concurrency)),
                 ttft_ms=offer.measured_ttft_ms or offer.ttft_ms or 0.0, rtt_ms=node.rtt_ms,
                 reputation=node.reputation,
             ))
@@ -162,8 +167,7 @@ class SqlDispatchStore:
                     s.add(req)
                     requeued.append(req.id)
             pruned = prune_nonces(s, settings)
-            expire = getattr(__import__("pricing.ledger", fromlist=["x"]), "expire_holds", None)
-            expired = len(expire(s, utcnow()) or []) if expire else 0
+            expired = len(expire_holds(s, utcnow()))
             queued = s.exec(select(func.count()).where(InferenceRequest.status == RequestStatus.QUEUED)).one()
         if queued:
             self.rt.trigger_dispatch()

@@ -20,6 +20,7 @@ from coordinator.models.account import utcnow
 from coordinator.settings import CoordinatorSettings
 from node_agent.protocol import Heartbeat, Registration, Signed
 from pricing.ledger import AccountKind, Ledger
+from scheduler.backoff import Backoff
 
 
 class StaleMessage(Unauthorized):
@@ -119,6 +120,25 @@ def mark_silent_offline(session: Session, settings: CoordinatorSettings, now: da
 
 
 def is_live(node: Node, settings: CoordinatorSettings, now: datetime | None = None) -> bool:
+    """Online, connected, heard from recently, not banned and not backing off."""
     if not node.online or node.banned or not node.channel_connected or node.last_heartbeat_at is None:
         return False
-    return (now or utcnow()) - node.last_heartbeat_at <= timedelta(seconds=settings.heartbeat_timeout_s)
+    now = now or utcnow()
+    if node.backoff_until is not None and now < node.backoff_until:
+        return False
+    return now - node.last_heartbeat_at <= timedelta(seconds=settings.heartbeat_timeout_s)
+
+
+_BACKOFF = Backoff(base_s=2.0, factor=2.0, max_s=300.0)
+
+
+def record_failure(node: Node, now: datetime | None = None) -> datetime:
+    """A stalled or lost stream: the node backs off exponentially before new work."""
+    node.failures += 1
+    node.backoff_until = (now or utcnow()) + timedelta(seconds=_BACKOFF.delay_s(node.failures, node.id))
+    return node.backoff_until
+
+
+def record_success(node: Node) -> None:
+    if node.failures or node.backoff_until is not None:
+        node.failures, node.backoff_until = 0, None

@@ -29,8 +29,8 @@ class Runtime:
     def __init__(self, settings: CoordinatorSettings, engine: Engine | None = None, bus: Bus | None = None):
         self.settings = settings
         self.engine = engine or make_engine(settings.effective_database_url)
-        self.bus = bus or make_bus(settings.redis_url)
-        self.celery = celery_module.configure(settings.broker_url)
+        self.bus = bus or make_bus(settings.redis_url, settings.redis_prefix)
+        self.celery = celery_module.configure(settings.broker_url, queue=settings.celery_queue)
         self._worker = None
         self._worker_thread: threading.Thread | None = None
         self._ticker_stop = threading.Event()

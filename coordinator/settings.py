@@ -29,6 +29,8 @@ class CoordinatorSettings(BaseSettings):
     redis_url: str | None = Field(
         default=None, description="Redis for the cross-replica token relay; default in-memory"
     )
+    celery_queue: str = Field(default="agora", description="Celery queue the workers consume")
+    redis_prefix: str = Field(default="agora:", description="key/channel prefix on the relay Redis")
     run_worker_in_process: bool | None = Field(
         default=None, description="start a Celery worker thread; default: only with memory://"
     )

@@ -17,7 +17,7 @@ from sqlmodel import Session
 
 from coordinator.models import InferenceRequest, Node, NodeOffer, ReceiptRecord, RequestStatus
 from coordinator.models.account import utcnow
-from coordinator.node_registry import check_signed
+from coordinator.node_registry import check_signed, record_success
 from coordinator.settings import CoordinatorSettings
 from node_agent.protocol import Receipt
 from pricing.ledger import Ledger
@@ -73,14 +73,16 @@ def settle(session: Session, receipt: Receipt, node_id: str, relayed: Relayed,
             f"coordinator relayed {relayed.token_count} / {relayed.commitment[:8]}…"
         )
     prompt_tokens = min(receipt.prompt_tokens, req.prompt_tokens_est)
-    completion = relayed.token_count
-    cost = min(request_cost(prompt_tokens, completion, req.price_in or 0, req.price_out or 0), req.hold_amount)
     node = session.get(Node, node_id)
+    parts = split_charges(session, req, node, prompt_tokens, relayed.token_count)
+    completion = relayed.token_count + sum(seg["tokens"] for seg in req.payload.get("segments", []))
+    cost = sum(amount for _, amount in parts)
     if req.hold_id is not None:
         Ledger(session).settle_hold(
-            req.hold_id, parts=[(node.earnings_account_id, cost)] if cost else [],
+            req.hold_id, parts=[p for p in parts if p[1] > 0],
             fee_bps=settings.platform_fee_bps, idempotency_key=f"settle:{req.id}",
         )
+    record_success(node)
     session.add(ReceiptRecord(
         request_id=req.id, node_id=node_id, prompt_tokens=receipt.prompt_tokens,
         completion_tokens=receipt.completion_tokens, commitment=receipt.commitment,
@@ -94,6 +96,31 @@ def settle(session: Session, receipt: Receipt, node_id: str, relayed: Relayed,
     session.add(req)
     _learn_speed(session, req, relayed)
     return _settled(req)
+
+
+def split_charges(session: Session, req: InferenceRequest, last: Node, prompt_tokens: int,
+                  last_tokens: int) -> list[tuple[int, int]]:
+    """(earnings account, amount) per node that served part of the request.
+
+    After a failover each earlier node is paid for the tokens the coordinator relayed
+    from it, at the price locked when it was assigned; the prompt is charged once, at the
+    first node's price. Each part is floored separately; the total never exceeds the hold
+    (the last parts are cut first if prices rose between admission and failover)."""
+    parts: list[tuple[int, int]] = []
+    segments = req.payload.get("segments", [])
+    for seg in segments:
+        earner = session.get(Node, seg["node_id"])
+        parts.append((earner.earnings_account_id, request_cost(
+            prompt_tokens if seg["prompt_charged"] else 0, seg["tokens"], seg["price_in"], seg["price_out"])))
+    parts.append((last.earnings_account_id, request_cost(
+        0 if segments else prompt_tokens, last_tokens, req.price_in or 0, req.price_out or 0)))
+    room = req.hold_amount
+    capped = []
+    for account, amount in parts:
+        take = min(amount, room)
+        room -= take
+        capped.append((account, take))
+    return capped
 
 
 def _learn_speed(session: Session, req: InferenceRequest, relayed: Relayed) -> None:
@@ -112,10 +139,12 @@ def _learn_speed(session: Session, req: InferenceRequest, relayed: Relayed) -> N
     session.add(offer)
 
 
-def fail_request(session: Session, request_id: str, reason: str, *, status: RequestStatus = RequestStatus.FAILED) -> bool:
-    """End an unfinished request unpaid: the hold goes back to the buyer in full."""
+def fail_request(session: Session, request_id: str, reason: str, *,
+                 status: RequestStatus = RequestStatus.FAILED, only_node: str | None = None) -> bool:
+    """End an unfinished request unpaid: the hold goes back to the buyer in full.
+    With `only_node`, only if the request is still that node's (not failed over)."""
     req = session.get(InferenceRequest, request_id, with_for_update=True)
-    if req is None or req.status.finished:
+    if req is None or req.status.finished or (only_node is not None and req.node_id != only_node):
         return False
     if req.hold_id is not None:
         Ledger(session).void_hold(req.hold_id, idempotency_key=f"void:{req.id}")

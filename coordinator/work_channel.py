@@ -25,6 +25,7 @@ from coordinator.models.account import utcnow
 from coordinator.node_registry import check_signed
 from coordinator.openai_format import usage
 from coordinator.runtime import Runtime
+from coordinator.failover import fail_over
 from coordinator.settlement import ReceiptRejected, Relayed, fail_request, settle
 from coordinator.dispatch_store import assignment_frame
 from node_agent.protocol import ChannelHello, Done, TokenChunk, TokenCommitment, WorkError
@@ -38,6 +39,7 @@ class _Stream:
 
     def __init__(self, request_id: str):
         self.count = 0
+        self.token_ids: list[int] = []
         self.commitment = TokenCommitment(request_id)
         self.sent_at = time.monotonic()
         self.first_at: float | None = None
@@ -96,16 +98,20 @@ class Channel:
             return [assignment_frame(r) for r in rows]
 
     def _disconnected(self) -> None:
+        """The node is gone: its unfinished requests continue on other nodes."""
+        moved = []
         with self.rt.session() as s:
             node = s.get(Node, self.node_id) if self.node_id else None
             if node is not None:
                 node.channel_connected = False
                 s.add(node)
-            for rid in list(self.streams):
-                if fail_request(s, rid, "the node serving this request disconnected"):
-                    self.rt.bus.publish_sync(f"req:{rid}", {
-                        "type": "error", "status": 502, "code": "node_failed",
-                        "message": "the node serving this request disconnected"})
+            for rid, st in list(self.streams.items()):
+                if fail_over(s, rid, self.node_id, st.token_ids):
+                    moved.append(rid)
+        for rid in moved:
+            self.rt.bus.publish_sync(f"req:{rid}", {"type": "failover", "node_id": self.node_id})
+        if moved:
+            self.rt.trigger_dispatch()
 
     async def _close(self, code: int, reason: str) -> None:
         try:
@@ -162,9 +168,10 @@ class Channel:
         for tid, lp in zip(chunk.token_ids, chunk.logprobs):
             st.commitment.update(tid, lp)
         st.count += len(chunk.token_ids)
+        st.token_ids.extend(chunk.token_ids)
         await self.rt.bus.publish(f"req:{chunk.request_id}", {
-            "type": "tokens", "text": chunk.text, "start": chunk.start, "token_ids": chunk.token_ids,
-            "logprobs": chunk.logprobs})
+            "type": "tokens", "node_id": self.node_id, "text": chunk.text, "start": chunk.start,
+            "token_ids": chunk.token_ids, "logprobs": chunk.logprobs})
 
     async def _on_done(self, done: Done) -> None:
         rid = done.request_id
@@ -181,9 +188,9 @@ class Channel:
         except (ReceiptRejected, APIError) as exc:
             message = exc.message if isinstance(exc, APIError) else str(exc)
             log.warning("receipt for %s rejected: %s", rid, message)
-            await run_in_threadpool(self._fail, rid, f"receipt rejected: {message}")
-            await self.rt.bus.publish(f"req:{rid}", {"type": "error", "status": 502, "code": "bad_receipt",
-                                                     "message": "the node's receipt was rejected"})
+            if await run_in_threadpool(self._fail, rid, f"receipt rejected: {message}"):
+                await self.rt.bus.publish(f"req:{rid}", {"type": "error", "status": 502, "code": "bad_receipt",
+                                                         "message": "the node's receipt was rejected"})
         else:
             await self.rt.bus.publish(f"req:{rid}", {
                 "type": "done", "finish_reason": result.finish_reason, "node_id": self.node_id,
@@ -200,14 +207,15 @@ class Channel:
                    .where(InferenceRequest.id == rid, InferenceRequest.status == RequestStatus.ASSIGNED)
                    .values(status=RequestStatus.RUNNING, first_token_at=utcnow()))
 
-    def _fail(self, rid: str, reason: str) -> None:
+    def _fail(self, rid: str, reason: str) -> bool:
         with self.rt.session() as s:
-            fail_request(s, rid, reason)
+            return fail_request(s, rid, reason, only_node=self.node_id)
 
     async def _on_error(self, err: WorkError) -> None:
         if self.streams.pop(err.request_id, None) is None:
             return
-        await run_in_threadpool(self._fail, err.request_id, f"{err.code}: {err.message}")
+        if not await run_in_threadpool(self._fail, err.request_id, f"{err.code}: {err.message}"):
+            return
         status = 400 if err.code in ("context_length_exceeded", "bad_request") else 502
         await self.rt.bus.publish(f"req:{err.request_id}", {
             "type": "error", "status": status, "code": err.code, "message": err.message})

@@ -31,6 +31,8 @@ class Node(NodeBase, table=True):
     banned: bool = False
     reputation: float = 0.5
     rtt_ms: float = 0.0
+    failures: int = 0  # consecutive failures (stalled or lost streams)
+    backoff_until: datetime | None = None  # no new work before this time
 
 
 class NodePublic(NodeBase):

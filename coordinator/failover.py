@@ -1,0 +1,42 @@
+"""Mid-stream failover: when a node stops streaming (connection lost, or no token within
+the timeout), the rest of the request goes back to the queue and continues on another
+node from prompt + the tokens already delivered, so the buyer sees one stream.
+
+The failed node's share is recorded as a segment (its locked price and the number of
+tokens the coordinator relayed from it) and is paid at settlement; the node backs off
+exponentially before it gets new work.
+"""
+
+from __future__ import annotations
+
+from sqlmodel import Session
+
+from coordinator.models import InferenceRequest, Node, RequestStatus
+from coordinator.node_registry import record_failure
+
+ACTIVE = (RequestStatus.ASSIGNED, RequestStatus.RUNNING)
+
+
+def fail_over(session: Session, request_id: str, node_id: str, delivered_ids: list[int]) -> bool:
+    """Requeue `request_id` after `node_id` failed having delivered `delivered_ids`.
+
+    False (and nothing changed) if the request is no longer that node's to fail: it has
+    finished, or another handler already failed it over.
+    """
+    req = session.get(InferenceRequest, request_id, with_for_update=True)
+    if req is None or req.node_id != node_id or req.status not in ACTIVE:
+        return False
+    payload = dict(req.payload)
+    segments = list(payload.get("segments", []))
+    segments.append({"node_id": node_id, "price_in": req.price_in or 0, "price_out": req.price_out or 0,
+                     "tokens": len(delivered_ids), "prompt_charged": not segments})
+    payload["segments"] = segments
+    payload["prefix_token_ids"] = list(payload.get("prefix_token_ids", [])) + list(delivered_ids)
+    req.payload = payload
+    req.status, req.node_id, req.price_in, req.price_out = RequestStatus.QUEUED, None, None, None
+    session.add(req)
+    node = session.get(Node, node_id)
+    if node is not None:
+        record_failure(node)
+        session.add(node)
+    return True

@@ -1,0 +1,65 @@
+"""The same end-to-end flow on the production path: PostgreSQL (schema by Alembic),
+Redis or RabbitMQ as the Celery broker with a separate `agora worker` process, Redis as
+the token relay, a real `agora node` process, and the official `openai` client."""
+
+from __future__ import annotations
+
+import os
+import uuid
+
+import httpx
+import openai
+import pytest
+
+from tests.conftest import _need
+from tests.e2e.market import Market
+
+pytestmark = [pytest.mark.slow, pytest.mark.postgres, pytest.mark.redis]
+
+BROKERS = {
+    "redis": ("redis://127.0.0.1:6379/0", 6379),
+    "rabbitmq": ("amqp://guest:guest@127.0.0.1:5672//", 5672),
+}
+
+
+@pytest.fixture(params=sorted(BROKERS))
+def market(request, tmp_path, pg_url):
+    broker, port = BROKERS[request.param]
+    _need("127.0.0.1", port, request.param)
+    tag = uuid.uuid4().hex[:8]
+    env = {**os.environ, "AGORA_HOME": str(tmp_path), "AGORA_DATABASE_URL": pg_url,
+           "AGORA_BROKER_URL": broker, "AGORA_REDIS_URL": "redis://127.0.0.1:6379/0",
+           "AGORA_CELERY_QUEUE": f"agora-test-{tag}", "AGORA_REDIS_PREFIX": f"agora-test-{tag}:",
+           "AGORA_NODE_HEARTBEAT_INTERVAL_S": "1", "AGORA_ASSIGN_TIMEOUT_S": "10"}
+    m = Market(home=tmp_path, env=env)
+    try:
+        m.agora("migrate")
+        m.start_coordinator()
+        m.start_worker()
+        m.start_node("node-p", price_in="0.05", price_out="0.30", region="eu-west")
+        m.wait_live("tiny", 1)
+        yield m
+    finally:
+        m.stop()
+
+
+def test_openai_flow_on_postgres_with_separate_worker(market):
+    key = market.agora("account", "create", "--credit", str(10**9))
+    c = openai.OpenAI(base_url=market.base + "/v1", api_key=key, max_retries=0, timeout=60)
+    assert any(m.id == "tiny" for m in c.models.list().data)
+    whole = c.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hello"}],
+                                      max_tokens=12, temperature=0)
+    assert whole.usage.completion_tokens >= 1
+    streamed = [ch for ch in c.chat.completions.create(
+        model="tiny", messages=[{"role": "user", "content": "hello"}], max_tokens=12, temperature=0,
+        stream=True, stream_options={"include_usage": True})]
+    text = "".join(ch.choices[0].delta.content or "" for ch in streamed if ch.choices)
+    assert text == whole.choices[0].message.content
+    assert streamed[-1].usage.completion_tokens == whole.usage.completion_tokens
+    comp = c.completions.create(model="tiny", prompt="abc", max_tokens=5, temperature=0)
+    assert comp.usage.completion_tokens == 5
+    spent = sum(x.usage.model_extra["cost_nano_usd"] for x in (whole, streamed[-1], comp))
+    bal = httpx.get(market.base + "/v1/account", headers={"Authorization": f"Bearer {key}"}).json()
+    assert bal["balance_nano_usd"] == 10**9 - spent
+    with pytest.raises(openai.NotFoundError):
+        c.chat.completions.create(model="nope", messages=[{"role": "user", "content": "x"}])
