@@ -27,7 +27,7 @@ from node_agent.engines.builtin.model import LlamaModel
 from node_agent.engines.builtin.sampling import make_generator, select
 from node_agent.engines.builtin.textstream import Detokenizer, StopStream
 from node_agent.engines.builtin.tokenizer import HFTokenizer
-from node_agent.errors import EngineError, RequestTooLong
+from node_agent.errors import EngineError, ModelLoadError, RequestTooLong
 
 log = logging.getLogger(__name__)
 
@@ -69,8 +69,10 @@ class BuiltinEngine(Engine):
         self.model_dir = Path(model_dir)
         self.model_name = model_name or self.model_dir.name
         self.device, self.dtype = device, dtype
-        self.tokenizer = HFTokenizer(self.model_dir)
+        if not self.model_dir.is_dir():
+            raise ModelLoadError(f"model folder {self.model_dir} does not exist")
         self.model = LlamaModel(self.model_dir, device=device, dtype=DTYPES[dtype])
+        self.tokenizer = HFTokenizer(self.model_dir)
         self.max_batch = max_batch
         self.max_seq_len = min(max_seq_len or self.model.cfg.max_position_embeddings,
                                self.model.cfg.max_position_embeddings)
@@ -81,6 +83,7 @@ class BuiltinEngine(Engine):
         self._running: list[_Running] = []
         self._waiting: deque[_Running] = deque()
         self._pending: dict[int, _Running] = {}  # requests with undelivered events
+        self._unsorted = False  # slots no longer ordered by length
 
     # ------------------------------------------------------------------ Engine API
     def encode(self, text: str) -> list[int]:
@@ -229,17 +232,34 @@ class BuiltinEngine(Engine):
             r = self._waiting.popleft()
             r.slot = len(self._running)
             self._running.append(r)
+            self._unsorted = True
             admitted.append(r)
             budget -= n
         if admitted:
             logits = self.model.prefill([(r.slot, r.tokens, 0) for r in admitted])
             self._accept(admitted, logits)
         if self._running:
+            if self._unsorted:
+                self._sort_slots()
             batch = list(self._running)
             dev = self.model.device
+            lens = [len(r.tokens) for r in batch]
             toks = torch.tensor([r.tokens[-1] for r in batch], device=dev)
-            pos = torch.tensor([len(r.tokens) - 1 for r in batch], device=dev)
-            self._accept(batch, self.model.decode(toks, pos))
+            pos = torch.tensor([n - 1 for n in lens], device=dev)
+            self._accept(batch, self.model.decode(toks, pos, _span_groups(lens)))
+
+    def _sort_slots(self) -> None:
+        """Order slots by length, longest first, so attention can skip most padding. Done after
+        admissions only: a release moves the last (shortest) row into the hole, which costs
+        one padded row, where re-sorting would copy the whole cache."""
+        self._unsorted = False
+        order = sorted(range(len(self._running)), key=lambda i: -len(self._running[i].tokens))
+        if order == list(range(len(order))):
+            return
+        self.model.permute_slots(order, len(self._running[order[0]].tokens))
+        self._running = [self._running[i] for i in order]
+        for i, r in enumerate(self._running):
+            r.slot = i
 
     def _accept(self, batch: list[_Running], logits: torch.Tensor) -> None:
         ids, lps = select(logits, [r.request.sampling for r in batch], [r.gen for r in batch])
@@ -293,6 +313,19 @@ class BuiltinEngine(Engine):
                 loop.call_soon_threadsafe(_deliver, items)
             except RuntimeError:  # the consumer's loop is closed
                 pass
+
+
+def _span_groups(lens: list[int], min_rows: int = 4, slack: float = 0.75) -> list[tuple[int, int, int]]:
+    """Split rows sorted by length (longest first) into (start, end, span) groups: a new group
+    starts once a row is shorter than `slack` of its group's span (and the group has
+    `min_rows` rows). Unsorted input still works, just with less benefit."""
+    groups, start, span = [], 0, max(lens)
+    for i, n in enumerate(lens):
+        if i - start >= min_rows and n < slack * span:
+            groups.append((start, i, span))
+            start, span = i, max(lens[i:])
+    groups.append((start, len(lens), span))
+    return groups
 
 
 def _deliver(items) -> None:

@@ -48,6 +48,11 @@ class LlamaConfig:
         mtype = raw.get("model_type", "llama")
         if mtype not in SUPPORTED_TYPES:
             raise ModelLoadError(f"model_type {mtype!r} is not supported (supported: {sorted(SUPPORTED_TYPES)})")
+        # transformers >= 5 writes rope settings as `rope_parameters`; older files as
+        # `rope_theta` + `rope_scaling`.
+        rope = dict(raw.get("rope_parameters") or {})
+        theta = rope.pop("rope_theta", None) or raw.get("rope_theta", 10000.0)
+        scaling = raw.get("rope_scaling") or (rope if rope.get("rope_type", "default") != "default" else None)
         try:
             heads = raw["num_attention_heads"]
             return cls(
@@ -59,8 +64,8 @@ class LlamaConfig:
                 num_kv_heads=raw.get("num_key_value_heads") or heads,
                 head_dim=raw.get("head_dim") or raw["hidden_size"] // heads,
                 rms_norm_eps=raw.get("rms_norm_eps", 1e-6),
-                rope_theta=raw.get("rope_theta", 10000.0),
-                rope_scaling=raw.get("rope_scaling"),
+                rope_theta=float(theta),
+                rope_scaling=scaling,
                 max_position_embeddings=raw.get("max_position_embeddings", 2048),
                 tie_word_embeddings=raw.get("tie_word_embeddings", False),
                 model_type=mtype,
@@ -241,12 +246,14 @@ class LlamaModel:
                 self.v_cache[li, slot, :, start:start + n] = v[a:b].transpose(0, 1)
                 kk = self.k_cache[li, slot, :, : start + n]
                 vv = self.v_cache[li, slot, :, : start + n]
+                if groups > 1:  # SDPA's GQA path falls back to the slow math kernel on CPU
+                    kk, vv = kk.repeat_interleave(groups, 0), vv.repeat_interleave(groups, 0)
                 qq = q[a:b].transpose(0, 1)
                 if start == 0:
-                    out = F.scaled_dot_product_attention(qq, kk, vv, is_causal=True, enable_gqa=groups > 1)
+                    out = F.scaled_dot_product_attention(qq, kk, vv, is_causal=True)
                 else:
                     mask = torch.ones(n, start + n, dtype=torch.bool, device=self.device).tril(start)
-                    out = F.scaled_dot_product_attention(qq, kk, vv, attn_mask=mask, enable_gqa=groups > 1)
+                    out = F.scaled_dot_product_attention(qq, kk, vv, attn_mask=mask)
                 att[a:b] = out.transpose(0, 1)
             h = h + layer.o(att.reshape(h.shape[0], -1))
             h = h + self._mlp(layer, self._rms(h, layer.ln2))
@@ -254,28 +261,45 @@ class LlamaModel:
         return self.logits(h[last])
 
     @torch.inference_mode()
-    def decode(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    def decode(self, tokens: torch.Tensor, positions: torch.Tensor, groups: list[tuple[int, int, int]] | None = None
+               ) -> torch.Tensor:
         """One decode step for slots 0..B-1: token i at position positions[i] in slot i.
+        `groups` [(first row, end row, span)] lets attention read only `span` cache
+        positions for those rows (rows sorted by length waste less); default: one group.
         Returns float32 logits [B, vocab]."""
         c = self.cfg
         b = tokens.shape[0]
-        span = int(positions.max()) + 1
+        if groups is None:
+            groups = [(0, b, int(positions.max()) + 1)]
         cos, sin = self._rope(positions)
         h = self.embed[tokens]
         slots = torch.arange(b, device=self.device)
-        mask = (torch.arange(span, device=self.device)[None, :] <= positions[:, None])[:, None, None, :]
+        ar = torch.arange(groups[0][2], device=self.device)
+        masks = [(ar[None, :span] <= positions[a:e, None])[:, None, None, :] for a, e, span in groups]
         gqa = c.num_heads != c.num_kv_heads
         for li, layer in enumerate(self.layers):
             q, k, v = self._qkv(layer, self._rms(h, layer.ln1), cos, sin)
             kc, vc = self.k_cache[li], self.v_cache[li]
             kc[slots, :, positions] = k
             vc[slots, :, positions] = v
-            out = F.scaled_dot_product_attention(
-                q[:, :, None, :], kc[:b, :, :span], vc[:b, :, :span], attn_mask=mask, enable_gqa=gqa
-            )
+            q = q[:, :, None, :]
+            outs = [
+                F.scaled_dot_product_attention(
+                    q[a:e], kc[a:e, :, :span], vc[a:e, :, :span], attn_mask=mask, enable_gqa=gqa
+                )
+                for (a, e, span), mask in zip(groups, masks)
+            ]
+            out = outs[0] if len(outs) == 1 else torch.cat(outs, 0)
             h = h + layer.o(out.reshape(b, -1))
             h = h + self._mlp(layer, self._rms(h, layer.ln2))
         return self.logits(h)
+
+    def permute_slots(self, order: list[int], span: int) -> None:
+        """Slot i gets what slot order[i] held (first `span` positions of each)."""
+        idx = torch.tensor(order, device=self.device)
+        n = len(order)
+        self.k_cache[:, :n, :, :span] = self.k_cache[:, idx, :, :span]
+        self.v_cache[:, :n, :, :span] = self.v_cache[:, idx, :, :span]
 
     @torch.inference_mode()
     def forward_full(self, ids: list[int]) -> torch.Tensor:
@@ -284,12 +308,13 @@ class LlamaModel:
         t = torch.tensor(ids, device=self.device)
         cos, sin = self._rope(torch.arange(len(ids), device=self.device))
         h = self.embed[t]
-        gqa = c.num_heads != c.num_kv_heads
+        groups = c.num_heads // c.num_kv_heads
         for layer in self.layers:
             q, k, v = self._qkv(layer, self._rms(h, layer.ln1), cos, sin)
-            out = F.scaled_dot_product_attention(
-                q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), is_causal=True, enable_gqa=gqa
-            )
+            k, v = k.transpose(0, 1), v.transpose(0, 1)
+            if groups > 1:
+                k, v = k.repeat_interleave(groups, 0), v.repeat_interleave(groups, 0)
+            out = F.scaled_dot_product_attention(q.transpose(0, 1), k, v, is_causal=True)
             h = h + layer.o(out.transpose(0, 1).reshape(len(ids), -1))
             h = h + self._mlp(layer, self._rms(h, layer.ln2))
         return self.logits(h)
