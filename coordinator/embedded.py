@@ -92,10 +92,19 @@ def run_embedded(settings: CoordinatorSettings, *, host: str, port: int, nodes: 
         finally:
             up.cancel()
 
+    def _terminate(signum, _frame):
+        raise SystemExit(128 + signum)
+
+    # uvicorn shuts down gracefully on SIGINT/SIGTERM, then re-raises the signal: these
+    # handlers turn it into an exception so the children are always stopped below.
+    signal.signal(signal.SIGTERM, _terminate)
     try:
         asyncio.run(_main())
+    except (KeyboardInterrupt, SystemExit):
+        pass
     finally:
         _stop_children(children)
+        print("agora up: stopped", file=sys.stderr, flush=True)
     return 0
 
 

@@ -60,7 +60,12 @@ class Runtime:
     def start_in_process_worker(self) -> None:
         if self._worker_thread is not None:
             return
+        import warnings
+
         import scheduler.tasks  # noqa: F401  (registers the tasks)
+
+        # Celery warns about root even for an in-process thread that forks nothing.
+        warnings.filterwarnings("ignore", message=".*superuser privileges.*")
 
         self._worker = self.celery.Worker(
             pool="solo", concurrency=1, loglevel="WARNING", quiet=True,

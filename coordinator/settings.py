@@ -8,7 +8,7 @@ from pathlib import Path
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-IN_PROCESS_BROKER = "memory://"
+IN_PROCESS_BROKER = "memory://localhost/"
 
 
 def default_home() -> Path:

@@ -10,9 +10,14 @@ celery_app = Celery("agora", include=["scheduler.tasks"])
 SWEEP_INTERVAL_S = 2.0
 
 
-def configure(broker_url: str, *, sweep_interval_s: float = SWEEP_INTERVAL_S) -> Celery:
+def configure(broker_url: str, *, queue: str = "agora", sweep_interval_s: float = SWEEP_INTERVAL_S) -> Celery:
+    transport_options = {}
+    if broker_url.startswith("memory://"):
+        # kombu's in-memory transport polls (1 s by default): poll fast, it is in-process
+        transport_options["polling_interval"] = 0.002
     celery_app.conf.update(
         broker_url=broker_url,
+        broker_transport_options=transport_options,
         result_backend=None,
         task_ignore_result=True,
         task_acks_late=True,  # a task lost with its worker is redelivered
@@ -21,9 +26,9 @@ def configure(broker_url: str, *, sweep_interval_s: float = SWEEP_INTERVAL_S) ->
         worker_redirect_stdouts=False,
         worker_hijack_root_logger=False,
         broker_connection_retry_on_startup=True,
-        task_default_queue="agora",
+        task_default_queue=queue,
         beat_schedule={
-            "agora-sweep": {"task": "agora.sweep", "schedule": sweep_interval_s},
+            "agora-sweep": {"task": "agora.sweep", "schedule": sweep_interval_s, "options": {"queue": queue}},
         },
     )
     return celery_app
