@@ -52,7 +52,7 @@ class NodeAgent:
             model=self.settings.market_model, price_in=self.settings.price_in,
             price_out=self.settings.price_out, tokens_per_s=tps,
             tokens_per_s_b1=summary.get("tokens_per_s_b1"), ttft_ms=summary.get("ttft_ms"),
-            max_context=getattr(self.engine, "max_context", 2048),
+            max_context=getattr(self.engine, "max_context", None) or getattr(self.engine, "max_seq_len", 2048),
         )
         reg = Registration(node_id=self.node_id, **fresh_stamp(), models=[offer],
                            region=self.settings.region, max_concurrency=self.settings.max_concurrency,

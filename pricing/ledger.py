@@ -36,7 +36,7 @@ from pricing.money import fee_of
 
 
 def _utcnow() -> datetime:
-    return datetime.now(timezone.utc).replace(tzinfo=None)
+    return datetime.now(timezone.utc)
 
 
 class AccountKind(str, enum.Enum):
