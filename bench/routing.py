@@ -178,7 +178,7 @@ def main() -> None:
     print(f"over-claimers' share: believed {after_off:.3f}, learned: first 200 {first_on:.3f}, after {after_on:.3f}"
           f" (drop {drop:.1%})")
 
-    gaps = snapshot_gaps(learned, 2 if args.quick else 4, args.seed)
+    gaps = snapshot_gaps(learned, 2, args.seed)
     print(f"LP optimum on burst snapshots ({gaps['snapshot_requests']} requests × {gaps['snapshot_nodes']} nodes): "
           f"cost gap vs same-objective LP {gaps['cost_gap_vs_optimum']:+.2%}, vs min-cost LP "
           f"{gaps['cost_gap_vs_min_cost_lp']:+.2%} (cost seekers, honest nodes: "

@@ -42,6 +42,18 @@ def _total(C: np.ndarray, choice: np.ndarray) -> float:
     return float(C[rows, choice[rows]].sum())
 
 
+def _fill(S: np.ndarray, choice: np.ndarray, capacity: np.ndarray) -> np.ndarray:
+    """Place any unplaced request that still has a feasible node with a free slot."""
+    left = capacity - np.bincount(choice[choice >= 0], minlength=len(capacity))
+    for r in np.flatnonzero(choice < 0):
+        row = np.where(left > 0, S[r], np.inf)
+        j = int(row.argmin())
+        if np.isfinite(row[j]):
+            choice[r] = j
+            left[j] -= 1
+    return choice
+
+
 def group_by_model(requests: list[PendingRequest], nodes: list[NodeState]):
     """Yield (model, requests, online nodes) in first-seen order of the requests' models."""
     models = {r.model for r in requests}
@@ -152,7 +164,7 @@ class PricePerformancePolicy(RoutingPolicy):
             alt = auction(C, snap.free)
             n_da, n_alt = int((choice >= 0).sum()), int((alt >= 0).sum())
             if n_alt > n_da or (n_alt == n_da and _total(C, alt) < _total(C, choice)):
-                choice = alt
+                choice = _fill(S, alt, snap.free)  # the auction may stop short on a price war
         return choice, feasible
 
     def _clearing_prices(self, snap: Snapshot) -> np.ndarray | None:
