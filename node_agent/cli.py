@@ -45,6 +45,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="skip the start-up benchmark (needs --tokens-per-s)")
     p.add_argument("--tokens-per-s", dest="advertised_tokens_per_s", type=float)
     p.add_argument("--torch-threads", type=int)
+    p.add_argument("--max-tokens-per-s", dest="throttle_tokens_per_s", type=float,
+                   help="cap each stream at this rate (sell a slice of the machine; also a test tool)")
     p.add_argument("-v", "--verbose", action="store_true")
     return p
 
@@ -72,8 +74,13 @@ def load_engine(settings: NodeSettings):
         return load_vllm_engine(settings.model, dtype=settings.dtype)
     from node_agent.engines.builtin import load_builtin_engine
 
-    return load_builtin_engine(settings.model, device=settings.device, dtype=settings.dtype,
-                               max_batch=settings.max_concurrency)
+    engine = load_builtin_engine(settings.model, device=settings.device, dtype=settings.dtype,
+                                 max_batch=settings.max_concurrency)
+    if settings.throttle_tokens_per_s:
+        from node_agent.engines.throttle import ThrottledEngine
+
+        engine = ThrottledEngine(engine, settings.throttle_tokens_per_s)
+    return engine
 
 
 async def _run_agent(settings: NodeSettings) -> None:

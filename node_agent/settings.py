@@ -46,6 +46,7 @@ class NodeSettings(BaseSettings):
     heartbeat_interval_s: float = 5.0
     reconnect_max_s: float = 10.0
     torch_threads: int | None = None
+    throttle_tokens_per_s: float | None = Field(default=None, gt=0, description="cap per stream")
 
     @property
     def market_model(self) -> str:
