@@ -244,16 +244,16 @@ class LlamaModel:
                 n = b - a
                 self.k_cache[li, slot, :, start:start + n] = k[a:b].transpose(0, 1)
                 self.v_cache[li, slot, :, start:start + n] = v[a:b].transpose(0, 1)
-                kk = self.k_cache[li, slot, :, : start + n]
-                vv = self.v_cache[li, slot, :, : start + n]
-                if groups > 1:  # SDPA's GQA path falls back to the slow math kernel on CPU
-                    kk, vv = kk.repeat_interleave(groups, 0), vv.repeat_interleave(groups, 0)
-                qq = q[a:b].transpose(0, 1)
+                # 4-D inputs: CPU SDPA takes its flash kernel (3-D ones fall back to math).
+                kk = self.k_cache[li, slot, None, :, : start + n]
+                vv = self.v_cache[li, slot, None, :, : start + n]
+                qq = q[None, a:b].transpose(1, 2)
                 if start == 0:
-                    out = F.scaled_dot_product_attention(qq, kk, vv, is_causal=True)
+                    out = F.scaled_dot_product_attention(qq, kk, vv, is_causal=True, enable_gqa=groups > 1)
                 else:
                     mask = torch.ones(n, start + n, dtype=torch.bool, device=self.device).tril(start)
-                    out = F.scaled_dot_product_attention(qq, kk, vv, attn_mask=mask)
+                    out = F.scaled_dot_product_attention(qq, kk, vv, attn_mask=mask, enable_gqa=groups > 1)
+                out = out[0]
                 att[a:b] = out.transpose(0, 1)
             h = h + layer.o(att.reshape(h.shape[0], -1))
             h = h + self._mlp(layer, self._rms(h, layer.ln2))
@@ -276,17 +276,17 @@ class LlamaModel:
         slots = torch.arange(b, device=self.device)
         ar = torch.arange(groups[0][2], device=self.device)
         masks = [(ar[None, :span] <= positions[a:e, None])[:, None, None, :] for a, e, span in groups]
-        gqa = c.num_heads != c.num_kv_heads
+        g = c.num_heads // c.num_kv_heads
         for li, layer in enumerate(self.layers):
             q, k, v = self._qkv(layer, self._rms(h, layer.ln1), cos, sin)
             kc, vc = self.k_cache[li], self.v_cache[li]
             kc[slots, :, positions] = k
             vc[slots, :, positions] = v
-            q = q[:, :, None, :]
+            # The g query heads sharing a KV head act as g query rows of one head: the kernel
+            # then reads each KV head once (about 20% faster than enable_gqa on CPU).
+            q = q.view(b, c.num_kv_heads, g, c.head_dim)
             outs = [
-                F.scaled_dot_product_attention(
-                    q[a:e], kc[a:e, :, :span], vc[a:e, :, :span], attn_mask=mask, enable_gqa=gqa
-                )
+                F.scaled_dot_product_attention(q[a:e], kc[a:e, :, :span], vc[a:e, :, :span], attn_mask=mask)
                 for (a, e, span), mask in zip(groups, masks)
             ]
             out = outs[0] if len(outs) == 1 else torch.cat(outs, 0)
@@ -311,10 +311,10 @@ class LlamaModel:
         groups = c.num_heads // c.num_kv_heads
         for layer in self.layers:
             q, k, v = self._qkv(layer, self._rms(h, layer.ln1), cos, sin)
-            k, v = k.transpose(0, 1), v.transpose(0, 1)
-            if groups > 1:
-                k, v = k.repeat_interleave(groups, 0), v.repeat_interleave(groups, 0)
-            out = F.scaled_dot_product_attention(q.transpose(0, 1), k, v, is_causal=True)
+            out = F.scaled_dot_product_attention(
+                q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None],
+                is_causal=True, enable_gqa=groups > 1,
+            )[0]
             h = h + layer.o(out.transpose(0, 1).reshape(len(ids), -1))
             h = h + self._mlp(layer, self._rms(h, layer.ln2))
         return self.logits(h)
