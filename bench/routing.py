@@ -81,7 +81,7 @@ def snapshot_gaps(sim: Simulation, n_snapshots: int, seed: int) -> dict:
       < 80% of claim) excluded, as the policy's penalty all but excludes them.
     """
     policy = PricePerformancePolicy()
-    nodes = [n for n in sim._node_states(0.0) if n.online]
+    nodes = [n for n in sim.node_states(0.0) if n.online]
     slots = sum(n.free_slots for n in nodes)
     money = dict.fromkeys(("ours", "lp", "lp_cost", "ours_seekers", "lp_seekers"), 0.0)
     obj = {"ours": 0.0, "lp": 0.0}
@@ -129,7 +129,7 @@ def snapshot_gaps(sim: Simulation, n_snapshots: int, seed: int) -> dict:
 def dispatch_ms(n_req: int, n_nodes: int, seed: int, repeats: int) -> float:
     fleet = build_fleet(n_nodes, seed=seed + 7)
     sim = Simulation(fleet, get_policy("price_performance"))
-    nodes = sim._node_states(0.0)
+    nodes = sim.node_states(0.0)
     reqs = to_pending(poisson_trace(n_req, 1e6, seed=seed + 8))
     policy = get_policy("price_performance")
     policy.route(reqs, nodes)  # warm-up

@@ -64,6 +64,7 @@ class SimNode:
     overhead_ms: float
     advertised_tokens_per_s: float
     advertised_ttft_ms: float  # at a 640-token prompt
+    advertised_prefill_tokens_per_s: float
     overclaims: bool = False
     mtbf_s: float | None = None  # mean time between failures (None: never fails)
     downtime_s: float = 15.0
@@ -114,6 +115,7 @@ def build_fleet(
                 prefill_tokens_per_s=prefill, overhead_ms=overhead,
                 advertised_tokens_per_s=tps * claim,
                 advertised_ttft_ms=(overhead + 640_000.0 / prefill) / (claim if over[i] else 1.0),
+                advertised_prefill_tokens_per_s=prefill * (claim if over[i] else 1.0),
                 overclaims=bool(over[i]),
                 mtbf_s=float(rng.uniform(20.0, 60.0)) if failing[i] else None,
             )

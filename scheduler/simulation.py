@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from scheduler.backoff import Backoff
-from scheduler.batching import free_slots
+from scheduler.batching import ThroughputCurve, free_slots
 from scheduler.estimates import SpeedEstimator
 from scheduler.fleet import SimNode
 from scheduler.latency import RttTable, default_rtt_table
@@ -116,19 +116,23 @@ class Simulation:
         self.rtt = rtt or default_rtt_table()
         self.est = SpeedEstimator()
         for n in fleet:
-            self.est.seed(n.id, MODEL, n.advertised_tokens_per_s, n.advertised_ttft_ms - 640_000.0 / n.prefill_tokens_per_s, n.prefill_tokens_per_s)
+            adv_prefill = n.advertised_prefill_tokens_per_s
+            overhead = max(0.0, n.advertised_ttft_ms - 640_000.0 / adv_prefill)
+            self.est.seed(n.id, MODEL, n.advertised_tokens_per_s, overhead, adv_prefill)
         self.backoff = Backoff(base_s=5.0)
         self.active: list[list[_Run]] = [[] for _ in fleet]
         self.up = [True] * len(fleet)
         self.failures = [0] * len(fleet)
         self.node_rtt = [self.rtt.rtt_ms(n.region, COORDINATOR_REGION) for n in fleet]
 
-    def _node_states(self, now: float) -> list[NodeState]:
+    def node_states(self, now: float) -> list[NodeState]:
+        """The routing snapshot at `now` (ms), built as the dispatch task should build it."""
         out = []
         blocked = self.backoff.blocked(now / 1000.0)
         for i, n in enumerate(self.fleet):
             ratio = self.est.claim_ratio(n.id, MODEL)
-            curve = n.curve.__class__(n.advertised_tokens_per_s * ratio, n.curve.slowdown_per_stream, n.curve.max_batch)
+            # The benchmark curve's shape at the measured level (claims × measured/claimed).
+            curve = ThroughputCurve(n.advertised_tokens_per_s * ratio, n.curve.slowdown_per_stream, n.curve.max_batch)
             busy = len(self.active[i])
             slots = free_slots(curve, busy, MIN_STREAM_FRACTION)
             full = max(busy + 1, curve.max_streams(MIN_STREAM_FRACTION))
@@ -217,7 +221,7 @@ class Simulation:
                     min_tokens_per_s=r.min_tokens_per_s, waited_ms=now - r.arrival_ms,
                 )
             )
-        decision = self.policy.route(reqs, self._node_states(now))
+        decision = self.policy.route(reqs, self.node_states(now))
         finished = 0
         for rid, reason in decision.rejections.items():
             r, delivered = pending.pop(rid)
