@@ -70,10 +70,12 @@ class Channel:
                     await self._send_assignment(frame)
                 self.rt.trigger_dispatch()
                 pump = asyncio.create_task(self._pump(sub))
+                pinger = asyncio.create_task(self._ping_loop())
                 try:
                     await self._read_loop()
                 finally:
                     pump.cancel()
+                    pinger.cancel()
         finally:
             await run_in_threadpool(self._disconnected)
 
@@ -136,6 +138,20 @@ class Channel:
                 async with self.send_lock:
                     await self.ws.send_json(msg)
 
+    async def _ping_loop(self) -> None:
+        """Measure the round trip to the node ourselves (a node's own claim could lie)."""
+        while True:
+            async with self.send_lock:
+                await self.ws.send_json({"type": "ping", "t": time.monotonic()})
+            await asyncio.sleep(self.rt.settings.heartbeat_interval_s)
+
+    def _store_rtt(self, rtt_ms: float) -> None:
+        with self.rt.session() as s:
+            node = s.get(Node, self.node_id)
+            if node is not None:
+                node.rtt_ms = rtt_ms if not node.rtt_ms else 0.8 * node.rtt_ms + 0.2 * rtt_ms
+                s.add(node)
+
     # ------------------------------------------------------------------ upstream
     async def _read_loop(self) -> None:
         while True:
@@ -153,6 +169,10 @@ class Channel:
                     await self._on_done(Done.model_validate(frame))
                 elif kind == "error":
                     await self._on_error(WorkError.model_validate(frame))
+                elif kind == "pong" and isinstance(frame.get("t"), (int, float)):
+                    rtt_ms = (time.monotonic() - frame["t"]) * 1000
+                    if 0 <= rtt_ms < 60_000:
+                        asyncio.get_running_loop().run_in_executor(None, self._store_rtt, rtt_ms)
             except ValidationError as exc:
                 log.warning("node %s sent a malformed %s frame: %s", self.node_id[:12], kind, exc)
 

@@ -142,11 +142,16 @@ class NodeAgent:
             task = self.tasks.get(frame.get("request_id", ""))
             if task is not None:
                 task.cancel()
+        elif kind == "ping":
+            asyncio.create_task(self._send_raw({"type": "pong", "t": frame.get("t")}))
 
     async def _send(self, frame) -> None:
+        await self._send_raw(frame.model_dump_json())
+
+    async def _send_raw(self, data: str | dict) -> None:
         async with self._send_lock:
             if self._ws is not None:
-                await self._ws.send(frame.model_dump_json())
+                await self._ws.send(data if isinstance(data, str) else json.dumps(data))
 
     # ------------------------------------------------------------------ serving one request
     async def _serve(self, a: Assignment) -> None:

@@ -41,6 +41,9 @@ class NodePublic(NodeBase):
     channel_connected: bool
     last_heartbeat_at: datetime | None
     reputation: float
+    rtt_ms: float
+    failures: int
+    backoff_until: datetime | None
     offers: list["NodeOfferPublic"] = []
 
 
@@ -66,6 +69,7 @@ class NodeOffer(NodeOfferBase, table=True):
 class NodeOfferPublic(NodeOfferBase):
     measured_tokens_per_s: float | None = None
     measured_ttft_ms: float | None = None
+    claim_ratio: float | None = None  # measured ÷ advertised per-stream tok/s (1.0 = honest)
 
 
 class NodeNonce(SQLModel, table=True):

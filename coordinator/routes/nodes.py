@@ -47,11 +47,17 @@ async def list_nodes(rt: Runtime = Depends(runtime)) -> list[NodePublic]:
             for n in nodes:
                 pub = NodePublic.model_validate(n, update={
                     "online": node_registry.is_live(n, rt.settings),
-                    "offers": [NodeOfferPublic.model_validate(o) for o in offers if o.node_id == n.id]})
+                    "offers": [_offer_public(o) for o in offers if o.node_id == n.id]})
                 out.append(pub)
             return out
 
     return await run_in_threadpool(_do)
+
+
+def _offer_public(o: NodeOffer) -> NodeOfferPublic:
+    advertised = o.tokens_per_s_b1 or o.tokens_per_s
+    ratio = o.measured_tokens_per_s / advertised if o.measured_tokens_per_s and advertised else None
+    return NodeOfferPublic.model_validate(o, update={"claim_ratio": ratio})
 
 
 @router.websocket("/channel")

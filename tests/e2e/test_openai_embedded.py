@@ -53,6 +53,15 @@ def test_models_lists_live_offer_with_prices_and_speed(market):
     assert extra["tokens_per_s"]["max"] > 0
 
 
+def test_nodes_view_shows_measured_rtt_and_speed(market):
+    client(market, funded_key(market)).completions.create(model="tiny", prompt="warm", max_tokens=16)
+    nodes = httpx.get(market.base + "/v1/nodes").json()
+    assert len(nodes) == 1 and nodes[0]["online"]
+    assert nodes[0]["rtt_ms"] > 0  # measured by the coordinator's own ping on the channel
+    offer = nodes[0]["offers"][0]
+    assert offer["measured_tokens_per_s"] > 0 and offer["claim_ratio"] > 0
+
+
 def test_chat_non_streaming_charges_reported_cost(market):
     key = funded_key(market)
     before = balance(market, key)

@@ -2,7 +2,7 @@
 
 Revision ID: 0001
 Revises: 
-Create Date: 2026-11-28 16:48:26.059344
+Create Date: 2026-11-28 16:59:26.387339
 """
 from alembic import op
 import sqlalchemy as sa
