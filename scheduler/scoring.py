@@ -109,13 +109,28 @@ def build_snapshot(
     rtt = rtt or default_rtt_table()
     R, N, B = len(requests), len(nodes), N_BUCKETS
     f64 = np.float64
-    prompt = np.fromiter((r.prompt_tokens for r in requests), f64, R)
-    max_tokens = np.fromiter((r.max_tokens for r in requests), f64, R)
+    inf = np.inf
+    # One pass over the requests (the dominant Python cost at 10k requests).
+    cols = np.array(
+        [
+            (
+                r.prompt_tokens, r.max_tokens, inf if r.max_ttft_ms is None else r.max_ttft_ms, r.waited_ms,
+                r.min_tokens_per_s or 0.0, inf if r.max_price is None else r.max_price, SORTS.get(r.sort, 0),
+                r.require_region,
+            )
+            for r in requests
+        ],
+        dtype=f64,
+    ).reshape(R, 8)
+    prompt, max_tokens, max_ttft, waited, min_tps, max_price = (cols[:, k].copy() for k in range(6))
+    sort = cols[:, 6].astype(np.int64)
+    require = cols[:, 7] > 0
     bucket = prompt_buckets(prompt)
     req_regions = [r.region for r in requests]
     uniq = sorted({g for g in req_regions if g is not None})
     code = {g: i for i, g in enumerate(uniq)}
-    rcode = np.fromiter((code.get(g, len(uniq)) for g in req_regions), np.int64, R)
+    code[None] = len(uniq)
+    rcode = np.array([code[g] for g in req_regions], dtype=np.int64).reshape(R)
     node_regions = [n.region for n in nodes]
     rtt_rows = np.empty((len(uniq) + 1, N))
     if uniq:
@@ -140,11 +155,6 @@ def build_snapshot(
     x_dec[np.arange(R), bucket] = max_tokens
     y_dec = 1000.0 / tps_nb
 
-    max_ttft = np.array([np.inf if r.max_ttft_ms is None else r.max_ttft_ms for r in requests], f64).reshape(R)
-    waited = np.fromiter((r.waited_ms for r in requests), f64, R)
-    min_tps = np.array([r.min_tokens_per_s or 0.0 for r in requests], f64).reshape(R)
-    max_price = np.array([np.inf if r.max_price is None else r.max_price for r in requests], f64).reshape(R)
-    sort = np.fromiter((SORTS.get(r.sort, 0) for r in requests), np.int64, R)
 
     # Per-request references: what a typical node would charge / take for this request.
     med_in, med_out = (float(np.median(price_in)), float(np.median(price_out))) if N else (1.0, 1.0)
@@ -164,8 +174,7 @@ def build_snapshot(
     mult = _node_multiplier(nodes, w) if N else np.zeros(0)
     y_score = mult[:, None] * np.concatenate([price_in[:, None], price_out[:, None], y_ttft, y_dec], axis=1)
 
-    node_code = np.array([code.get(g, -1) for g in node_regions], np.int64).reshape(N)
-    require = np.fromiter((r.require_region for r in requests), bool, R)
+    node_code = np.array([-1 if g is None else code.get(g, -1) for g in node_regions], np.int64).reshape(N)
     classes, table = _constraint_classes(
         rcode, bucket, min_tps, max_price, require, rtt_rows, ttft_nb + queue[:, None], tps_nb, price_out, node_code,
         has_prefill=bool(prefill.any()),
