@@ -1,0 +1,97 @@
+"""The Celery tasks over the coordinator's store: dispatch is idempotent under
+redelivery; the sweep (beat) takes nodes offline, puts orphaned assignments back in the
+queue, expires holds and prunes old nonces."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+import pytest
+from sqlalchemy import update
+
+from coordinator.account_service import create_account
+from coordinator.admission import admit
+from coordinator.db import create_all, make_engine
+from coordinator.models import InferenceRequest, Node, NodeNonce, RequestStatus
+from coordinator.models.account import utcnow
+from coordinator.node_registry import register
+from coordinator.runtime import Runtime
+from coordinator.schemas import ChatCompletionRequest
+from coordinator.settings import CoordinatorSettings
+from node_agent.identity import Identity
+from node_agent.protocol import ModelOffer, Registration, fresh_stamp
+from pricing.ledger import Ledger, LedgerHold, HoldState
+from scheduler import tasks
+
+
+@pytest.fixture
+def rt(tmp_path):
+    settings = CoordinatorSettings(home=tmp_path, database_url=f"sqlite:///{tmp_path / 't.db'}",
+                                   run_worker_in_process=False, heartbeat_timeout_s=20)
+    engine = make_engine(settings.effective_database_url)
+    create_all(engine)
+    runtime = Runtime(settings, engine=engine)
+    yield runtime
+    runtime.stop()
+
+
+def _node(rt, concurrency=2) -> str:
+    me = Identity.generate()
+    reg = Registration(node_id=me.public_key_hex, **fresh_stamp(), region="us-east", max_concurrency=concurrency,
+                       models=[ModelOffer(model="tiny", price_in=1000, price_out=2000, tokens_per_s=50.0)]).sign(me)
+    with rt.session() as s:
+        register(s, reg, rt.settings).channel_connected = True
+    return me.public_key_hex
+
+
+def _queue(rt, n: int) -> tuple[list[str], int]:
+    with rt.session() as s:
+        acct, _ = create_account(s, "b", 10**9)
+        body = ChatCompletionRequest(model="tiny", messages=[{"role": "user", "content": "x"}], max_tokens=4)
+        return [admit(s, acct, body, "chat", rt.settings).request.id for _ in range(n)], acct.ledger_account_id
+
+
+def _status(rt, rid):
+    with rt.session() as s:
+        return s.get(InferenceRequest, rid).status
+
+
+def test_dispatch_task_redelivered_assigns_each_request_once(rt):
+    _node(rt, concurrency=8)
+    rids, _ = _queue(rt, 3)
+    first = tasks.dispatch.apply(kwargs={"window_ms": 0}).get()
+    again = tasks.dispatch.apply(kwargs={"window_ms": 0}).get()  # a redelivered copy
+    assert first["assigned"] == 3 and again["assigned"] == 0 and again["pending"] == 0
+    assert {_status(rt, r) for r in rids} == {RequestStatus.ASSIGNED}
+
+
+def test_sweep_requeues_orphans_and_marks_silent_nodes_offline(rt):
+    node_id = _node(rt)
+    rids, _ = _queue(rt, 1)
+    tasks.dispatch.apply(kwargs={"window_ms": 0})
+    assert _status(rt, rids[0]) == RequestStatus.ASSIGNED
+    with rt.session() as s:  # the node falls silent
+        s.exec(update(Node).where(Node.id == node_id).values(
+            last_heartbeat_at=utcnow() - timedelta(seconds=60)))
+    report = tasks.sweep.apply().get()
+    assert report["offline"] == [node_id]
+    assert report["requeued"] == rids
+    with rt.session() as s:
+        req = s.get(InferenceRequest, rids[0])
+        assert (req.status, req.node_id, req.price_out) == (RequestStatus.QUEUED, None, None)
+        assert s.get(Node, node_id).online is False
+
+
+def test_sweep_expires_overdue_holds_and_prunes_nonces(rt):
+    _node(rt)
+    _, buyer = _queue(rt, 0)
+    with rt.session() as s:
+        led = Ledger(s)
+        hold = led.create_hold(buyer, 500, idempotency_key="h1", expires_at=utcnow() - timedelta(seconds=1))
+        s.add(NodeNonce(node_id="x" * 64, nonce="old-nonce", seen_at=utcnow() - timedelta(hours=1)))
+    report = tasks.sweep.apply().get()
+    assert report["holds_expired"] == 1 and report["nonces_pruned"] >= 1
+    with rt.session() as s:
+        assert s.get(LedgerHold, hold.id).state == HoldState.VOIDED
+        assert Ledger(s).balance(buyer) == 10**9
+    assert tasks.sweep.apply().get()["holds_expired"] == 0
