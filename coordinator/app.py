@@ -7,7 +7,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 
 from coordinator.errors import install_error_handlers
-from coordinator.routes import accounts, nodes, openai_api
+from coordinator.routes import accounts, nodes, openai_api, requests
 from coordinator.runtime import Runtime
 from coordinator.settings import CoordinatorSettings, get_settings
 
@@ -35,6 +35,7 @@ def create_app(settings: CoordinatorSettings | None = None, runtime: Runtime | N
     app.include_router(openai_api.router)
     app.include_router(nodes.router)
     app.include_router(accounts.router)
+    app.include_router(requests.router)
 
     @app.get("/healthz", tags=["ops"])
     async def healthz():
