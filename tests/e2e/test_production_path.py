@@ -63,3 +63,33 @@ def test_openai_flow_on_postgres_with_separate_worker(market):
     assert bal["balance_nano_usd"] == 10**9 - spent
     with pytest.raises(openai.NotFoundError):
         c.chat.completions.create(model="nope", messages=[{"role": "user", "content": "x"}])
+
+
+def test_two_api_replicas_relay_tokens_through_redis(tmp_path, pg_url):
+    """The node holds its channel on replica A; the buyer talks to replica B."""
+    from tests.e2e.market import free_port
+
+    tag = uuid.uuid4().hex[:8]
+    env = {**os.environ, "AGORA_HOME": str(tmp_path), "AGORA_DATABASE_URL": pg_url,
+           "AGORA_BROKER_URL": BROKERS["redis"][0], "AGORA_REDIS_URL": "redis://127.0.0.1:6379/0",
+           "AGORA_CELERY_QUEUE": f"agora-test-{tag}", "AGORA_REDIS_PREFIX": f"agora-test-{tag}:",
+           "AGORA_NODE_HEARTBEAT_INTERVAL_S": "1"}
+    m = Market(home=tmp_path, env=env)
+    try:
+        m.agora("migrate")
+        m.start_coordinator()  # replica A: the node connects here
+        m.start_worker()
+        m.start_node("node-r")
+        m.wait_live("tiny", 1)
+        port_b = free_port()
+        m.spawn("coordinator-b", "serve", "--port", str(port_b), "--no-migrate")
+        base_b = f"http://127.0.0.1:{port_b}"
+        m.wait(lambda: httpx.get(base_b + "/healthz", timeout=1).status_code == 200, "replica B")
+        key = m.agora("account", "create", "--credit", str(10**9))
+        c = openai.OpenAI(base_url=base_b + "/v1", api_key=key, max_retries=0, timeout=60)
+        chunks = list(c.completions.create(model="tiny", prompt="hello", max_tokens=8, temperature=0,
+                                           stream=True, stream_options={"include_usage": True}))
+        assert chunks[-1].usage.completion_tokens == 8
+        assert sum(1 for ch in chunks if ch.choices and ch.choices[0].text) >= 2
+    finally:
+        m.stop()
