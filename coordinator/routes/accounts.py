@@ -11,6 +11,8 @@ from coordinator.auth import require_admin
 from coordinator.models import Account, AccountPublic
 from coordinator.routes.deps import current_account, runtime
 from coordinator.runtime import Runtime
+from coordinator.errors import Conflict, NotFound
+from pricing.errors import IdempotencyConflict
 from pricing.ledger import Ledger
 
 router = APIRouter(tags=["accounts"])
@@ -29,6 +31,30 @@ async def my_account(account: Account = Depends(current_account), rt: Runtime = 
 class AccountCreate(BaseModel):
     name: str = Field(default="buyer", max_length=100)
     credit_nano_usd: int = Field(default=0, ge=0)
+
+
+class DepositCreate(BaseModel):
+    amount_nano_usd: int = Field(gt=0, le=10**18)
+    idempotency_key: str = Field(min_length=1, max_length=160)
+
+
+@router.post("/admin/accounts/{account_id}/deposits", dependencies=[Depends(require_admin)])
+async def deposit(account_id: str, body: DepositCreate, rt: Runtime = Depends(runtime)):
+    """Credit a buyer (operator). A replay with the same key returns the first answer."""
+
+    def _do():
+        with rt.session() as s:
+            account = s.get(Account, account_id)
+            if account is None:
+                raise NotFound(f"no account {account_id}")
+            try:
+                balance = Ledger(s).deposit(account.ledger_account_id, body.amount_nano_usd,
+                                            idempotency_key=f"deposit:{body.idempotency_key}")
+            except IdempotencyConflict as exc:
+                raise Conflict(str(exc), code="idempotency_conflict") from exc
+            return {"account_id": account_id, "balance_nano_usd": balance}
+
+    return await run_in_threadpool(_do)
 
 
 @router.post("/admin/accounts", dependencies=[Depends(require_admin)])
