@@ -38,7 +38,7 @@ from scheduler.fleet import build_fleet  # noqa: E402
 from scheduler.optimum import optimum, solve_assignment  # noqa: E402
 from scheduler.policies import PricePerformancePolicy  # noqa: E402
 from scheduler.routing import PendingRequest, get_policy  # noqa: E402
-from scheduler.scoring import expected_cost, score_matrix  # noqa: E402
+from scheduler.scoring import score_matrix  # noqa: E402
 from scheduler.simulation import MODEL, Simulation, share  # noqa: E402
 from scheduler.traces import bursty_trace, poisson_trace  # noqa: E402
 
