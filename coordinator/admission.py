@@ -9,12 +9,15 @@ bytes), so the hold is never short; the node's signed count is settled later.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import secrets
 from dataclasses import dataclass
 
+from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, select
 
-from coordinator.errors import BadRequest, InsufficientBalance, ModelNotFound, NoCapacity
+from coordinator.errors import BadRequest, Conflict, InsufficientBalance, ModelNotFound, NoCapacity
 from coordinator.models import Account, InferenceRequest, Node, NodeOffer
 from coordinator.node_registry import is_live
 from coordinator.schemas import ChatCompletionRequest, CompletionRequest
@@ -41,12 +44,23 @@ def live_offers(session: Session, model: str, settings: CoordinatorSettings) -> 
     return [offer for offer, node in rows if is_live(node, settings)], bool(rows)
 
 
+def body_hash(body: ChatCompletionRequest | CompletionRequest, kind: str) -> str:
+    data = body.model_dump(mode="json", exclude={"stream", "stream_options"})
+    return hashlib.sha256(json.dumps([kind, data], sort_keys=True).encode()).hexdigest()
+
+
+def find_keyed(session: Session, account: Account, key: str) -> InferenceRequest | None:
+    return session.exec(select(InferenceRequest).where(
+        InferenceRequest.account_id == account.id, InferenceRequest.idempotency_key == key)).first()
+
+
 def admit(
     session: Session,
     account: Account,
     body: ChatCompletionRequest | CompletionRequest,
     kind: str,
     settings: CoordinatorSettings,
+    idempotency_key: str | None = None,
 ) -> Admitted:
     offers, known = live_offers(session, body.model, settings)
     if not known:
@@ -76,6 +90,8 @@ def admit(
     )
     rid = new_request_id()
     payload: dict = {"sampling": body.sampling(max_tokens)}
+    if idempotency_key:
+        payload["idempotency_hash"] = body_hash(body, kind)
     if isinstance(body, ChatCompletionRequest):
         payload["messages"] = body.plain_messages()
     else:
@@ -90,9 +106,15 @@ def admit(
         prompt_tokens_est=prompt_est,
         max_tokens=max_tokens,
         hold_amount=hold_amount,
+        idempotency_key=idempotency_key,
     )
     session.add(request)
-    session.flush()
+    try:
+        with session.begin_nested():
+            session.flush()
+    except IntegrityError:
+        raise Conflict("a request with this Idempotency-Key is already in progress",
+                       code="idempotency_conflict") from None
     try:
         hold = Ledger(session).create_hold(
             account.ledger_account_id, hold_amount, idempotency_key=f"hold:{rid}", request_ref=rid

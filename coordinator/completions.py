@@ -13,13 +13,14 @@ import logging
 from typing import AsyncIterator
 
 from fastapi.responses import JSONResponse, StreamingResponse
+from sqlalchemy import update
 from starlette.concurrency import run_in_threadpool
 
 from coordinator import openai_format as fmt
-from coordinator.admission import admit
+from coordinator.admission import admit, body_hash, find_keyed
 from coordinator.bus import Subscription
-from coordinator.errors import APIError, NoCapacity, UpstreamFailed
-from coordinator.models import Account, RequestStatus
+from coordinator.errors import APIError, Conflict, NoCapacity, UpstreamFailed
+from coordinator.models import Account, InferenceRequest, RequestStatus
 from coordinator.runtime import Runtime
 from coordinator.schemas import ChatCompletionRequest, CompletionRequest
 from coordinator.failover import fail_over
@@ -122,12 +123,48 @@ class RequestStream:
             await run_in_threadpool(_cancel)
 
 
-async def handle(rt: Runtime, account: Account, body: ChatCompletionRequest | CompletionRequest, kind: str):
+def _replay(prior: InferenceRequest, body, kind: str):
+    """The first answer to a request sent again with the same Idempotency-Key."""
+    if prior.payload.get("idempotency_hash") != body_hash(body, kind):
+        raise Conflict("this Idempotency-Key was used with a different request", code="idempotency_conflict")
+    if not prior.status.finished:
+        raise Conflict("the request with this Idempotency-Key is still in progress", code="idempotency_conflict")
+    if prior.response is None:
+        raise Conflict(f"the request with this Idempotency-Key ended {prior.status.value}"
+                       f"{': ' + prior.error if prior.error else ''}; send a new key to retry",
+                       code="idempotency_conflict")
+    headers = {"X-Agora-Request-Id": prior.id, "X-Agora-Replay": "true"}
+    if not body.stream:
+        return JSONResponse(prior.response, headers=headers)
+    whole = prior.response
+    choice = whole["choices"][0]
+    text = choice["message"]["content"] if kind == "chat" else choice["text"]
+
+    async def _one():
+        yield fmt.sse(fmt.chunk(kind, prior.id, whole["model"], whole["created"], text=text, first=True))
+        yield fmt.sse(fmt.chunk(kind, prior.id, whole["model"], whole["created"],
+                                finish_reason=choice["finish_reason"]))
+        if body.stream_options and body.stream_options.include_usage:
+            yield fmt.sse(fmt.usage_chunk(kind, prior.id, whole["model"], whole["created"], whole["usage"]))
+        yield fmt.sse("[DONE]")
+
+    return StreamingResponse(_one(), media_type="text/event-stream", headers=headers)
+
+
+async def handle(rt: Runtime, account: Account, body: ChatCompletionRequest | CompletionRequest, kind: str,
+                 idempotency_key: str | None = None):
     def _admit():
         with rt.session() as s:
-            return admit(s, account, body, kind, rt.settings).request
+            if idempotency_key:
+                prior = find_keyed(s, account, idempotency_key)
+                if prior is not None:
+                    return prior, True
+            return admit(s, account, body, kind, rt.settings, idempotency_key).request, False
 
-    request = await run_in_threadpool(_admit)
+    request, replayed = await run_in_threadpool(_admit)
+    if replayed:
+        return _replay(request, body, kind)
+    stream_keyed = idempotency_key is not None
     sub = rt.bus.subscribe(f"req:{request.id}")
     await sub.__aenter__()
     try:
@@ -141,16 +178,25 @@ async def handle(rt: Runtime, account: Account, body: ChatCompletionRequest | Co
         raise
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        return StreamingResponse(_sse(stream, first, body.model, kind, include_usage),
+        return StreamingResponse(_sse(stream, first, body.model, kind, include_usage, stream_keyed),
                                  media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Agora-Request-Id": request.id})
     try:
-        return await _collect(stream, first, body.model, kind)
+        return await _collect(stream, first, body.model, kind, stream_keyed)
     finally:
         await sub.__aexit__(None, None, None)
 
 
-async def _collect(stream: RequestStream, msg: dict, model: str, kind: str) -> JSONResponse:
+async def _remember(rt: Runtime, rid: str, body: dict) -> None:
+    """Keep the whole answer of a keyed request so that a replay can return it."""
+    def _save():
+        with rt.session() as s:
+            s.exec(update(InferenceRequest).where(InferenceRequest.id == rid).values(response=body))
+
+    await run_in_threadpool(_save)
+
+
+async def _collect(stream: RequestStream, msg: dict, model: str, kind: str, keyed: bool) -> JSONResponse:
     parts: list[str] = []
     created = fmt.now()
     while msg["type"] == "tokens":
@@ -160,15 +206,20 @@ async def _collect(stream: RequestStream, msg: dict, model: str, kind: str) -> J
         raise _error_from(msg)
     body = fmt.whole(kind, stream.rid, model, created, "".join(parts), msg["finish_reason"],
                      msg["usage"], msg.get("node_id"))
+    if keyed:
+        await _remember(stream.rt, stream.rid, body)
     return JSONResponse(body, headers={"X-Agora-Request-Id": stream.rid})
 
 
-async def _sse(stream: RequestStream, msg: dict, model: str, kind: str, include_usage: bool) -> AsyncIterator[bytes]:
+async def _sse(stream: RequestStream, msg: dict, model: str, kind: str, include_usage: bool,
+               keyed: bool) -> AsyncIterator[bytes]:
     created = fmt.now()
     first = True
     finished = False
+    parts: list[str] = []
     try:
         while msg["type"] == "tokens":
+            parts.append(msg["text"])
             if msg["text"] or first:
                 yield fmt.sse(fmt.chunk(kind, stream.rid, model, created, text=msg["text"], first=first))
                 first = False
@@ -181,6 +232,10 @@ async def _sse(stream: RequestStream, msg: dict, model: str, kind: str, include_
                                     finish_reason=msg["finish_reason"]))
             if include_usage:
                 yield fmt.sse(fmt.usage_chunk(kind, stream.rid, model, created, msg["usage"]))
+            if keyed:
+                await _remember(stream.rt, stream.rid, fmt.whole(
+                    kind, stream.rid, model, created, "".join(parts), msg["finish_reason"], msg["usage"],
+                    msg.get("node_id")))
         yield fmt.sse("[DONE]")
     except APIError as exc:
         finished = True

@@ -18,11 +18,19 @@ def make_engine(url: str) -> Engine:
 
         @event.listens_for(engine, "connect")
         def _sqlite_pragmas(dbapi_conn, _record):  # pragma: no cover - trivial
+            dbapi_conn.isolation_level = None  # SQLAlchemy issues BEGIN itself (savepoints work)
             cur = dbapi_conn.cursor()
             cur.execute("PRAGMA journal_mode=WAL")
             cur.execute("PRAGMA synchronous=NORMAL")
             cur.execute("PRAGMA foreign_keys=ON")
             cur.close()
+
+        @event.listens_for(engine, "begin")
+        def _begin_immediate(conn):  # pragma: no cover - trivial
+            # Take the write lock up front: a deferred transaction that reads, then writes
+            # after another writer committed fails at once with "database is locked"
+            # instead of waiting its turn.
+            conn.exec_driver_sql("BEGIN IMMEDIATE")
 
         return engine
     return create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=20)
@@ -45,3 +53,23 @@ def session_scope(engine: Engine) -> Iterator[Session]:
         except BaseException:
             session.rollback()
             raise
+
+
+def retry_transient(fn, attempts: int = 5, first_delay_s: float = 0.05):
+    """Run `fn()` again on transient database errors (lock timeouts, deadlocks,
+    serialisation failures, dropped connections), with exponential backoff."""
+    import time
+
+    from sqlalchemy.exc import DBAPIError, OperationalError
+
+    delay = first_delay_s
+    for attempt in range(attempts):
+        try:
+            return fn()
+        except (OperationalError, DBAPIError) as exc:
+            transient = isinstance(exc, OperationalError) or getattr(exc, "connection_invalidated", False) or (
+                getattr(getattr(exc, "orig", None), "sqlstate", "") in ("40001", "40P01"))
+            if not transient or attempt == attempts - 1:
+                raise
+            time.sleep(delay)
+            delay *= 2

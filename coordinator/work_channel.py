@@ -19,6 +19,7 @@ from starlette.concurrency import run_in_threadpool
 from sqlalchemy import update
 from sqlmodel import select
 
+from coordinator.db import retry_transient
 from coordinator.errors import APIError
 from coordinator.models import InferenceRequest, Node, RequestStatus
 from coordinator.models.account import utcnow
@@ -175,6 +176,8 @@ class Channel:
                         asyncio.get_running_loop().run_in_executor(None, self._store_rtt, rtt_ms)
             except ValidationError as exc:
                 log.warning("node %s sent a malformed %s frame: %s", self.node_id[:12], kind, exc)
+            except Exception:  # one bad frame (or a database hiccup) must not drop the channel
+                log.exception("node %s: handling a %s frame failed", self.node_id[:12], kind)
 
     async def _on_tokens(self, chunk: TokenChunk) -> None:
         st = self.streams.get(chunk.request_id)
@@ -204,7 +207,7 @@ class Channel:
             ttft_ms=(st.first_at - st.sent_at) * 1000 if st.first_at else None,
         )
         try:
-            result = await run_in_threadpool(self._settle, done, relayed)
+            result = await run_in_threadpool(retry_transient, lambda: self._settle(done, relayed))
         except (ReceiptRejected, APIError) as exc:
             message = exc.message if isinstance(exc, APIError) else str(exc)
             log.warning("receipt for %s rejected: %s", rid, message)

@@ -6,7 +6,7 @@ import enum
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import JSON, Column
+from sqlalchemy import JSON, Column, UniqueConstraint
 from sqlmodel import Field, SQLModel
 
 from coordinator.models.account import utcnow
@@ -31,6 +31,7 @@ _FINISHED = {RequestStatus.COMPLETED, RequestStatus.FAILED, RequestStatus.REJECT
 
 class InferenceRequest(SQLModel, table=True):
     __tablename__ = "inference_requests"
+    __table_args__ = (UniqueConstraint("account_id", "idempotency_key", name="uq_request_idempotency"),)
 
     id: str = Field(primary_key=True, max_length=40)
     account_id: str = Field(foreign_key="accounts.id", index=True)
@@ -39,6 +40,8 @@ class InferenceRequest(SQLModel, table=True):
     status: RequestStatus = Field(default=RequestStatus.QUEUED, index=True)
     payload: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON))
     routing: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON))
+    idempotency_key: str | None = Field(default=None, max_length=160)
+    response: dict[str, Any] | None = Field(default=None, sa_column=Column(JSON))  # kept for keyed replays
     prompt_tokens_est: int
     max_tokens: int
     hold_id: int | None = None

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Depends
+from fastapi import APIRouter, Depends, Header
 from sqlmodel import select
 from starlette.concurrency import run_in_threadpool
 
@@ -16,16 +16,19 @@ from coordinator.schemas import ChatCompletionRequest, CompletionRequest
 router = APIRouter(prefix="/v1", tags=["openai"])
 
 
+IdempotencyKey = Header(default=None, alias="Idempotency-Key", max_length=160)
+
+
 @router.post("/chat/completions")
 async def chat_completions(body: ChatCompletionRequest, account: Account = Depends(current_account),
-                           rt: Runtime = Depends(runtime)):
-    return await completions.handle(rt, account, body, "chat")
+                           rt: Runtime = Depends(runtime), idempotency_key: str | None = IdempotencyKey):
+    return await completions.handle(rt, account, body, "chat", idempotency_key)
 
 
 @router.post("/completions")
 async def legacy_completions(body: CompletionRequest, account: Account = Depends(current_account),
-                             rt: Runtime = Depends(runtime)):
-    return await completions.handle(rt, account, body, "completion")
+                             rt: Runtime = Depends(runtime), idempotency_key: str | None = IdempotencyKey):
+    return await completions.handle(rt, account, body, "completion", idempotency_key)
 
 
 @router.get("/models")

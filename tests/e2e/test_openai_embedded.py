@@ -182,3 +182,19 @@ def test_malformed_bodies_never_500(market):
         assert r.json()["error"]["type"] == "invalid_request_error"
     r = httpx.post(market.base + "/v1/completions", content=b'{"model": "tiny", "prompt": ["a", "b"]}', headers=h)
     assert r.status_code == 400
+
+
+def test_idempotency_key_replays_the_first_answer_without_charging_again(market):
+    key = funded_key(market)
+    c = client(market, key)
+    args = dict(model="tiny", messages=[{"role": "user", "content": "once"}], max_tokens=6, temperature=0)
+    first = c.chat.completions.create(**args, extra_headers={"Idempotency-Key": "job-1"})
+    after_first = balance(market, key)
+    again = c.chat.completions.create(**args, extra_headers={"Idempotency-Key": "job-1"})
+    assert again.id == first.id and again.choices[0].message.content == first.choices[0].message.content
+    streamed = "".join(ch.choices[0].delta.content or "" for ch in c.chat.completions.create(
+        **args, stream=True, extra_headers={"Idempotency-Key": "job-1"}) if ch.choices)
+    assert streamed == first.choices[0].message.content
+    assert balance(market, key) == after_first  # replays are free
+    with pytest.raises(openai.ConflictError):
+        c.chat.completions.create(**{**args, "max_tokens": 7}, extra_headers={"Idempotency-Key": "job-1"})

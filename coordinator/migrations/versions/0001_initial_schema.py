@@ -2,7 +2,7 @@
 
 Revision ID: 0001
 Revises: 
-Create Date: 2026-11-28 16:59:26.387339
+Create Date: 2026-11-28 17:02:02.332722
 """
 from alembic import op
 import sqlalchemy as sa
@@ -100,6 +100,8 @@ def upgrade() -> None:
     sa.Column('status', sa.Enum('QUEUED', 'ASSIGNED', 'RUNNING', 'COMPLETED', 'FAILED', 'REJECTED', 'CANCELLED', name='requeststatus'), nullable=False),
     sa.Column('payload', sa.JSON(), nullable=True),
     sa.Column('routing', sa.JSON(), nullable=True),
+    sa.Column('idempotency_key', sqlmodel.sql.sqltypes.AutoString(length=160), nullable=True),
+    sa.Column('response', sa.JSON(), nullable=True),
     sa.Column('prompt_tokens_est', sa.Integer(), nullable=False),
     sa.Column('max_tokens', sa.Integer(), nullable=False),
     sa.Column('hold_id', sa.Integer(), nullable=True),
@@ -117,7 +119,8 @@ def upgrade() -> None:
     sa.Column('first_token_at', sqlmodel.sql.sqltypes.UTCDateTime(), nullable=True),
     sa.Column('finished_at', sqlmodel.sql.sqltypes.UTCDateTime(), nullable=True),
     sa.ForeignKeyConstraint(['account_id'], ['accounts.id'], ),
-    sa.PrimaryKeyConstraint('id')
+    sa.PrimaryKeyConstraint('id'),
+    sa.UniqueConstraint('account_id', 'idempotency_key', name='uq_request_idempotency')
     )
     with op.batch_alter_table('inference_requests', schema=None) as batch_op:
         batch_op.create_index(batch_op.f('ix_inference_requests_account_id'), ['account_id'], unique=False)
