@@ -118,19 +118,23 @@ async def builtin_decode_b1(engine, prompt: list[int], new: int) -> float:
     return best
 
 
-async def roofline(model_name: str, prompt_len: int, new: int) -> dict:
+async def roofline(model_name: str, prompt_len: int, new: int, rounds: int) -> dict:
+    """Batch-1 decode vs memory bandwidth, alternating the two measurements `rounds` times
+    and keeping the best of each (the bandwidth of a shared machine moves a lot)."""
     engine = load_builtin_engine(model_name, max_batch=1, max_seq_len=prompt_len + new + 8)
     await engine.start()
+    tok_s = bw = 0.0
     try:
         prompt = [random.Random(1).randrange(3, 500) for _ in range(prompt_len)]
         await builtin_decode_b1(engine, prompt, 8)
-        tok_s = await builtin_decode_b1(engine, prompt, new)
+        for _ in range(rounds):
+            tok_s = max(tok_s, await builtin_decode_b1(engine, prompt, new))
+            bw = max(bw, measure_bandwidth("cpu", 512 << 20, 5))
     finally:
         await engine.close()
     m, c = engine.model, engine.model.cfg
     kv = 2 * c.num_layers * c.num_kv_heads * c.head_dim * m.embed.element_size() * (prompt_len + new // 2)
     step = m.weight_bytes() + kv
-    bw = measure_bandwidth("cpu", 512 << 20, 5)
     return {"model": model_name, "params": m.num_params(), "bytes_per_step": step, "decode_tok_s_b1": tok_s,
             "bandwidth_gb_s": bw / 1e9, "achieved_gb_s": step * tok_s / 1e9, "fraction": step * tok_s / bw}
 
@@ -220,7 +224,7 @@ async def main() -> None:
     await engine.close()
     del hf
 
-    roof = await roofline(args.roofline_model, 128, 32 if args.quick else 64)
+    roof = await roofline(args.roofline_model, 128, 32 if args.quick else 64, 2 if args.quick else 3)
     log(f"roofline {roof['model']}: {roof['decode_tok_s_b1']:.1f} tok/s at batch 1, "
         f"{roof['achieved_gb_s']:.1f} of {roof['bandwidth_gb_s']:.1f} GB/s = {roof['fraction']:.0%}")
 

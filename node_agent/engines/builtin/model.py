@@ -156,6 +156,7 @@ class LlamaModel:
             head = w["model.embed_tokens.weight"]
         self.lm_head = Linear(head.to(device=device, dtype=dtype).clone())
         self.inv_freq = _rope_inv_freq(cfg).to(device)
+        self._rope_table: tuple[torch.Tensor, torch.Tensor] | None = None
         self.q_size = cfg.num_heads * cfg.head_dim
         self.kv_size = cfg.num_kv_heads * cfg.head_dim
         self.k_cache: torch.Tensor | None = None
@@ -185,6 +186,8 @@ class LlamaModel:
         shape = (c.num_layers, slots, c.num_kv_heads, max_len, c.head_dim)
         self.k_cache = torch.zeros(shape, device=self.device, dtype=self.dtype)
         self.v_cache = torch.zeros(shape, device=self.device, dtype=self.dtype)
+        self._rope_table = None
+        self._rope_table = self._rope(torch.arange(max_len, device=self.device))  # cos, sin per position
 
     def move_slot(self, src: int, dst: int, length: int) -> None:
         self.k_cache[:, dst, :, :length] = self.k_cache[:, src, :, :length]
@@ -195,6 +198,9 @@ class LlamaModel:
         return F.rms_norm(x, (x.shape[-1],), w, self.cfg.rms_norm_eps)
 
     def _rope(self, pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        table = self._rope_table
+        if table is not None and int(pos.max()) < table[0].shape[0]:
+            return table[0][pos], table[1][pos]
         freqs = pos.to(torch.float32)[:, None] * self.inv_freq[None, :]
         emb = torch.cat([freqs, freqs], -1)
         return emb.cos().to(self.dtype)[:, None, :], emb.sin().to(self.dtype)[:, None, :]
