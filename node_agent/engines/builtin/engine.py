@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import queue
 import threading
 from collections import deque
@@ -61,6 +62,7 @@ class BuiltinEngine(Engine):
         max_batch: int = 32,
         max_seq_len: int | None = None,
         prefill_budget: int = 4096,
+        kv_cache_bytes: int | None = None,
     ):
         if dtype not in DTYPES:
             raise EngineError(f"dtype {dtype!r} is not one of {sorted(DTYPES)}")
@@ -73,9 +75,17 @@ class BuiltinEngine(Engine):
             raise ModelLoadError(f"model folder {self.model_dir} does not exist")
         self.model = LlamaModel(self.model_dir, device=device, dtype=DTYPES[dtype])
         self.tokenizer = HFTokenizer(self.model_dir)
-        self.max_batch = max_batch
-        self.max_seq_len = min(max_seq_len or self.model.cfg.max_position_embeddings,
-                               self.model.cfg.max_position_embeddings)
+        c = self.model.cfg
+        self.max_seq_len = min(max_seq_len or c.max_position_embeddings, c.max_position_embeddings)
+        # The KV cache is one slot of max_seq_len positions per request: the memory budget
+        # bounds the batch.
+        per_slot = 2 * c.num_layers * c.num_kv_heads * c.head_dim * self.model.embed.element_size() * self.max_seq_len
+        budget = kv_cache_bytes if kv_cache_bytes is not None else _default_kv_budget(device)
+        if budget < per_slot:
+            raise EngineError(f"KV cache budget of {budget} bytes cannot hold one {self.max_seq_len}-token sequence "
+                              f"({per_slot} bytes); lower max_seq_len")
+        self.max_batch = min(max_batch, budget // per_slot)
+        self.kv_cache_bytes = self.max_batch * per_slot
         self.prefill_budget = prefill_budget
         self._inbox: queue.Queue = queue.Queue()
         self._thread: threading.Thread | None = None
@@ -313,6 +323,18 @@ class BuiltinEngine(Engine):
                 loop.call_soon_threadsafe(_deliver, items)
             except RuntimeError:  # the consumer's loop is closed
                 pass
+
+
+def _default_kv_budget(device: str) -> int:
+    """A quarter of the device's memory (CPU: physical RAM), at most 16 GiB."""
+    try:
+        if device.startswith("cuda"):
+            total = torch.cuda.get_device_properties(torch.device(device)).total_memory
+        else:
+            total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        total = 8 << 30
+    return min(total // 4, 16 << 30)
 
 
 def _span_groups(lens: list[int], min_rows: int = 4, slack: float = 0.75) -> list[tuple[int, int, int]]:

@@ -217,6 +217,13 @@ def test_errors_are_clear(engine, tmp_path):
         asyncio.run(collect(engine, [5] * 600, max_tokens=4))
 
 
+def test_kv_memory_budget_bounds_the_batch(tiny_dir):
+    one = 2 * 4 * 2 * 32 * 4 * 256  # layers * kv heads * head dim * fp32 * positions, K and V
+    assert BuiltinEngine(tiny_dir, max_seq_len=256, kv_cache_bytes=3 * one + 5).max_batch == 3
+    with pytest.raises(EngineError, match="budget"):
+        BuiltinEngine(tiny_dir, max_seq_len=256, kv_cache_bytes=one - 1)
+
+
 def test_engine_crash_surfaces_as_engine_error(engine, monkeypatch):
     def boom(*a, **k):
         raise RuntimeError("simulated kernel failure")
