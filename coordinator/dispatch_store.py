@@ -15,6 +15,7 @@ from sqlalchemy import func, update
 from sqlalchemy.exc import OperationalError
 from sqlmodel import select
 
+from coordinator import speed
 from coordinator.models import InferenceRequest, Node, NodeOffer, RequestStatus
 from coordinator.models.account import utcnow
 from coordinator.node_registry import is_live, mark_silent_offline, prune_nonces
@@ -89,12 +90,9 @@ class SqlDispatchStore:
             active = busy.get(node.id, 0)
             out.append(NodeState(
                 id=node.id, model=offer.model, price_in=offer.price_in, price_out=offer.price_out,
-                tokens_per_s=offer.measured_tokens_per_s or offer.tokens_per_s_b1 or offer.tokens_per_s,
-                advertised_tokens_per_s=offer.tokens_per_s_b1 or offer.tokens_per_s,
                 region=node.region, free_slots=max(0, node.max_concurrency - active),
-                load=min(1.0, active / max(1, node.max_concurrency)),
-                ttft_ms=offer.measured_ttft_ms or offer.ttft_ms or 0.0, rtt_ms=node.rtt_ms,
-                reputation=node.reputation,
+                load=min(1.0, active / max(1, node.max_concurrency)), rtt_ms=node.rtt_ms,
+                reputation=node.reputation, **speed.routing_fields(offer),
             ))
         return out
 

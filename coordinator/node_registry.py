@@ -16,6 +16,7 @@ from sqlmodel import Session, select
 
 from coordinator.errors import APIError, Forbidden, NotFound, Unauthorized
 from coordinator.models import Node, NodeNonce, NodeOffer
+from coordinator import speed
 from coordinator.models.account import utcnow
 from coordinator.settings import CoordinatorSettings
 from node_agent.protocol import Heartbeat, Registration, Signed
@@ -83,10 +84,9 @@ def register(session: Session, reg: Registration, settings: CoordinatorSettings)
     for offer in reg.models:
         row = old.pop(offer.model, None) or NodeOffer(node_id=node.id, model=offer.model, price_in=0,
                                                      price_out=0, tokens_per_s=offer.tokens_per_s)
-        if row.tokens_per_s != offer.tokens_per_s:
-            row.measured_tokens_per_s = None  # a new benchmark re-seeds the estimate
         for field in ("price_in", "price_out", "tokens_per_s", "tokens_per_s_b1", "ttft_ms", "max_context"):
             setattr(row, field, getattr(offer, field))
+        speed.reseed(row)  # new claims re-seed the estimate; what traffic taught is kept
         session.add(row)
     for stale in old.values():
         session.delete(stale)

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 from sqlmodel import Session
 
+from coordinator import speed
 from coordinator.models import InferenceRequest, Node, NodeOffer, ReceiptRecord, RequestStatus
 from coordinator.models.account import utcnow
 from coordinator.node_registry import check_signed, record_success
@@ -23,9 +24,6 @@ from node_agent.protocol import Receipt
 from pricing.ledger import Ledger
 from pricing.money import request_cost
 from sqlmodel import select
-
-EWMA_ALPHA = 0.2
-
 
 class ReceiptRejected(Exception):
     """The receipt does not match the request or the relayed tokens; nothing is paid."""
@@ -47,7 +45,8 @@ class Relayed:
     token_count: int
     commitment: str
     seconds: float = 0.0  # first token to last
-    ttft_ms: float | None = None
+    ttft_ms: float | None = None  # assignment sent to first token, as the coordinator saw it
+    concurrent_streams: int = 1  # the node's streams on this channel when this one ended
 
 
 def _settled(req: InferenceRequest) -> Settled:
@@ -94,7 +93,7 @@ def settle(session: Session, receipt: Receipt, node_id: str, relayed: Relayed,
     req.finish_reason = receipt.finish_reason
     req.finished_at = utcnow()
     session.add(req)
-    _learn_speed(session, req, relayed)
+    _learn_speed(session, req, relayed, node.rtt_ms)
     return _settled(req)
 
 
@@ -123,19 +122,15 @@ def split_charges(session: Session, req: InferenceRequest, last: Node, prompt_to
     return capped
 
 
-def _learn_speed(session: Session, req: InferenceRequest, relayed: Relayed) -> None:
-    """EWMA of the tok/s and time-to-first-token the coordinator measured itself."""
+def _learn_speed(session: Session, req: InferenceRequest, relayed: Relayed, rtt_ms: float) -> None:
+    """Feed what the coordinator itself measured into the offer's speed estimate."""
     offer = session.exec(select(NodeOffer).where(NodeOffer.node_id == req.node_id,
                                                  NodeOffer.model == req.model)).first()
     if offer is None:
         return
-    if relayed.token_count >= 4 and relayed.seconds > 0:
-        tps = (relayed.token_count - 1) / relayed.seconds
-        prev = offer.measured_tokens_per_s or offer.tokens_per_s
-        offer.measured_tokens_per_s = (1 - EWMA_ALPHA) * prev + EWMA_ALPHA * tps
-    if relayed.ttft_ms is not None:
-        prev_ttft = offer.measured_ttft_ms if offer.measured_ttft_ms is not None else relayed.ttft_ms
-        offer.measured_ttft_ms = (1 - EWMA_ALPHA) * prev_ttft + EWMA_ALPHA * relayed.ttft_ms
+    ttft = None if relayed.ttft_ms is None else max(0.0, relayed.ttft_ms - rtt_ms)
+    speed.observe(offer, prompt_tokens=req.prompt_tokens or 0, ttft_ms=ttft, output_tokens=relayed.token_count,
+                  decode_ms=relayed.seconds * 1000, concurrent_streams=relayed.concurrent_streams)
     session.add(offer)
 
 

@@ -205,6 +205,7 @@ class Channel:
             token_count=st.count, commitment=st.commitment.hex,
             seconds=(st.last_at - st.first_at) if st.first_at and st.last_at else 0.0,
             ttft_ms=(st.first_at - st.sent_at) * 1000 if st.first_at else None,
+            concurrent_streams=len(self.streams) + 1,
         )
         try:
             result = await run_in_threadpool(retry_transient, lambda: self._settle(done, relayed))

@@ -169,3 +169,21 @@ class SpeedEstimator:
             "ttft_ms_by_bucket": ttft,
             "advertised_tokens_per_s": st.advertised_tps,
         }
+
+    # ------------------------------------------------------------------ persistence
+    def export_state(self, node_id: str, model: str) -> dict:
+        """A JSON-able snapshot of one (node, model) estimate, to store between processes."""
+        st = self._state[(node_id, model)]
+        pack = lambda e: [e.value, e.samples]  # noqa: E731
+        return {"advertised_tps": st.advertised_tps, "advertised_ttft": list(st.advertised_ttft),
+                "tps": [pack(e) for e in st.tps], "ttft": [pack(e) for e in st.ttft],
+                "tps_ratio": pack(st.tps_ratio), "ttft_ratio": pack(st.ttft_ratio)}
+
+    def import_state(self, node_id: str, model: str, data: dict) -> None:
+        unpack = lambda v: _Ewma(float(v[0]), int(v[1]))  # noqa: E731
+        self._state[(node_id, model)] = _NodeModel(
+            advertised_tps=float(data["advertised_tps"]),
+            advertised_ttft=tuple(float(x) for x in data["advertised_ttft"]),
+            tps=[unpack(v) for v in data["tps"]], ttft=[unpack(v) for v in data["ttft"]],
+            tps_ratio=unpack(data["tps_ratio"]), ttft_ratio=unpack(data["ttft_ratio"]),
+        )

@@ -62,8 +62,10 @@ class NodeOffer(NodeOfferBase, table=True):
 
     id: int | None = Field(default=None, primary_key=True)
     node_id: str = Field(foreign_key="nodes.id", index=True)
-    measured_tokens_per_s: float | None = None  # learned from relayed traffic
+    measured_tokens_per_s: float | None = None  # learned from relayed traffic (per stream)
     measured_ttft_ms: float | None = None
+    claim_ratio: float | None = None  # measured ÷ advertised (1.0 honest, < 1 over-claims)
+    estimate: dict[str, Any] | None = Field(default=None, sa_column=Column(JSON))  # coordinator.speed
 
 
 class NodeOfferPublic(NodeOfferBase):

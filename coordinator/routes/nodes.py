@@ -55,9 +55,7 @@ async def list_nodes(rt: Runtime = Depends(runtime)) -> list[NodePublic]:
 
 
 def _offer_public(o: NodeOffer) -> NodeOfferPublic:
-    advertised = o.tokens_per_s_b1 or o.tokens_per_s
-    ratio = o.measured_tokens_per_s / advertised if o.measured_tokens_per_s and advertised else None
-    return NodeOfferPublic.model_validate(o, update={"claim_ratio": ratio})
+    return NodeOfferPublic.model_validate(o)
 
 
 @router.websocket("/channel")

@@ -61,3 +61,19 @@ def test_node_fields_and_reseed_keeps_learning():
     learned = est.tokens_per_s("n", "m", 100)
     est.seed("n", "m", 120.0, 50.0)  # new benchmark claim
     assert est.tokens_per_s("n", "m", 100) == learned
+
+
+def test_state_round_trips_through_json():
+    import json
+
+    from scheduler.estimates import SpeedEstimator
+
+    a = SpeedEstimator()
+    a.seed("n", "m", tokens_per_s=100.0, ttft_ms=50.0)
+    for _ in range(5):
+        a.observe("n", "m", prompt_tokens=300, ttft_ms=80.0, output_tokens=21, decode_ms=1000.0)
+    b = SpeedEstimator()
+    b.import_state("n", "m", json.loads(json.dumps(a.export_state("n", "m"))))
+    assert b.node_fields("n", "m") == a.node_fields("n", "m")
+    assert b.claim_ratio("n", "m") == a.claim_ratio("n", "m") < 1.0
+    assert b.samples("n", "m") == 5
