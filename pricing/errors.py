@@ -21,3 +21,11 @@ class HoldNotPending(LedgerError):
 
 class UnknownAccount(LedgerError):
     pass
+
+
+class HoldExceeded(LedgerError):
+    """A settlement posts more than the hold reserved."""
+
+
+class WrongAccountKind(LedgerError):
+    """The operation does not apply to this kind of account."""

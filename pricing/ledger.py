@@ -18,100 +18,24 @@ IdempotencyConflict.
 
 from __future__ import annotations
 
-import enum
 import hashlib
 import json
-from dataclasses import asdict, dataclass
-from datetime import datetime, timezone
+from dataclasses import asdict
+from datetime import datetime
 from typing import Any, Iterable
 
-from sqlalchemy import JSON, BigInteger, Column, UniqueConstraint
 from sqlalchemy.exc import IntegrityError
-from sqlmodel import Field, Session, SQLModel, select
+from sqlmodel import Session, select
 
 from pricing.errors import (
-    HoldNotPending, IdempotencyConflict, InsufficientFunds, LedgerError, UnknownAccount,
+    HoldExceeded, HoldNotPending, IdempotencyConflict, InsufficientFunds, LedgerError, UnknownAccount,
+    WrongAccountKind,
+)
+from pricing.ledger_models import (  # noqa: F401  (re-exported: the ledger's public names)
+    MAY_GO_NEGATIVE, SYSTEM_KINDS, AccountKind, HoldState, LedgerAccount, LedgerHold,
+    LedgerIdempotency, LedgerTransfer, SettleResult, _utcnow,
 )
 from pricing.money import fee_of
-
-
-def _utcnow() -> datetime:
-    return datetime.now(timezone.utc)
-
-
-class AccountKind(str, enum.Enum):
-    BUYER = "buyer"
-    SELLER_EARNINGS = "seller_earnings"
-    SELLER_STAKE = "seller_stake"
-    ESCROW = "escrow"
-    PLATFORM_FEES = "platform_fees"
-    EXTERNAL = "external"
-
-
-SYSTEM_KINDS = {AccountKind.ESCROW, AccountKind.PLATFORM_FEES, AccountKind.EXTERNAL}
-MAY_GO_NEGATIVE = {AccountKind.EXTERNAL}
-
-
-class HoldState(str, enum.Enum):
-    PENDING = "pending"
-    POSTED = "posted"
-    VOIDED = "voided"
-
-
-class LedgerAccount(SQLModel, table=True):
-    __tablename__ = "ledger_accounts"
-    __table_args__ = (UniqueConstraint("kind", "ref", name="uq_ledger_account_kind_ref"),)
-
-    id: int | None = Field(default=None, primary_key=True)
-    kind: AccountKind = Field(index=True)
-    ref: str = Field(max_length=120)
-    balance: int = Field(default=0, sa_column=Column(BigInteger, nullable=False, default=0))
-    created_at: datetime = Field(default_factory=_utcnow)
-
-
-class LedgerTransfer(SQLModel, table=True):
-    __tablename__ = "ledger_transfers"
-
-    id: int | None = Field(default=None, primary_key=True)
-    debit_account_id: int = Field(foreign_key="ledger_accounts.id", index=True)
-    credit_account_id: int = Field(foreign_key="ledger_accounts.id", index=True)
-    amount: int = Field(sa_column=Column(BigInteger, nullable=False))
-    kind: str = Field(max_length=32)
-    hold_id: int | None = Field(default=None, index=True)
-    request_ref: str | None = Field(default=None, max_length=64, index=True)
-    created_at: datetime = Field(default_factory=_utcnow)
-
-
-class LedgerHold(SQLModel, table=True):
-    __tablename__ = "ledger_holds"
-
-    id: int | None = Field(default=None, primary_key=True)
-    buyer_account_id: int = Field(foreign_key="ledger_accounts.id", index=True)
-    amount: int = Field(sa_column=Column(BigInteger, nullable=False))
-    state: HoldState = Field(default=HoldState.PENDING, index=True)
-    request_ref: str | None = Field(default=None, max_length=64, index=True)
-    expires_at: datetime | None = Field(default=None, index=True)
-    created_at: datetime = Field(default_factory=_utcnow)
-    resolved_at: datetime | None = None
-    posted_amount: int = Field(default=0, sa_column=Column(BigInteger, nullable=False, default=0))
-
-
-class LedgerIdempotency(SQLModel, table=True):
-    __tablename__ = "ledger_idempotency"
-
-    key: str = Field(primary_key=True, max_length=200)
-    op: str = Field(max_length=32)
-    params_hash: str = Field(max_length=64)
-    result: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON))
-    created_at: datetime = Field(default_factory=_utcnow)
-
-
-@dataclass(frozen=True)
-class SettleResult:
-    hold_id: int
-    charged: int  # total gross posted
-    fee: int
-    refunded: int
 
 
 def _hash(params: dict[str, Any]) -> str:
@@ -231,7 +155,7 @@ class Ledger:
             escrow = self.system(AccountKind.ESCROW)
             accts = self._lock([escrow.id, buyer_account_id])
             if accts[buyer_account_id].kind != AccountKind.BUYER:
-                raise LedgerError("holds are placed on buyer accounts")
+                raise WrongAccountKind("holds are placed on buyer accounts")
             if accts[buyer_account_id].balance < amount:
                 raise InsufficientFunds(accts[buyer_account_id].balance, amount)
             hold = LedgerHold(buyer_account_id=buyer_account_id, amount=amount, request_ref=request_ref,
@@ -264,9 +188,11 @@ class Ledger:
             hold = self._pending_hold(hold_id)
             gross = sum(g for _, g in parts)
             if gross > hold.amount:
-                raise LedgerError(f"settlement {gross} exceeds hold {hold.amount}")
+                raise HoldExceeded(f"settlement {gross} exceeds hold {hold.amount}")
             escrow, platform = self.system(AccountKind.ESCROW), self.system(AccountKind.PLATFORM_FEES)
             accts = self._lock([escrow.id, platform.id, hold.buyer_account_id, *(a for a, _ in parts)])
+            if any(accts[a].kind != AccountKind.SELLER_EARNINGS for a, _ in parts):
+                raise WrongAccountKind("settlement parts are paid to seller earnings accounts")
             fee_total = 0
             for account, g in parts:
                 fee = fee_of(g, fee_bps)
@@ -294,17 +220,41 @@ class Ledger:
 
         return SettleResult(**self._once(idempotency_key, "void", {"hold": hold_id}, op))
 
+    def payout(self, earnings_account_id: int, amount: int, *, idempotency_key: str,
+               destination_ref: str | None = None) -> int:
+        """Seller earnings -> EXTERNAL (money leaves the platform). Returns the earnings
+        balance after the first call; replays return the same number."""
+        if amount <= 0:
+            raise LedgerError("payout amount must be positive")
+
+        def op():
+            ext = self.system(AccountKind.EXTERNAL)
+            accts = self._lock([ext.id, earnings_account_id])
+            if accts[earnings_account_id].kind != AccountKind.SELLER_EARNINGS:
+                raise WrongAccountKind("payouts are made from seller earnings accounts")
+            self._move(accts, earnings_account_id, ext.id, amount, "payout", request_ref=destination_ref)
+            return {"balance": accts[earnings_account_id].balance}
+
+        params = {"account": earnings_account_id, "amount": amount, "dest": destination_ref}
+        return self._once(idempotency_key, "payout", params, op)["balance"]
+
 
 def expire_holds(session: Session, now: datetime | None = None) -> list[int]:
-    """Void every pending hold past its expiry; returns their ids."""
+    """Void every pending hold whose `expires_at` is before `now`; returns their ids.
+
+    Idempotent (key `expire:<hold id>`); a hold settled concurrently is skipped."""
     now = now or _utcnow()
     ids = session.exec(select(LedgerHold.id).where(
         LedgerHold.state == HoldState.PENDING, LedgerHold.expires_at.is_not(None),  # type: ignore[union-attr]
-        LedgerHold.expires_at < now)).all()
-    ledger = Ledger(session)
+        LedgerHold.expires_at < now).order_by(LedgerHold.id)).all()
+    ledger, voided = Ledger(session), []
     for hid in ids:
-        ledger.void_hold(hid, idempotency_key=f"expire:{hid}")
-    return list(ids)
+        try:
+            ledger.void_hold(hid, idempotency_key=f"expire:{hid}")
+        except HoldNotPending:
+            continue
+        voided.append(hid)
+    return voided
 
 
 def total_balance(session: Session) -> int:
