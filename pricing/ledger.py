@@ -14,6 +14,11 @@ they touch in id order (SELECT ... FOR UPDATE on PostgreSQL), so concurrent tran
 serialise per account without deadlocks. Every money-changing call takes an idempotency
 key: a replay returns the first result, the same key with other parameters raises
 IdempotencyConflict.
+
+On SQLite the engine must let SQLAlchemy emit BEGIN (pysqlite's legacy transaction mode
+turns a SAVEPOINT outside a transaction into an autocommit): set `isolation_level = None`
+on each DBAPI connection and emit `BEGIN IMMEDIATE` from the engine's "begin" event, as
+coordinator/db.py does.
 """
 
 from __future__ import annotations
