@@ -228,7 +228,12 @@ async def main() -> None:
     log(f"roofline {roof['model']}: {roof['decode_tok_s_b1']:.1f} tok/s at batch 1, "
         f"{roof['achieved_gb_s']:.1f} of {roof['bandwidth_gb_s']:.1f} GB/s = {roof['fraction']:.0%}")
 
-    vllm_s, vllm_skipped = (None, "--no-vllm given") if args.no_vllm else vllm_serving(folder, reqs, args.rounds)
+    if args.no_vllm:
+        vllm_s, vllm_skipped = None, "--no-vllm given"
+    elif args.quick:
+        vllm_s, vllm_skipped = None, "--quick: vLLM start-up alone takes about 35 s here; run without --quick"
+    else:
+        vllm_s, vllm_skipped = vllm_serving(folder, reqs, args.rounds)
     result = {
         "model": model_name,
         "quick": args.quick,
