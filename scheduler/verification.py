@@ -1,0 +1,210 @@
+"""The per-job verification check: pure numpy over what the node claimed and what a verifier
+recomputed by teacher-forced rescoring (`node_agent.rescoring`).
+
+Job-level statistics, never a per-token maximum (a few honest tokens drift far in bf16;
+DESIGN.md): each is compared with a tolerance calibrated per dtype on the tiny presets by
+`bench/verify.py` (honest fp32/bf16/fp16 nodes at batch sizes 1..32, fp32 and bf16
+verifiers, greedy and sampled requests).
+
+1. `mean_abs_delta`: mean |claimed log-prob - recomputed log-prob|. Catches a node whose
+   claimed log-probs come from another model or quantised weights, or are invented.
+2. `loglik_deficit`: mean over tokens of (E_q[log p_ref] - log p_ref(claimed)), where q is
+   the request's sampling distribution under the reference model. Ignores the claimed
+   log-probs entirely, so it catches random tokens and another model's tokens even when
+   the node claims log-probs equal to a plausible reference. Allowed: a per-dtype slack
+   plus `Z_LOGLIK` standard errors of the honest sum.
+3. Greedy: `argmax_agreement`, the share of tokens within `greedy_gap` nats of the
+   reference top-1 (near-ties flip under rounding noise).
+4. Sampled: `inadmissible_share`, the share of tokens outside top-k / the top-p nucleus.
+5. Structure: counts match, `finish_reason` is consistent (a "stop" must end in an
+   end-of-sequence token the reference finds plausible, or the request had stop strings;
+   "length" must have max_tokens tokens).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Iterable, Sequence
+
+import numpy as np
+
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+@dataclass(frozen=True)
+class Tolerance:
+    """Per-dtype noise allowances; a node/verifier pair adds both sides' values."""
+
+    mean_abs_delta: float  # nats per token
+    loglik_slack: float  # nats per token
+    greedy_gap: float  # nats
+
+
+# Calibrated with bench/verify.py (see the module docstring for the honest populations).
+TOLERANCES: dict[str, Tolerance] = {
+    "float32": Tolerance(mean_abs_delta=0.02, loglik_slack=0.05, greedy_gap=0.05),
+    "float16": Tolerance(mean_abs_delta=0.05, loglik_slack=0.10, greedy_gap=0.30),
+    "bfloat16": Tolerance(mean_abs_delta=0.20, loglik_slack=0.25, greedy_gap=1.20),
+}
+UNKNOWN_DTYPE = "bfloat16"  # an unknown or unlisted dtype gets the loosest allowance
+Z_LOGLIK = 6.0  # standard errors of the honest log-likelihood sum allowed below its mean
+MIN_ARGMAX_AGREEMENT = 0.90  # greedy: share of tokens within greedy_gap of the top-1
+MAX_INADMISSIBLE_SHARE = 0.10  # sampled: share of tokens outside top-k / top-p
+MIN_FLAGGED = 2  # agreement / admissibility fail only once at least this many tokens are off
+FULL_JOB = 32  # tokens; shorter jobs get a wider |Δ| allowance, sqrt(FULL_JOB / n) times
+EOS_LOGPROB_FLOOR = -9.0  # a claimed end-of-sequence token less likely than this is premature
+
+
+@dataclass
+class Verdict:
+    passed: bool
+    reasons: list[str] = field(default_factory=list)
+    n_tokens: int = 0
+    mean_abs_delta: float = 0.0
+    mean_ref_loglik: float = 0.0  # mean reference log-prob of the claimed tokens
+    loglik_deficit: float = 0.0  # mean (expected - actual) reference log-prob
+    loglik_limit: float = 0.0
+    argmax_agreement: float | None = None  # greedy only
+    inadmissible_share: float | None = None  # sampled only
+    limits: dict = field(default_factory=dict)
+
+    def as_dict(self) -> dict:
+        return {k: getattr(self, k) for k in self.__dataclass_fields__}
+
+
+def tolerance_for(node_dtype: str | None, verifier_dtype: str | None) -> Tolerance:
+    a = TOLERANCES.get(node_dtype or UNKNOWN_DTYPE, TOLERANCES[UNKNOWN_DTYPE])
+    b = TOLERANCES.get(verifier_dtype or UNKNOWN_DTYPE, TOLERANCES[UNKNOWN_DTYPE])
+    return Tolerance(a.mean_abs_delta + b.mean_abs_delta, a.loglik_slack + b.loglik_slack,
+                     a.greedy_gap + b.greedy_gap)
+
+
+def _f(x) -> np.ndarray:
+    return np.asarray(x, dtype=np.float64).reshape(-1)
+
+
+def verify_job(
+    claimed_ids: Sequence[int],
+    claimed_logprobs: Sequence[float],
+    ref_logprobs: Sequence[float],
+    top1_ids: Sequence[int],
+    top1_logprobs: Sequence[float],
+    admissible: Sequence[bool],
+    *,
+    temperature: float,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    max_tokens: int | None = None,
+    expected_logprobs: Sequence[float] | None = None,
+    var_logprobs: Sequence[float] | None = None,
+    node_dtype: str | None = None,
+    verifier_dtype: str | None = "float32",
+    finish_reason: str | None = None,
+    eos_ids: Iterable[int] = (),
+    has_stop_strings: bool = False,
+    receipt_tokens: int | None = None,
+) -> Verdict:
+    """Check one audited job. Log-probs are natural-log floats (a wire value divided by
+    `LOGPROB_SCALE`). `expected_logprobs`/`var_logprobs` come from the verifier's rescoring;
+    without them the greedy expectation is the top-1 log-prob and, for sampled requests,
+    the likelihood test is skipped (the other checks still run)."""
+    ids = np.asarray(claimed_ids, dtype=np.int64).reshape(-1)
+    claimed, ref = _f(claimed_logprobs), _f(ref_logprobs)
+    top1_id, top1 = np.asarray(top1_ids, dtype=np.int64).reshape(-1), _f(top1_logprobs)
+    adm = np.asarray(admissible, dtype=bool).reshape(-1)
+    n = len(ids)
+    tol = tolerance_for(node_dtype, verifier_dtype)
+    greedy = temperature <= 0
+    v = Verdict(passed=True, n_tokens=n, limits={"mean_abs_delta": tol.mean_abs_delta, "greedy_gap": tol.greedy_gap,
+                                                 "loglik_slack": tol.loglik_slack, "z": Z_LOGLIK})
+    if any(len(a) != n for a in (claimed, ref, top1_id, top1, adm)):
+        v.passed, v.reasons = False, ["length_mismatch"]
+        return v
+    if receipt_tokens is not None and receipt_tokens != n:
+        v.reasons.append("token_count_mismatch")
+    if max_tokens is not None and n > max_tokens:
+        v.reasons.append("too_many_tokens")
+    if n == 0:
+        v.passed = not v.reasons
+        return v
+    if not np.all(np.isfinite(claimed)) or np.any(claimed > 1e-3):
+        v.reasons.append("invalid_logprobs")
+
+    v.mean_abs_delta = float(np.mean(np.abs(claimed - ref)))
+    v.mean_ref_loglik = float(np.mean(ref))
+    delta_limit = tol.mean_abs_delta * max(1.0, math.sqrt(FULL_JOB / n))
+    v.limits["mean_abs_delta"] = delta_limit
+    if v.mean_abs_delta > delta_limit:
+        v.reasons.append("logprob_mismatch")
+
+    if expected_logprobs is not None:
+        exp = _f(expected_logprobs)
+        var = _f(var_logprobs) if var_logprobs is not None else np.zeros(n)
+    elif greedy:
+        exp, var = top1, np.zeros(n)
+    else:
+        exp = var = None
+    if exp is not None:
+        v.loglik_deficit = float(np.mean(exp - ref))
+        v.loglik_limit = float(tol.loglik_slack + Z_LOGLIK * math.sqrt(float(np.sum(var))) / n)
+        if v.loglik_deficit > v.loglik_limit:
+            v.reasons.append("unlikely_tokens")
+
+    if greedy:
+        agree = (ids == top1_id) | (top1 - ref <= tol.greedy_gap)
+        v.argmax_agreement = float(np.mean(agree))
+        if v.argmax_agreement < MIN_ARGMAX_AGREEMENT and np.sum(~agree) >= MIN_FLAGGED:
+            v.reasons.append("not_greedy")
+    else:
+        v.inadmissible_share = float(np.mean(~adm))
+        if v.inadmissible_share > MAX_INADMISSIBLE_SHARE and np.sum(~adm) >= MIN_FLAGGED:
+            v.reasons.append("inadmissible_tokens")
+
+    eos = set(int(e) for e in eos_ids)
+    if finish_reason == "length" and max_tokens is not None and n < max_tokens:
+        v.reasons.append("length_finish_short")
+    if finish_reason == "stop":
+        if eos and int(ids[-1]) in eos:
+            last_ok = (top1[-1] - ref[-1] <= tol.greedy_gap) if greedy else bool(adm[-1] and ref[-1] >= EOS_LOGPROB_FLOOR)
+            if not last_ok:
+                v.reasons.append("premature_stop")
+        elif not has_stop_strings:
+            v.reasons.append("stop_without_eos")
+    v.passed = not v.reasons
+    return v
+
+
+def verify_rescored(claimed_ids, claimed_logprobs, rescore, sampling, **kw) -> Verdict:
+    """`verify_job` with the arrays of a rescoring result (any object with the attributes of
+    `node_agent.rescoring.Rescore`) and a sampling object or dict (temperature, top_k, top_p,
+    max_tokens)."""
+    get = sampling.get if isinstance(sampling, dict) else (lambda k, d=None: getattr(sampling, k, d))
+    return verify_job(
+        claimed_ids, claimed_logprobs, rescore.logprob, rescore.top1_id, rescore.top1_logprob, rescore.admissible,
+        temperature=float(get("temperature", 1.0)), top_k=int(get("top_k", 0) or 0),
+        top_p=float(get("top_p", 1.0)), max_tokens=kw.pop("max_tokens", get("max_tokens", None)),
+        expected_logprobs=rescore.expected_logprob, var_logprobs=rescore.var_logprob, **kw,
+    )
+
+
+def jobs_to_detect(per_job_detection: float, confidence: float = 0.99) -> float:
+    """Audited jobs needed to catch a cheater with `confidence`, given per-job detection."""
+    if per_job_detection >= 1.0:
+        return 1.0
+    if per_job_detection <= 0.0:
+        return math.inf
+    return float(math.ceil(math.log(1 - confidence) / math.log(1 - per_job_detection)))
+
+
+def jobs_to_tell(honest: Sequence[float], cheat: Sequence[float], fp: float = 1e-3, power: float = 0.99) -> float:
+    """How many jobs' mean of a statistic (e.g. mean |Δ|) tell a cheater from honest nodes with
+    false-positive rate `fp` and power `power`, by a normal approximation of the pooled mean."""
+    from scipy.stats import norm
+
+    h, c = _f(honest), _f(cheat)
+    gap = float(c.mean() - h.mean())
+    if gap <= 0:
+        return math.inf
+    need = (norm.ppf(1 - fp) * h.std(ddof=1) + norm.ppf(power) * c.std(ddof=1)) / gap
+    return float(max(1, math.ceil(need**2)))
