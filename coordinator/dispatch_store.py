@@ -19,6 +19,8 @@ from coordinator import speed
 from coordinator.models import InferenceRequest, Node, NodeOffer, RequestStatus
 from coordinator.models.account import utcnow
 from coordinator.node_registry import is_live, mark_silent_offline, prune_nonces
+from coordinator.openai_format import usage
+from coordinator.settlement import ReceiptRejected, settle_accepted
 from node_agent.protocol import Assignment, Sampling
 from pricing.ledger import Ledger, expire_holds
 from scheduler.dispatch import AppliedDecision
@@ -150,6 +152,22 @@ class SqlDispatchStore:
             Ledger(s).void_hold(req.hold_id, idempotency_key=f"void:{rid}")
         return True
 
+    def settle(self, request_id: str) -> dict:
+        try:
+            with self.rt.session() as s:
+                result = settle_accepted(s, request_id, self.rt.settings)
+                node_id = s.get(InferenceRequest, request_id).node_id
+        except OperationalError as exc:
+            raise TransientStoreError(str(exc)) from exc
+        except ReceiptRejected as exc:
+            log.warning("settle %s: %s", request_id, exc)
+            return {"request_id": request_id, "settled": False, "reason": str(exc)}
+        self.rt.bus.publish_sync(f"req:{request_id}", {
+            "type": "done", "finish_reason": result.finish_reason, "node_id": node_id,
+            "usage": usage(result.prompt_tokens, result.completion_tokens, result.cost)})
+        self.rt.trigger_dispatch()
+        return {"request_id": request_id, "settled": True, "cost": result.cost}
+
     def sweep(self) -> dict:
         """Offline detection, orphaned assignments back to the queue, expired holds."""
         settings = self.rt.settings
@@ -164,9 +182,15 @@ class SqlDispatchStore:
                     req.status, req.node_id, req.price_in, req.price_out = RequestStatus.QUEUED, None, None, None
                     s.add(req)
                     requeued.append(req.id)
+            unsettled = list(s.exec(select(InferenceRequest.id).where(
+                InferenceRequest.status == RequestStatus.SETTLING,
+                InferenceRequest.finished_at.is_(None))).all())  # type: ignore[union-attr]
             pruned = prune_nonces(s, settings)
             expired = len(expire_holds(s, utcnow()))
             queued = s.exec(select(func.count()).where(InferenceRequest.status == RequestStatus.QUEUED)).one()
         if queued:
             self.rt.trigger_dispatch()
-        return {"offline": offline, "requeued": requeued, "nonces_pruned": pruned, "holds_expired": expired}
+        for rid in unsettled:  # a settle task lost with a crashed worker: send it again
+            self.rt.enqueue_settle(rid)
+        return {"offline": offline, "requeued": requeued, "nonces_pruned": pruned, "holds_expired": expired,
+                "settle_resent": unsettled}

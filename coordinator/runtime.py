@@ -53,6 +53,11 @@ class Runtime:
                 kwargs={"window_ms": self.settings.dispatch_window_ms, "policy": self.settings.routing_policy}
             )
 
+    def enqueue_settle(self, request_id: str) -> None:
+        from scheduler.tasks import settle
+
+        settle.apply_async(args=[request_id])
+
     def clear_dispatch_flag(self) -> None:
         self.bus.clear_flag(DISPATCH_FLAG)
 

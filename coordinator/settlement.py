@@ -6,12 +6,18 @@ over those relayed tokens — a node cannot claim more tokens or change its stor
 The prompt count is the node's (its tokenizer), capped by the admission estimate. The
 charge is `request_cost` at the price locked at assignment, never above the hold; the
 rest of the hold goes back to the buyer and the node's earnings get the charge less the
-platform fee. Idempotent: settling a finished request again returns the first result.
+platform fee.
+
+Two phases, so that a crash never loses or doubles money: the work channel accepts and
+stores the receipt with its own measurements (`accept_receipt`, request -> SETTLING), then
+the Celery task `agora.settle` pays it (`settle_accepted`, -> COMPLETED). The task is
+idempotent (a redelivery returns the first result) and the sweep resends it for any
+request left SETTLING.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 from sqlmodel import Session
 
@@ -54,13 +60,16 @@ def _settled(req: InferenceRequest) -> Settled:
                    req.finish_reason or "stop")
 
 
-def settle(session: Session, receipt: Receipt, node_id: str, relayed: Relayed,
-           settings: CoordinatorSettings) -> Settled:
+def accept_receipt(session: Session, receipt: Receipt, node_id: str, relayed: Relayed,
+                   settings: CoordinatorSettings) -> bool:
+    """Phase 1, on the work channel: check the receipt against what was relayed and store
+    it with the coordinator's own measurements; the request moves to SETTLING. Returns
+    False if it was already accepted (a resent receipt)."""
     req = session.get(InferenceRequest, receipt.request_id, with_for_update=True)
     if req is None:
         raise ReceiptRejected(f"unknown request {receipt.request_id}")
-    if req.status == RequestStatus.COMPLETED:
-        return _settled(req)
+    if req.status in (RequestStatus.SETTLING, RequestStatus.COMPLETED) and req.node_id == node_id:
+        return False
     if req.node_id != node_id or receipt.node_id != node_id:
         raise ReceiptRejected("receipt is not from the node the request was assigned to")
     if req.status not in (RequestStatus.ASSIGNED, RequestStatus.RUNNING):
@@ -71,8 +80,31 @@ def settle(session: Session, receipt: Receipt, node_id: str, relayed: Relayed,
             f"receipt claims {receipt.completion_tokens} tokens / commitment {receipt.commitment[:8]}…, "
             f"coordinator relayed {relayed.token_count} / {relayed.commitment[:8]}…"
         )
-    prompt_tokens = min(receipt.prompt_tokens, req.prompt_tokens_est)
-    node = session.get(Node, node_id)
+    session.add(ReceiptRecord(
+        request_id=req.id, node_id=node_id, prompt_tokens=receipt.prompt_tokens,
+        completion_tokens=receipt.completion_tokens, commitment=receipt.commitment,
+        finish_reason=receipt.finish_reason, signature=receipt.signature,
+        payload={"receipt": receipt.model_dump(mode="json"), "relayed": asdict(relayed)},
+    ))
+    req.status = RequestStatus.SETTLING
+    session.add(req)
+    return True
+
+
+def settle_accepted(session: Session, request_id: str, settings: CoordinatorSettings) -> Settled:
+    """Phase 2, in the settle task: pay an accepted receipt. Idempotent: a redelivered
+    task finds the request COMPLETED and returns the first result."""
+    req = session.get(InferenceRequest, request_id, with_for_update=True)
+    if req is None:
+        raise ReceiptRejected(f"unknown request {request_id}")
+    if req.status == RequestStatus.COMPLETED:
+        return _settled(req)
+    if req.status != RequestStatus.SETTLING:
+        raise ReceiptRejected(f"request is {req.status.value}, not settling")
+    record = session.get(ReceiptRecord, request_id)
+    relayed = Relayed(**record.payload["relayed"])
+    node = session.get(Node, record.node_id)
+    prompt_tokens = min(record.prompt_tokens, req.prompt_tokens_est)
     parts = split_charges(session, req, node, prompt_tokens, relayed.token_count)
     completion = relayed.token_count + sum(seg["tokens"] for seg in req.payload.get("segments", []))
     cost = sum(amount for _, amount in parts)
@@ -82,19 +114,21 @@ def settle(session: Session, receipt: Receipt, node_id: str, relayed: Relayed,
             fee_bps=settings.platform_fee_bps, idempotency_key=f"settle:{req.id}",
         )
     record_success(node)
-    session.add(ReceiptRecord(
-        request_id=req.id, node_id=node_id, prompt_tokens=receipt.prompt_tokens,
-        completion_tokens=receipt.completion_tokens, commitment=receipt.commitment,
-        finish_reason=receipt.finish_reason, signature=receipt.signature,
-        payload=receipt.model_dump(mode="json"),
-    ))
     req.status = RequestStatus.COMPLETED
     req.prompt_tokens, req.completion_tokens, req.cost = prompt_tokens, completion, cost
-    req.finish_reason = receipt.finish_reason
+    req.finish_reason = record.finish_reason
     req.finished_at = utcnow()
     session.add(req)
+    session.add(node)
     _learn_speed(session, req, relayed, node.rtt_ms)
     return _settled(req)
+
+
+def settle(session: Session, receipt: Receipt, node_id: str, relayed: Relayed,
+           settings: CoordinatorSettings) -> Settled:
+    """Both phases in one transaction (tests and tools)."""
+    accept_receipt(session, receipt, node_id, relayed, settings)
+    return settle_accepted(session, receipt.request_id, settings)
 
 
 def split_charges(session: Session, req: InferenceRequest, last: Node, prompt_tokens: int,

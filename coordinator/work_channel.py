@@ -24,10 +24,9 @@ from coordinator.errors import APIError
 from coordinator.models import InferenceRequest, Node, RequestStatus
 from coordinator.models.account import utcnow
 from coordinator.node_registry import check_signed
-from coordinator.openai_format import usage
 from coordinator.runtime import Runtime
 from coordinator.failover import fail_over
-from coordinator.settlement import ReceiptRejected, Relayed, fail_request, settle
+from coordinator.settlement import ReceiptRejected, Relayed, accept_receipt, fail_request
 from coordinator.dispatch_store import assignment_frame
 from node_agent.protocol import ChannelHello, Done, TokenChunk, TokenCommitment, WorkError
 
@@ -208,22 +207,21 @@ class Channel:
             concurrent_streams=len(self.streams) + 1,
         )
         try:
-            result = await run_in_threadpool(retry_transient, lambda: self._settle(done, relayed))
+            fresh = await run_in_threadpool(retry_transient, lambda: self._accept(done, relayed))
         except (ReceiptRejected, APIError) as exc:
             message = exc.message if isinstance(exc, APIError) else str(exc)
             log.warning("receipt for %s rejected: %s", rid, message)
             if await run_in_threadpool(self._fail, rid, f"receipt rejected: {message}"):
                 await self.rt.bus.publish(f"req:{rid}", {"type": "error", "status": 502, "code": "bad_receipt",
                                                          "message": "the node's receipt was rejected"})
-        else:
-            await self.rt.bus.publish(f"req:{rid}", {
-                "type": "done", "finish_reason": result.finish_reason, "node_id": self.node_id,
-                "usage": usage(result.prompt_tokens, result.completion_tokens, result.cost)})
-        self.rt.trigger_dispatch()
+            self.rt.trigger_dispatch()
+            return
+        if fresh:  # the settle task pays it and tells the buyer (off the token path)
+            await run_in_threadpool(self.rt.enqueue_settle, rid)
 
-    def _settle(self, done: Done, relayed: Relayed):
+    def _accept(self, done: Done, relayed: Relayed) -> bool:
         with self.rt.session() as s:
-            return settle(s, done.receipt, self.node_id, relayed, self.rt.settings)
+            return accept_receipt(s, done.receipt, self.node_id, relayed, self.rt.settings)
 
     def _mark_running(self, rid: str) -> None:
         with self.rt.session() as s:

@@ -23,6 +23,9 @@ class DispatchStore(Protocol):
     def apply(self, decision: Decision) -> "AppliedDecision":
         """Lock prices and mark assigned (only requests still queued), reject, notify."""
 
+    def settle(self, request_id: str) -> dict:
+        """Pay a request whose receipt was accepted; idempotent."""
+
     def sweep(self) -> dict:
         """Mark silent nodes offline, fail stuck assignments, expire holds."""
 

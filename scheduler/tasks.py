@@ -41,3 +41,17 @@ def dispatch(window_ms: float = 2.0, policy: str | None = None) -> dict:
 @celery_app.task(name="agora.sweep", acks_late=True, autoretry_for=(TransientStoreError,), max_retries=3)
 def sweep() -> dict:
     return get_store().sweep()
+
+
+@celery_app.task(
+    name="agora.settle",
+    acks_late=True,
+    autoretry_for=(TransientStoreError,),
+    retry_backoff=0.05,
+    retry_backoff_max=5,
+    max_retries=10,
+)
+def settle(request_id: str) -> dict:
+    """Pay one accepted receipt. Redelivery is harmless: a settled request returns the
+    first result and moves no money."""
+    return get_store().settle(request_id)

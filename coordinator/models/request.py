@@ -16,6 +16,7 @@ class RequestStatus(str, enum.Enum):
     QUEUED = "queued"  # held, waiting for the scheduler
     ASSIGNED = "assigned"  # a node and its price are locked
     RUNNING = "running"  # tokens are flowing
+    SETTLING = "settling"  # receipt accepted and stored; the settle task pays it
     COMPLETED = "completed"
     FAILED = "failed"
     REJECTED = "rejected"  # no node can satisfy it

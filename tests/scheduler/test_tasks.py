@@ -35,8 +35,12 @@ def rt(tmp_path):
     runtime.stop()
 
 
+_IDENTITIES: dict[str, Identity] = {}
+
+
 def _node(rt, concurrency=2) -> str:
     me = Identity.generate()
+    _IDENTITIES[me.public_key_hex] = me
     reg = Registration(node_id=me.public_key_hex, **fresh_stamp(), region="us-east", max_concurrency=concurrency,
                        models=[ModelOffer(model="tiny", price_in=1000, price_out=2000, tokens_per_s=50.0)]).sign(me)
     with rt.session() as s:
@@ -95,3 +99,35 @@ def test_sweep_expires_overdue_holds_and_prunes_nonces(rt):
         assert s.get(LedgerHold, hold.id).state == HoldState.VOIDED
         assert Ledger(s).balance(buyer) == 10**9
     assert tasks.sweep.apply().get()["holds_expired"] == 0
+
+
+def test_settle_task_survives_a_lost_worker_and_redelivery(rt):
+    """The receipt was accepted, then the worker died before paying: the sweep resends the
+    settle task; it and any redelivered copy pay exactly once."""
+    from coordinator.settlement import Relayed, accept_receipt
+    from node_agent.protocol import Receipt, commitment_of
+    from pricing.ledger import total_balance
+    from pricing.money import request_cost
+
+    node_id = _node(rt)
+    rids, buyer = _queue(rt, 1)
+    rid = rids[0]
+    tasks.dispatch.apply(kwargs={"window_ms": 0})
+    ids, lps = [3, 4, 5], [-10, -20, -30]
+    ident = _IDENTITIES[node_id]
+    receipt = Receipt(node_id=node_id, **fresh_stamp(), request_id=rid, model="tiny", prompt_tokens=9,
+                      completion_tokens=3, commitment=commitment_of(rid, ids, lps), finish_reason="stop").sign(ident)
+    with rt.session() as s:
+        assert accept_receipt(s, receipt, node_id, Relayed(3, commitment_of(rid, ids, lps)), rt.settings)
+    assert _status(rt, rid) == RequestStatus.SETTLING  # ... and here the worker is lost
+    sent = []
+    rt.enqueue_settle = sent.append  # capture what the sweep resends
+    assert tasks.sweep.apply().get()["settle_resent"] == [rid] and sent == [rid]
+    first = tasks.settle.apply(args=[rid]).get()
+    again = tasks.settle.apply(args=[rid]).get()  # a redelivered copy
+    cost = request_cost(9, 3, 1000, 2000)
+    assert first == again == {"request_id": rid, "settled": True, "cost": cost}
+    with rt.session() as s:
+        assert Ledger(s).balance(buyer) == 10**9 - cost
+        assert total_balance(s) == 0
+    assert _status(rt, rid) == RequestStatus.COMPLETED
