@@ -2,7 +2,7 @@
 
 Revision ID: 0001
 Revises: 
-Create Date: 2026-11-28 17:02:02.332722
+Create Date: 2026-11-28 17:09:14.451364
 """
 from alembic import op
 import sqlalchemy as sa
@@ -97,7 +97,7 @@ def upgrade() -> None:
     sa.Column('account_id', sqlmodel.sql.sqltypes.AutoString(), nullable=False),
     sa.Column('model', sqlmodel.sql.sqltypes.AutoString(length=200), nullable=False),
     sa.Column('kind', sqlmodel.sql.sqltypes.AutoString(length=16), nullable=False),
-    sa.Column('status', sa.Enum('QUEUED', 'ASSIGNED', 'RUNNING', 'COMPLETED', 'FAILED', 'REJECTED', 'CANCELLED', name='requeststatus'), nullable=False),
+    sa.Column('status', sa.Enum('QUEUED', 'ASSIGNED', 'RUNNING', 'SETTLING', 'COMPLETED', 'FAILED', 'REJECTED', 'CANCELLED', name='requeststatus'), nullable=False),
     sa.Column('payload', sa.JSON(), nullable=True),
     sa.Column('routing', sa.JSON(), nullable=True),
     sa.Column('idempotency_key', sqlmodel.sql.sqltypes.AutoString(length=160), nullable=True),
@@ -167,6 +167,23 @@ def upgrade() -> None:
         batch_op.create_index(batch_op.f('ix_ledger_transfers_hold_id'), ['hold_id'], unique=False)
         batch_op.create_index(batch_op.f('ix_ledger_transfers_request_ref'), ['request_ref'], unique=False)
 
+    op.create_table('ledger_unbondings',
+    sa.Column('id', sa.Integer(), nullable=False),
+    sa.Column('stake_account_id', sa.Integer(), nullable=False),
+    sa.Column('amount', sa.BigInteger(), nullable=False),
+    sa.Column('state', sa.Enum('PENDING', 'WITHDRAWN', name='unbondingstate'), nullable=False),
+    sa.Column('requested_at', sqlmodel.sql.sqltypes.UTCDateTime(), nullable=False),
+    sa.Column('matures_at', sqlmodel.sql.sqltypes.UTCDateTime(), nullable=False),
+    sa.Column('withdrawn_amount', sa.BigInteger(), nullable=False),
+    sa.Column('resolved_at', sqlmodel.sql.sqltypes.UTCDateTime(), nullable=True),
+    sa.ForeignKeyConstraint(['stake_account_id'], ['ledger_accounts.id'], ),
+    sa.PrimaryKeyConstraint('id')
+    )
+    with op.batch_alter_table('ledger_unbondings', schema=None) as batch_op:
+        batch_op.create_index(batch_op.f('ix_ledger_unbondings_matures_at'), ['matures_at'], unique=False)
+        batch_op.create_index(batch_op.f('ix_ledger_unbondings_stake_account_id'), ['stake_account_id'], unique=False)
+        batch_op.create_index(batch_op.f('ix_ledger_unbondings_state'), ['state'], unique=False)
+
     op.create_table('node_offers',
     sa.Column('model', sqlmodel.sql.sqltypes.AutoString(length=200), nullable=False),
     sa.Column('price_in', sa.Integer(), nullable=False),
@@ -179,6 +196,8 @@ def upgrade() -> None:
     sa.Column('node_id', sqlmodel.sql.sqltypes.AutoString(), nullable=False),
     sa.Column('measured_tokens_per_s', sa.Float(), nullable=True),
     sa.Column('measured_ttft_ms', sa.Float(), nullable=True),
+    sa.Column('claim_ratio', sa.Float(), nullable=True),
+    sa.Column('estimate', sa.JSON(), nullable=True),
     sa.ForeignKeyConstraint(['node_id'], ['nodes.id'], ),
     sa.PrimaryKeyConstraint('id')
     )
@@ -216,6 +235,12 @@ def downgrade() -> None:
         batch_op.drop_index(batch_op.f('ix_node_offers_model'))
 
     op.drop_table('node_offers')
+    with op.batch_alter_table('ledger_unbondings', schema=None) as batch_op:
+        batch_op.drop_index(batch_op.f('ix_ledger_unbondings_state'))
+        batch_op.drop_index(batch_op.f('ix_ledger_unbondings_stake_account_id'))
+        batch_op.drop_index(batch_op.f('ix_ledger_unbondings_matures_at'))
+
+    op.drop_table('ledger_unbondings')
     with op.batch_alter_table('ledger_transfers', schema=None) as batch_op:
         batch_op.drop_index(batch_op.f('ix_ledger_transfers_request_ref'))
         batch_op.drop_index(batch_op.f('ix_ledger_transfers_hold_id'))
