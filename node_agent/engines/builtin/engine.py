@@ -2,11 +2,21 @@
 
 One engine thread owns the model and its KV cache. Each iteration it takes new requests,
 cancellations and scoring jobs from an inbox, admits waiting requests into free cache slots
-(bounded by `max_batch` slots and a prefill token budget per iteration), prefills them as
-one batch, then runs one batched decode step for every running request. Events go back to
-each request's asyncio queue with `loop.call_soon_threadsafe`, one call per loop per step.
-Finished or cancelled requests leave at once; the last running request moves into the freed
-slot so slots 0..B-1 are always the decode batch.
+(`max_batch` slots, fewer if the KV memory budget `kv_cache_bytes` holds fewer
+`max_seq_len`-token sequences; at most `prefill_budget` prompt tokens per iteration),
+prefills them as one batch, then runs one batched decode step for every running request.
+Events go back to each request's asyncio queue with `loop.call_soon_threadsafe`, one call
+per loop per step. Finished or cancelled requests leave at once; the last running request
+moves into the freed slot so slots 0..B-1 are always the decode batch. After admissions the
+slots are re-ordered longest first, and decode attention runs per group of similar lengths,
+reading only as much cache as that group needs.
+
+Per-token log-probabilities are the log-softmax of the raw logits (before temperature and
+top-k/top-p). Sampled requests draw from their own seeded generator, so a seed gives the
+same tokens whatever else is in the batch. EOS ends a request with finish_reason "stop"
+(its event carries the EOS id and empty text) unless `ignore_eos`; a stop string ends it
+with "stop" and its tokens are not emitted (see textstream.StopStream); `max_tokens` or the
+end of the context ends it with "length".
 """
 
 from __future__ import annotations
