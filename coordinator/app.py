@@ -7,7 +7,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 
 from coordinator.errors import install_error_handlers
-from coordinator.routes import accounts, nodes, openai_api, requests
+from coordinator.routes import accounts, nodes, openai_api, requests, seller
 from coordinator.runtime import Runtime
 from coordinator.settings import CoordinatorSettings, get_settings
 
@@ -36,6 +36,7 @@ def create_app(settings: CoordinatorSettings | None = None, runtime: Runtime | N
     app.include_router(nodes.router)
     app.include_router(accounts.router)
     app.include_router(requests.router)
+    app.include_router(seller.router)
 
     @app.get("/healthz", tags=["ops"])
     async def healthz():

@@ -14,13 +14,14 @@ from sqlalchemy import delete
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, select
 
-from coordinator.errors import APIError, Forbidden, NotFound, Unauthorized
+from coordinator.errors import APIError, Forbidden, InsufficientBalance, NotFound, Unauthorized
 from coordinator.models import Node, NodeNonce, NodeOffer
 from coordinator import speed
 from coordinator.models.account import utcnow
 from coordinator.settings import CoordinatorSettings
 from node_agent.protocol import Heartbeat, Registration, Signed
 from pricing.ledger import AccountKind, Ledger
+from pricing.stake import Stake
 from scheduler.backoff import Backoff
 
 
@@ -34,6 +35,10 @@ class ReplayedNonce(Unauthorized):
 
 class BadSignature(Unauthorized):
     code = "bad_signature"
+
+
+class StakeTooLow(InsufficientBalance):
+    code = "stake_below_minimum"
 
 
 def check_signed(session: Session, msg: Signed, settings: CoordinatorSettings) -> None:
@@ -68,6 +73,13 @@ def register(session: Session, reg: Registration, settings: CoordinatorSettings)
     node = session.get(Node, reg.node_id)
     if node is not None and node.banned:
         raise Forbidden("this node is banned from the market")
+    if settings.min_stake_nano_usd:
+        ledger = Ledger(session)
+        stake_id = ledger.open_account(AccountKind.SELLER_STAKE, ref=f"node:{reg.node_id}").id
+        bonded = Stake(ledger).bonded(stake_id)
+        if bonded < settings.min_stake_nano_usd:
+            raise StakeTooLow(f"bonded stake {bonded} nano-USD is below the market's minimum "
+                              f"{settings.min_stake_nano_usd}; ask the operator to record your stake deposit")
     if node is None:
         earnings = Ledger(session).open_account(AccountKind.SELLER_EARNINGS, ref=f"node:{reg.node_id}")
         node = Node(id=reg.node_id, earnings_account_id=earnings.id, region=reg.region,

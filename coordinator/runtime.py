@@ -11,12 +11,15 @@ import threading
 from contextlib import contextmanager
 from typing import Iterator
 
+from datetime import timedelta
+
 from sqlalchemy.engine import Engine
 from sqlmodel import Session
 
 from coordinator.bus import Bus, make_bus
 from coordinator.db import make_engine, session_scope
 from coordinator.settings import CoordinatorSettings
+from pricing.stake import StakePolicy
 from scheduler import celery_app as celery_module
 from scheduler.dispatch import set_store
 
@@ -35,6 +38,9 @@ class Runtime:
         self._worker_thread: threading.Thread | None = None
         self._ticker_stop = threading.Event()
         from coordinator.dispatch_store import SqlDispatchStore
+
+        self.stake_policy = StakePolicy(default_min=settings.min_stake_nano_usd,
+                                        unbonding_delay=timedelta(seconds=settings.unbonding_delay_s))
 
         self.store = SqlDispatchStore(self)
         set_store(self.store)

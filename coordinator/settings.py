@@ -49,6 +49,10 @@ class CoordinatorSettings(BaseSettings):
     platform_fee_bps: int = Field(default=500, ge=0, le=10_000)
     dispatch_window_ms: float = 2.0  # micro-batch window of the dispatch task
 
+    # Stake
+    min_stake_nano_usd: int = Field(default=0, ge=0, description="bonded stake a node needs to sell")
+    unbonding_delay_s: float = Field(default=7 * 24 * 3600, ge=0)
+
     # Operator
     admin_token: str | None = Field(default=None, description="bearer token for /admin routes")
 

@@ -78,6 +78,28 @@ class ChannelHello(Signed):
     protocol: int = PROTOCOL_VERSION
 
 
+class AccountQuery(Signed):
+    """A node asks for its own earnings, stake and statement."""
+
+    limit: int = Field(default=50, ge=1, le=500)
+    before: int | None = None
+
+
+class PayoutRequest(Signed):
+    """Move `amount` of the node's earnings out of the market (to its operator)."""
+
+    amount: int = Field(gt=0)
+    idempotency_key: str = Field(min_length=1, max_length=120)
+    destination: str | None = Field(default=None, max_length=64)
+
+
+class UnbondRequest(Signed):
+    """Start withdrawing `amount` of stake; it is paid after the unbonding delay."""
+
+    amount: int = Field(gt=0)
+    idempotency_key: str = Field(min_length=1, max_length=120)
+
+
 # ---------------------------------------------------------------- work channel frames
 class Sampling(BaseModel):
     max_tokens: int = 16

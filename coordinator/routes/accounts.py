@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Depends
+from dataclasses import asdict
+
+from fastapi import APIRouter, Depends, Query
 from pydantic import BaseModel, Field
 from starlette.concurrency import run_in_threadpool
 
@@ -11,9 +13,11 @@ from coordinator.auth import require_admin
 from coordinator.models import Account, AccountPublic
 from coordinator.routes.deps import current_account, runtime
 from coordinator.runtime import Runtime
-from coordinator.errors import Conflict, NotFound
+from coordinator.errors import BadRequest, Conflict, NotFound
 from pricing.errors import IdempotencyConflict
-from pricing.ledger import Ledger
+from pricing.ledger import AccountKind, Ledger
+from pricing.stake import Stake
+from pricing.statement import statement
 
 router = APIRouter(tags=["accounts"])
 
@@ -24,6 +28,46 @@ async def my_account(account: Account = Depends(current_account), rt: Runtime = 
         with rt.session() as s:
             return AccountPublic(id=account.id, name=account.name,
                                  balance_nano_usd=Ledger(s).balance(account.ledger_account_id))
+
+    return await run_in_threadpool(_do)
+
+
+@router.get("/v1/account/statement")
+async def my_statement(limit: int = Query(50, ge=1, le=500), before: int | None = Query(None, ge=1),
+                       account: Account = Depends(current_account), rt: Runtime = Depends(runtime)):
+    """The buyer's transfers, newest first, each with its request id (paged: pass
+    `next_cursor` as `before`)."""
+
+    def _do():
+        with rt.session() as s:
+            page = statement(s, account.ledger_account_id, limit=limit, before=before)
+            return {"account_id": account.id, "balance_nano_usd": page.balance,
+                    "entries": [asdict(e) for e in page.entries], "next_cursor": page.next_cursor}
+
+    return await run_in_threadpool(_do)
+
+
+class StakeDeposit(BaseModel):
+    amount_nano_usd: int = Field(gt=0, le=10**18)
+    idempotency_key: str = Field(min_length=1, max_length=160)
+
+
+@router.post("/admin/nodes/{node_id}/stake", dependencies=[Depends(require_admin)])
+async def record_stake(node_id: str, body: StakeDeposit, rt: Runtime = Depends(runtime)):
+    """Record a seller's stake deposit (operator). The node may register before or after."""
+    if len(node_id) != 64 or any(c not in "0123456789abcdef" for c in node_id):
+        raise BadRequest("node id must be the node's Ed25519 public key, 64 hex characters")
+
+    def _do():
+        with rt.session() as s:
+            ledger = Ledger(s)
+            stake_id = ledger.open_account(AccountKind.SELLER_STAKE, ref=f"node:{node_id}").id
+            try:
+                balance = Stake(ledger).deposit(stake_id, body.amount_nano_usd,
+                                                idempotency_key=f"stake:{body.idempotency_key}")
+            except IdempotencyConflict as exc:
+                raise Conflict(str(exc), code="idempotency_conflict") from exc
+            return {"node_id": node_id, "stake_nano_usd": balance}
 
     return await run_in_threadpool(_do)
 

@@ -1,0 +1,92 @@
+"""Seller routes, authenticated by the node's own signature (no API key): earnings,
+stake and statement, payout requests, stake unbonding."""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+
+from fastapi import APIRouter, Depends
+from starlette.concurrency import run_in_threadpool
+
+from coordinator.errors import Conflict, InsufficientBalance, NotFound
+from coordinator.models import Node
+from coordinator.node_registry import check_signed
+from coordinator.routes.deps import runtime
+from coordinator.runtime import Runtime
+from node_agent.protocol import AccountQuery, PayoutRequest, Signed, UnbondRequest
+from pricing.errors import IdempotencyConflict, InsufficientFunds
+from pricing.ledger import AccountKind, Ledger
+from pricing.stake import Stake
+from pricing.statement import statement
+
+router = APIRouter(prefix="/v1/nodes/me", tags=["sellers"])
+
+
+def _authenticated(s, msg: Signed, rt: Runtime) -> Node:
+    node = s.get(Node, msg.node_id)
+    if node is None:
+        raise NotFound("unknown node: register first")
+    check_signed(s, msg, rt.settings)
+    return node
+
+
+def stake_account(ledger: Ledger, node_id: str) -> int:
+    return ledger.open_account(AccountKind.SELLER_STAKE, ref=f"node:{node_id}").id
+
+
+@router.post("/account")
+async def my_account(q: AccountQuery, rt: Runtime = Depends(runtime)):
+    def _do():
+        with rt.session() as s:
+            node = _authenticated(s, q, rt)
+            ledger = Ledger(s)
+            stake = Stake(ledger)
+            stake_id = stake_account(ledger, node.id)
+            page = statement(s, node.earnings_account_id, limit=q.limit, before=q.before)
+            return {
+                "node_id": node.id,
+                "earnings_nano_usd": page.balance,
+                "stake_bonded_nano_usd": stake.bonded(stake_id),
+                "stake_unbonding_nano_usd": stake.unbonding(stake_id),
+                "statement": [asdict(e) for e in page.entries],
+                "next_cursor": page.next_cursor,
+            }
+
+    return await run_in_threadpool(_do)
+
+
+@router.post("/payouts")
+async def request_payout(req: PayoutRequest, rt: Runtime = Depends(runtime)):
+    def _do():
+        with rt.session() as s:
+            node = _authenticated(s, req, rt)
+            try:
+                balance = Ledger(s).payout(node.earnings_account_id, req.amount,
+                                           idempotency_key=f"payout:{node.id}:{req.idempotency_key}",
+                                           destination_ref=req.destination)
+            except InsufficientFunds as exc:
+                raise InsufficientBalance(f"earnings {exc.available} nano-USD are short of {exc.needed}") from exc
+            except IdempotencyConflict as exc:
+                raise Conflict(str(exc), code="idempotency_conflict") from exc
+            return {"node_id": node.id, "paid_nano_usd": req.amount, "earnings_nano_usd": balance}
+
+    return await run_in_threadpool(_do)
+
+
+@router.post("/unbond")
+async def unbond(req: UnbondRequest, rt: Runtime = Depends(runtime)):
+    def _do():
+        with rt.session() as s:
+            node = _authenticated(s, req, rt)
+            ledger = Ledger(s)
+            try:
+                row = Stake(ledger, rt.stake_policy).request_unbond(
+                    stake_account(ledger, node.id), req.amount,
+                    idempotency_key=f"unbond:{node.id}:{req.idempotency_key}")
+            except InsufficientFunds as exc:
+                raise InsufficientBalance(f"bonded stake {exc.available} nano-USD is short of {exc.needed}") from exc
+            except IdempotencyConflict as exc:
+                raise Conflict(str(exc), code="idempotency_conflict") from exc
+            return {"node_id": node.id, "unbonding_nano_usd": row.amount, "matures_at": row.matures_at}
+
+    return await run_in_threadpool(_do)
