@@ -92,7 +92,11 @@ def cmd_account(argv: list[str]) -> int:
     dep.add_argument("account_id")
     dep.add_argument("amount", type=int, help="nano-USD")
     dep.add_argument("--idempotency-key", required=True)
-    for q in (create, bal, dep):
+    stm = sub.add_parser("statement", help="an account's transfers, newest first")
+    stm.add_argument("account_id")
+    stm.add_argument("--limit", type=int, default=20)
+    stm.add_argument("--before", type=int, help="cursor from the previous page")
+    for q in (create, bal, dep, stm):
         q.add_argument("--database-url")
         q.add_argument("--json", action="store_true")
     args = p.parse_args(argv)
@@ -120,6 +124,22 @@ def cmd_account(argv: list[str]) -> int:
             print(f"no account {args.account_id}", file=sys.stderr)
             return 1
         ledger = Ledger(s)
+        if args.cmd == "statement":
+            from dataclasses import asdict
+
+            from pricing.statement import statement
+
+            page = statement(s, account.ledger_account_id, limit=args.limit, before=args.before)
+            if args.json:
+                print(json.dumps({"balance_nano_usd": page.balance, "next_cursor": page.next_cursor,
+                                  "entries": [asdict(e) for e in page.entries]}, default=str))
+            else:
+                print(f"balance {page.balance} nano-USD")
+                for e in page.entries:
+                    print(f"{e.created_at:%Y-%m-%d %H:%M:%S}  {e.kind:<8} {e.amount:>+16}  {e.request_ref or ''}")
+                if page.next_cursor:
+                    print(f"(more: --before {page.next_cursor})")
+            return 0
         if args.cmd == "deposit":
             ledger.deposit(account.ledger_account_id, args.amount, idempotency_key=args.idempotency_key)
         balance = ledger.balance(account.ledger_account_id)

@@ -25,6 +25,16 @@ def build_parser() -> argparse.ArgumentParser:
     bench = sub.add_parser("bench", help="benchmark this machine on a model and print the figures")
     keygen = sub.add_parser("keygen", help="create (or show) this node's key pair")
     keygen.add_argument("--key", dest="key_path")
+    account = sub.add_parser("account", help="this node's earnings, stake and statement")
+    payout = sub.add_parser("payout", help="move earnings out of the market")
+    payout.add_argument("--amount", type=int, required=True, help="nano-USD")
+    payout.add_argument("--idempotency-key", required=True, help="reuse it to retry safely")
+    unbond = sub.add_parser("unbond", help="start withdrawing stake (paid after the unbonding delay)")
+    unbond.add_argument("--amount", type=int, required=True, help="nano-USD")
+    unbond.add_argument("--idempotency-key", required=True)
+    for q in (account, payout, unbond):
+        q.add_argument("--coordinator")
+        q.add_argument("--key", dest="key_path")
     for q in (p, bench):
         q.add_argument("--model", help="preset name (tiny, tiny-20m, tiny-100m) or a local HF folder")
         q.add_argument("--device", help="cpu, cuda, cuda:1 ...")
@@ -111,6 +121,31 @@ async def _run_agent(settings: NodeSettings) -> None:
         await engine.close()
 
 
+def _money_command(args: argparse.Namespace, settings: NodeSettings) -> int:
+    import httpx
+
+    from node_agent.identity import Identity
+    from node_agent.protocol import AccountQuery, PayoutRequest, UnbondRequest, fresh_stamp
+
+    me = Identity.load_or_create(settings.key_path)
+    stamp = dict(node_id=me.public_key_hex, **fresh_stamp())
+    if args.cmd == "account":
+        path, msg = "/v1/nodes/me/account", AccountQuery(**stamp)
+    elif args.cmd == "payout":
+        path, msg = "/v1/nodes/me/payouts", PayoutRequest(**stamp, amount=args.amount,
+                                                          idempotency_key=args.idempotency_key)
+    else:
+        path, msg = "/v1/nodes/me/unbond", UnbondRequest(**stamp, amount=args.amount,
+                                                         idempotency_key=args.idempotency_key)
+    try:
+        resp = httpx.post(settings.http_base + path, json=msg.sign(me).model_dump(mode="json"), timeout=30)
+    except httpx.HTTPError as exc:
+        print(f"agora node {args.cmd}: cannot reach the coordinator at {settings.http_base}: {exc}", file=sys.stderr)
+        return 1
+    print(json.dumps(resp.json(), indent=2, default=str))
+    return 0 if resp.status_code == 200 else 1
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if getattr(args, "verbose", False) else logging.INFO,
@@ -121,6 +156,8 @@ def main(argv: list[str] | None = None) -> int:
 
         print(Identity.load_or_create(settings.key_path).public_key_hex)
         return 0
+    if args.cmd in ("account", "payout", "unbond"):
+        return _money_command(args, settings)
     if args.cmd == "bench":
         from node_agent.benchmark import run_benchmark
 
