@@ -87,13 +87,13 @@ def generate(engine, specs) -> tuple[list[dict], float]:
     return asyncio.run(main())
 
 
-def judge(jobs, verifier: LlamaModel, node_dtype: str, verifier_dtype: str, eos_ids) -> list:
+def judge(jobs, verifier: LlamaModel, node_dtype: str, verifier_dtype: str, eos_ids, model: str) -> list:
     out = []
     for j in jobs:
         sp = j["sampling"]
         r = rescore_with_model(verifier, j["prompt"], j["ids"], sp)
         out.append(verify_rescored(j["ids"], j["lps"], r, sp, node_dtype=node_dtype, verifier_dtype=verifier_dtype,
-                                   finish_reason=j["finish"], eos_ids=eos_ids, has_stop_strings=bool(sp.stop)))
+                                   finish_reason=j["finish"], eos_ids=eos_ids, has_stop_strings=bool(sp.stop), model=model))
     return out
 
 
@@ -159,7 +159,7 @@ def main(argv=None) -> dict:
         n = per_cell if batch > 1 else max(per_cell // 8, 12)
         jobs, _ = generate(load_builtin_engine(model, dtype=dtype, max_batch=batch), make_specs(probe, n, 100 + ci))
         for vd in ("float32", "bfloat16") if ci % 2 == 0 else ("float32",):
-            verdicts = judge(jobs, verifiers[vd], dtype, vd, eos)
+            verdicts = judge(jobs, verifiers[vd], dtype, vd, eos, model)
             honest[f"{dtype}/b{batch}/v{vd}"] = verdicts
             if vd == "float32" and dtype == "bfloat16":
                 stat_pool.setdefault("bf16", []).extend(v.mean_abs_delta for v in verdicts)
@@ -176,7 +176,7 @@ def main(argv=None) -> dict:
         eng = make_adversarial_engine(mode, model, max_batch=32, seed=mi)
         jobs, _ = generate(eng, make_specs(probe, n_adv, 500 + mi))
         # A cheater claims the loosest honest dtype (bfloat16) to get the widest tolerance.
-        verdicts = judge(jobs, verifiers["float32"], "bfloat16", "float32", eos)
+        verdicts = judge(jobs, verifiers["float32"], "bfloat16", "float32", eos, model)
         rate = float(np.mean([not v.passed for v in verdicts]))
         reasons: dict[str, int] = {}
         for v in verdicts:
