@@ -93,3 +93,29 @@ def test_two_api_replicas_relay_tokens_through_redis(tmp_path, pg_url):
         assert sum(1 for ch in chunks if ch.choices and ch.choices[0].text) >= 2
     finally:
         m.stop()
+
+
+def test_parallel_requests_never_overdraw_a_small_balance(market):
+    """20 concurrent requests against a balance that covers only a few worst-case holds:
+    the rest get 402, nobody is overdrawn, and the balance is exactly credit - charges."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    hold = (40 + 8 + 8) * 50_000_000 // 10**6 + 8 * 300_000_000 // 10**6  # bytes+allowance, max_tokens 8
+    credit = 3 * hold + hold // 2
+    key = market.agora("account", "create", "--credit", str(credit))
+    c = openai.OpenAI(base_url=market.base + "/v1", api_key=key, max_retries=0, timeout=60)
+
+    def one(i: int):
+        try:
+            r = c.chat.completions.create(model="tiny", max_tokens=8, temperature=0,
+                                          messages=[{"role": "user", "content": f"{i:040d}"}])
+            return r.usage.model_extra["cost_nano_usd"]
+        except openai.APIStatusError as exc:
+            return exc.status_code
+
+    with ThreadPoolExecutor(20) as pool:
+        results = list(pool.map(one, range(20)))
+    costs = [r for r in results if r not in (402,)]
+    assert results.count(402) >= 1 and 1 <= len(costs) <= 20
+    bal = httpx.get(market.base + "/v1/account", headers={"Authorization": f"Bearer {key}"}).json()
+    assert bal["balance_nano_usd"] == credit - sum(costs) >= 0
