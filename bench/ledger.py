@@ -1,0 +1,195 @@
+"""Ledger benchmark: settlements per second, batched path vs the naive path, on
+PostgreSQL and SQLite, measured in the same run.
+
+    .venv/bin/python bench/ledger.py [--quick] [--batch 1000]
+
+Each backend gets a fresh database (PostgreSQL: a temporary `agora_bench_<random>`,
+dropped at the end; SQLite: a WAL file in a temp folder, set up as the coordinator does).
+It seeds buyers, sellers and pending escrow holds sized for the worst case of a request
+(200 prompt + 256 max tokens at $0.50 / $1.50 per Mtok), then settles them from receipts
+(a random number of delivered tokens, one seller in ten a two-seller failover), 5% fee:
+
+- batched: `pricing.batch.settle_many`, `--batch` holds per transaction;
+- naive:   `Ledger.settle_hold` with one transaction (commit) per settlement, the path a
+           request handler takes alone (each settlement is 2-4 transfers).
+
+Both run after a warm-up on the same database; the books are checked afterwards (sum of
+balances zero, escrow = still-pending holds). The last line is one JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import sqlalchemy as sa  # noqa: E402
+from sqlalchemy import event, insert  # noqa: E402
+from sqlmodel import Session, SQLModel, select  # noqa: E402
+
+from pricing.batch import Settlement, settle_many  # noqa: E402
+from pricing.ledger import (  # noqa: E402
+    AccountKind, HoldState, Ledger, LedgerAccount, LedgerHold, LedgerTransfer, total_balance,
+)
+from pricing.ledger_models import _utcnow  # noqa: E402
+from pricing.money import request_cost  # noqa: E402
+
+PG_ADMIN = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
+P_IN, P_OUT = 500_000_000, 1_500_000_000  # nano-USD per Mtok
+PROMPT, MAX_TOKENS, FEE_BPS = 200, 256, 500
+HOLD = request_cost(PROMPT, MAX_TOKENS, P_IN, P_OUT)
+
+
+def sqlite_engine(path: str):
+    engine = sa.create_engine(f"sqlite:///{path}", connect_args={"check_same_thread": False, "timeout": 30})
+
+    @event.listens_for(engine, "connect")
+    def _connect(dbapi_conn, _record):
+        dbapi_conn.isolation_level = None
+        dbapi_conn.execute("PRAGMA journal_mode=WAL")
+        dbapi_conn.execute("PRAGMA synchronous=NORMAL")
+
+    @event.listens_for(engine, "begin")
+    def _begin(conn):
+        conn.exec_driver_sql("BEGIN IMMEDIATE")
+
+    return engine
+
+
+def seed(engine, n_holds: int, n_buyers: int = 200, n_sellers: int = 20, seed: int = 0):
+    """Accounts, deposits and `n_holds` pending holds (bulk-inserted: setup, not measured)."""
+    SQLModel.metadata.create_all(engine, tables=[t for n, t in SQLModel.metadata.tables.items()
+                                                 if n.startswith("ledger_")])
+    rng = random.Random(seed)
+    with Session(engine) as s:
+        led = Ledger(s)
+        buyers = [led.open_account(AccountKind.BUYER, ref=f"acct_{i}").id for i in range(n_buyers)]
+        sellers = [led.open_account(AccountKind.SELLER_EARNINGS, ref=f"node_{i}").id for i in range(n_sellers)]
+        per_buyer = (n_holds // n_buyers + 1) * HOLD
+        for b in buyers:
+            led.deposit(b, per_buyer, idempotency_key=f"seed-dep-{b}")
+        escrow = led.system(AccountKind.ESCROW).id
+        s.commit()
+        now = _utcnow()
+        H, T, A = LedgerHold.__table__, LedgerTransfer.__table__, LedgerAccount.__table__
+        hold_rows = [{"id": i + 1, "buyer_account_id": buyers[i % n_buyers], "amount": HOLD,
+                      "state": HoldState.PENDING, "request_ref": f"req_{i}", "created_at": now,
+                      "posted_amount": 0} for i in range(n_holds)]
+        s.execute(insert(H), hold_rows)
+        s.execute(insert(T), [{"debit_account_id": h["buyer_account_id"], "credit_account_id": escrow,
+                               "amount": HOLD, "kind": "hold", "hold_id": h["id"], "request_ref": h["request_ref"],
+                               "created_at": now} for h in hold_rows])
+        held: dict[int, int] = {}
+        for h in hold_rows:
+            held[h["buyer_account_id"]] = held.get(h["buyer_account_id"], 0) + HOLD
+        s.execute(sa.update(A).where(A.c.id == sa.bindparam("_id")).values(balance=A.c.balance - sa.bindparam("_d")),
+                  [{"_id": b, "_d": d} for b, d in held.items()])
+        s.execute(sa.update(A).where(A.c.id == escrow).values(balance=A.c.balance + HOLD * n_holds))
+        if engine.dialect.name == "postgresql":
+            s.execute(sa.text("SELECT setval(pg_get_serial_sequence('ledger_holds', 'id'), :n)"), {"n": n_holds})
+        s.commit()
+        assert total_balance(s) == 0
+    items = []
+    for i in range(n_holds):
+        delivered = rng.randint(0, MAX_TOKENS)
+        if rng.random() < 0.1 and delivered > 1:  # failover: two sellers split the stream
+            cut = rng.randint(1, delivered - 1)
+            a, b = rng.sample(sellers, 2)
+            parts = [(a, request_cost(PROMPT, cut, P_IN, P_OUT)),
+                     (b, request_cost(PROMPT + cut, delivered - cut, 0, P_OUT))]
+        else:
+            parts = [(rng.choice(sellers), request_cost(PROMPT, delivered, P_IN, P_OUT))]
+        items.append(Settlement(i + 1, parts, f"settle:req_{i}"))
+    return items
+
+
+def run_batched(engine, items, batch: int) -> float:
+    t0 = time.perf_counter()
+    for i in range(0, len(items), batch):
+        with Session(engine) as s:
+            res = settle_many(s, items[i:i + batch], fee_bps=FEE_BPS)
+            s.commit()
+        bad = [r for r in res if isinstance(r, Exception)]
+        assert not bad, bad[:3]
+    return len(items) / (time.perf_counter() - t0)
+
+
+def run_naive(engine, items) -> float:
+    t0 = time.perf_counter()
+    for it in items:
+        with Session(engine) as s:
+            Ledger(s).settle_hold(it.hold_id, it.parts, FEE_BPS, idempotency_key=it.idempotency_key)
+            s.commit()
+    return len(items) / (time.perf_counter() - t0)
+
+
+def check_books(engine, n_pending: int) -> bool:
+    with Session(engine) as s:
+        escrow = Ledger(s).balance(Ledger(s).system(AccountKind.ESCROW).id)
+        pending = len(s.exec(select(LedgerHold.id).where(LedgerHold.state == HoldState.PENDING)).all())
+        return total_balance(s) == 0 and pending == n_pending and escrow == n_pending * HOLD
+
+
+def bench_backend(engine, n_batched: int, n_naive: int, batch: int) -> dict:
+    warm_b, warm_n = min(batch, 200), 50
+    items = seed(engine, warm_b + n_batched + warm_n + n_naive)
+    a, b, c = warm_b, warm_b + n_batched, warm_b + n_batched + warm_n
+    run_batched(engine, items[:a], batch)  # warm-up
+    batched = run_batched(engine, items[a:b], batch)
+    run_naive(engine, items[b:c])  # warm-up
+    naive = run_naive(engine, items[c:])
+    # a redelivered batch replays: nothing moves twice
+    run_batched(engine, items[a:a + batch], batch)
+    return {"batched": batched, "naive": naive, "ok": check_books(engine, 0)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--batch", type=int, default=1000)
+    ap.add_argument("--pg-admin", default=PG_ADMIN)
+    args = ap.parse_args()
+    n_batched, n_naive = (20_000, 1_000) if args.quick else (100_000, 3_000)
+    out: dict = {"batch_size": args.batch, "n_batched": n_batched, "n_naive": n_naive, "hold_nano_usd": HOLD,
+                 "naive_path": "Ledger.settle_hold, one transaction per settlement"}
+
+    with tempfile.TemporaryDirectory() as tmp:
+        engine = sqlite_engine(str(Path(tmp) / "ledger.db"))
+        r = bench_backend(engine, n_batched, n_naive, args.batch)
+        engine.dispose()
+    print(f"sqlite: batched {r['batched']:,.0f}/s, naive {r['naive']:,.0f}/s, books ok={r['ok']}", flush=True)
+    out.update(sqlite_settlements_per_s=round(r["batched"]), sqlite_naive_settlements_per_s=round(r["naive"]),
+               sqlite_batched_vs_naive=round(r["batched"] / r["naive"], 1), sqlite_books_ok=r["ok"])
+
+    name = f"agora_bench_{uuid.uuid4().hex[:10]}"
+    admin = sa.create_engine(args.pg_admin, isolation_level="AUTOCOMMIT")
+    try:
+        with admin.connect() as conn:
+            conn.execute(sa.text(f'CREATE DATABASE "{name}"'))
+    except sa.exc.OperationalError as exc:
+        print(f"postgres: unavailable ({exc.__class__.__name__}); skipped", flush=True)
+        out.update(pg_settlements_per_s=None, batched_vs_naive=out["sqlite_batched_vs_naive"])
+    else:
+        try:
+            engine = sa.create_engine(args.pg_admin.rsplit("/", 1)[0] + "/" + name)
+            r = bench_backend(engine, n_batched, n_naive, args.batch)
+            engine.dispose()
+        finally:
+            with admin.connect() as conn:
+                conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        print(f"postgres: batched {r['batched']:,.0f}/s, naive {r['naive']:,.0f}/s, books ok={r['ok']}", flush=True)
+        out.update(pg_settlements_per_s=round(r["batched"]), pg_naive_settlements_per_s=round(r["naive"]),
+                   batched_vs_naive=round(r["batched"] / r["naive"], 1), pg_books_ok=r["ok"])
+    admin.dispose()
+    print(json.dumps(out))
+
+
+if __name__ == "__main__":
+    main()
