@@ -4,6 +4,7 @@ the database dropped (by the fixtures) afterwards."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -107,3 +108,21 @@ class Market:
             except subprocess.TimeoutExpired:
                 os.killpg(p.pid, signal.SIGKILL)
                 p.wait()
+
+
+def clean_env(home: Path, **extra: str) -> dict[str, str]:
+    """This process's environment without any AGORA_* setting, plus `extra`."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AGORA_")}
+    env.update(AGORA_HOME=str(home), AGORA_NODE_HEARTBEAT_INTERVAL_S="1", **extra)
+    return env
+
+
+@contextlib.contextmanager
+def embedded_market(home: Path, **extra_env: str):
+    """A coordinator on the embedded default (SQLite, in-process worker), stopped after."""
+    m = Market(home=home, env=clean_env(home, **extra_env))
+    try:
+        m.start_coordinator()
+        yield m
+    finally:
+        m.stop()

@@ -3,24 +3,19 @@ the rest of the hold comes back and the node stops generating."""
 
 from __future__ import annotations
 
-import os
 import time
 
 import httpx
 import openai
 import pytest
 
-from tests.e2e.market import Market
+from tests.e2e.market import embedded_market
 
 pytestmark = pytest.mark.slow
 
 
 def test_aborted_stream_is_charged_only_for_delivered_tokens(tmp_path):
-    env = {k: v for k, v in os.environ.items() if not k.startswith("AGORA_")}
-    env.update(AGORA_HOME=str(tmp_path), AGORA_NODE_HEARTBEAT_INTERVAL_S="1")
-    m = Market(home=tmp_path, env=env)
-    try:
-        m.start_coordinator()
+    with embedded_market(tmp_path) as m:
         m.start_node("slow", extra=("--max-tokens-per-s", "25"))
         m.wait_live("tiny", 1)
         key = m.agora("account", "create", "--credit", str(10**9))
@@ -49,5 +44,3 @@ def test_aborted_stream_is_charged_only_for_delivered_tokens(tmp_path):
         other = m.agora("account", "create")
         assert httpx.get(f"{m.base}/v1/requests/{rid}",
                          headers={"Authorization": f"Bearer {other}"}).status_code == 404
-    finally:
-        m.stop()

@@ -11,21 +11,15 @@ import openai
 import pytest
 import sqlalchemy as sa
 
-from tests.e2e.market import Market
+from tests.e2e.market import embedded_market
 
 pytestmark = pytest.mark.slow
 
 
 @pytest.fixture
 def market(tmp_path):
-    env = {k: v for k, v in os.environ.items() if not k.startswith("AGORA_")}
-    env.update(AGORA_HOME=str(tmp_path), AGORA_NODE_HEARTBEAT_INTERVAL_S="1", AGORA_TOKEN_TIMEOUT_S="5")
-    m = Market(home=tmp_path, env=env)
-    try:
-        m.start_coordinator()
+    with embedded_market(tmp_path, AGORA_TOKEN_TIMEOUT_S="5") as m:
         yield m
-    finally:
-        m.stop()
 
 
 @pytest.mark.parametrize("failure", ["killed", "stalled"])

@@ -3,24 +3,18 @@ first requests, then loses its share once the coordinator has timed its streams.
 
 from __future__ import annotations
 
-import os
-
 import httpx
 import openai
 import pytest
 
-from tests.e2e.market import Market
+from tests.e2e.market import embedded_market
 
 pytestmark = pytest.mark.slow
 
 
 def test_overclaiming_node_loses_its_share(tmp_path):
-    env = {k: v for k, v in os.environ.items() if not k.startswith("AGORA_")}
-    env.update(AGORA_HOME=str(tmp_path), AGORA_NODE_HEARTBEAT_INTERVAL_S="1")
-    m = Market(home=tmp_path, env=env)
-    try:
-        m.start_coordinator()
-        liar = m.start_node("liar", price_in="0.05", price_out="0.10",
+    with embedded_market(tmp_path) as m:
+        m.start_node("liar", price_in="0.05", price_out="0.10",
                             extra=("--max-tokens-per-s", "40", "--no-bench", "--tokens-per-s", "5000"))
         m.start_node("honest", price_in="0.05", price_out="0.12")
         m.wait_live("tiny", 2)
@@ -37,6 +31,3 @@ def test_overclaiming_node_loses_its_share(tmp_path):
         assert served[-6:].count(liar_id) <= 1, served  # after a few timed streams it loses the work
         offer = {n["id"]: n for n in httpx.get(m.base + "/v1/nodes").json()}[liar_id]["offers"][0]
         assert offer["claim_ratio"] < 0.5 and offer["measured_tokens_per_s"] < 0.5 * offer["tokens_per_s"]
-    finally:
-        m.stop()
-    _ = liar
