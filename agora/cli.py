@@ -3,6 +3,7 @@ only `agora[node]` never imports the coordinator's server code."""
 
 from __future__ import annotations
 
+import os
 import sys
 
 USAGE = """usage: agora <command> [options]
@@ -27,6 +28,9 @@ def main(argv: list[str] | None = None) -> int:
         from node_agent.cli import main as node_main
 
         return node_main(rest)
+    # The router's numpy work is many small matrix ops: one BLAS thread is faster and
+    # steadier than a pool fighting the API and Celery threads (set before numpy loads).
+    os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
     from coordinator.cli import COMMANDS
 
     if cmd not in COMMANDS:
