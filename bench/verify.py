@@ -38,7 +38,9 @@ from node_agent.engines.builtin import load_builtin_engine  # noqa: E402
 from node_agent.engines.builtin.model import LlamaModel  # noqa: E402
 from node_agent.rescoring import rescore_with_model  # noqa: E402
 from node_agent.tiny_model import _CORPUS, resolve_model  # noqa: E402
-from scheduler.audit import AuditPolicy  # noqa: E402
+from scipy.stats import beta  # noqa: E402
+
+from scheduler.audit import AuditPolicy, cheating_economics  # noqa: E402
 from scheduler.verification import jobs_to_detect, jobs_to_tell, verify_rescored  # noqa: E402
 
 SAMPLINGS = [
@@ -133,6 +135,17 @@ def cost(preset: str, reps: int) -> dict:
                 flops_fraction_of_job=ver_flops / gen_flops, flops_fraction_of_decode=ver_flops / decode_flops)
 
 
+def _finite(x):
+    """JSON has no Infinity: an unbounded figure (never detected) becomes null."""
+    if isinstance(x, dict):
+        return {k: _finite(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_finite(v) for v in x]
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    return x
+
+
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true")
@@ -196,12 +209,19 @@ def main(argv=None) -> dict:
         print(f"{c['preset']:10s} verify/generate wall {c['wall_fraction']:.3f}  flops {c['flops_fraction_of_job']:.2f}"
               f" of job, {c['flops_fraction_of_decode']:.2f} of decode", file=sys.stderr)
     rate = AuditPolicy().long_run_rate
+    # Economics at the long-run rate: $2 per million output tokens, 256-token jobs, $100 stake.
+    econ = cheating_economics(price_out=2_000_000_000, tokens_per_job=256, stake=100_000_000_000, audit_rate=rate,
+                              detection_prob=min(m["detection_rate"] for k, m in modes.items() if k != "int8"))
+    distinct = sum(len(v) for k, v in honest.items() if k.endswith("/vfloat32"))
     targets = [m for m in modes if m != "int8"]
     result = dict(
         model=model, quick=quick,
         detection_rate_min=min(modes[m]["detection_rate"] for m in targets),
         jobs_to_detect_max=max(modes[m]["jobs_to_detect"] for m in targets),
-        false_positive_rate=n_fp / n_honest, honest_jobs_audited=n_honest, false_positive_reasons=fp_reasons,
+        false_positive_rate=n_fp / n_honest, honest_jobs_audited=n_honest, honest_distinct_jobs=distinct,
+        # One-sided 95% upper bound on the false-positive rate (exact binomial).
+        false_positive_rate_upper95=float(beta.ppf(0.95, n_fp + 1, n_honest - n_fp)),
+        false_positive_reasons=fp_reasons,
         adversarial_jobs_per_mode=n_adv,
         int8_jobs_to_tell_vs_bf16=modes["int8"]["jobs_to_tell_vs_bf16"],
         int8_detection_rate=modes["int8"]["detection_rate"],
@@ -214,9 +234,13 @@ def main(argv=None) -> dict:
         honest_cells={k: dict(jobs=len(v), failed=sum(not x.passed for x in v),
                               mean_abs_delta_p99=float(np.quantile([x.mean_abs_delta for x in v], 0.99)))
                       for k, v in honest.items()},
-        cost=costs, seconds=round(time.perf_counter() - t0, 1),
+        cost=costs,
+        economics=dict(gain_per_job=econ.gain_per_job, expected_penalty_per_job=econ.expected_penalty_per_job,
+                       ratio=econ.ratio, deterrent=econ.deterrent, min_slash=econ.min_slash,
+                       min_audit_rate=econ.min_audit_rate),
+        seconds=round(time.perf_counter() - t0, 1),
     )
-    print(json.dumps(result))
+    print(json.dumps(_finite(result)))
     return result
 
 
