@@ -44,6 +44,23 @@ class Rescore:
     def __len__(self) -> int:
         return len(self.logprob)
 
+    _ARRAYS = ("logprob", "top1_id", "top1_logprob", "admissible", "expected_logprob", "var_logprob")
+
+    def to_dict(self) -> dict:
+        """Plain lists (JSON) for the verifier's reply to the coordinator."""
+        out = {k: getattr(self, k).tolist() for k in self._ARRAYS}
+        out["meta"] = dict(self.meta)
+        return out
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Rescore":
+        kinds = {"top1_id": np.int64, "admissible": bool}
+        arrays = {k: np.asarray(d[k], dtype=kinds.get(k, np.float64)) for k in cls._ARRAYS}
+        n = {len(a) for a in arrays.values()}
+        if len(n) > 1:
+            raise ValueError(f"rescore arrays of different lengths {sorted(n)}")
+        return cls(**arrays, meta=dict(d.get("meta", {})))
+
 
 def _sampling_fields(sampling) -> tuple[float, int, float]:
     """(temperature, top_k, top_p) from a SamplingParams, a protocol Sampling or a dict."""

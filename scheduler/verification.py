@@ -207,6 +207,26 @@ def verify_rescored(claimed_ids, claimed_logprobs, rescore, sampling, **kw) -> V
     )
 
 
+def receipt_reasons(request_id: str, token_ids: Sequence[int], logprobs_q: Sequence[int], commitment: str,
+                    completion_tokens: int, seen_commitments: Iterable[str] = ()) -> list[str]:
+    """Why a receipt does not match the relayed stream (empty when it does): the commitment
+    must be the hash chain over exactly these (token id, quantised log-prob) pairs, the count
+    must equal the tokens streamed (no inflation), and a commitment already settled for
+    another request is a replay."""
+    from node_agent.protocol import commitment_of
+
+    reasons = []
+    if len(token_ids) != len(logprobs_q):
+        return ["length_mismatch"]
+    if completion_tokens != len(token_ids):
+        reasons.append("token_count_mismatch")
+    if commitment != commitment_of(request_id, list(token_ids), list(logprobs_q)):
+        reasons.append("commitment_mismatch")
+    if commitment in set(seen_commitments):
+        reasons.append("replayed_receipt")
+    return reasons
+
+
 def jobs_to_detect(per_job_detection: float, confidence: float = 0.99) -> float:
     """Audited jobs needed to catch a cheater with `confidence`, given per-job detection."""
     if per_job_detection >= 1.0:

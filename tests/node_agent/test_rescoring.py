@@ -72,3 +72,17 @@ def test_rescoring_on_the_engine_matches_its_score_call():
     with pytest.raises(ValueError):
         rescore_with_model(eng.model, prompt, [10**6], {"temperature": 0.0})
     assert len(rescore_with_model(eng.model, prompt, [], {"temperature": 0.0})) == 0
+
+
+def test_rescore_round_trips_through_plain_lists():
+    import json
+
+    from node_agent.rescoring import Rescore
+
+    r = rescore_logits(_logits([[0.5, 0.3, 0.2]] * 3), [0, 1, 2], {"temperature": 1.0, "top_k": 2})
+    back = Rescore.from_dict(json.loads(json.dumps(r.to_dict())))
+    assert list(back.admissible) == list(r.admissible) and back.logprob == pytest.approx(r.logprob)
+    bad = r.to_dict()
+    bad["logprob"] = bad["logprob"][:1]
+    with pytest.raises(ValueError):
+        Rescore.from_dict(bad)

@@ -133,3 +133,37 @@ def test_jobs_to_detect_and_to_tell():
     k = jobs_to_tell(honest, cheat)
     assert 25 <= k <= 60  # ((3.09 * 0.03 + 2.33 * 0.04) / 0.03) ** 2 ~ 38
     assert math.isinf(jobs_to_tell(cheat, honest))
+
+
+def test_receipt_reasons_catch_inflation_forgery_and_replay():
+    from node_agent.protocol import commitment_of
+    from scheduler.verification import receipt_reasons
+
+    ids, lq = [5, 6, 7], [-1000, -2000, -30000]
+    c = commitment_of("r1", ids, lq)
+    assert receipt_reasons("r1", ids, lq, c, 3) == []
+    assert receipt_reasons("r1", ids, lq, c, 5) == ["token_count_mismatch"]
+    assert "commitment_mismatch" in receipt_reasons("r1", ids, [-1000, -2000, -1], c, 3)
+    assert "commitment_mismatch" in receipt_reasons("r2", ids, lq, c, 3)  # an old receipt for a new request
+    assert "replayed_receipt" in receipt_reasons("r1", ids, lq, c, 3, seen_commitments=[c])
+
+
+@pytest.mark.slow
+def test_bench_verify_runs_end_to_end(capsys):
+    import json
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
+    import verify as bench  # noqa: PLC0415
+
+    import torch
+
+    threads = torch.get_num_threads()
+    try:
+        out = bench.main(["--quick", "--honest-jobs", "16", "--adv-jobs", "6"])
+    finally:
+        torch.set_num_threads(threads)
+    last = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert last["detection_rate_min"] == out["detection_rate_min"] == 1.0
+    assert last["false_positive_rate"] == 0.0 and last["verify_cost_fraction"] <= 0.05
