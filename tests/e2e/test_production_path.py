@@ -5,6 +5,7 @@ the token relay, a real `agora node` process, and the official `openai` client."
 from __future__ import annotations
 
 import os
+import signal
 import uuid
 
 import httpx
@@ -119,3 +120,47 @@ def test_parallel_requests_never_overdraw_a_small_balance(market):
     assert results.count(402) >= 1 and 1 <= len(costs) <= 20
     bal = httpx.get(market.base + "/v1/account", headers={"Authorization": f"Bearer {key}"}).json()
     assert bal["balance_nano_usd"] == credit - sum(costs) >= 0
+
+
+def test_worker_killed_between_hold_and_settlement_loses_and_doubles_nothing(tmp_path, pg_url):
+    """The only scheduler worker dies (SIGKILL) while a stream is in flight; a new worker
+    takes over; the stream's settlement happens exactly once; keyed replays are free."""
+    tag = uuid.uuid4().hex[:8]
+    env = {**os.environ, "AGORA_HOME": str(tmp_path), "AGORA_DATABASE_URL": pg_url,
+           "AGORA_BROKER_URL": BROKERS["redis"][0], "AGORA_REDIS_URL": "redis://127.0.0.1:6379/0",
+           "AGORA_CELERY_QUEUE": f"agora-test-{tag}", "AGORA_REDIS_PREFIX": f"agora-test-{tag}:",
+           "AGORA_NODE_HEARTBEAT_INTERVAL_S": "1"}
+    m = Market(home=tmp_path, env=env)
+    try:
+        m.agora("migrate")
+        m.start_coordinator()
+        worker = m.spawn("worker-1", "worker", "--concurrency", "2")
+        m.start_node("node-k", extra=("--max-tokens-per-s", "20"))
+        m.wait_live("tiny", 1)
+        key = m.agora("account", "create", "--credit", str(10**9))
+        auth = {"Authorization": f"Bearer {key}"}
+        c = openai.OpenAI(base_url=m.base + "/v1", api_key=key, max_retries=0, timeout=90)
+        stream = c.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}],
+                                           max_tokens=30, temperature=0, stream=True,
+                                           stream_options={"include_usage": True},
+                                           extra_headers={"Idempotency-Key": "k-1"})
+        chunks = []
+        for i, ch in enumerate(stream):
+            chunks.append(ch)
+            if i == 3:  # tokens are flowing: the worker that dispatched it dies now
+                os.killpg(worker.pid, signal.SIGKILL)
+                worker.wait()
+                m.procs.remove(worker)
+                m.spawn("worker-2", "worker", "--beat", "--concurrency", "2")
+        usage = chunks[-1].usage
+        assert usage is not None and usage.completion_tokens == 30
+        cost = usage.model_extra["cost_nano_usd"]
+        replay = c.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}],
+                                           max_tokens=30, temperature=0, extra_headers={"Idempotency-Key": "k-1"})
+        assert replay.usage.model_extra["cost_nano_usd"] == cost
+        bal = httpx.get(m.base + "/v1/account", headers=auth).json()["balance_nano_usd"]
+        assert bal == 10**9 - cost
+        entries = httpx.get(m.base + "/v1/account/statement", headers=auth).json()["entries"]
+        assert [e["kind"] for e in entries].count("hold") == 1
+    finally:
+        m.stop()
