@@ -95,20 +95,18 @@ def rescore_logits(logits, claimed_ids, sampling, margin: float = DEFAULT_MARGIN
             kth = torch.topk(t, top_k, -1).values[:, -1:]
             keep &= t >= kth
             admissible &= lp >= logp.gather(1, torch.topk(logp, top_k, -1).indices[:, -1:])[:, 0] - margin
-        keep_k = keep.clone()
         q = torch.softmax(t.masked_fill(~keep, float("-inf")), -1)
         if 0 < top_p < 1:
+            # Inside the nucleus (with slack): the mass of tokens more likely than the claimed
+            # one by more than `margin` nats is below top_p.
+            mass_above = (q * (logp > lp[:, None] + margin).float()).sum(-1)
+            admissible &= mass_above < top_p
             sq, si = torch.sort(q, -1, descending=True)
             drop_sorted = (sq.cumsum(-1) - sq) > top_p
             drop = torch.zeros_like(keep).scatter(1, si, drop_sorted)
             keep &= ~drop
             q = q.masked_fill(drop, 0.0)
             q = q / q.sum(-1, keepdim=True)
-            # Inside the nucleus (with slack): the mass strictly more likely than the claimed
-            # token by more than `margin` nats is below top_p.
-            qt = torch.softmax(t.masked_fill(~keep_k, float("-inf")), -1)
-            mass_above = (qt * (logp > lp[:, None] + margin).float()).sum(-1)
-            admissible &= mass_above < top_p
         safe = torch.where(q > 0, logp, torch.zeros_like(logp))
         expected = (q * safe).sum(-1)
         var = (q * (safe - expected[:, None]) ** 2).sum(-1).clamp_min(0.0)
