@@ -189,10 +189,10 @@ async def main() -> None:
     ap.add_argument("--model", default=None, help="serving-workload model (default tiny-20m; --quick: tiny)")
     ap.add_argument("--roofline-model", default="tiny-100m")
     ap.add_argument("--no-vllm", action="store_true")
-    ap.add_argument("--rounds", type=int, default=None, help="alternating serving runs per engine (default 2; --quick 1)")
+    ap.add_argument("--rounds", type=int, default=None, help="alternating serving runs per engine (default 3; --quick 1)")
     args = ap.parse_args()
     model_name = args.model or ("tiny" if args.quick else "tiny-20m")
-    args.rounds = args.rounds or (1 if args.quick else 2)
+    args.rounds = args.rounds or (1 if args.quick else 3)
     folder = resolve_model(model_name)
     log = lambda *a: print(*a, file=sys.stderr, flush=True)  # noqa: E731
 
