@@ -19,6 +19,14 @@ verifiers, greedy and sampled requests).
 5. Structure: counts match, `finish_reason` is consistent (a "stop" must end in an
    end-of-sequence token the reference finds plausible, or the request had stop strings;
    "length" must have max_tokens tokens).
+
+Wiring (coordinator): after a receipt, `receipt_reasons(...)` on the relayed stream; if
+`scheduler.audit.should_audit(...)`, pick a verifier with `select_verifier(...)` and send it
+(prompt ids + any failover prefix, claimed ids, sampling); the verifier node replies with
+`node_agent.rescoring.rescore(engine, ...).to_dict()`; then
+`verify_rescored(ids, logprobs_q / LOGPROB_SCALE, Rescore.from_dict(reply), sampling,
+model=..., node_dtype=..., verifier_dtype=..., finish_reason=..., eos_ids=...,
+receipt_tokens=...)` gives the Verdict to store as evidence with both log-prob vectors.
 """
 
 from __future__ import annotations
