@@ -24,7 +24,7 @@ Wiring (coordinator): after a receipt, `receipt_reasons(...)` on the relayed str
 `scheduler.audit.should_audit(...)`, pick a verifier with `select_verifier(...)` and send it
 (prompt ids + any failover prefix, claimed ids, sampling); the verifier node replies with
 `node_agent.rescoring.rescore(engine, ...).to_dict()`; then
-`verify_rescored(ids, logprobs_q / LOGPROB_SCALE, Rescore.from_dict(reply), sampling,
+`verify_rescored(ids, logprobs_q / LOGPROB_SCALE, reply (the dict itself), sampling,
 model=..., node_dtype=..., verifier_dtype=..., finish_reason=..., eos_ids=...,
 receipt_tokens=...)` gives the Verdict to store as evidence with both log-prob vectors.
 """
@@ -204,8 +204,12 @@ def verify_job(
 
 def verify_rescored(claimed_ids, claimed_logprobs, rescore, sampling, **kw) -> Verdict:
     """`verify_job` with the arrays of a rescoring result (any object with the attributes of
-    `node_agent.rescoring.Rescore`) and a sampling object or dict (temperature, top_k, top_p,
-    max_tokens)."""
+    `node_agent.rescoring.Rescore`, or its `to_dict()` form as the verifier sent it) and a
+    sampling object or dict (temperature, top_k, top_p, max_tokens)."""
+    if isinstance(rescore, dict):
+        from types import SimpleNamespace
+
+        rescore = SimpleNamespace(**rescore)
     get = sampling.get if isinstance(sampling, dict) else (lambda k, d=None: getattr(sampling, k, d))
     return verify_job(
         claimed_ids, claimed_logprobs, rescore.logprob, rescore.top1_id, rescore.top1_logprob, rescore.admissible,

@@ -122,6 +122,9 @@ def test_verify_rescored_takes_a_rescore_object_and_sampling_dict():
 
     v = verify_rescored(j["ids"], j["claimed"], R, {"temperature": 1.0, "max_tokens": 32}, finish_reason="length")
     assert v.passed and v.as_dict()["n_tokens"] == 32
+    wire = {k: getattr(R, k).tolist() for k in ("logprob", "top1_id", "top1_logprob", "admissible",
+                                                 "expected_logprob", "var_logprob")}
+    assert verify_rescored(j["ids"], j["claimed"], wire, {"temperature": 1.0}, model="tiny").passed
 
 
 def test_jobs_to_detect_and_to_tell():
