@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import secrets
+from datetime import timedelta
 from dataclasses import dataclass
 
 from sqlalchemy.exc import IntegrityError
@@ -19,6 +20,7 @@ from sqlmodel import Session, select
 
 from coordinator.errors import BadRequest, Conflict, InsufficientBalance, ModelNotFound, NoCapacity
 from coordinator.models import Account, InferenceRequest, Node, NodeOffer
+from coordinator.models.account import utcnow
 from coordinator.node_registry import is_live
 from coordinator.schemas import ChatCompletionRequest, CompletionRequest
 from coordinator.settings import CoordinatorSettings
@@ -30,6 +32,9 @@ from pricing.money import request_cost
 class Admitted:
     request: InferenceRequest
     hold_amount: int
+
+
+HOLD_GRACE_S = 600  # the sweep fails an overdue request (voiding its hold) before the hold expires
 
 
 def new_request_id() -> str:
@@ -117,7 +122,8 @@ def admit(
                        code="idempotency_conflict") from None
     try:
         hold = Ledger(session).create_hold(
-            account.ledger_account_id, hold_amount, idempotency_key=f"hold:{rid}", request_ref=rid
+            account.ledger_account_id, hold_amount, idempotency_key=f"hold:{rid}", request_ref=rid,
+            expires_at=utcnow() + timedelta(seconds=settings.request_ttl_s + HOLD_GRACE_S),
         )
     except InsufficientFunds as exc:
         raise InsufficientBalance(

@@ -20,7 +20,7 @@ from coordinator.models import InferenceRequest, Node, NodeOffer, RequestStatus
 from coordinator.models.account import utcnow
 from coordinator.node_registry import is_live, mark_silent_offline, prune_nonces
 from coordinator.openai_format import usage
-from coordinator.settlement import ReceiptRejected, settle_accepted
+from coordinator.settlement import ReceiptRejected, fail_request, settle_accepted
 from node_agent.protocol import Assignment, Sampling
 from pricing.ledger import Ledger, expire_holds
 from scheduler.dispatch import AppliedDecision
@@ -185,6 +185,10 @@ class SqlDispatchStore:
             unsettled = list(s.exec(select(InferenceRequest.id).where(
                 InferenceRequest.status == RequestStatus.SETTLING,
                 InferenceRequest.finished_at.is_(None))).all())  # type: ignore[union-attr]
+            overdue = [(r.id, r.node_id) for r in s.exec(select(InferenceRequest).where(
+                InferenceRequest.status.in_(ACTIVE + (RequestStatus.QUEUED,)),  # type: ignore[attr-defined]
+                InferenceRequest.created_at < utcnow() - timedelta(seconds=settings.request_ttl_s))).all()
+                if fail_request(s, r.id, f"not finished within {settings.request_ttl_s:.0f}s")]
             pruned = prune_nonces(s, settings)
             expired = len(expire_holds(s, utcnow()))
             queued = s.exec(select(func.count()).where(InferenceRequest.status == RequestStatus.QUEUED)).one()
@@ -192,5 +196,10 @@ class SqlDispatchStore:
             self.rt.trigger_dispatch()
         for rid in unsettled:  # a settle task lost with a crashed worker: send it again
             self.rt.enqueue_settle(rid)
+        for rid, node_id in overdue:
+            if node_id:
+                self.rt.bus.publish_sync(f"node:{node_id}", {"type": "cancel", "request_id": rid})
+            self.rt.bus.publish_sync(f"req:{rid}", {"type": "error", "status": 504, "code": "timeout",
+                                                    "message": "the request did not finish in time; nothing was charged"})
         return {"offline": offline, "requeued": requeued, "nonces_pruned": pruned, "holds_expired": expired,
-                "settle_resent": unsettled}
+                "settle_resent": unsettled, "overdue_failed": [rid for rid, _ in overdue]}

@@ -47,6 +47,8 @@ class CoordinatorSettings(BaseSettings):
     token_timeout_s: float = 30.0
     routing_policy: str | None = None  # None: the scheduler's default
     platform_fee_bps: int = Field(default=500, ge=0, le=10_000)
+    request_ttl_s: float = Field(default=3600, gt=0, description="a request unfinished by then is failed "
+                                 "unpaid and its hold released (the hold itself expires a little later)")
     dispatch_window_ms: float = 2.0  # micro-batch window of the dispatch task
 
     # Stake

@@ -8,6 +8,7 @@ from datetime import timedelta
 
 import pytest
 from sqlalchemy import update
+from sqlmodel import select
 
 from coordinator.account_service import create_account
 from coordinator.admission import admit
@@ -131,3 +132,18 @@ def test_settle_task_survives_a_lost_worker_and_redelivery(rt):
         assert Ledger(s).balance(buyer) == 10**9 - cost
         assert total_balance(s) == 0
     assert _status(rt, rid) == RequestStatus.COMPLETED
+
+
+def test_overdue_requests_are_failed_and_their_holds_released(rt):
+    _node(rt)
+    rids, buyer = _queue(rt, 1)
+    tasks.dispatch.apply(kwargs={"window_ms": 0})
+    with rt.session() as s:
+        s.exec(update(InferenceRequest).where(InferenceRequest.id == rids[0]).values(
+            created_at=utcnow() - timedelta(seconds=rt.settings.request_ttl_s + 5)))
+    assert tasks.sweep.apply().get()["overdue_failed"] == rids
+    assert _status(rt, rids[0]) == RequestStatus.FAILED
+    with rt.session() as s:
+        assert Ledger(s).balance(buyer) == 10**9
+        hold = s.exec(select(LedgerHold).where(LedgerHold.request_ref == rids[0])).one()
+        assert hold.state == HoldState.VOIDED and hold.expires_at is not None
