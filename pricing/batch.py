@@ -14,11 +14,12 @@ the batch falls back to settling item by item, which resolves the race per key.
 
 from __future__ import annotations
 
+import json
 from collections import defaultdict
 from dataclasses import asdict, dataclass
 from typing import Sequence
 
-from sqlalchemy import bindparam, insert, select, update
+from sqlalchemy import bindparam, insert, select, text, update
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session
 
@@ -147,17 +148,65 @@ def settle_many(session: Session, items: Sequence[Settlement], *, fee_bps: int
     if claims:
         try:
             with session.begin_nested():
-                session.execute(insert(I), claims)
+                _insert_claims(session, claims, now)
         except IntegrityError:  # a concurrent transaction claimed one of our keys
             return [r if isinstance(r, LedgerError) else _one_by_one(led, items[i], fee_bps)
                     for i, r in enumerate(_resolve_dups(out, hashes, items))]
-        session.execute(insert(LedgerTransfer.__table__), transfers)
+        _insert_transfers(session, transfers, now)
         session.execute(update(A).where(A.c.id == bindparam("_id")).values(balance=A.c.balance + bindparam("_d")),
                         [{"_id": a, "_d": d} for a, d in sorted(delta.items()) if d])
+        _post_holds(session, hold_updates, now)
+    return _resolve_dups(out, hashes, items)
+
+
+def _pg(session: Session) -> bool:
+    return session.get_bind().dialect.name == "postgresql"
+
+
+def _insert_transfers(session: Session, rows: list[dict], now) -> None:
+    """On PostgreSQL one INSERT ... SELECT FROM unnest(arrays) (a single cached statement
+    whatever the batch size); elsewhere executemany (SQLite is in-process)."""
+    if not rows:
+        return
+    if not _pg(session):
+        session.execute(insert(LedgerTransfer.__table__), rows)
+        return
+    session.execute(text(
+        "INSERT INTO ledger_transfers (debit_account_id, credit_account_id, amount, kind, hold_id, request_ref,"
+        " created_at) SELECT d, c, a, k, h, r, :now FROM unnest(CAST(:d AS bigint[]), CAST(:c AS bigint[]),"
+        " CAST(:a AS bigint[]), CAST(:k AS text[]), CAST(:h AS bigint[]), CAST(:r AS text[])) AS t(d, c, a, k, h, r)"),
+        {"now": now, "d": [r["debit_account_id"] for r in rows], "c": [r["credit_account_id"] for r in rows],
+         "a": [r["amount"] for r in rows], "k": [r["kind"] for r in rows], "h": [r["hold_id"] for r in rows],
+         "r": [r["request_ref"] for r in rows]})
+
+
+def _insert_claims(session: Session, rows: list[dict], now) -> None:
+    I = LedgerIdempotency.__table__
+    if not _pg(session):
+        session.execute(insert(I), rows)
+        return
+    session.execute(text(
+        "INSERT INTO ledger_idempotency (key, op, params_hash, result, created_at)"
+        " SELECT k, 'settle', p, CAST(r AS json), :now FROM unnest(CAST(:k AS text[]), CAST(:p AS text[]),"
+        " CAST(:r AS text[])) AS t(k, p, r)"),
+        {"now": now, "k": [r["key"] for r in rows], "p": [r["params_hash"] for r in rows],
+         "r": [json.dumps(r["result"]) for r in rows]})
+
+
+def _post_holds(session: Session, rows: list[dict], now) -> None:
+    """Mark holds POSTED with their posted amounts."""
+    H = LedgerHold.__table__
+    if not rows:
+        return
+    if not _pg(session):
         session.execute(update(H).where(H.c.id == bindparam("_id"))
                         .values(state=HoldState.POSTED, posted_amount=bindparam("_posted"),
-                                resolved_at=bindparam("_at")), hold_updates)
-    return _resolve_dups(out, hashes, items)
+                                resolved_at=bindparam("_at")), rows)
+        return
+    session.execute(text(
+        "UPDATE ledger_holds SET state = 'POSTED', posted_amount = v.p, resolved_at = :now"
+        " FROM unnest(CAST(:ids AS bigint[]), CAST(:ps AS bigint[])) AS v(id, p) WHERE ledger_holds.id = v.id"),
+        {"now": now, "ids": [r["_id"] for r in rows], "ps": [r["_posted"] for r in rows]})
 
 
 def _resolve_dups(out, hashes, items):
