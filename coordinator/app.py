@@ -4,7 +4,10 @@ from __future__ import annotations
 
 from contextlib import asynccontextmanager
 
-from fastapi import FastAPI
+from fastapi import FastAPI, Response
+from starlette.concurrency import run_in_threadpool
+
+from coordinator import metrics
 
 from coordinator.errors import install_error_handlers
 from coordinator.routes import accounts, nodes, openai_api, requests, seller
@@ -41,5 +44,10 @@ def create_app(settings: CoordinatorSettings | None = None, runtime: Runtime | N
     @app.get("/healthz", tags=["ops"])
     async def healthz():
         return {"ok": True}
+
+    @app.get("/metrics", tags=["ops"], include_in_schema=False)
+    async def prometheus_metrics():
+        body = await run_in_threadpool(metrics.render, app.state.runtime)
+        return Response(body, media_type="text/plain; version=0.0.4")
 
     return app

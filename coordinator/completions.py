@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from typing import AsyncIterator
 
 from fastapi.responses import JSONResponse, StreamingResponse
 from sqlalchemy import update
 from starlette.concurrency import run_in_threadpool
 
+from coordinator import metrics
 from coordinator import openai_format as fmt
 from coordinator.admission import admit, body_hash, find_keyed
 from coordinator.bus import Subscription
@@ -161,7 +163,12 @@ async def handle(rt: Runtime, account: Account, body: ChatCompletionRequest | Co
                     return prior, True
             return admit(s, account, body, kind, rt.settings, idempotency_key).request, False
 
-    request, replayed = await run_in_threadpool(_admit)
+    started = time.monotonic()
+    try:
+        request, replayed = await run_in_threadpool(_admit)
+    except APIError as exc:
+        metrics.REQUESTS.labels(outcome=str(exc.status_code)).inc()
+        raise
     if replayed:
         return _replay(request, body, kind)
     stream_keyed = idempotency_key is not None
@@ -173,9 +180,11 @@ async def handle(rt: Runtime, account: Account, body: ChatCompletionRequest | Co
         first = await stream.next()
         if first["type"] == "error":
             raise _error_from(first)
-    except BaseException:
+    except BaseException as exc:
         await sub.__aexit__(None, None, None)
+        metrics.REQUESTS.labels(outcome=str(getattr(exc, "status_code", "error"))).inc()
         raise
+    metrics.TTFT.observe(time.monotonic() - started)
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         return StreamingResponse(_sse(stream, first, body.model, kind, include_usage, stream_keyed),
@@ -201,9 +210,12 @@ async def _collect(stream: RequestStream, msg: dict, model: str, kind: str, keye
     created = fmt.now()
     while msg["type"] == "tokens":
         parts.append(msg["text"])
+        metrics.TOKENS.inc(len(msg["token_ids"]))
         msg = await stream.next()
     if msg["type"] == "error":
+        metrics.REQUESTS.labels(outcome=str(msg.get("status", 502))).inc()
         raise _error_from(msg)
+    metrics.REQUESTS.labels(outcome="200").inc()
     body = fmt.whole(kind, stream.rid, model, created, "".join(parts), msg["finish_reason"],
                      msg["usage"], msg.get("node_id"))
     if keyed:
@@ -220,11 +232,13 @@ async def _sse(stream: RequestStream, msg: dict, model: str, kind: str, include_
     try:
         while msg["type"] == "tokens":
             parts.append(msg["text"])
+            metrics.TOKENS.inc(len(msg["token_ids"]))
             if msg["text"] or first:
                 yield fmt.sse(fmt.chunk(kind, stream.rid, model, created, text=msg["text"], first=first))
                 first = False
             msg = await stream.next()
         finished = True
+        metrics.REQUESTS.labels(outcome=str(msg.get("status", 502)) if msg["type"] == "error" else "200").inc()
         if msg["type"] == "error":
             yield fmt.sse({"error": _error_from(msg).body()["error"]})
         else:

@@ -198,3 +198,17 @@ def test_idempotency_key_replays_the_first_answer_without_charging_again(market)
     assert balance(market, key) == after_first  # replays are free
     with pytest.raises(openai.ConflictError):
         c.chat.completions.create(**{**args, "max_tokens": 7}, extra_headers={"Idempotency-Key": "job-1"})
+
+
+def test_prometheus_metrics_count_requests_and_tokens(market):
+    c = client(market, funded_key(market))
+    c.completions.create(model="tiny", prompt="m", max_tokens=4, temperature=0)
+    with pytest.raises(openai.NotFoundError):
+        c.completions.create(model="nope", prompt="m")
+    text = httpx.get(market.base + "/metrics").text
+    values = {line.split(" ")[0]: float(line.split(" ")[1]) for line in text.splitlines()
+              if line and not line.startswith("#")}
+    assert values['agora_requests_total{outcome="200"}'] >= 1
+    assert values['agora_requests_total{outcome="404"}'] >= 1
+    assert values["agora_tokens_relayed_total"] >= 4
+    assert values["agora_nodes_online"] == 1
