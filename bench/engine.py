@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import random
 import subprocess
 import sys
@@ -191,6 +192,7 @@ async def main() -> None:
     ap.add_argument("--no-vllm", action="store_true")
     ap.add_argument("--rounds", type=int, default=None, help="alternating serving runs per engine (default 3; --quick 1)")
     args = ap.parse_args()
+    load_start = round(os.getloadavg()[0], 2)  # this machine is shared: show how busy it was
     model_name = args.model or ("tiny" if args.quick else "tiny-20m")
     args.rounds = args.rounds or (1 if args.quick else 3)
     folder = resolve_model(model_name)
@@ -239,6 +241,7 @@ async def main() -> None:
         "quick": args.quick,
         "threads": torch.get_num_threads(),
         "rounds": args.rounds,
+        "load_average_1m_start_end": [load_start, round(os.getloadavg()[0], 2)],
         "serving_tokens": counted,
         "builtin_tok_s": counted / t_builtin,
         "hf_static32_tok_s": counted / t_hf,
