@@ -75,7 +75,7 @@ def seed(engine, n_holds: int, n_buyers: int = 200, n_sellers: int = 20, seed: i
         per_buyer = (n_holds // n_buyers + 1) * HOLD
         for b in buyers:
             led.deposit(b, per_buyer, idempotency_key=f"seed-dep-{b}")
-        escrow = led.system(AccountKind.ESCROW).id
+        escrow_of = {b: led._sys(AccountKind.ESCROW, b) for b in buyers}  # the buyer's escrow shard
         s.commit()
         now = _utcnow()
         H, T, A = LedgerHold.__table__, LedgerTransfer.__table__, LedgerAccount.__table__
@@ -83,7 +83,7 @@ def seed(engine, n_holds: int, n_buyers: int = 200, n_sellers: int = 20, seed: i
                       "state": HoldState.PENDING, "request_ref": f"req_{i}", "created_at": now,
                       "posted_amount": 0} for i in range(n_holds)]
         s.execute(insert(H), hold_rows)
-        s.execute(insert(T), [{"debit_account_id": h["buyer_account_id"], "credit_account_id": escrow,
+        s.execute(insert(T), [{"debit_account_id": h["buyer_account_id"], "credit_account_id": escrow_of[h["buyer_account_id"]],
                                "amount": HOLD, "kind": "hold", "hold_id": h["id"], "request_ref": h["request_ref"],
                                "created_at": now} for h in hold_rows])
         held: dict[int, int] = {}
@@ -91,7 +91,11 @@ def seed(engine, n_holds: int, n_buyers: int = 200, n_sellers: int = 20, seed: i
             held[h["buyer_account_id"]] = held.get(h["buyer_account_id"], 0) + HOLD
         s.execute(sa.update(A).where(A.c.id == sa.bindparam("_id")).values(balance=A.c.balance - sa.bindparam("_d")),
                   [{"_id": b, "_d": d} for b, d in held.items()])
-        s.execute(sa.update(A).where(A.c.id == escrow).values(balance=A.c.balance + HOLD * n_holds))
+        to_escrow: dict[int, int] = {}
+        for b, d in held.items():
+            to_escrow[escrow_of[b]] = to_escrow.get(escrow_of[b], 0) + d
+        s.execute(sa.update(A).where(A.c.id == sa.bindparam("_id")).values(balance=A.c.balance + sa.bindparam("_d")),
+                  [{"_id": e, "_d": d} for e, d in to_escrow.items()])
         if engine.dialect.name == "postgresql":
             s.execute(sa.text("SELECT setval(pg_get_serial_sequence('ledger_holds', 'id'), :n)"), {"n": n_holds})
         s.commit()
@@ -132,7 +136,7 @@ def run_naive(engine, items) -> float:
 
 def check_books(engine, n_pending: int) -> bool:
     with Session(engine) as s:
-        escrow = Ledger(s).balance(Ledger(s).system(AccountKind.ESCROW).id)
+        escrow = Ledger(s).system_balance(AccountKind.ESCROW)
         pending = len(s.exec(select(LedgerHold.id).where(LedgerHold.state == HoldState.PENDING)).all())
         return total_balance(s) == 0 and pending == n_pending and escrow == n_pending * HOLD
 

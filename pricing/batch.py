@@ -89,12 +89,12 @@ def settle_many(session: Session, items: Sequence[Settlement], *, fee_bps: int
         holds.update({row.id: row for row in session.execute(
             select(H.c.id, H.c.buyer_account_id, H.c.amount, H.c.state, H.c.request_ref)
             .where(H.c.id.in_(chunk)).order_by(H.c.id).with_for_update())})
-    escrow, platform = led.system(AccountKind.ESCROW).id, led.system(AccountKind.PLATFORM_FEES).id
-    acct_ids = {escrow, platform}
+    acct_ids, shards = set(), {}
     for i in todo:
         h = holds.get(items[i].hold_id)
         if h is not None:
-            acct_ids.add(h.buyer_account_id)
+            acct_ids.update((h.buyer_account_id, led._sys(AccountKind.ESCROW, h.buyer_account_id, shards),
+                             led._sys(AccountKind.PLATFORM_FEES, h.buyer_account_id, shards)))
             acct_ids.update(a for a, _ in items[i].parts)
     accounts = {}
     for chunk in _chunks(sorted(acct_ids)):
@@ -128,6 +128,8 @@ def settle_many(session: Session, items: Sequence[Settlement], *, fee_bps: int
                  for a, _ in it.parts):
             out[i] = WrongAccountKind("settlement parts are paid to seller earnings accounts")
         else:
+            escrow = led._sys(AccountKind.ESCROW, h.buyer_account_id, shards)
+            platform = led._sys(AccountKind.PLATFORM_FEES, h.buyer_account_id, shards)
             fee_total = 0
             for a, g in it.parts:
                 fee = fee_of(g, fee_bps)
@@ -141,8 +143,9 @@ def settle_many(session: Session, items: Sequence[Settlement], *, fee_bps: int
             claims.append({"key": it.idempotency_key, "op": "settle", "params_hash": hashes[i],
                            "result": asdict(res), "created_at": now})
             out[i] = res
-    if escrow in delta and accounts[escrow].balance + delta[escrow] < 0:
-        raise LedgerError("escrow would go negative: the holds and escrow disagree")
+    for a, d in delta.items():
+        if d < 0 and accounts[a].balance + d < 0:
+            raise LedgerError(f"account {a} would go negative: the holds and escrow disagree")
 
     # 4. write it all
     if claims:

@@ -37,7 +37,7 @@ from pricing.errors import (
     WrongAccountKind,
 )
 from pricing.ledger_models import (  # noqa: F401  (re-exported: the ledger's public names)
-    MAY_GO_NEGATIVE, SYSTEM_KINDS, AccountKind, HoldState, LedgerAccount, LedgerHold,
+    MAY_GO_NEGATIVE, SHARDED_KINDS, SYSTEM_KINDS, SYSTEM_SHARDS, AccountKind, HoldState, LedgerAccount, LedgerHold,
     LedgerIdempotency, LedgerTransfer, SettleResult, _utcnow,
 )
 from pricing.money import fee_of
@@ -66,10 +66,34 @@ class Ledger:
                 select(LedgerAccount).where(LedgerAccount.kind == kind, LedgerAccount.ref == ref)).one()
         return row
 
-    def system(self, kind: AccountKind) -> LedgerAccount:
+    def system(self, kind: AccountKind, shard: int = 0) -> LedgerAccount:
+        """A system account. ESCROW and PLATFORM_FEES, touched by every request, are split
+        into SYSTEM_SHARDS rows (refs `escrow`, `escrow:1`, ...; a buyer's holds use shard
+        buyer id % SYSTEM_SHARDS) so that concurrent requests of different buyers do not
+        queue on one hot row lock; shard 0 has the plain ref. EXTERNAL is one row.
+        `system_balance(kind)` is the total over the shards."""
         if kind not in SYSTEM_KINDS:
             raise LedgerError(f"{kind} is not a system account")
-        return self.open_account(kind, ref=kind.value)
+        shard %= SYSTEM_SHARDS
+        return self.open_account(kind, ref=kind.value if shard == 0 else f"{kind.value}:{shard}")
+
+    def _sys(self, kind: AccountKind, key: int, cache: dict | None = None) -> int:
+        """Id of the shard of system account `kind` that serves `key` (an account id).
+        `cache` is for one call only: a shard created in a savepoint that later rolls back
+        must not be remembered."""
+        k = (kind, key % SYSTEM_SHARDS if kind in SHARDED_KINDS else 0)
+        if cache is None:
+            return self.system(kind, k[1]).id
+        if k not in cache:
+            cache[k] = self.system(kind, k[1]).id
+        return cache[k]
+
+    def system_balance(self, kind: AccountKind) -> int:
+        """The balance of a system account: the sum over its shards."""
+        from sqlalchemy import func
+
+        return int(self.s.exec(select(func.coalesce(func.sum(LedgerAccount.balance), 0))
+                               .where(LedgerAccount.kind == kind)).one())
 
     def balance(self, account_id: int) -> int:
         acct = self.s.get(LedgerAccount, account_id)
@@ -144,9 +168,9 @@ class Ledger:
             raise LedgerError("deposit amount must be positive")
 
         def op():
-            ext = self.system(AccountKind.EXTERNAL)
-            accts = self._lock([ext.id, account_id])
-            self._move(accts, ext.id, account_id, amount, "deposit")
+            ext = self._sys(AccountKind.EXTERNAL, account_id)
+            accts = self._lock([ext, account_id])
+            self._move(accts, ext, account_id, amount, "deposit")
             return {"balance": accts[account_id].balance}
 
         return self._once(idempotency_key, "deposit", {"account": account_id, "amount": amount}, op)["balance"]
@@ -157,8 +181,8 @@ class Ledger:
             raise LedgerError("hold amount must be >= 0")
 
         def op():
-            escrow = self.system(AccountKind.ESCROW)
-            accts = self._lock([escrow.id, buyer_account_id])
+            escrow = self._sys(AccountKind.ESCROW, buyer_account_id)
+            accts = self._lock([escrow, buyer_account_id])
             if accts[buyer_account_id].kind != AccountKind.BUYER:
                 raise WrongAccountKind("holds are placed on buyer accounts")
             if accts[buyer_account_id].balance < amount:
@@ -167,7 +191,7 @@ class Ledger:
                               expires_at=expires_at)
             self.s.add(hold)
             self.s.flush()
-            self._move(accts, buyer_account_id, escrow.id, amount, "hold", hold.id, request_ref)
+            self._move(accts, buyer_account_id, escrow, amount, "hold", hold.id, request_ref)
             return {"hold_id": hold.id}
 
         result = self._once(idempotency_key, "hold", {"buyer": buyer_account_id, "amount": amount,
@@ -194,18 +218,19 @@ class Ledger:
             gross = sum(g for _, g in parts)
             if gross > hold.amount:
                 raise HoldExceeded(f"settlement {gross} exceeds hold {hold.amount}")
-            escrow, platform = self.system(AccountKind.ESCROW), self.system(AccountKind.PLATFORM_FEES)
-            accts = self._lock([escrow.id, platform.id, hold.buyer_account_id, *(a for a, _ in parts)])
+            escrow = self._sys(AccountKind.ESCROW, hold.buyer_account_id)
+            platform = self._sys(AccountKind.PLATFORM_FEES, hold.buyer_account_id)
+            accts = self._lock([escrow, platform, hold.buyer_account_id, *(a for a, _ in parts)])
             if any(accts[a].kind != AccountKind.SELLER_EARNINGS for a, _ in parts):
                 raise WrongAccountKind("settlement parts are paid to seller earnings accounts")
             fee_total = 0
             for account, g in parts:
                 fee = fee_of(g, fee_bps)
                 fee_total += fee
-                self._move(accts, escrow.id, account, g - fee, "earning", hold.id, hold.request_ref)
-                self._move(accts, escrow.id, platform.id, fee, "fee", hold.id, hold.request_ref)
+                self._move(accts, escrow, account, g - fee, "earning", hold.id, hold.request_ref)
+                self._move(accts, escrow, platform, fee, "fee", hold.id, hold.request_ref)
             refund = hold.amount - gross
-            self._move(accts, escrow.id, hold.buyer_account_id, refund, "release", hold.id, hold.request_ref)
+            self._move(accts, escrow, hold.buyer_account_id, refund, "release", hold.id, hold.request_ref)
             hold.state, hold.posted_amount, hold.resolved_at = HoldState.POSTED, gross, _utcnow()
             self.s.add(hold)
             return asdict(SettleResult(hold.id, gross, fee_total, refund))
@@ -216,9 +241,9 @@ class Ledger:
     def void_hold(self, hold_id: int, *, idempotency_key: str) -> SettleResult:
         def op():
             hold = self._pending_hold(hold_id)
-            escrow = self.system(AccountKind.ESCROW)
-            accts = self._lock([escrow.id, hold.buyer_account_id])
-            self._move(accts, escrow.id, hold.buyer_account_id, hold.amount, "void", hold.id, hold.request_ref)
+            escrow = self._sys(AccountKind.ESCROW, hold.buyer_account_id)
+            accts = self._lock([escrow, hold.buyer_account_id])
+            self._move(accts, escrow, hold.buyer_account_id, hold.amount, "void", hold.id, hold.request_ref)
             hold.state, hold.resolved_at = HoldState.VOIDED, _utcnow()
             self.s.add(hold)
             return asdict(SettleResult(hold.id, 0, 0, hold.amount))
@@ -233,16 +258,53 @@ class Ledger:
             raise LedgerError("payout amount must be positive")
 
         def op():
-            ext = self.system(AccountKind.EXTERNAL)
-            accts = self._lock([ext.id, earnings_account_id])
+            ext = self._sys(AccountKind.EXTERNAL, earnings_account_id)
+            accts = self._lock([ext, earnings_account_id])
             if accts[earnings_account_id].kind != AccountKind.SELLER_EARNINGS:
                 raise WrongAccountKind("payouts are made from seller earnings accounts")
-            self._move(accts, earnings_account_id, ext.id, amount, "payout", request_ref=destination_ref)
+            self._move(accts, earnings_account_id, ext, amount, "payout", request_ref=destination_ref)
             return {"balance": accts[earnings_account_id].balance}
 
         params = {"account": earnings_account_id, "amount": amount, "dest": destination_ref}
         return self._once(idempotency_key, "payout", params, op)["balance"]
 
+    def clawback(self, earnings_account_id: int, buyer_account_id: int, amount: int, *, idempotency_key: str,
+                 request_ref: str | None = None) -> int:
+        """Seller earnings -> buyer (a failed audit inside the challenge window). Never more
+        than the earnings hold; returns the earnings balance after the first call."""
+        if amount <= 0:
+            raise LedgerError("clawback amount must be positive")
+
+        def op():
+            accts = self._lock([earnings_account_id, buyer_account_id])
+            if accts[earnings_account_id].kind != AccountKind.SELLER_EARNINGS:
+                raise WrongAccountKind("claw-backs come from seller earnings accounts")
+            if accts[buyer_account_id].kind != AccountKind.BUYER:
+                raise WrongAccountKind("claw-backs go to buyer accounts")
+            self._move(accts, earnings_account_id, buyer_account_id, amount, "clawback", request_ref=request_ref)
+            return {"balance": accts[earnings_account_id].balance}
+
+        params = {"from": earnings_account_id, "to": buyer_account_id, "amount": amount, "ref": request_ref}
+        return self._once(idempotency_key, "clawback", params, op)["balance"]
+
+    def pay_from_platform(self, account_id: int, amount: int, *, idempotency_key: str, kind: str = "verify",
+                          request_ref: str | None = None) -> int:
+        """PLATFORM_FEES -> a seller's earnings (e.g. a verifier's fee for an audit), at most
+        what the platform holds. Returns the amount paid by the first call."""
+        if amount < 0:
+            raise LedgerError("amount must be >= 0")
+
+        def op():
+            platform = self.system(AccountKind.PLATFORM_FEES)
+            accts = self._lock([platform.id, account_id])
+            if accts[account_id].kind != AccountKind.SELLER_EARNINGS:
+                raise WrongAccountKind("platform payments go to seller earnings accounts")
+            paid = min(amount, accts[platform.id].balance)
+            self._move(accts, platform.id, account_id, paid, kind, request_ref=request_ref)
+            return {"paid": paid}
+
+        params = {"to": account_id, "amount": amount, "kind": kind, "ref": request_ref}
+        return self._once(idempotency_key, "platform_pay", params, op)["paid"]
 
 def expire_holds(session: Session, now: datetime | None = None) -> list[int]:
     """Void every pending hold whose `expires_at` is before `now`; returns their ids.

@@ -30,6 +30,10 @@ class AccountKind(str, enum.Enum):
 
 SYSTEM_KINDS = {AccountKind.ESCROW, AccountKind.PLATFORM_FEES, AccountKind.EXTERNAL}
 MAY_GO_NEGATIVE = {AccountKind.EXTERNAL}
+# Rows per system account kind (see Ledger.system). Fixed: a hold's escrow shard is
+# derived from its buyer's id, so changing this needs a data migration.
+SYSTEM_SHARDS = 16
+SHARDED_KINDS = {AccountKind.ESCROW, AccountKind.PLATFORM_FEES}
 
 
 class HoldState(str, enum.Enum):

@@ -108,15 +108,15 @@ class Stake:
             raise LedgerError(f"compensation {to_buyers} exceeds the slashed {amount}")
 
         def op():
-            platform = self.ledger.system(AccountKind.PLATFORM_FEES)
-            accts = self.ledger._lock([stake_account_id, platform.id, *(a for a, _ in to)])
+            platform = self.ledger._sys(AccountKind.PLATFORM_FEES, stake_account_id)
+            accts = self.ledger._lock([stake_account_id, platform, *(a for a, _ in to)])
             if accts[stake_account_id].kind != AccountKind.SELLER_STAKE:
                 raise WrongAccountKind(f"account {stake_account_id} is not a stake account")
             if accts[stake_account_id].balance < amount:
                 raise InsufficientFunds(accts[stake_account_id].balance, amount)
             for account, x in to:
                 self.ledger._move(accts, stake_account_id, account, x, "slash", request_ref=reason)
-            self.ledger._move(accts, stake_account_id, platform.id, amount - to_buyers, "slash", request_ref=reason)
+            self.ledger._move(accts, stake_account_id, platform, amount - to_buyers, "slash", request_ref=reason)
             return {"slashed": amount, "to_buyers": to_buyers, "to_platform": amount - to_buyers}
 
         params = {"account": stake_account_id, "amount": amount, "to": to, "reason": reason}
@@ -139,10 +139,10 @@ def withdraw_matured(session: Session, now: datetime | None = None) -> list[tupl
         row = session.get(LedgerUnbonding, uid, with_for_update=True, populate_existing=True)
         if row is None or row.state != UnbondingState.PENDING:
             continue
-        ext = ledger.system(AccountKind.EXTERNAL)
-        accts = ledger._lock([ext.id, row.stake_account_id])
+        ext = ledger._sys(AccountKind.EXTERNAL, row.stake_account_id)
+        accts = ledger._lock([ext, row.stake_account_id])
         amount = min(row.amount, max(accts[row.stake_account_id].balance, 0))
-        ledger._move(accts, row.stake_account_id, ext.id, amount, "unbond", request_ref=f"unbond:{uid}")
+        ledger._move(accts, row.stake_account_id, ext, amount, "unbond", request_ref=f"unbond:{uid}")
         row.state, row.withdrawn_amount, row.resolved_at = UnbondingState.WITHDRAWN, amount, now
         session.add(row)
         paid.append((uid, amount))

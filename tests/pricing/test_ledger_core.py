@@ -34,7 +34,7 @@ def sellers(led):
 
 
 def bal(led, kind):
-    return led.balance(led.system(kind).id)
+    return led.system_balance(kind)
 
 
 def test_open_account_is_get_or_create_and_system_singletons(led):

@@ -47,7 +47,7 @@ def test_parallel_holds_never_overdraw(pg_engine):
     with Session(pg_engine) as s:
         led = Ledger(s)
         assert led.balance(buyer) == 10_000 - 14 * 700 == 200
-        assert led.balance(led.system(AccountKind.ESCROW).id) == 14 * 700
+        assert led.system_balance(AccountKind.ESCROW) == 14 * 700
         assert total_balance(s) == 0
 
     # Settle every hold from three workers at once: two redeliveries of the same task
@@ -83,7 +83,7 @@ def test_parallel_holds_never_overdraw(pg_engine):
         led = Ledger(s)
         assert led.balance(seller) == expected_seller
         assert led.balance(buyer) == 200 + expected_buyer
-        assert led.balance(led.system(AccountKind.ESCROW).id) == 0
+        assert led.system_balance(AccountKind.ESCROW) == 0
         assert total_balance(s) == 0
         states = s.exec(select(LedgerHold.state)).all()
         assert len(states) == 14 and HoldState.PENDING not in states

@@ -44,7 +44,7 @@ def test_slash_compensates_buyers_and_platform(env):
     assert (r.slashed, r.to_buyers, r.to_platform) == (300, 120, 180)
     assert stake.slash(acct.id, 300, to=[(buyer.id, 120)], idempotency_key="sl1", reason="verify:job_9") == r
     assert led.balance(acct.id) == 200 and led.balance(buyer.id) == 120
-    assert led.balance(led.system(AccountKind.PLATFORM_FEES).id) == 180
+    assert led.system_balance(AccountKind.PLATFORM_FEES) == 180
     with pytest.raises(IdempotencyConflict):
         stake.slash(acct.id, 301, to=[(buyer.id, 120)], idempotency_key="sl1", reason="verify:job_9")
     with pytest.raises(InsufficientFunds):
@@ -65,7 +65,7 @@ def test_unbonding_waits_for_the_delay_and_pays_once(env):
     assert withdraw_matured(led.s, T0 + timedelta(days=3)) == [(u.id, 400)]
     assert withdraw_matured(led.s, T0 + timedelta(days=4)) == []
     assert led.balance(acct.id) == 100
-    assert led.balance(led.system(AccountKind.EXTERNAL).id) == -100
+    assert led.system_balance(AccountKind.EXTERNAL) == -100
     assert total_balance(led.s) == 0
 
 
