@@ -13,8 +13,10 @@ It seeds buyers, sellers and pending escrow holds sized for the worst case of a 
 - naive:   `Ledger.settle_hold` with one transaction (commit) per settlement, the path a
            request handler takes alone (each settlement is 2-4 transfers).
 
-Both run after a warm-up on the same database; the books are checked afterwards (sum of
-balances zero, escrow = still-pending holds). The last line is one JSON object.
+Both run after a warm-up on the same database. On PostgreSQL it also measures the
+per-request path under load (16 threads, each request a hold and a settlement in their
+own transactions). The books are checked afterwards (sum of balances zero, no pending
+hold, escrow empty). The last line is one JSON object.
 """
 
 from __future__ import annotations
@@ -134,6 +136,34 @@ def run_naive(engine, items) -> float:
     return len(items) / (time.perf_counter() - t0)
 
 
+def run_concurrent_requests(engine, threads: int, n: int) -> float:
+    """The per-request path under load: `threads` workers, each request a hold (one
+    transaction) then its settlement (another), buyers and sellers spread as in production."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with Session(engine) as s:
+        led = Ledger(s)
+        buyers = [led.open_account(AccountKind.BUYER, ref=f"conc_b{i}").id for i in range(64)]
+        sellers = [led.open_account(AccountKind.SELLER_EARNINGS, ref=f"conc_s{i}").id for i in range(32)]
+        for b in buyers:
+            led.deposit(b, HOLD * n, idempotency_key=f"conc-dep-{b}")
+        s.commit()
+
+    def request(i):
+        with Session(engine) as s:
+            hold = Ledger(s).create_hold(buyers[i % 64], HOLD, idempotency_key=f"conc-h{i}", request_ref=f"c{i}").id
+            s.commit()
+        with Session(engine) as s:
+            Ledger(s).settle_hold(hold, [(sellers[i % 32], HOLD // 2)], FEE_BPS, idempotency_key=f"conc-s{i}")
+            s.commit()
+
+    with ThreadPoolExecutor(threads) as pool:
+        list(pool.map(request, range(threads * 4)))  # warm-up
+        t0 = time.perf_counter()
+        list(pool.map(request, range(threads * 4, threads * 4 + n)))
+    return n / (time.perf_counter() - t0)
+
+
 def check_books(engine, n_pending: int) -> bool:
     with Session(engine) as s:
         escrow = Ledger(s).system_balance(AccountKind.ESCROW)
@@ -151,7 +181,11 @@ def bench_backend(engine, n_batched: int, n_naive: int, batch: int) -> dict:
     naive = run_naive(engine, items[c:])
     # a redelivered batch replays: nothing moves twice
     run_batched(engine, items[a:a + batch], batch)
-    return {"batched": batched, "naive": naive, "ok": check_books(engine, 0)}
+    out = {"batched": batched, "naive": naive}
+    if engine.dialect.name == "postgresql":
+        out["concurrent"] = run_concurrent_requests(engine, threads=16, n=n_naive)
+    out["ok"] = check_books(engine, 0)
+    return out
 
 
 def main() -> None:
@@ -189,7 +223,9 @@ def main() -> None:
             with admin.connect() as conn:
                 conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
         print(f"postgres: batched {r['batched']:,.0f}/s, naive {r['naive']:,.0f}/s, books ok={r['ok']}", flush=True)
+        print(f"postgres: per-request path, 16 threads: {r['concurrent']:,.0f} requests/s (hold + settle)", flush=True)
         out.update(pg_settlements_per_s=round(r["batched"]), pg_naive_settlements_per_s=round(r["naive"]),
+                   pg_concurrent_requests_per_s=round(r["concurrent"]),
                    batched_vs_naive=round(r["batched"] / r["naive"], 1), pg_books_ok=r["ok"])
     admin.dispose()
     print(json.dumps(out))
