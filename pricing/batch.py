@@ -2,14 +2,21 @@
 
 `settle_many` does what `Ledger.settle_hold` does for each item — same rules, same fee
 rounding, same idempotency keys and stored results, so a replay through either path
-returns the first answer — but in a fixed number of statements per batch: one locking
-read of the holds, one of the accounts (in id order), one bulk insert each for the
-idempotency records and the transfers, and executemany updates of balances and holds.
+returns the first answer — but in a fixed number of statements per batch: a plain read of
+the holds (their amount, buyer and request never change), one insert claiming every key
+with its result (ON CONFLICT DO NOTHING), one locking read of the holds and one of the
+accounts (in id order), one bulk insert of the transfers, and set-based updates of the
+balances and holds.
+
+Locks are taken in the same order as the single path (`Ledger._once`, then
+`settle_hold`): idempotency keys first (sorted), then holds, then accounts (by id). A key
+that another transaction is claiming makes the batch wait for it, and then replay its
+answer; so a batch racing a redelivered single settlement of the same holds neither
+deadlocks nor reports a replay as "hold not pending".
 
 Per-item problems (hold not pending, over-settlement, a non-seller part, a key reused with
 other parameters) come back as exception objects in the result list and do not stop the
-rest of the batch. If another transaction claims one of the batch's keys at the same time,
-the batch falls back to settling item by item, which resolves the race per key.
+rest of the batch; the keys of failed items are released, as the single path does.
 """
 
 from __future__ import annotations
@@ -19,8 +26,8 @@ from collections import defaultdict
 from dataclasses import asdict, dataclass
 from typing import Sequence
 
-from sqlalchemy import bindparam, insert, select, text, update
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy import bindparam, delete, insert, select, text, update
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlmodel import Session
 
 from pricing.errors import (
@@ -55,56 +62,81 @@ def settle_many(session: Session, items: Sequence[Settlement], *, fee_bps: int
     led = Ledger(session)
     items = [Settlement(int(it.hold_id), [(int(a), int(g)) for a, g in it.parts], it.idempotency_key)
              for it in items]
-    out: list[SettleResult | LedgerError | None] = [None] * len(items)
+    out: list = [None] * len(items)
     hashes = [_hash({"op": "settle", "hold": it.hold_id, "parts": it.parts, "fee_bps": fee_bps}) for it in items]
+    H, A, I = LedgerHold.__table__, LedgerAccount.__table__, LedgerIdempotency.__table__
 
-    # 1. replays: keys already stored (or repeated earlier in this batch)
-    I = LedgerIdempotency.__table__
-    keys = list({it.idempotency_key for it in items})
-    prior = {}
-    for chunk in _chunks(keys):
-        prior.update({k: (h, r) for k, h, r in session.execute(
-            select(I.c.key, I.c.params_hash, I.c.result).where(I.c.key.in_(chunk)))})
+    # 1. well-formed items; a key repeated within the batch replays its first occurrence
     todo, first_in_batch = [], {}
     for i, it in enumerate(items):
         k = it.idempotency_key
         if not k:
             out[i] = LedgerError("an idempotency key is required")
-        elif k in prior:
-            h, r = prior[k]
-            out[i] = SettleResult(**r) if h == hashes[i] else IdempotencyConflict(f"idempotency key {k!r} was used before")
         elif k in first_in_batch:
-            out[i] = ("dup", first_in_batch[k], hashes[i])  # resolved after the batch
+            out[i] = ("dup", first_in_batch[k], hashes[i])  # resolved at the end
         elif any(g < 0 for _, g in it.parts):
             out[i] = LedgerError("settlement amounts must be >= 0")
         else:
             first_in_batch[k] = i
             todo.append(i)
 
-    # 2. lock the holds, then the accounts, in id order
-    H, A = LedgerHold.__table__, LedgerAccount.__table__
-    hold_ids = sorted({items[i].hold_id for i in todo})
+    # 2. each item's result follows from its parts and the hold's (immutable) amount
+    info = {}
+    for chunk in _chunks(sorted({items[i].hold_id for i in todo})):
+        info.update({r.id: r for r in session.execute(
+            select(H.c.id, H.c.buyer_account_id, H.c.amount, H.c.request_ref).where(H.c.id.in_(chunk)))})
+    now = _utcnow()
+    claims, failed = [], {}  # failed: item -> error, unless its key replays an earlier answer
+    for i in todo:
+        it, h = items[i], info.get(items[i].hold_id)
+        gross = sum(g for _, g in it.parts)
+        if h is None:
+            failed[i] = LedgerError(f"no hold {it.hold_id}")
+        elif gross > h.amount:
+            failed[i] = HoldExceeded(f"settlement {gross} exceeds hold {h.amount}")
+        else:
+            out[i] = SettleResult(h.id, gross, sum(fee_of(g, fee_bps) for _, g in it.parts), h.amount - gross)
+            claims.append({"key": it.idempotency_key, "params_hash": hashes[i], "result": asdict(out[i])})
+
+    # 3. claim the keys (waits for any transaction claiming one of them); the rest replay
+    claimed = _claim(session, sorted(claims, key=lambda c: c["key"]), now)
+    unclaimed = [i for i in todo if i in failed or items[i].idempotency_key not in claimed]
+    prior = {}
+    for chunk in _chunks([items[i].idempotency_key for i in unclaimed]):
+        prior.update({k: (h, r) for k, h, r in session.execute(
+            select(I.c.key, I.c.params_hash, I.c.result).where(I.c.key.in_(chunk)))})
+    for i in unclaimed:
+        k = items[i].idempotency_key
+        if k in prior:
+            h, r = prior[k]
+            out[i] = SettleResult(**r) if h == hashes[i] else IdempotencyConflict(
+                f"idempotency key {k!r} was used before")
+        elif i in failed:
+            out[i] = failed[i]
+        else:  # the claim's owner committed, yet no row: cannot happen while keys are kept
+            out[i] = LedgerError(f"idempotency key {k!r} vanished; retry")
+    mine = [i for i in todo if i not in failed and items[i].idempotency_key in claimed]
+
+    # 4. lock the holds, then the accounts, in id order
     holds = {}
-    for chunk in _chunks(hold_ids):
+    for chunk in _chunks(sorted({items[i].hold_id for i in mine})):
         holds.update({row.id: row for row in session.execute(
             select(H.c.id, H.c.buyer_account_id, H.c.amount, H.c.state, H.c.request_ref)
             .where(H.c.id.in_(chunk)).order_by(H.c.id).with_for_update())})
     acct_ids, shards = set(), {}
-    for i in todo:
-        h = holds.get(items[i].hold_id)
-        if h is not None:
-            acct_ids.update((h.buyer_account_id, led._sys(AccountKind.ESCROW, h.buyer_account_id, shards),
-                             led._sys(AccountKind.PLATFORM_FEES, h.buyer_account_id, shards)))
-            acct_ids.update(a for a, _ in items[i].parts)
+    for i in mine:
+        h = holds[items[i].hold_id]
+        acct_ids.update((h.buyer_account_id, led._sys(AccountKind.ESCROW, h.buyer_account_id, shards),
+                         led._sys(AccountKind.PLATFORM_FEES, h.buyer_account_id, shards)))
+        acct_ids.update(a for a, _ in items[i].parts)
     accounts = {}
     for chunk in _chunks(sorted(acct_ids)):
         accounts.update({row.id: row for row in session.execute(
             select(A.c.id, A.c.kind, A.c.balance).where(A.c.id.in_(chunk)).order_by(A.c.id).with_for_update())})
 
-    # 3. decide, in Python, every transfer of the batch
-    now = _utcnow()
+    # 5. decide, in Python, every transfer of the batch
     delta: dict[int, int] = defaultdict(int)
-    transfers, hold_updates, claims, settled_holds = [], [], [], set()
+    transfers, hold_updates, released, settled_holds = [], [], [], set()
 
     def move(debit, credit, amount, kind, h):
         if amount:
@@ -113,52 +145,38 @@ def settle_many(session: Session, items: Sequence[Settlement], *, fee_bps: int
             transfers.append({"debit_account_id": debit, "credit_account_id": credit, "amount": amount,
                               "kind": kind, "hold_id": h.id, "request_ref": h.request_ref, "created_at": now})
 
-    for i in todo:
-        it = items[i]
-        h = holds.get(it.hold_id)
-        gross = sum(g for _, g in it.parts)
-        if h is None:
-            out[i] = LedgerError(f"no hold {it.hold_id}")
-        elif HoldState(h.state) != HoldState.PENDING or h.id in settled_holds:
+    for i in mine:
+        it, h = items[i], holds[items[i].hold_id]
+        if HoldState(h.state) != HoldState.PENDING or h.id in settled_holds:
             state = "posted" if h.id in settled_holds else HoldState(h.state).value
             out[i] = HoldNotPending(f"hold {h.id} is already {state}")
-        elif gross > h.amount:
-            out[i] = HoldExceeded(f"settlement {gross} exceeds hold {h.amount}")
         elif any(a not in accounts or AccountKind(accounts[a].kind) != AccountKind.SELLER_EARNINGS
                  for a, _ in it.parts):
             out[i] = WrongAccountKind("settlement parts are paid to seller earnings accounts")
         else:
             escrow = led._sys(AccountKind.ESCROW, h.buyer_account_id, shards)
             platform = led._sys(AccountKind.PLATFORM_FEES, h.buyer_account_id, shards)
-            fee_total = 0
             for a, g in it.parts:
                 fee = fee_of(g, fee_bps)
-                fee_total += fee
                 move(escrow, a, g - fee, "earning", h)
                 move(escrow, platform, fee, "fee", h)
-            move(escrow, h.buyer_account_id, h.amount - gross, "release", h)
+            move(escrow, h.buyer_account_id, out[i].refunded, "release", h)
             settled_holds.add(h.id)
-            hold_updates.append({"_id": h.id, "_posted": gross, "_at": now})
-            res = SettleResult(h.id, gross, fee_total, h.amount - gross)
-            claims.append({"key": it.idempotency_key, "op": "settle", "params_hash": hashes[i],
-                           "result": asdict(res), "created_at": now})
-            out[i] = res
+            hold_updates.append({"_id": h.id, "_posted": out[i].charged, "_at": now})
+            continue
+        released.append(it.idempotency_key)
     for a, d in delta.items():
         if d < 0 and accounts[a].balance + d < 0:
             raise LedgerError(f"account {a} would go negative: the holds and escrow disagree")
 
-    # 4. write it all
-    if claims:
-        try:
-            with session.begin_nested():
-                _insert_claims(session, claims, now)
-        except IntegrityError:  # a concurrent transaction claimed one of our keys
-            return [r if isinstance(r, LedgerError) else _one_by_one(led, items[i], fee_bps)
-                    for i, r in enumerate(_resolve_dups(out, hashes, items))]
-        _insert_transfers(session, transfers, now)
+    # 6. write it all
+    for chunk in _chunks(released):  # failed items give their keys back
+        session.execute(delete(I).where(I.c.key.in_(chunk)))
+    _insert_transfers(session, transfers, now)
+    if delta:
         session.execute(update(A).where(A.c.id == bindparam("_id")).values(balance=A.c.balance + bindparam("_d")),
                         [{"_id": a, "_d": d} for a, d in sorted(delta.items()) if d])
-        _post_holds(session, hold_updates, now)
+    _post_holds(session, hold_updates, now)
     return _resolve_dups(out, hashes, items)
 
 
@@ -183,17 +201,26 @@ def _insert_transfers(session: Session, rows: list[dict], now) -> None:
          "r": [r["request_ref"] for r in rows]})
 
 
-def _insert_claims(session: Session, rows: list[dict], now) -> None:
+def _claim(session: Session, rows: list[dict], now) -> set[str]:
+    """Insert the idempotency records (keys in sorted order); returns the keys this call
+    inserted. A key held by a transaction in flight blocks until that one ends."""
+    if not rows:
+        return set()
     I = LedgerIdempotency.__table__
     if not _pg(session):
-        session.execute(insert(I), rows)
-        return
-    session.execute(text(
+        got = set()
+        for chunk in _chunks(rows, 200):
+            stmt = sqlite_insert(I).values([{**r, "op": "settle", "created_at": now} for r in chunk])
+            got.update(session.execute(stmt.on_conflict_do_nothing(index_elements=["key"])
+                                       .returning(I.c.key)).scalars())
+        return got
+    return set(session.execute(text(
         "INSERT INTO ledger_idempotency (key, op, params_hash, result, created_at)"
         " SELECT k, 'settle', p, CAST(r AS json), :now FROM unnest(CAST(:k AS text[]), CAST(:p AS text[]),"
-        " CAST(:r AS text[])) AS t(k, p, r)"),
+        " CAST(:r AS text[])) WITH ORDINALITY AS t(k, p, r, n) ORDER BY n"
+        " ON CONFLICT (key) DO NOTHING RETURNING key"),
         {"now": now, "k": [r["key"] for r in rows], "p": [r["params_hash"] for r in rows],
-         "r": [json.dumps(r["result"]) for r in rows]})
+         "r": [json.dumps(r["result"]) for r in rows]}).scalars())
 
 
 def _post_holds(session: Session, rows: list[dict], now) -> None:
@@ -221,10 +248,3 @@ def _resolve_dups(out, hashes, items):
             res[i] = res[j] if hashes[j] == r[2] else IdempotencyConflict(
                 f"idempotency key {items[i].idempotency_key!r} was used before")
     return res
-
-
-def _one_by_one(led: Ledger, it: Settlement, fee_bps: int) -> SettleResult | LedgerError:
-    try:
-        return led.settle_hold(it.hold_id, it.parts, fee_bps, idempotency_key=it.idempotency_key)
-    except LedgerError as exc:
-        return exc
