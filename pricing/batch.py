@@ -27,7 +27,6 @@ from dataclasses import asdict, dataclass
 from typing import Sequence
 
 from sqlalchemy import bindparam, delete, insert, select, text, update
-from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlmodel import Session
 
 from pricing.errors import (
@@ -208,12 +207,15 @@ def _claim(session: Session, rows: list[dict], now) -> set[str]:
         return set()
     I = LedgerIdempotency.__table__
     if not _pg(session):
-        got = set()
-        for chunk in _chunks(rows, 200):
-            stmt = sqlite_insert(I).values([{**r, "op": "settle", "created_at": now} for r in chunk])
-            got.update(session.execute(stmt.on_conflict_do_nothing(index_elements=["key"])
-                                       .returning(I.c.key)).scalars())
-        return got
+        # SQLite runs one writer at a time (BEGIN IMMEDIATE): no claim can appear between
+        # this read and the insert, so skip the existing keys and executemany the rest
+        taken = set()
+        for chunk in _chunks([r["key"] for r in rows]):
+            taken.update(session.execute(select(I.c.key).where(I.c.key.in_(chunk))).scalars())
+        new = [{**r, "op": "settle", "created_at": now} for r in rows if r["key"] not in taken]
+        if new:
+            session.execute(insert(I), new)
+        return {r["key"] for r in new}
     return set(session.execute(text(
         "INSERT INTO ledger_idempotency (key, op, params_hash, result, created_at)"
         " SELECT k, 'settle', p, CAST(r AS json), :now FROM unnest(CAST(:k AS text[]), CAST(:p AS text[]),"
