@@ -95,31 +95,41 @@ class Stake:
         return self.s.get(LedgerUnbonding, result["unbonding_id"])
 
     def slash(self, stake_account_id: int, amount: int, *, to: list[tuple[int, int]] = (),
-              idempotency_key: str, reason: str | None = None) -> SlashResult:
-        """Take `amount` from the stake: each (account, x) in `to` gets x, the platform the rest.
+              idempotency_key: str, reason: str | None = None, allow_partial: bool = False) -> SlashResult:
+        """Take `amount` from the stake: each buyer account in `to` [(account, x)] gets x,
+        the platform the rest. Stake that is unbonding (requested, not yet withdrawn) is
+        still in the account and is taken like any other.
 
-        Raises InsufficientFunds if the stake holds less than `amount` (the caller decides
-        whether to slash what there is instead)."""
+        If the stake holds less than `amount`: raises InsufficientFunds, or with
+        `allow_partial` takes what there is, paying the buyers first, in order."""
         to = [(int(a), int(x)) for a, x in to]
-        if amount <= 0 or any(x < 0 for _, x in to):
-            raise LedgerError("slash amounts must be positive")
-        to_buyers = sum(x for _, x in to)
-        if to_buyers > amount:
-            raise LedgerError(f"compensation {to_buyers} exceeds the slashed {amount}")
+        if not isinstance(amount, int) or amount <= 0 or any(x < 0 for _, x in to):
+            raise LedgerError("slash amounts must be positive ints")
+        if sum(x for _, x in to) > amount:
+            raise LedgerError(f"compensation {sum(x for _, x in to)} exceeds the slashed {amount}")
 
         def op():
             platform = self.ledger._sys(AccountKind.PLATFORM_FEES, stake_account_id)
             accts = self.ledger._lock([stake_account_id, platform, *(a for a, _ in to)])
             if accts[stake_account_id].kind != AccountKind.SELLER_STAKE:
                 raise WrongAccountKind(f"account {stake_account_id} is not a stake account")
-            if accts[stake_account_id].balance < amount:
-                raise InsufficientFunds(accts[stake_account_id].balance, amount)
+            if any(accts[a].kind != AccountKind.BUYER for a, _ in to):
+                raise WrongAccountKind("slashed stake compensates buyer accounts")
+            left = accts[stake_account_id].balance
+            if left < amount and not allow_partial:
+                raise InsufficientFunds(left, amount)
+            taken = min(amount, left)
+            to_buyers = 0
             for account, x in to:
+                x = min(x, taken - to_buyers)
                 self.ledger._move(accts, stake_account_id, account, x, "slash", request_ref=reason)
-            self.ledger._move(accts, stake_account_id, platform, amount - to_buyers, "slash", request_ref=reason)
-            return {"slashed": amount, "to_buyers": to_buyers, "to_platform": amount - to_buyers}
+                to_buyers += x
+            self.ledger._move(accts, stake_account_id, platform, taken - to_buyers, "slash", request_ref=reason)
+            return {"slashed": taken, "to_buyers": to_buyers, "to_platform": taken - to_buyers}
 
         params = {"account": stake_account_id, "amount": amount, "to": to, "reason": reason}
+        if allow_partial:  # only then, so keys stored before the option existed still replay
+            params["partial"] = True
         return SlashResult(**self.ledger._once(idempotency_key, "slash", params, op))
 
 
@@ -148,3 +158,35 @@ def withdraw_matured(session: Session, now: datetime | None = None) -> list[tupl
         paid.append((uid, amount))
     session.flush()
     return paid
+
+
+# ---------------------------------------------------------------------------- functions
+# The same operations as plain functions of a session, for Celery tasks and routes.
+
+def deposit_stake(session: Session, stake_account_id: int, amount: int, *, idempotency_key: str) -> int:
+    """EXTERNAL -> stake; returns the stake balance after the first call."""
+    return Stake(Ledger(session)).deposit(stake_account_id, amount, idempotency_key=idempotency_key)
+
+
+def slash(session: Session, stake_account_id: int, amount: int, *, refunds: list[tuple[int, int]] = (),
+          idempotency_key: str, reason: str | None = None, allow_partial: bool = False) -> SlashResult:
+    """Move `amount` of stake to the harmed buyers [(buyer account, x)], the rest to the platform."""
+    return Stake(Ledger(session)).slash(stake_account_id, amount, to=refunds, idempotency_key=idempotency_key,
+                                        reason=reason, allow_partial=allow_partial)
+
+
+def request_unbond(session: Session, stake_account_id: int, amount: int, *, idempotency_key: str,
+                   policy: StakePolicy | None = None, now: datetime | None = None) -> LedgerUnbonding:
+    """Start withdrawing bonded stake; it matures after `policy.unbonding_delay`."""
+    return Stake(Ledger(session), policy).request_unbond(stake_account_id, amount,
+                                                         idempotency_key=idempotency_key, now=now)
+
+
+def bonded_stake(session: Session, stake_account_id: int) -> int:
+    """Stake that counts: the balance less pending unbonding requests."""
+    return Stake(Ledger(session)).bonded(stake_account_id)
+
+
+def has_min_stake(session: Session, stake_account_id: int, model: str, policy: StakePolicy | None = None) -> bool:
+    """Whether the bonded stake meets the policy's minimum for `model`."""
+    return Stake(Ledger(session), policy).may_sell(stake_account_id, model)
