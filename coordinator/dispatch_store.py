@@ -16,6 +16,7 @@ from sqlalchemy.exc import OperationalError
 from sqlmodel import select
 
 from coordinator import speed
+from coordinator.audits import due_for_dispatch
 from coordinator.models import InferenceRequest, Node, NodeOffer, RequestStatus
 from coordinator.models.account import utcnow
 from coordinator.node_registry import is_live, mark_silent_offline, prune_nonces
@@ -189,11 +190,13 @@ class SqlDispatchStore:
                 InferenceRequest.status.in_(ACTIVE + (RequestStatus.QUEUED,)),  # type: ignore[attr-defined]
                 InferenceRequest.created_at < utcnow() - timedelta(seconds=settings.request_ttl_s))).all()
                 if fail_request(s, r.id, f"not finished within {settings.request_ttl_s:.0f}s")]
+            audits_due = [a.id for a in due_for_dispatch(s)]
             pruned = prune_nonces(s, settings)
             expired = len(expire_holds(s, utcnow()))
             queued = s.exec(select(func.count()).where(InferenceRequest.status == RequestStatus.QUEUED)).one()
         if queued:
             self.rt.trigger_dispatch()
+        audits_sent = sum(self.rt.dispatch_audit(aid) for aid in audits_due)
         for rid in unsettled:  # a settle task lost with a crashed worker: send it again
             self.rt.enqueue_settle(rid)
         for rid, node_id in overdue:
@@ -202,4 +205,5 @@ class SqlDispatchStore:
             self.rt.bus.publish_sync(f"req:{rid}", {"type": "error", "status": 504, "code": "timeout",
                                                     "message": "the request did not finish in time; nothing was charged"})
         return {"offline": offline, "requeued": requeued, "nonces_pruned": pruned, "holds_expired": expired,
-                "settle_resent": unsettled, "overdue_failed": [rid for rid, _ in overdue]}
+                "settle_resent": unsettled, "overdue_failed": [rid for rid, _ in overdue],
+                "audits_sent": audits_sent}

@@ -85,6 +85,7 @@ def register(session: Session, reg: Registration, settings: CoordinatorSettings)
         node = Node(id=reg.node_id, earnings_account_id=earnings.id, region=reg.region,
                     max_concurrency=reg.max_concurrency)
     node.name = reg.name
+    node.operator = reg.operator
     node.region = reg.region
     node.max_concurrency = reg.max_concurrency
     node.engine = reg.engine
@@ -96,7 +97,7 @@ def register(session: Session, reg: Registration, settings: CoordinatorSettings)
     for offer in reg.models:
         row = old.pop(offer.model, None) or NodeOffer(node_id=node.id, model=offer.model, price_in=0,
                                                      price_out=0, tokens_per_s=offer.tokens_per_s)
-        for field in ("price_in", "price_out", "tokens_per_s", "tokens_per_s_b1", "ttft_ms", "max_context"):
+        for field in ("price_in", "price_out", "tokens_per_s", "tokens_per_s_b1", "ttft_ms", "max_context", "dtype"):
             setattr(row, field, getattr(offer, field))
         speed.reseed(row)  # new claims re-seed the estimate; what traffic taught is kept
         session.add(row)

@@ -64,6 +64,20 @@ class Runtime:
 
         settle.apply_async(args=[request_id])
 
+    def dispatch_audit(self, audit_id: int) -> bool:
+        """Send an audit to a verifier node, if one qualifies now (else the sweep retries)."""
+        from coordinator.audits import assign_verifier
+        from coordinator.models import Audit
+
+        with self.session() as s:
+            audit = s.get(Audit, audit_id, with_for_update=True)
+            target = assign_verifier(s, audit, self.settings) if audit is not None else None
+        if target is None:
+            return False
+        verifier, frame = target
+        self.bus.publish_sync(f"node:{verifier}", frame)
+        return True
+
     def clear_dispatch_flag(self) -> None:
         self.bus.clear_flag(DISPATCH_FLAG)
 

@@ -55,6 +55,11 @@ class CoordinatorSettings(BaseSettings):
     min_stake_nano_usd: int = Field(default=0, ge=0, description="bonded stake a node needs to sell")
     unbonding_delay_s: float = Field(default=7 * 24 * 3600, ge=0)
 
+    # Verification
+    verifier_min_reputation: float = Field(default=0.4, ge=0, le=1)
+    slash_multiple: int = Field(default=10, ge=0, description="stake slashed per failed audit, × the job's cost")
+    min_slash_nano_usd: int = Field(default=1_000_000, ge=0)
+
     # Operator
     admin_token: str | None = Field(default=None, description="bearer token for /admin routes")
 

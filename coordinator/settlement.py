@@ -55,21 +55,29 @@ class Relayed:
     concurrent_streams: int = 1  # the node's streams on this channel when this one ended
 
 
+@dataclass
+class Accepted:
+    fresh: bool
+    audit_id: int | None = None
+
+
 def _settled(req: InferenceRequest) -> Settled:
     return Settled(req.id, req.prompt_tokens or 0, req.completion_tokens or 0, req.cost or 0,
                    req.finish_reason or "stop")
 
 
 def accept_receipt(session: Session, receipt: Receipt, node_id: str, relayed: Relayed,
-                   settings: CoordinatorSettings) -> bool:
+                   settings: CoordinatorSettings, token_ids: list[int] | None = None,
+                   logprobs_q: list[int] | None = None) -> Accepted:
     """Phase 1, on the work channel: check the receipt against what was relayed and store
-    it with the coordinator's own measurements; the request moves to SETTLING. Returns
-    False if it was already accepted (a resent receipt)."""
+    it with the coordinator's own measurements; the request moves to SETTLING, and may be
+    picked for an audit (`token_ids`/`logprobs_q`: what was relayed). `fresh` is False if
+    it was already accepted (a resent receipt)."""
     req = session.get(InferenceRequest, receipt.request_id, with_for_update=True)
     if req is None:
         raise ReceiptRejected(f"unknown request {receipt.request_id}")
     if req.status in (RequestStatus.SETTLING, RequestStatus.COMPLETED) and req.node_id == node_id:
-        return False
+        return Accepted(fresh=False)
     if req.node_id != node_id or receipt.node_id != node_id:
         raise ReceiptRejected("receipt is not from the node the request was assigned to")
     if req.status not in (RequestStatus.ASSIGNED, RequestStatus.RUNNING):
@@ -88,7 +96,12 @@ def accept_receipt(session: Session, receipt: Receipt, node_id: str, relayed: Re
     ))
     req.status = RequestStatus.SETTLING
     session.add(req)
-    return True
+    audit = None
+    if token_ids is not None and logprobs_q is not None:
+        from coordinator.audits import maybe_select
+
+        audit = maybe_select(session, req, session.get(Node, node_id), token_ids, logprobs_q, receipt.finish_reason)
+    return Accepted(fresh=True, audit_id=audit.id if audit else None)
 
 
 def settle_accepted(session: Session, request_id: str, settings: CoordinatorSettings) -> Settled:

@@ -19,6 +19,7 @@ from starlette.concurrency import run_in_threadpool
 from sqlalchemy import update
 from sqlmodel import select
 
+from coordinator.audits import apply_result
 from coordinator.db import retry_transient
 from coordinator.errors import APIError
 from coordinator.models import InferenceRequest, Node, RequestStatus
@@ -28,7 +29,7 @@ from coordinator.runtime import Runtime
 from coordinator.failover import fail_over
 from coordinator.settlement import ReceiptRejected, Relayed, accept_receipt, fail_request
 from coordinator.dispatch_store import assignment_frame
-from node_agent.protocol import ChannelHello, Done, TokenChunk, TokenCommitment, WorkError
+from node_agent.protocol import ChannelHello, Done, TokenChunk, TokenCommitment, VerifyResult, WorkError
 
 log = logging.getLogger(__name__)
 HELLO_TIMEOUT_S = 10.0
@@ -40,6 +41,7 @@ class _Stream:
     def __init__(self, request_id: str):
         self.count = 0
         self.token_ids: list[int] = []
+        self.logprobs: list[int] = []
         self.commitment = TokenCommitment(request_id)
         self.sent_at = time.monotonic()
         self.first_at: float | None = None
@@ -137,6 +139,9 @@ class Channel:
             elif msg.get("type") == "cancel" and msg.get("request_id") in self.streams:
                 async with self.send_lock:
                     await self.ws.send_json(msg)
+            elif msg.get("type") == "verify":
+                async with self.send_lock:
+                    await self.ws.send_json(msg)
 
     async def _ping_loop(self) -> None:
         """Measure the round trip to the node ourselves (a node's own claim could lie)."""
@@ -169,6 +174,8 @@ class Channel:
                     await self._on_done(Done.model_validate(frame))
                 elif kind == "error":
                     await self._on_error(WorkError.model_validate(frame))
+                elif kind == "verify_result":
+                    await self._on_verify_result(VerifyResult.model_validate(frame))
                 elif kind == "pong" and isinstance(frame.get("t"), (int, float)):
                     rtt_ms = (time.monotonic() - frame["t"]) * 1000
                     if 0 <= rtt_ms < 60_000:
@@ -191,6 +198,7 @@ class Channel:
             st.commitment.update(tid, lp)
         st.count += len(chunk.token_ids)
         st.token_ids.extend(chunk.token_ids)
+        st.logprobs.extend(chunk.logprobs)
         await self.rt.bus.publish(f"req:{chunk.request_id}", {
             "type": "tokens", "node_id": self.node_id, "text": chunk.text, "start": chunk.start,
             "token_ids": chunk.token_ids, "logprobs": chunk.logprobs})
@@ -207,7 +215,7 @@ class Channel:
             concurrent_streams=len(self.streams) + 1,
         )
         try:
-            fresh = await run_in_threadpool(retry_transient, lambda: self._accept(done, relayed))
+            accepted = await run_in_threadpool(retry_transient, lambda: self._accept(done, relayed, st))
         except (ReceiptRejected, APIError) as exc:
             message = exc.message if isinstance(exc, APIError) else str(exc)
             log.warning("receipt for %s rejected: %s", rid, message)
@@ -216,12 +224,25 @@ class Channel:
                                                          "message": "the node's receipt was rejected"})
             self.rt.trigger_dispatch()
             return
-        if fresh:  # the settle task pays it and tells the buyer (off the token path)
+        if accepted.fresh:  # the settle task pays it and tells the buyer (off the token path)
             await run_in_threadpool(self.rt.enqueue_settle, rid)
+        if accepted.audit_id is not None:
+            await run_in_threadpool(self.rt.dispatch_audit, accepted.audit_id)
 
-    def _accept(self, done: Done, relayed: Relayed) -> bool:
+    def _accept(self, done: Done, relayed: Relayed, st: _Stream):
         with self.rt.session() as s:
-            return accept_receipt(s, done.receipt, self.node_id, relayed, self.rt.settings)
+            return accept_receipt(s, done.receipt, self.node_id, relayed, self.rt.settings,
+                                  token_ids=st.token_ids, logprobs_q=st.logprobs)
+
+    async def _on_verify_result(self, result: VerifyResult) -> None:
+        def _apply():
+            with self.rt.session() as s:
+                audit = apply_result(s, result, self.node_id, self.rt.settings)
+                return None if audit is None else (audit.id, audit.status.value, audit.node_id)
+
+        outcome = await run_in_threadpool(retry_transient, _apply)
+        if outcome is not None:
+            log.info("audit %s of node %s: %s", outcome[0], outcome[2][:12], outcome[1])
 
     def _mark_running(self, rid: str) -> None:
         with self.rt.session() as s:

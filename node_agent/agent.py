@@ -22,7 +22,7 @@ from node_agent.errors import CoordinatorRejected, EngineError
 from node_agent.identity import Identity
 from node_agent.protocol import (
     Assignment, ChannelHello, Done, Heartbeat, ModelOffer, Receipt, Registration, TokenChunk,
-    TokenCommitment, WorkError, fresh_stamp, quantize_logprob,
+    TokenCommitment, VerifyJob, VerifyResult, WorkError, fresh_stamp, quantize_logprob,
 )
 from node_agent.settings import NodeSettings
 
@@ -39,6 +39,7 @@ class NodeAgent:
         self.ready = asyncio.Event()  # set once the work channel is open
         self._ws = None
         self._send_lock = asyncio.Lock()
+        self._first_receipt: Receipt | None = None  # for the replay_receipt test mode
 
     @property
     def node_id(self) -> str:
@@ -48,15 +49,20 @@ class NodeAgent:
     def registration(self) -> Registration:
         summary = self.benchmark.get("summary", {})
         tps = self.settings.advertised_tokens_per_s or summary.get("tokens_per_s") or 1.0
+        b1 = summary.get("tokens_per_s_b1")
+        if self.settings.adversary == "overclaim_tps":  # TEST TOOL: claim 3x the benchmark
+            tps, b1 = tps * 3, (b1 * 3 if b1 else None)
         offer = ModelOffer(
             model=self.settings.market_model, price_in=self.settings.price_in,
             price_out=self.settings.price_out, tokens_per_s=tps,
-            tokens_per_s_b1=summary.get("tokens_per_s_b1"), ttft_ms=summary.get("ttft_ms"),
+            tokens_per_s_b1=b1, ttft_ms=summary.get("ttft_ms"),
+            dtype=self.settings.dtype,
             max_context=getattr(self.engine, "max_context", None) or getattr(self.engine, "max_seq_len", 2048),
         )
         reg = Registration(node_id=self.node_id, **fresh_stamp(), models=[offer],
                            region=self.settings.region, max_concurrency=self.settings.max_concurrency,
-                           engine=self.settings.engine, benchmark=self.benchmark, name=self.settings.name)
+                           engine=self.settings.engine, benchmark=self.benchmark, name=self.settings.name,
+                           operator=self.settings.operator)
         return reg.sign(self.identity)
 
     async def register(self) -> dict:
@@ -142,6 +148,13 @@ class NodeAgent:
             task = self.tasks.get(frame.get("request_id", ""))
             if task is not None:
                 task.cancel()
+        elif kind == "verify":
+            try:
+                job = VerifyJob.model_validate(frame)
+            except ValidationError as exc:
+                log.warning("malformed verify job: %s", exc)
+                return
+            asyncio.create_task(self._verify(job))
         elif kind == "ping":
             asyncio.create_task(self._send_raw({"type": "pong", "t": frame.get("t")}))
 
@@ -189,7 +202,36 @@ class NodeAgent:
         receipt = Receipt(node_id=self.node_id, **fresh_stamp(), request_id=a.request_id, model=a.model,
                           prompt_tokens=prompt_tokens, completion_tokens=count,
                           commitment=commitment.hex, finish_reason=finish).sign(self.identity)
+        receipt = self._cheat_receipt(receipt)
         await self._send(Done(request_id=a.request_id, receipt=receipt))
+
+    def _cheat_receipt(self, receipt: Receipt) -> Receipt:
+        """TEST TOOL (--adversary): dishonest receipts, to prove the coordinator refuses them."""
+        mode = self.settings.adversary
+        if mode == "inflate_tokens":
+            receipt.completion_tokens = int(receipt.completion_tokens * 1.5) + 1
+            return receipt.sign(self.identity)
+        if mode == "replay_receipt":
+            if self._first_receipt is None:
+                self._first_receipt = receipt
+            return self._first_receipt.model_copy(update={"request_id": receipt.request_id}) \
+                if self._first_receipt is not receipt else receipt
+        return receipt
+
+    # ------------------------------------------------------------------ verifying another node
+    async def _verify(self, job: VerifyJob) -> None:
+        """Rescore another node's claimed output with one teacher-forced forward pass."""
+        from node_agent.rescoring import rescore
+
+        try:
+            text = self.engine.render_chat(job.messages or []) if job.kind == "chat" else (job.prompt or "")
+            result = await rescore(self.engine, self.engine.encode(text), job.claimed_ids, job.sampling)
+            reply = result.to_dict()
+            reply["meta"]["eos_ids"] = sorted(getattr(self.engine, "eos_ids", ()))
+            frame = VerifyResult(audit_id=job.audit_id, rescore=reply)
+        except Exception as exc:  # this engine cannot verify (or the job is bad): say so
+            frame = VerifyResult(audit_id=job.audit_id, error=f"{type(exc).__name__}: {exc}")
+        await self._send(frame)
 
     async def close(self) -> None:
         await self.http.aclose()

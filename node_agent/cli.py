@@ -47,6 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--price-out", type=_price, help="USD per million completion tokens, e.g. 0.20")
     p.add_argument("--region", help="e.g. us-east, eu-west")
     p.add_argument("--name", help="a display name")
+    p.add_argument("--operator", help="your operator name (nodes of one operator never audit each other)")
     p.add_argument("--max-concurrency", type=int)
     p.add_argument("--key", dest="key_path", help="key file (default ~/.agora/node_key.pem)")
     p.add_argument("--engine", choices=["builtin", "openai", "vllm"])
@@ -57,6 +58,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--torch-threads", type=int)
     p.add_argument("--max-tokens-per-s", dest="throttle_tokens_per_s", type=float,
                    help="cap each stream at this rate (sell a slice of the machine; also a test tool)")
+    p.add_argument("--adversary", metavar="MODE",
+                   help="TEST TOOL ONLY: make this node cheat, to exercise verification. Engine modes: "
+                        "other_model, smaller_model, int4, int8, random, random_plausible, random_oracle, "
+                        "truncate; agent modes: inflate_tokens, replay_receipt, overclaim_tps")
     p.add_argument("-v", "--verbose", action="store_true")
     return p
 
@@ -67,7 +72,14 @@ def settings_from(args: argparse.Namespace) -> NodeSettings:
     return NodeSettings(**overrides)
 
 
+ENGINE_MODES = ("other_model", "smaller_model", "int4", "int8", "random", "random_plausible",
+                "random_oracle", "truncate")  # node_agent.adversarial (imported only when used)
+AGENT_MODES = ("inflate_tokens", "replay_receipt", "overclaim_tps")
+
+
 def load_engine(settings: NodeSettings):
+    if settings.adversary and settings.adversary not in ENGINE_MODES + AGENT_MODES:
+        raise SystemExit(f"unknown --adversary {settings.adversary!r}")
     if settings.torch_threads:
         import torch
 
@@ -84,8 +96,15 @@ def load_engine(settings: NodeSettings):
         return load_vllm_engine(settings.model, dtype=settings.dtype)
     from node_agent.engines.builtin import load_builtin_engine
 
-    engine = load_builtin_engine(settings.model, device=settings.device, dtype=settings.dtype,
-                                 max_batch=settings.max_concurrency)
+    if settings.adversary in ENGINE_MODES:
+        from node_agent.adversarial import make_adversarial_engine
+
+        print(f"WARNING: --adversary {settings.adversary}: this node cheats (test tool)", file=sys.stderr)
+        engine = make_adversarial_engine(settings.adversary, settings.model, dtype=settings.dtype,
+                                         max_batch=settings.max_concurrency)
+    else:
+        engine = load_builtin_engine(settings.model, device=settings.device, dtype=settings.dtype,
+                                     max_batch=settings.max_concurrency)
     if settings.throttle_tokens_per_s:
         from node_agent.engines.throttle import ThrottledEngine
 

@@ -56,6 +56,7 @@ class ModelOffer(BaseModel):
     tokens_per_s_b1: float | None = Field(default=None, gt=0, description="decode tok/s at batch 1")
     ttft_ms: float | None = Field(default=None, ge=0)
     max_context: int = Field(default=2048, gt=0)
+    dtype: str = Field(default="float32", max_length=16, description="weights/compute dtype (audit tolerance)")
 
 
 class Registration(Signed):
@@ -65,6 +66,8 @@ class Registration(Signed):
     engine: str = "builtin"
     benchmark: dict[str, Any] = Field(default_factory=dict)
     name: str | None = Field(default=None, max_length=100)
+    operator: str | None = Field(default=None, max_length=64,
+                                 description="who runs the node; a node never verifies its own operator's work")
 
 
 class Heartbeat(Signed):
@@ -153,6 +156,28 @@ class Done(BaseModel):
     type: Literal["done"] = "done"
     request_id: str
     receipt: Receipt
+
+
+class VerifyJob(BaseModel):
+    """Coordinator -> verifier: rescore another node's claimed output (one prefill)."""
+
+    type: Literal["verify"] = "verify"
+    audit_id: int
+    model: str
+    kind: Literal["chat", "completion"]
+    messages: list[dict[str, Any]] | None = None
+    prompt: str | None = None
+    claimed_ids: list[int]
+    sampling: Sampling
+
+
+class VerifyResult(BaseModel):
+    """Verifier -> coordinator: `node_agent.rescoring.Rescore.to_dict()` for the job."""
+
+    type: Literal["verify_result"] = "verify_result"
+    audit_id: int
+    rescore: dict[str, Any] | None = None
+    error: str | None = None
 
 
 class WorkError(BaseModel):

@@ -35,6 +35,7 @@ class NodeSettings(BaseSettings):
     price_out: int = Field(default=200_000_000, ge=0, description="nano-USD per million completion tokens")
     region: str = "us-east"
     name: str | None = None
+    operator: str | None = None  # who runs this node (never verifies its own operator's work)
     max_concurrency: int = Field(default=8, ge=1, le=4096)
     key_path: Path = Field(default_factory=lambda: Path.home() / ".agora" / "node_key.pem")
     device: str = "cpu"
@@ -46,6 +47,7 @@ class NodeSettings(BaseSettings):
     heartbeat_interval_s: float = 5.0
     reconnect_max_s: float = 10.0
     torch_threads: int | None = None
+    adversary: str | None = Field(default=None, description="TEST TOOL: cheat in this mode (see --adversary)")
     throttle_tokens_per_s: float | None = Field(default=None, gt=0, description="cap per stream")
 
     @property

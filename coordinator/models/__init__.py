@@ -2,6 +2,7 @@
 (the ledger's tables come from `pricing`)."""
 
 from coordinator.models.account import Account, AccountPublic, ApiKey
+from coordinator.models.audit import Audit, AuditStatus
 from coordinator.models.node import Node, NodeNonce, NodeOffer, NodeOfferPublic, NodePublic
 from coordinator.models.request import InferenceRequest, ReceiptRecord, RequestStatus
 
@@ -11,6 +12,8 @@ __all__ = [
     "Account",
     "AccountPublic",
     "ApiKey",
+    "Audit",
+    "AuditStatus",
     "InferenceRequest",
     "Node",
     "NodeNonce",

@@ -33,6 +33,11 @@ class Node(NodeBase, table=True):
     rtt_ms: float = 0.0
     failures: int = 0  # consecutive failures (stalled or lost streams)
     backoff_until: datetime | None = None  # no new work before this time
+    operator: str | None = Field(default=None, max_length=64)
+    jobs: int = 0  # completed requests
+    audits_passed: int = 0
+    audits_failed: int = 0
+    passes_since_failure: int = 0
 
 
 class NodePublic(NodeBase):
@@ -44,6 +49,11 @@ class NodePublic(NodeBase):
     rtt_ms: float
     failures: int
     backoff_until: datetime | None
+    banned: bool
+    operator: str | None
+    jobs: int
+    audits_passed: int
+    audits_failed: int
     offers: list["NodeOfferPublic"] = []
 
 
@@ -55,6 +65,7 @@ class NodeOfferBase(SQLModel):
     tokens_per_s_b1: float | None = None
     ttft_ms: float | None = None
     max_context: int = 2048
+    dtype: str = Field(default="float32", max_length=16)
 
 
 class NodeOffer(NodeOfferBase, table=True):

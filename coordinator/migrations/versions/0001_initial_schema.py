@@ -2,7 +2,7 @@
 
 Revision ID: 0001
 Revises: 
-Create Date: 2026-11-28 17:09:14.451364
+Create Date: 2026-11-28 17:28:43.100750
 """
 from alembic import op
 import sqlalchemy as sa
@@ -73,6 +73,11 @@ def upgrade() -> None:
     sa.Column('rtt_ms', sa.Float(), nullable=False),
     sa.Column('failures', sa.Integer(), nullable=False),
     sa.Column('backoff_until', sqlmodel.sql.sqltypes.UTCDateTime(), nullable=True),
+    sa.Column('operator', sqlmodel.sql.sqltypes.AutoString(length=64), nullable=True),
+    sa.Column('jobs', sa.Integer(), nullable=False),
+    sa.Column('audits_passed', sa.Integer(), nullable=False),
+    sa.Column('audits_failed', sa.Integer(), nullable=False),
+    sa.Column('passes_since_failure', sa.Integer(), nullable=False),
     sa.PrimaryKeyConstraint('id')
     )
     with op.batch_alter_table('nodes', schema=None) as batch_op:
@@ -192,6 +197,7 @@ def upgrade() -> None:
     sa.Column('tokens_per_s_b1', sa.Float(), nullable=True),
     sa.Column('ttft_ms', sa.Float(), nullable=True),
     sa.Column('max_context', sa.Integer(), nullable=False),
+    sa.Column('dtype', sqlmodel.sql.sqltypes.AutoString(length=16), nullable=False),
     sa.Column('id', sa.Integer(), nullable=False),
     sa.Column('node_id', sqlmodel.sql.sqltypes.AutoString(), nullable=False),
     sa.Column('measured_tokens_per_s', sa.Float(), nullable=True),
@@ -204,6 +210,29 @@ def upgrade() -> None:
     with op.batch_alter_table('node_offers', schema=None) as batch_op:
         batch_op.create_index(batch_op.f('ix_node_offers_model'), ['model'], unique=False)
         batch_op.create_index(batch_op.f('ix_node_offers_node_id'), ['node_id'], unique=False)
+
+    op.create_table('audits',
+    sa.Column('id', sa.Integer(), nullable=False),
+    sa.Column('request_id', sqlmodel.sql.sqltypes.AutoString(), nullable=False),
+    sa.Column('node_id', sqlmodel.sql.sqltypes.AutoString(length=64), nullable=False),
+    sa.Column('verifier_id', sqlmodel.sql.sqltypes.AutoString(length=64), nullable=True),
+    sa.Column('status', sa.Enum('PENDING', 'SENT', 'PASSED', 'FAILED', name='auditstatus'), nullable=False),
+    sa.Column('claimed', sa.JSON(), nullable=True),
+    sa.Column('evidence', sa.JSON(), nullable=True),
+    sa.Column('verdict', sa.JSON(), nullable=True),
+    sa.Column('consequences', sa.JSON(), nullable=True),
+    sa.Column('created_at', sqlmodel.sql.sqltypes.UTCDateTime(), nullable=False),
+    sa.Column('sent_at', sqlmodel.sql.sqltypes.UTCDateTime(), nullable=True),
+    sa.Column('resolved_at', sqlmodel.sql.sqltypes.UTCDateTime(), nullable=True),
+    sa.ForeignKeyConstraint(['request_id'], ['inference_requests.id'], ),
+    sa.PrimaryKeyConstraint('id')
+    )
+    with op.batch_alter_table('audits', schema=None) as batch_op:
+        batch_op.create_index(batch_op.f('ix_audits_created_at'), ['created_at'], unique=False)
+        batch_op.create_index(batch_op.f('ix_audits_node_id'), ['node_id'], unique=False)
+        batch_op.create_index(batch_op.f('ix_audits_request_id'), ['request_id'], unique=True)
+        batch_op.create_index(batch_op.f('ix_audits_status'), ['status'], unique=False)
+        batch_op.create_index(batch_op.f('ix_audits_verifier_id'), ['verifier_id'], unique=False)
 
     op.create_table('receipts',
     sa.Column('request_id', sqlmodel.sql.sqltypes.AutoString(), nullable=False),
@@ -230,6 +259,14 @@ def downgrade() -> None:
         batch_op.drop_index(batch_op.f('ix_receipts_node_id'))
 
     op.drop_table('receipts')
+    with op.batch_alter_table('audits', schema=None) as batch_op:
+        batch_op.drop_index(batch_op.f('ix_audits_verifier_id'))
+        batch_op.drop_index(batch_op.f('ix_audits_status'))
+        batch_op.drop_index(batch_op.f('ix_audits_request_id'))
+        batch_op.drop_index(batch_op.f('ix_audits_node_id'))
+        batch_op.drop_index(batch_op.f('ix_audits_created_at'))
+
+    op.drop_table('audits')
     with op.batch_alter_table('node_offers', schema=None) as batch_op:
         batch_op.drop_index(batch_op.f('ix_node_offers_node_id'))
         batch_op.drop_index(batch_op.f('ix_node_offers_model'))

@@ -1,0 +1,34 @@
+"""What a failed audit costs the node: the buyer gets the job's cost back, the stake is
+slashed by a penalty on top, all through the ledger (idempotent per audited request)."""
+
+from __future__ import annotations
+
+from sqlmodel import Session
+
+from coordinator.models import Account, InferenceRequest, Node
+from coordinator.settings import CoordinatorSettings
+from pricing.ledger import AccountKind, Ledger
+from pricing.stake import Stake
+
+
+def penalise(session: Session, req: InferenceRequest, node: Node, settings: CoordinatorSettings) -> dict:
+    """Refund the buyer the job's cost (from the node's earnings first, then its stake) and
+    slash `slash_multiple` × cost (at least `min_slash_nano_usd`) of stake to the platform."""
+    ledger = Ledger(session)
+    buyer = session.get(Account, req.account_id).ledger_account_id
+    cost = req.cost or 0
+    clawed = min(cost, ledger.balance(node.earnings_account_id))
+    if clawed:
+        ledger.clawback(node.earnings_account_id, buyer, clawed, idempotency_key=f"clawback:{req.id}",
+                        request_ref=req.id)
+    stake_id = ledger.open_account(AccountKind.SELLER_STAKE, ref=f"node:{node.id}").id
+    owed = cost - clawed
+    penalty = max(settings.min_slash_nano_usd, settings.slash_multiple * cost)
+    slash = min(ledger.balance(stake_id), owed + penalty)
+    from_stake = 0
+    if slash > 0:
+        from_stake = min(owed, slash)
+        Stake(ledger).slash(stake_id, slash, to=[(buyer, from_stake)] if from_stake else [],
+                            idempotency_key=f"slash:{req.id}", reason=req.id)
+    return {"refunded_nano_usd": clawed + from_stake, "clawed_back_nano_usd": clawed,
+            "slashed_nano_usd": slash, "buyer_made_whole": clawed + from_stake == cost}

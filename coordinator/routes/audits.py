@@ -1,0 +1,78 @@
+"""Disputes: audits with their evidence, for the operator (admin token) and for the seller
+(its node's signature); the cheating economics of a node, for the operator."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Depends, Query
+from sqlmodel import select
+from starlette.concurrency import run_in_threadpool
+
+from coordinator.audits import audit_rate, economics
+from coordinator.auth import require_admin
+from coordinator.errors import NotFound
+from coordinator.models import Audit, AuditStatus, Node
+from coordinator.routes.deps import runtime
+from coordinator.routes.seller import _authenticated, stake_account
+from coordinator.runtime import Runtime
+from node_agent.protocol import AccountQuery
+from pricing.ledger import Ledger
+
+router = APIRouter(tags=["audits"])
+
+
+def _public(a: Audit, evidence: bool) -> dict:
+    out = {"id": a.id, "request_id": a.request_id, "node_id": a.node_id, "verifier_id": a.verifier_id,
+           "status": a.status.value, "verdict": a.verdict, "consequences": a.consequences,
+           "created_at": a.created_at, "resolved_at": a.resolved_at}
+    if evidence:
+        out["evidence"] = a.evidence
+    return out
+
+
+@router.get("/admin/audits", dependencies=[Depends(require_admin)])
+async def list_audits(status: AuditStatus | None = None, node_id: str | None = None,
+                      evidence: bool = False, limit: int = Query(100, ge=1, le=1000),
+                      rt: Runtime = Depends(runtime)):
+    def _do():
+        with rt.session() as s:
+            q = select(Audit).order_by(Audit.id.desc()).limit(limit)  # type: ignore[union-attr]
+            if status is not None:
+                q = q.where(Audit.status == status)
+            if node_id is not None:
+                q = q.where(Audit.node_id == node_id)
+            return [_public(a, evidence) for a in s.exec(q).all()]
+
+    return await run_in_threadpool(_do)
+
+
+@router.post("/v1/nodes/me/audits")
+async def my_audits(q: AccountQuery, rt: Runtime = Depends(runtime)):
+    """A seller's own audits and disputes, with both log-prob vectors as evidence."""
+
+    def _do():
+        with rt.session() as s:
+            node = _authenticated(s, q, rt)
+            rows = s.exec(select(Audit).where(Audit.node_id == node.id, Audit.status.in_(
+                (AuditStatus.PASSED, AuditStatus.FAILED))).order_by(Audit.id.desc()).limit(q.limit)).all()  # type: ignore[attr-defined]
+            return {"node_id": node.id, "reputation": node.reputation, "banned": node.banned,
+                    "audits": [_public(a, True) for a in rows]}
+
+    return await run_in_threadpool(_do)
+
+
+@router.get("/admin/nodes/{node_id}/economics", dependencies=[Depends(require_admin)])
+async def node_economics(node_id: str, rt: Runtime = Depends(runtime)):
+    """Whether cheating has negative expected value for this node (audit rate × slash ≥ 3×
+    the gain), with the minimum slash and audit rate that would make it so."""
+
+    def _do():
+        with rt.session() as s:
+            node = s.get(Node, node_id)
+            if node is None:
+                raise NotFound(f"no node {node_id}")
+            ledger = Ledger(s)
+            out = economics(s, node, ledger.balance(stake_account(ledger, node.id)))
+            out["current_audit_rate"] = audit_rate(node)
+            return out
+
+    return await run_in_threadpool(_do)
