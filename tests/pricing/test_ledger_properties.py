@@ -1,5 +1,5 @@
 """Property-based: random sequences of deposits, holds, partial and multi-seller (failover)
-settlements, voids, expiries, slashes, payouts and replays on SQLite, checked against a
+settlements (one by one and batched through settle_many), voids, expiries, slashes, payouts and replays on SQLite, checked against a
 plain-Python model after every step.
 
 Invariants: the sum of all balances is zero; no buyer, earnings or stake balance is ever
@@ -17,7 +17,8 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, pr
 from sqlalchemy import func
 from sqlmodel import Session, select
 
-from pricing.errors import HoldNotPending, InsufficientFunds
+from pricing.batch import Settlement, settle_many
+from pricing.errors import HoldExceeded, HoldNotPending, InsufficientFunds
 from pricing.ledger import (
     AccountKind, HoldState, Ledger, LedgerAccount, LedgerHold, LedgerTransfer, expire_holds, total_balance,
 )
@@ -112,6 +113,37 @@ class LedgerMachine(RuleBasedStateMachine):
         self.model[h["buyer"]] += h["amount"] - gross
         h.update(state=HoldState.POSTED, posted=gross)
         self.replays.append((lambda: self.led.settle_hold(hid, parts, bps, idempotency_key=k), r))
+
+    @precondition(lambda self: self.holds)
+    @rule(data=st.data(), bps=st.sampled_from([0, 333, 500]))
+    def settle_batch(self, data, bps):
+        """Several holds (some already resolved, one maybe twice) through settle_many."""
+        hids = data.draw(st.lists(st.sampled_from(sorted(self.holds)), min_size=1, max_size=5))
+        items, expect = [], []
+        for hid in hids:
+            h = self.holds[hid]
+            tokens = data.draw(st.lists(st.tuples(st.integers(0, 2), st.integers(0, 12)), min_size=1, max_size=2))
+            parts = [(self.sellers[i], request_cost(0, t, 0, PRICE_OUT)) for i, t in tokens]
+            items.append(Settlement(hid, parts, self.key("batch")))
+        results = settle_many(self.s, items, fee_bps=bps)
+        for it, r in zip(items, results):
+            h = self.holds[it.hold_id]
+            gross = sum(g for _, g in it.parts)
+            if h["state"] != HoldState.PENDING:  # either refusal is fine when both apply
+                assert isinstance(r, (HoldNotPending, HoldExceeded) if gross > h["amount"] else HoldNotPending), r
+                continue
+            if gross > h["amount"]:
+                assert isinstance(r, HoldExceeded), r
+                continue
+            fee = sum(fee_of(g, bps) for _, g in it.parts)
+            assert (r.charged, r.fee, r.refunded) == (gross, fee, h["amount"] - gross)
+            for acct, g in it.parts:
+                self.model[acct] += g - fee_of(g, bps)
+            self.platform += fee
+            self.model[h["buyer"]] += h["amount"] - gross
+            h.update(state=HoldState.POSTED, posted=gross)
+            self.replays.append((lambda it=it, bps=bps: self.led.settle_hold(
+                it.hold_id, it.parts, bps, idempotency_key=it.idempotency_key), r))
 
     @precondition(lambda self: self.pending())
     @rule(data=st.data())
