@@ -295,16 +295,23 @@ class Ledger:
             raise LedgerError("amount must be >= 0")
 
         def op():
-            platform = self.system(AccountKind.PLATFORM_FEES)
-            accts = self._lock([platform.id, account_id])
+            shards = self.s.exec(select(LedgerAccount.id).where(
+                LedgerAccount.kind == AccountKind.PLATFORM_FEES)).all()  # fees land on every shard
+            accts = self._lock([*shards, account_id])
             if accts[account_id].kind != AccountKind.SELLER_EARNINGS:
                 raise WrongAccountKind("platform payments go to seller earnings accounts")
-            paid = min(amount, accts[platform.id].balance)
-            self._move(accts, platform.id, account_id, paid, kind, request_ref=request_ref)
+            paid = 0
+            for shard in sorted(shards, key=lambda i: -accts[i].balance):
+                take = min(amount - paid, accts[shard].balance)
+                if take <= 0:
+                    break
+                self._move(accts, shard, account_id, take, kind, request_ref=request_ref)
+                paid += take
             return {"paid": paid}
 
         params = {"to": account_id, "amount": amount, "kind": kind, "ref": request_ref}
         return self._once(idempotency_key, "platform_pay", params, op)["paid"]
+
 
 def expire_holds(session: Session, now: datetime | None = None) -> list[int]:
     """Void every pending hold whose `expires_at` is before `now`; returns their ids.
