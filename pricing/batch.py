@@ -79,11 +79,11 @@ def settle_many(session: Session, items: Sequence[Settlement], *, fee_bps: int
             first_in_batch[k] = i
             todo.append(i)
 
-    # 2. each item's result follows from its parts and the hold's (immutable) amount
+    # 2. each item's result follows from its parts and the hold's amount (never changes)
     info = {}
     for chunk in _chunks(sorted({items[i].hold_id for i in todo})):
         info.update({r.id: r for r in session.execute(
-            select(H.c.id, H.c.buyer_account_id, H.c.amount, H.c.request_ref).where(H.c.id.in_(chunk)))})
+            select(H.c.id, H.c.amount, H.c.state).where(H.c.id.in_(chunk)))})
     now = _utcnow()
     claims, failed = [], {}  # failed: item -> error, unless its key replays an earlier answer
     for i in todo:
@@ -91,6 +91,8 @@ def settle_many(session: Session, items: Sequence[Settlement], *, fee_bps: int
         gross = sum(g for _, g in it.parts)
         if h is None:
             failed[i] = LedgerError(f"no hold {it.hold_id}")
+        elif HoldState(h.state) != HoldState.PENDING:  # a resolved hold stays resolved
+            failed[i] = HoldNotPending(f"hold {h.id} is already {HoldState(h.state).value}")
         elif gross > h.amount:
             failed[i] = HoldExceeded(f"settlement {gross} exceeds hold {h.amount}")
         else:
