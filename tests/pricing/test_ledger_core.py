@@ -175,3 +175,17 @@ def test_payout_from_earnings_is_idempotent(led, buyer, sellers):
         led.payout(buyer.id, 1, idempotency_key="p3")
     assert bal(led, AccountKind.EXTERNAL) == -1_000 + 900
     assert total_balance(led.s) == 0
+
+
+def test_pay_from_platform_draws_on_every_fee_shard(led, sellers):
+    buyers = [led.open_account(AccountKind.BUYER, ref=f"pb{i}") for i in range(5)]
+    for i, b in enumerate(buyers):  # each buyer's fees land in that buyer's shard
+        led.deposit(b.id, 1_000, idempotency_key=f"pd{i}")
+        h = led.create_hold(b.id, 1_000, idempotency_key=f"ph{i}")
+        led.settle_hold(h.id, [(sellers[0].id, 1_000)], 1_000, idempotency_key=f"ps{i}")
+    assert led.system_balance(AccountKind.PLATFORM_FEES) == 500
+    assert led.pay_from_platform(sellers[1].id, 420, idempotency_key="v1") == 420
+    assert led.pay_from_platform(sellers[1].id, 420, idempotency_key="v1") == 420  # replay
+    assert led.pay_from_platform(sellers[1].id, 420, idempotency_key="v2") == 80   # what is left
+    assert led.balance(sellers[1].id) == 500 and led.system_balance(AccountKind.PLATFORM_FEES) == 0
+    assert total_balance(led.s) == 0
