@@ -197,6 +197,9 @@ class SqlDispatchStore:
         if queued:
             self.rt.trigger_dispatch()
         audits_sent = sum(self.rt.dispatch_audit(aid) for aid in audits_due)
+        from coordinator.canary import send_canaries
+
+        canaries = send_canaries(self.rt)
         for rid in unsettled:  # a settle task lost with a crashed worker: send it again
             self.rt.enqueue_settle(rid)
         for rid, node_id in overdue:
@@ -206,4 +209,4 @@ class SqlDispatchStore:
                                                     "message": "the request did not finish in time; nothing was charged"})
         return {"offline": offline, "requeued": requeued, "nonces_pruned": pruned, "holds_expired": expired,
                 "settle_resent": unsettled, "overdue_failed": [rid for rid, _ in overdue],
-                "audits_sent": audits_sent}
+                "audits_sent": audits_sent, "canaries": canaries}

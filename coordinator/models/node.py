@@ -38,6 +38,7 @@ class Node(NodeBase, table=True):
     audits_passed: int = 0
     audits_failed: int = 0
     passes_since_failure: int = 0
+    last_canary_at: datetime | None = None
 
 
 class NodePublic(NodeBase):

@@ -2,7 +2,7 @@
 
 Revision ID: 0001
 Revises: 
-Create Date: 2026-11-28 17:28:43.100750
+Create Date: 2026-11-28 17:31:05.843711
 """
 from alembic import op
 import sqlalchemy as sa
@@ -78,6 +78,7 @@ def upgrade() -> None:
     sa.Column('audits_passed', sa.Integer(), nullable=False),
     sa.Column('audits_failed', sa.Integer(), nullable=False),
     sa.Column('passes_since_failure', sa.Integer(), nullable=False),
+    sa.Column('last_canary_at', sqlmodel.sql.sqltypes.UTCDateTime(), nullable=True),
     sa.PrimaryKeyConstraint('id')
     )
     with op.batch_alter_table('nodes', schema=None) as batch_op:
