@@ -52,6 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--key", dest="key_path", help="key file (default ~/.agora/node_key.pem)")
     p.add_argument("--engine", choices=["builtin", "openai", "vllm"])
     p.add_argument("--upstream", help="OpenAI-compatible server for --engine openai, e.g. http://127.0.0.1:8080/v1")
+    p.add_argument("--tokenizer", help="--engine openai: the model's tokenizer folder, for exact token ids")
     p.add_argument("--no-bench", dest="benchmark", action="store_false", default=None,
                    help="skip the start-up benchmark (needs --tokens-per-s)")
     p.add_argument("--tokens-per-s", dest="advertised_tokens_per_s", type=float)
@@ -84,16 +85,18 @@ def load_engine(settings: NodeSettings):
         import torch
 
         torch.set_num_threads(settings.torch_threads)
-    if settings.engine == "openai":
+    if settings.engine == "openai" or (settings.upstream and settings.engine == "builtin"):
         from node_agent.engines.openai_compat import OpenAICompatEngine
 
         if not settings.upstream:
             raise SystemExit("--engine openai needs --upstream http://host:port/v1")
-        return OpenAICompatEngine(settings.upstream, model=settings.model)
+        return _throttled(OpenAICompatEngine(settings.upstream, model=settings.model,
+                                             tokenizer_dir=settings.tokenizer), settings)
     if settings.engine == "vllm":
-        from node_agent.engines.vllm_engine import load_vllm_engine
+        from node_agent.engines.vllm_engine import VLLMEngine
 
-        return load_vllm_engine(settings.model, dtype=settings.dtype)
+        return _throttled(VLLMEngine(settings.model, dtype="auto" if settings.dtype == "float32" else settings.dtype),
+                          settings)
     from node_agent.engines.builtin import load_builtin_engine
 
     if settings.adversary in ENGINE_MODES:
@@ -105,10 +108,14 @@ def load_engine(settings: NodeSettings):
     else:
         engine = load_builtin_engine(settings.model, device=settings.device, dtype=settings.dtype,
                                      max_batch=settings.max_concurrency)
+    return _throttled(engine, settings)
+
+
+def _throttled(engine, settings: NodeSettings):
     if settings.throttle_tokens_per_s:
         from node_agent.engines.throttle import ThrottledEngine
 
-        engine = ThrottledEngine(engine, settings.throttle_tokens_per_s)
+        return ThrottledEngine(engine, settings.throttle_tokens_per_s)
     return engine
 
 

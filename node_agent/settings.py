@@ -17,7 +17,7 @@ def usd_per_mtok_to_nano(value: str | float | Decimal) -> int:
         d = Decimal(str(value))
     except InvalidOperation:
         raise ValueError(f"not a price: {value!r}") from None
-    if d < 0 or not d.is_finite():
+    if not d.is_finite() or d < 0:
         raise ValueError(f"price must be a non-negative number, got {value!r}")
     nano = d * NANO_PER_USD
     if nano != nano.to_integral_value():
@@ -42,6 +42,7 @@ class NodeSettings(BaseSettings):
     dtype: str = "float32"
     engine: str = "builtin"  # builtin | openai | vllm
     upstream: str | None = None  # OpenAI-compatible server for engine=openai
+    tokenizer: str | None = None  # engine=openai: a local tokenizer folder for exact token ids
     benchmark: bool = True
     advertised_tokens_per_s: float | None = None  # skip the benchmark and claim this
     heartbeat_interval_s: float = 5.0
