@@ -313,14 +313,19 @@ class Ledger:
         return self._once(idempotency_key, "platform_pay", params, op)["paid"]
 
 
-def expire_holds(session: Session, now: datetime | None = None) -> list[int]:
-    """Void every pending hold whose `expires_at` is before `now`; returns their ids.
+def expire_holds(session: Session, now: datetime | None = None, *, limit: int | None = None) -> list[int]:
+    """Void every pending hold whose `expires_at` is before `now` (at most `limit` of them);
+    returns their ids.
 
-    Idempotent (key `expire:<hold id>`); a hold settled concurrently is skipped."""
+    The due holds are locked first, in id order, skipping any that another transaction has
+    locked (it is settling or voiding them; a later sweep picks up the ones it leaves), so
+    the sweep takes hold locks before account locks like every other path and cannot
+    deadlock with concurrent settlements. Idempotent (key `expire:<hold id>`)."""
     now = now or _utcnow()
-    ids = session.exec(select(LedgerHold.id).where(
+    q = (select(LedgerHold.id).where(
         LedgerHold.state == HoldState.PENDING, LedgerHold.expires_at.is_not(None),  # type: ignore[union-attr]
-        LedgerHold.expires_at < now).order_by(LedgerHold.id)).all()
+        LedgerHold.expires_at < now).order_by(LedgerHold.id).with_for_update(skip_locked=True))
+    ids = session.exec(q.limit(limit) if limit is not None else q).all()
     ledger, voided = Ledger(session), []
     for hid in ids:
         try:
