@@ -91,11 +91,15 @@ class SqlDispatchStore:
             if not is_live(node, settings):
                 continue
             active = busy.get(node.id, 0)
+            fields = speed.routing_fields(offer)
+            slots, per_stream = speed.share(node, offer, active, fields)
+            fields["tokens_per_s"] = per_stream
+            fields.pop("tokens_per_s_by_bucket", None)  # per-bucket figures are single-stream
             out.append(NodeState(
                 id=node.id, model=offer.model, price_in=offer.price_in, price_out=offer.price_out,
-                region=node.region, free_slots=max(0, node.max_concurrency - active),
+                region=node.region, free_slots=slots,
                 load=min(1.0, active / max(1, node.max_concurrency)), rtt_ms=node.rtt_ms,
-                reputation=node.reputation, **speed.routing_fields(offer),
+                reputation=node.reputation, **fields,
             ))
         return out
 

@@ -176,8 +176,10 @@ def _learn_speed(session: Session, req: InferenceRequest, relayed: Relayed, rtt_
     if offer is None:
         return
     ttft = None if relayed.ttft_ms is None else max(0.0, relayed.ttft_ms - rtt_ms)
+    node = session.get(Node, req.node_id)
     speed.observe(offer, prompt_tokens=req.prompt_tokens or 0, ttft_ms=ttft, output_tokens=relayed.token_count,
-                  decode_ms=relayed.seconds * 1000, concurrent_streams=relayed.concurrent_streams)
+                  decode_ms=relayed.seconds * 1000, concurrent_streams=relayed.concurrent_streams,
+                  slowdown_per_stream=speed.curve_of(node, offer).slowdown_per_stream)
     session.add(offer)
 
 

@@ -185,3 +185,30 @@ def test_dispatch_assigns_once_under_capacity(runtime):
     assert statuses.count(RequestStatus.ASSIGNED) == 4 and statuses.count(RequestStatus.QUEUED) == 2
     assert prices == {PRICE_OUT}
     _ = (node, AccountKind)
+
+
+def test_a_burst_is_spread_by_each_nodes_batching_curve(runtime):
+    """Two nodes at the same price: the one whose streams slow down fast with batching
+    takes a small share of a burst; the flat-curve node takes the rest."""
+    from coordinator.models import Node
+    from scheduler.dispatch import run_dispatch
+
+    steep, flat = _node(runtime), _node(runtime)
+    with runtime.session() as s:
+        s.get(Node, steep.public_key_hex).benchmark = {"batches": [
+            {"batch": 1, "decode_tok_s": 100.0}, {"batch": 8, "decode_tok_s": 200.0}]}  # per stream 25 at 8
+        s.get(Node, flat.public_key_hex).benchmark = {"batches": [
+            {"batch": 1, "decode_tok_s": 100.0}, {"batch": 8, "decode_tok_s": 780.0}]}
+        for n in (steep, flat):
+            s.get(Node, n.public_key_hex).max_concurrency = 8
+    with runtime.session() as s:
+        account, _ = create_account(s, "buyer", CREDIT)
+        body = ChatCompletionRequest(model="tiny", messages=[{"role": "user", "content": "x"}], max_tokens=5)
+        for _ in range(10):
+            admit(s, account, body, "chat", runtime.settings)
+    run_dispatch(runtime.store)
+    with runtime.session() as s:
+        from sqlmodel import select
+
+        placed = [r.node_id for r in s.exec(select(InferenceRequest)).all() if r.node_id]
+    assert placed.count(steep.public_key_hex) <= 2 < placed.count(flat.public_key_hex)
