@@ -24,6 +24,7 @@ from coordinator.openai_format import usage
 from coordinator.settlement import ReceiptRejected, fail_request, settle_accepted
 from node_agent.protocol import Assignment, Sampling
 from pricing.ledger import Ledger, expire_holds
+from pricing.stake import withdraw_matured
 from scheduler.dispatch import AppliedDecision
 from scheduler.errors import TransientStoreError
 from scheduler.routing import Decision, NodeState, PendingRequest
@@ -197,6 +198,7 @@ class SqlDispatchStore:
             audits_due = [a.id for a in due_for_dispatch(s)]
             pruned = prune_nonces(s, settings)
             expired = len(expire_holds(s, utcnow()))
+            unbonded = len(withdraw_matured(s, utcnow()))  # stake past its unbonding delay is paid out
             queued = s.exec(select(func.count()).where(InferenceRequest.status == RequestStatus.QUEUED)).one()
         if queued:
             self.rt.trigger_dispatch()
@@ -213,4 +215,4 @@ class SqlDispatchStore:
                                                     "message": "the request did not finish in time; nothing was charged"})
         return {"offline": offline, "requeued": requeued, "nonces_pruned": pruned, "holds_expired": expired,
                 "settle_resent": unsettled, "overdue_failed": [rid for rid, _ in overdue],
-                "audits_sent": audits_sent, "canaries": canaries}
+                "audits_sent": audits_sent, "canaries": canaries, "unbonded": unbonded}

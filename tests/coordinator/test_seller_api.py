@@ -95,3 +95,27 @@ def test_buyer_statement_shows_hold_and_release_with_request_ids(client, runtime
     assert [e["kind"] for e in older["entries"]] == ["deposit"] and older["next_cursor"] is None
     assert client.get("/v1/account/statement?limit=0", headers=auth).status_code == 400
     _ = node
+
+
+def test_unbonded_stake_is_paid_out_by_the_sweep_after_the_delay(client, runtime):
+    from datetime import timedelta
+
+    from coordinator.models.account import utcnow
+    from pricing.ledger import AccountKind, Ledger
+    from pricing.ledger_models import LedgerUnbonding
+    from scheduler import tasks
+    from sqlalchemy import update
+
+    me = Identity.generate()
+    url = f"/admin/nodes/{me.public_key_hex}/stake"
+    client.post(url, json={"amount_nano_usd": 1_000, "idempotency_key": "s"}, headers=ADMIN)
+    assert post(client, "/v1/nodes/register", registration(me).sign(me)).status_code == 200
+    unbond = UnbondRequest(node_id=me.public_key_hex, **fresh_stamp(), amount=400, idempotency_key="u").sign(me)
+    assert post(client, "/v1/nodes/me/unbond", unbond).status_code == 200
+    assert tasks.sweep.apply().get()["unbonded"] == 0  # not matured yet
+    with runtime.session() as s:
+        s.exec(update(LedgerUnbonding).values(matures_at=utcnow() - timedelta(seconds=1)))
+    assert tasks.sweep.apply().get()["unbonded"] == 1
+    with runtime.session() as s:
+        led = Ledger(s)
+        assert led.balance(led.open_account(AccountKind.SELLER_STAKE, ref=f"node:{me.public_key_hex}").id) == 600
