@@ -23,16 +23,20 @@ BROKERS = {
 }
 
 
+def production_env(home, pg_url: str, broker: str) -> dict[str, str]:
+    """PostgreSQL, the broker, Redis relay; a queue and key prefix of this test's own."""
+    tag = uuid.uuid4().hex[:8]
+    return {**os.environ, "AGORA_HOME": str(home), "AGORA_DATABASE_URL": pg_url,
+            "AGORA_BROKER_URL": broker, "AGORA_REDIS_URL": "redis://127.0.0.1:6379/0",
+            "AGORA_CELERY_QUEUE": f"agora-test-{tag}", "AGORA_REDIS_PREFIX": f"agora-test-{tag}:",
+            "AGORA_NODE_HEARTBEAT_INTERVAL_S": "1", "AGORA_ASSIGN_TIMEOUT_S": "10"}
+
+
 @pytest.fixture(params=sorted(BROKERS))
 def market(request, tmp_path, pg_url):
     broker, port = BROKERS[request.param]
     _need("127.0.0.1", port, request.param)
-    tag = uuid.uuid4().hex[:8]
-    env = {**os.environ, "AGORA_HOME": str(tmp_path), "AGORA_DATABASE_URL": pg_url,
-           "AGORA_BROKER_URL": broker, "AGORA_REDIS_URL": "redis://127.0.0.1:6379/0",
-           "AGORA_CELERY_QUEUE": f"agora-test-{tag}", "AGORA_REDIS_PREFIX": f"agora-test-{tag}:",
-           "AGORA_NODE_HEARTBEAT_INTERVAL_S": "1", "AGORA_ASSIGN_TIMEOUT_S": "10"}
-    m = Market(home=tmp_path, env=env)
+    m = Market(home=tmp_path, env=production_env(tmp_path, pg_url, broker))
     try:
         m.agora("migrate")
         m.start_coordinator()
@@ -70,12 +74,7 @@ def test_two_api_replicas_relay_tokens_through_redis(tmp_path, pg_url):
     """The node holds its channel on replica A; the buyer talks to replica B."""
     from tests.e2e.market import free_port
 
-    tag = uuid.uuid4().hex[:8]
-    env = {**os.environ, "AGORA_HOME": str(tmp_path), "AGORA_DATABASE_URL": pg_url,
-           "AGORA_BROKER_URL": BROKERS["redis"][0], "AGORA_REDIS_URL": "redis://127.0.0.1:6379/0",
-           "AGORA_CELERY_QUEUE": f"agora-test-{tag}", "AGORA_REDIS_PREFIX": f"agora-test-{tag}:",
-           "AGORA_NODE_HEARTBEAT_INTERVAL_S": "1"}
-    m = Market(home=tmp_path, env=env)
+    m = Market(home=tmp_path, env=production_env(tmp_path, pg_url, BROKERS["redis"][0]))
     try:
         m.agora("migrate")
         m.start_coordinator()  # replica A: the node connects here
@@ -125,12 +124,7 @@ def test_parallel_requests_never_overdraw_a_small_balance(market):
 def test_worker_killed_between_hold_and_settlement_loses_and_doubles_nothing(tmp_path, pg_url):
     """The only scheduler worker dies (SIGKILL) while a stream is in flight; a new worker
     takes over; the stream's settlement happens exactly once; keyed replays are free."""
-    tag = uuid.uuid4().hex[:8]
-    env = {**os.environ, "AGORA_HOME": str(tmp_path), "AGORA_DATABASE_URL": pg_url,
-           "AGORA_BROKER_URL": BROKERS["redis"][0], "AGORA_REDIS_URL": "redis://127.0.0.1:6379/0",
-           "AGORA_CELERY_QUEUE": f"agora-test-{tag}", "AGORA_REDIS_PREFIX": f"agora-test-{tag}:",
-           "AGORA_NODE_HEARTBEAT_INTERVAL_S": "1"}
-    m = Market(home=tmp_path, env=env)
+    m = Market(home=tmp_path, env=production_env(tmp_path, pg_url, BROKERS["redis"][0]))
     try:
         m.agora("migrate")
         m.start_coordinator()
