@@ -29,3 +29,9 @@ class HoldExceeded(LedgerError):
 
 class WrongAccountKind(LedgerError):
     """The operation does not apply to this kind of account."""
+
+
+class RetryableConflict(LedgerError):
+    """A concurrent transaction committed a row (an idempotency key, an account) that this
+    transaction's snapshot cannot see (REPEATABLE READ or SERIALIZABLE): roll back and
+    retry; the retry replays or uses what the other one committed."""

@@ -33,8 +33,8 @@ from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, select
 
 from pricing.errors import (
-    HoldExceeded, HoldNotPending, IdempotencyConflict, InsufficientFunds, LedgerError, UnknownAccount,
-    WrongAccountKind,
+    HoldExceeded, HoldNotPending, IdempotencyConflict, InsufficientFunds, LedgerError, RetryableConflict,
+    UnknownAccount, WrongAccountKind,
 )
 from pricing.ledger_models import (  # noqa: F401  (re-exported: the ledger's public names)
     MAY_GO_NEGATIVE, SHARDED_KINDS, SYSTEM_KINDS, SYSTEM_SHARDS, AccountKind, HoldState, LedgerAccount, LedgerHold,
@@ -63,7 +63,9 @@ class Ledger:
                 self.s.add(row)
         except IntegrityError:  # created concurrently
             row = self.s.exec(
-                select(LedgerAccount).where(LedgerAccount.kind == kind, LedgerAccount.ref == ref)).one()
+                select(LedgerAccount).where(LedgerAccount.kind == kind, LedgerAccount.ref == ref)).first()
+            if row is None:  # committed after this transaction's snapshot
+                raise RetryableConflict(f"account {kind.value}:{ref} was created concurrently; retry") from None
         return row
 
     def system(self, kind: AccountKind, shard: int = 0) -> LedgerAccount:
@@ -144,6 +146,8 @@ class Ledger:
                     self.s.add(claim)
             except IntegrityError:
                 prior = self.s.get(LedgerIdempotency, key, populate_existing=True)
+                if prior is None:  # committed after this transaction's snapshot
+                    raise RetryableConflict(f"idempotency key {key!r} was used concurrently; retry") from None
         if prior is not None:
             if prior.params_hash != h:
                 raise IdempotencyConflict(f"idempotency key {key!r} was used for a different {prior.op}")
@@ -154,10 +158,14 @@ class Ledger:
                 claim.result = result
                 self.s.add(claim)
         except BaseException:
-            # the op failed: release the key so a corrected retry can use it
-            if claim in self.s:
-                self.s.delete(claim)
-                self.s.flush()
+            # the op failed: release the key so a corrected retry can use it (if the
+            # transaction itself is broken, the caller rolls it back and the claim with it)
+            try:
+                if claim in self.s:
+                    self.s.delete(claim)
+                    self.s.flush()
+            except Exception:  # noqa: BLE001  (the op's own error is the one to raise)
+                pass
             raise
         return result
 

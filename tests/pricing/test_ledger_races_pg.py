@@ -188,3 +188,25 @@ def test_expiry_sweep_racing_settlements_resolves_each_hold_once(pg_engine):
         assert led.balance(buyer) == 10_000_000 - len(settled) * 600
         assert led.system_balance(AccountKind.ESCROW) == 0
         assert total_balance(s) == 0
+
+
+@pytest.mark.parametrize("external_exists", [True, False])
+def test_rows_committed_after_a_repeatable_read_snapshot_ask_for_a_retry(pg_engine, external_exists):
+    """Under REPEATABLE READ the key's first use (or a system account's creation) may be
+    committed yet invisible: the second transaction gets a clear retryable error, nothing
+    happens twice, and its retry replays the first answer."""
+    from pricing.errors import RetryableConflict
+
+    buyer, _ = accounts(pg_engine)
+    if external_exists:  # then the race is on the idempotency key itself
+        in_tx(pg_engine, lambda led: led.system(AccountKind.EXTERNAL))
+    rr = pg_engine.execution_options(isolation_level="REPEATABLE READ")
+    with Session(rr) as late:
+        Ledger(late).balance(buyer)  # the snapshot is taken here
+        assert in_tx(pg_engine, lambda led: led.deposit(buyer, 70, idempotency_key="k")) == 70
+        with pytest.raises(RetryableConflict):
+            Ledger(late).deposit(buyer, 70, idempotency_key="k")
+        late.rollback()
+    assert in_tx(rr, lambda led: led.deposit(buyer, 70, idempotency_key="k")) == 70
+    with Session(pg_engine) as s:
+        assert Ledger(s).balance(buyer) == 70 and total_balance(s) == 0
