@@ -63,3 +63,33 @@ def statement(session: Session, account_id: int, *, limit: int = 50, before: int
     session.refresh(acct)
     nxt = entries[-1].transfer_id if len(rows) > limit else None
     return StatementPage(account_id, acct.balance, entries, nxt)
+
+
+@dataclass(frozen=True)
+class RequestCharges:
+    """What one request cost, from its transfers: the buyer paid `charged` (held less
+    released), of which `fees` went to the platform and `earnings` to each seller."""
+
+    request_ref: str
+    held: int
+    charged: int
+    refunded: int
+    fees: int
+    earnings: dict[int, int]  # seller earnings account -> net credited
+    pending: bool             # a hold is still open: the charge is not final
+
+
+def request_charges(session: Session, request_ref: str) -> RequestCharges:
+    """The money movements of one request (its hold, settlement or void), summed."""
+    T = LedgerTransfer
+    rows = session.exec(select(T.kind, T.credit_account_id, T.amount).where(T.request_ref == request_ref)).all()
+    held = sum(a for k, _, a in rows if k == "hold")
+    refunded = sum(a for k, _, a in rows if k in ("release", "void"))
+    fees = sum(a for k, _, a in rows if k == "fee")
+    earnings: dict[int, int] = {}
+    for k, credit, a in rows:
+        if k == "earning":
+            earnings[credit] = earnings.get(credit, 0) + a
+    posted = fees + sum(earnings.values())
+    return RequestCharges(request_ref, held, held - refunded if held else posted, refunded, fees, earnings,
+                          pending=held > posted + refunded)
