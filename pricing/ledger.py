@@ -327,15 +327,21 @@ def expire_holds(session: Session, now: datetime | None = None, *, limit: int | 
 
     The due holds are locked first, in id order, skipping any that another transaction has
     locked (it is settling or voiding them; a later sweep picks up the ones it leaves), so
-    the sweep takes hold locks before account locks like every other path and cannot
-    deadlock with concurrent settlements. Idempotent (key `expire:<hold id>`)."""
+    the sweep takes hold locks before account locks like every other path, and takes all
+    its account locks in one round, in id order: it cannot deadlock with concurrent
+    settlements. Run it in a transaction of its own (account locks taken earlier in the
+    same transaction break the order), with `limit` to keep that transaction short.
+    Idempotent (key `expire:<hold id>`)."""
     now = now or _utcnow()
-    q = (select(LedgerHold.id).where(
+    q = (select(LedgerHold.id, LedgerHold.buyer_account_id).where(
         LedgerHold.state == HoldState.PENDING, LedgerHold.expires_at.is_not(None),  # type: ignore[union-attr]
         LedgerHold.expires_at < now).order_by(LedgerHold.id).with_for_update(skip_locked=True))
-    ids = session.exec(q.limit(limit) if limit is not None else q).all()
-    ledger, voided = Ledger(session), []
-    for hid in ids:
+    due = session.exec(q.limit(limit) if limit is not None else q).all()
+    ledger, voided, shards = Ledger(session), [], {}
+    if due:  # every account the voids touch, locked in one round in id order
+        buyers = {b for _, b in due}
+        ledger._lock([*buyers, *(ledger._sys(AccountKind.ESCROW, b, shards) for b in buyers)])
+    for hid, _ in due:
         try:
             ledger.void_hold(hid, idempotency_key=f"expire:{hid}")
         except HoldNotPending:
