@@ -156,7 +156,7 @@ class BuiltinEngine(Engine):
         loop = asyncio.get_running_loop()
         r = _Running(
             request=request, loop=loop, queue=asyncio.Queue(), tokens=context, remaining=remaining,
-            detok=Detokenizer(self.tokenizer.decode, context[-6:]),
+            detok=Detokenizer(self.tokenizer.decode, list(request.prompt_ids)[-6:], list(request.prefix_ids)),
             stops=StopStream(list(request.sampling.stop)), gen=make_generator(request.sampling),
         )
         self._inbox.put(("add", r))

@@ -11,13 +11,21 @@ class Detokenizer:
     """Text deltas for a growing id list, safe for multi-byte characters split across tokens.
 
     Decodes a short window of ids (from the last clean boundary) and holds back output while
-    it ends in an incomplete character (U+FFFD)."""
+    it ends in an incomplete character (U+FFFD).
 
-    def __init__(self, decode: Callable[[list[int]], str], context_ids: list[int]):
+    `delivered_ids` are tokens already streamed by someone else (a failover continuation):
+    they are replayed silently, so the state is exactly that of the node that streamed them,
+    including any bytes of an incomplete character it held back at its last token. Those
+    bytes come out with the first new token, and the concatenated text equals one run."""
+
+    def __init__(self, decode: Callable[[list[int]], str], context_ids: list[int],
+                 delivered_ids: list[int] = ()):
         self.decode = decode
         self.ids = list(context_ids)
         self.read_offset = len(self.ids)
         self.prefix_offset = max(0, self.read_offset - 6)
+        for t in delivered_ids:
+            self.add(t)
 
     def add(self, token_id: int) -> str:
         self.ids.append(token_id)

@@ -148,9 +148,30 @@ def test_prefix_ids_continue_generation(engine):
                             prefix_ids=prefix)
     evs = asyncio.run(_collect_req(engine, req))
     assert [e.token_id for e in evs] == [e.token_id for e in full[8:]]
-    full_text = "".join(e.text for e in full)
-    if "\ufffd" not in full_text:  # random weights may emit invalid UTF-8, which decodes context-dependently
-        assert "".join(e.text for e in full[:8]) + "".join(e.text for e in evs) == full_text
+    assert "".join(e.text for e in full[:8]) + "".join(e.text for e in evs) == "".join(e.text for e in full)
+
+
+def test_failover_text_concatenates_across_a_split_character(engine, tiny_dir):
+    """Node A streams k tokens and dies; node B continues from prefix_ids. A held back the bytes
+    of an incomplete character at its last token, so B must emit them: A's text + B's text is
+    the text of one run, for every k, including ks that split a multi-byte character."""
+    other = BuiltinEngine(tiny_dir, model_name="tiny", max_batch=4, max_seq_len=512)
+    asyncio.run(other.start())
+    try:
+        p = engine.encode("The market opens")  # the tiny model emits partial UTF-8 bytes here
+        full = asyncio.run(collect(engine, p, max_tokens=30, ignore_eos=True))
+        ids = [e.token_id for e in full]
+        splits = [k for k in range(1, 30) if engine.decode(p + ids[:k]).endswith("\ufffd")]
+        assert splits, "the prompt no longer produces a split character; pick another"
+        for k in sorted({1, 2, 5, 14, 20, *splits[:3]}):
+            req = GenerationRequest("f", p, SamplingParams(max_tokens=30, temperature=0.0, ignore_eos=True),
+                                    prefix_ids=ids[:k])
+            rest = asyncio.run(_collect_req(other, req))
+            assert [e.token_id for e in rest] == ids[k:], k
+            assert "".join(e.text for e in full[:k]) + "".join(e.text for e in rest) == \
+                "".join(e.text for e in full), k
+    finally:
+        asyncio.run(other.close())
 
 
 async def _collect_req(engine, req):
