@@ -10,7 +10,7 @@ from starlette.concurrency import run_in_threadpool
 from coordinator import metrics
 
 from coordinator.errors import install_error_handlers
-from coordinator.routes import accounts, audits, nodes, openai_api, requests, seller
+from coordinator.routes import accounts, audits, dashboard, nodes, openai_api, requests, seller
 from coordinator.runtime import Runtime
 from coordinator.settings import CoordinatorSettings, get_settings
 
@@ -41,6 +41,7 @@ def create_app(settings: CoordinatorSettings | None = None, runtime: Runtime | N
     app.include_router(requests.router)
     app.include_router(seller.router)
     app.include_router(audits.router)
+    app.include_router(dashboard.router)
 
     @app.get("/healthz", tags=["ops"])
     async def healthz():

@@ -197,9 +197,10 @@ class SqlDispatchStore:
                 if fail_request(s, r.id, f"not finished within {settings.request_ttl_s:.0f}s")]
             audits_due = [a.id for a in due_for_dispatch(s)]
             pruned = prune_nonces(s, settings)
-            expired = len(expire_holds(s, utcnow()))
             unbonded = len(withdraw_matured(s, utcnow()))  # stake past its unbonding delay is paid out
             queued = s.exec(select(func.count()).where(InferenceRequest.status == RequestStatus.QUEUED)).one()
+        with self.rt.session() as s:  # its own short transaction: it locks holds, then accounts
+            expired = len(expire_holds(s, utcnow(), limit=500))
         if queued:
             self.rt.trigger_dispatch()
         audits_sent = sum(self.rt.dispatch_audit(aid) for aid in audits_due)

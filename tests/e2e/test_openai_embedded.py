@@ -17,7 +17,7 @@ from tests.e2e.market import Market
 def market(tmp_path_factory):
     home = tmp_path_factory.mktemp("market")
     env = {**__import__("os").environ, "AGORA_HOME": str(home), "AGORA_NODE_HEARTBEAT_INTERVAL_S": "1",
-           "AGORA_ASSIGN_TIMEOUT_S": "5"}
+           "AGORA_ASSIGN_TIMEOUT_S": "5", "AGORA_ADMIN_TOKEN": "admin-e2e"}
     env.pop("AGORA_DATABASE_URL", None)
     env.pop("AGORA_BROKER_URL", None)
     env.pop("AGORA_REDIS_URL", None)
@@ -212,3 +212,16 @@ def test_prometheus_metrics_count_requests_and_tokens(market):
     assert values['agora_requests_total{outcome="404"}'] >= 1
     assert values["agora_tokens_relayed_total"] >= 4
     assert values["agora_nodes_online"] == 1
+
+
+def test_operator_dashboard_shows_price_against_measured_speed(market):
+    c = client(market, funded_key(market))
+    c.completions.create(model="tiny", prompt="dash", max_tokens=8, temperature=0)
+    assert httpx.get(market.base + "/dashboard").status_code == 401
+    assert httpx.get(market.base + "/dashboard?token=wrong").status_code == 403
+    data = httpx.get(market.base + "/dashboard.json", headers={"Authorization": "Bearer admin-e2e"}).json()
+    node = data["nodes"][0]
+    assert node["online"] and node["price_out_usd_per_mtok"] == 0.2 and node["measured_tokens_per_s"] > 0
+    assert node["jobs_window"] >= 1 and data["tokens_window"] >= 8 and data["platform_fees_usd"] > 0
+    page = httpx.get(market.base + "/dashboard?token=admin-e2e")
+    assert page.status_code == 200 and "<svg" in page.text and "measured tok/s" in page.text
