@@ -13,17 +13,11 @@ from sqlmodel import Session, select
 from pricing.errors import HoldNotPending, InsufficientFunds
 from pricing.ledger import AccountKind, HoldState, Ledger, LedgerHold, LedgerTransfer, total_balance
 from pricing.stake import Stake
+from tests.pricing.helpers import in_tx
 
 pytestmark = pytest.mark.postgres
 
 THREADS = 24
-
-
-def in_tx(engine, fn):
-    with Session(engine, expire_on_commit=False) as s:
-        out = fn(Ledger(s))
-        s.commit()
-        return out
 
 
 def test_parallel_holds_never_overdraw(pg_engine):

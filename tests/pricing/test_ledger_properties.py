@@ -119,7 +119,7 @@ class LedgerMachine(RuleBasedStateMachine):
     def settle_batch(self, data, bps):
         """Several holds (some already resolved, one maybe twice) through settle_many."""
         hids = data.draw(st.lists(st.sampled_from(sorted(self.holds)), min_size=1, max_size=5))
-        items, expect = [], []
+        items = []
         for hid in hids:
             h = self.holds[hid]
             tokens = data.draw(st.lists(st.tuples(st.integers(0, 2), st.integers(0, 12)), min_size=1, max_size=2))

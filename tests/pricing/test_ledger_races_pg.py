@@ -14,17 +14,11 @@ from sqlmodel import Session, select
 from pricing.batch import Settlement, settle_many
 from pricing.errors import IdempotencyConflict, InsufficientFunds
 from pricing.ledger import AccountKind, HoldState, Ledger, LedgerHold, LedgerTransfer, total_balance
+from tests.pricing.helpers import in_tx
 
 pytestmark = pytest.mark.postgres
 
 THREADS = 16
-
-
-def in_tx(engine, fn):
-    with Session(engine, expire_on_commit=False) as s:
-        out = fn(Ledger(s))
-        s.commit()
-        return out
 
 
 def accounts(engine):

@@ -12,15 +12,9 @@ from sqlmodel import Session, select
 from pricing.batch import Settlement, settle_many
 from pricing.errors import HoldNotPending, InsufficientFunds
 from pricing.ledger import AccountKind, HoldState, Ledger, LedgerHold, total_balance
+from tests.pricing.helpers import in_tx
 
 THREADS = 8
-
-
-def in_tx(engine, fn):
-    with Session(engine, expire_on_commit=False) as s:
-        out = fn(Ledger(s))
-        s.commit()
-        return out
 
 
 def test_threads_never_overdraw_and_settle_once(engine):
