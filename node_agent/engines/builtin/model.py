@@ -11,8 +11,10 @@ decode attention reads plain views of the cache.
 
 from __future__ import annotations
 
+import ctypes
 import json
 import math
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -112,6 +114,24 @@ def _load_tensors(folder: Path) -> dict[str, torch.Tensor]:
     return out
 
 
+def _huge_zeros(shape, device, dtype) -> torch.Tensor:
+    """A zeroed tensor; on Linux CPU, backed by transparent huge pages where the kernel allows
+    them (madvise before the first touch). Decode reads the KV cache in many short runs and
+    writes K with a stride of max_len: with 4 KiB pages nearly every access is a TLB miss."""
+    t = torch.empty(shape, device=device, dtype=dtype)
+    if t.device.type == "cpu" and sys.platform.startswith("linux") and t.nbytes >= 4 << 20:
+        try:
+            libc = ctypes.CDLL(None, use_errno=True)
+            page = 2 << 20
+            start = (t.data_ptr() + page - 1) // page * page
+            end = (t.data_ptr() + t.nbytes) // page * page
+            if end > start:
+                libc.madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), 14)  # MADV_HUGEPAGE
+        except (OSError, AttributeError):
+            pass
+    return t.zero_()
+
+
 class Layer:
     def __init__(self, w: dict, p: str, cfg: LlamaConfig, dtype, device):
         def t(name):
@@ -185,9 +205,9 @@ class LlamaModel:
 
     def allocate_cache(self, slots: int, max_len: int) -> None:
         c = self.cfg
-        shape = (c.num_layers, slots, c.num_kv_heads, max_len, c.head_dim)
-        self.k_cache = torch.zeros(shape, device=self.device, dtype=self.dtype).transpose(-1, -2).contiguous()
-        self.v_cache = torch.zeros(shape, device=self.device, dtype=self.dtype)
+        shape = (c.num_layers, slots, c.num_kv_heads, c.head_dim, max_len)
+        self.k_cache = _huge_zeros(shape, self.device, self.dtype)
+        self.v_cache = _huge_zeros(shape[:3] + (max_len, c.head_dim), self.device, self.dtype)
         self._rope_table = None
         self._rope_table = self._rope(torch.arange(max_len, device=self.device))  # cos, sin per position
 
