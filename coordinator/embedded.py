@@ -62,14 +62,20 @@ def run_embedded(settings: CoordinatorSettings, *, host: str, port: int, nodes: 
         while not server.started:
             await asyncio.sleep(0.05)
         env = dict(os.environ, PYTHONUNBUFFERED="1")
+        logs = home / "logs"
+        logs.mkdir(parents=True, exist_ok=True)
         for i in range(nodes):
-            children.append(subprocess.Popen(node_command(i, base, model, home), env=env,
-                                             stdin=subprocess.DEVNULL, start_new_session=True))
+            log = (logs / f"node{i + 1}.log").open("w")
+            children.append(subprocess.Popen(node_command(i, base, model, home), env=env, stdout=log,
+                                             stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                             start_new_session=True))
+        print(f"agora up: starting {nodes} node agent(s); their logs: {logs}/node*.log", file=sys.stderr, flush=True)
         deadline = time.monotonic() + 300
         async with httpx.AsyncClient(base_url=base, timeout=5) as client:
             while time.monotonic() < deadline:
                 if any(c.poll() is not None for c in children):
-                    print("agora up: a node agent exited during start-up", file=sys.stderr, flush=True)
+                    print(f"agora up: a node agent exited during start-up; see {home / 'logs'}",
+                          file=sys.stderr, flush=True)
                     server.should_exit = True
                     return
                 models = (await client.get("/v1/models")).json()["data"]

@@ -176,6 +176,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if getattr(args, "verbose", False) else logging.INFO,
                         format="%(asctime)s node %(levelname)s %(message)s", stream=sys.stderr)
+    if not getattr(args, "verbose", False):  # one line per heartbeat is noise
+        logging.getLogger("httpx").setLevel(logging.WARNING)
     settings = settings_from(args)
     if args.cmd == "keygen":
         from node_agent.identity import Identity
