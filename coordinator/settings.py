@@ -57,6 +57,8 @@ class CoordinatorSettings(BaseSettings):
 
     # Verification
     verifier_min_reputation: float = Field(default=0.4, ge=0, le=1)
+    challenge_window_s: float = Field(default=3600, ge=0, description="earnings this recent cannot be paid "
+                                      "out: a failed audit may still claw them back")
     canary_interval_s: float = Field(default=900, ge=0, description="a canary per node this often; 0: none")
     slash_multiple: int = Field(default=10, ge=0, description="stake slashed per failed audit, × the job's cost")
     min_slash_nano_usd: int = Field(default=1_000_000, ge=0)

@@ -4,18 +4,23 @@ stake and statement, payout requests, stake unbonding."""
 from __future__ import annotations
 
 from dataclasses import asdict
+from datetime import timedelta
 
 from fastapi import APIRouter, Depends
+from sqlalchemy import func
+from sqlmodel import select
 from starlette.concurrency import run_in_threadpool
 
 from coordinator.errors import Conflict, InsufficientBalance, NotFound
 from coordinator.models import Node
+from coordinator.models.account import utcnow
 from coordinator.node_registry import check_signed
 from coordinator.routes.deps import runtime
 from coordinator.runtime import Runtime
 from node_agent.protocol import AccountQuery, PayoutRequest, Signed, UnbondRequest
 from pricing.errors import IdempotencyConflict, InsufficientFunds
-from pricing.ledger import AccountKind, Ledger
+from pricing.ledger import AccountKind, Ledger, LedgerTransfer
+from pricing.ledger_models import LedgerIdempotency
 from pricing.stake import Stake
 from pricing.statement import statement
 
@@ -34,6 +39,15 @@ def stake_account(ledger: Ledger, node_id: str) -> int:
     return ledger.open_account(AccountKind.SELLER_STAKE, ref=f"node:{node_id}").id
 
 
+def in_challenge_window(s, earnings_account_id: int, window_s: float) -> int:
+    """Earnings credited within the challenge window: an audit may still claw them back,
+    so they cannot be paid out yet."""
+    since = utcnow() - timedelta(seconds=window_s)
+    return int(s.exec(select(func.coalesce(func.sum(LedgerTransfer.amount), 0)).where(
+        LedgerTransfer.credit_account_id == earnings_account_id, LedgerTransfer.kind == "earning",
+        LedgerTransfer.created_at >= since)).one())
+
+
 @router.post("/account")
 async def my_account(q: AccountQuery, rt: Runtime = Depends(runtime)):
     def _do():
@@ -43,9 +57,11 @@ async def my_account(q: AccountQuery, rt: Runtime = Depends(runtime)):
             stake = Stake(ledger)
             stake_id = stake_account(ledger, node.id)
             page = statement(s, node.earnings_account_id, limit=q.limit, before=q.before)
+            held = in_challenge_window(s, node.earnings_account_id, rt.settings.challenge_window_s)
             return {
                 "node_id": node.id,
                 "earnings_nano_usd": page.balance,
+                "available_for_payout_nano_usd": max(0, page.balance - held),
                 "stake_bonded_nano_usd": stake.bonded(stake_id),
                 "stake_unbonding_nano_usd": stake.unbonding(stake_id),
                 "statement": [asdict(e) for e in page.entries],
@@ -60,9 +76,17 @@ async def request_payout(req: PayoutRequest, rt: Runtime = Depends(runtime)):
     def _do():
         with rt.session() as s:
             node = _authenticated(s, req, rt)
+            ledger = Ledger(s)
+            key = f"payout:{node.id}:{req.idempotency_key}"
+            held = in_challenge_window(s, node.earnings_account_id, rt.settings.challenge_window_s)
+            available = ledger.balance(node.earnings_account_id) - held
+            replay = s.get(LedgerIdempotency, key) is not None  # a replay returns the first answer
+            if not replay and req.amount > available:
+                raise InsufficientBalance(
+                    f"{max(available, 0)} nano-USD of your earnings can be paid out now; {held} earned in the "
+                    f"last {rt.settings.challenge_window_s:.0f}s stay until audits can no longer claw them back")
             try:
-                balance = Ledger(s).payout(node.earnings_account_id, req.amount,
-                                           idempotency_key=f"payout:{node.id}:{req.idempotency_key}",
+                balance = ledger.payout(node.earnings_account_id, req.amount, idempotency_key=key,
                                            destination_ref=req.destination)
             except InsufficientFunds as exc:
                 raise InsufficientBalance(f"earnings {exc.available} nano-USD are short of {exc.needed}") from exc

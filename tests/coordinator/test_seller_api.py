@@ -23,6 +23,7 @@ def _earn(runtime, node: Identity) -> tuple[str, int]:
 
 
 def test_seller_sees_earnings_and_statement_then_is_paid_out_once(client, runtime):
+    runtime.settings.challenge_window_s = 0
     node = _node(runtime)
     rid, cost = _earn(runtime, node)
     me = post(client, "/v1/nodes/me/account", AccountQuery(node_id=node.public_key_hex, **fresh_stamp()).sign(node))
@@ -40,6 +41,7 @@ def test_seller_sees_earnings_and_statement_then_is_paid_out_once(client, runtim
 
 
 def test_forged_or_replayed_payouts_move_nothing(client, runtime):
+    runtime.settings.challenge_window_s = 0
     node, thief = _node(runtime), Identity.generate()
     _, cost = _earn(runtime, node)
     forged = PayoutRequest(node_id=node.public_key_hex, **fresh_stamp(), amount=1, idempotency_key="x").sign(thief)
@@ -119,3 +121,17 @@ def test_unbonded_stake_is_paid_out_by_the_sweep_after_the_delay(client, runtime
     with runtime.session() as s:
         led = Ledger(s)
         assert led.balance(led.open_account(AccountKind.SELLER_STAKE, ref=f"node:{me.public_key_hex}").id) == 600
+
+
+def test_fresh_earnings_wait_out_the_challenge_window(client, runtime):
+    runtime.settings.challenge_window_s = 3600
+    node = _node(runtime)
+    _, cost = _earn(runtime, node)
+    me = post(client, "/v1/nodes/me/account", AccountQuery(node_id=node.public_key_hex, **fresh_stamp()).sign(node))
+    assert me.json()["earnings_nano_usd"] > 0 and me.json()["available_for_payout_nano_usd"] == 0
+    pay = PayoutRequest(node_id=node.public_key_hex, **fresh_stamp(), amount=1, idempotency_key="early").sign(node)
+    r = post(client, "/v1/nodes/me/payouts", pay)
+    assert r.status_code == 402 and "claw" in r.json()["error"]["message"]
+    runtime.settings.challenge_window_s = 0  # the window has passed
+    pay = PayoutRequest(node_id=node.public_key_hex, **fresh_stamp(), amount=1, idempotency_key="later").sign(node)
+    assert post(client, "/v1/nodes/me/payouts", pay).status_code == 200
