@@ -225,22 +225,26 @@ class LlamaModel:
             return table[0][pos], table[1][pos]
         freqs = pos.to(torch.float32)[:, None] * self.inv_freq[None, :]
         emb = torch.cat([freqs, freqs], -1)
-        return emb.cos().to(self.dtype)[:, None, :], emb.sin().to(self.dtype)[:, None, :]
+        # sin with its first half negated: rotate_half(x) * sin == cat(x2, x1) * signed sin,
+        # bit for bit (only signs move), one kernel less.
+        sin = emb.sin()
+        sin[:, : sin.shape[1] // 2].neg_()
+        return emb.cos().to(self.dtype)[:, None, :], sin.to(self.dtype)[:, None, :]
 
     @staticmethod
-    def _apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    def _apply_rope(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
         half = x.shape[-1] // 2
-        rot = torch.cat([-x[..., half:], x[..., :half]], -1)
-        return x * cos + rot * sin
+        rot = torch.cat([x[..., half:], x[..., :half]], -1)
+        return (x * cos).add_(rot.mul_(signed_sin))
 
     def _qkv(self, layer: Layer, h: torch.Tensor, cos, sin):
         c = self.cfg
         qkv = layer.qkv(h)
-        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], -1)
         n = h.shape[0]
-        q = self._apply_rope(q.view(n, c.num_heads, c.head_dim), cos, sin)
-        k = self._apply_rope(k.view(n, c.num_kv_heads, c.head_dim), cos, sin)
-        return q, k, v.view(n, c.num_kv_heads, c.head_dim)
+        # q and k heads rotated together: one set of kernels per layer
+        qk = self._apply_rope(qkv[:, : self.q_size + self.kv_size].view(n, -1, c.head_dim), cos, sin)
+        q, k = qk.split([c.num_heads, c.num_kv_heads], 1)
+        return q, k, qkv[:, self.q_size + self.kv_size :].view(n, c.num_kv_heads, c.head_dim)
 
     def _mlp(self, layer: Layer, x: torch.Tensor) -> torch.Tensor:
         gate, up = layer.gate_up(x).chunk(2, -1)
@@ -311,10 +315,12 @@ class LlamaModel:
         v_rows = (sh * max_len + positions[:, None]).reshape(-1)
         k_idx = ((sh[:, :, None] * hd + torch.arange(hd, device=self.device)) * max_len
                  + positions[:, None, None]).reshape(-1)
-        # Additive masks, built once per step: 0 up to each row's position, -inf after.
+        # Additive masks, built once per step, one row per (slot, kv head): 0 up to the
+        # slot's position, -inf after.
         ar = torch.arange(groups[0][2], device=self.device)
-        masks = [torch.zeros(e - a, 1, 1, span, device=self.device, dtype=self.dtype).masked_fill_(
-                 ar[None, None, None, :span] > positions[a:e, None, None, None], float("-inf"))
+        pos_rows = positions.repeat_interleave(kvh)
+        masks = [torch.zeros((e - a) * kvh, 1, span, device=self.device, dtype=self.dtype).masked_fill_(
+                 ar[None, None, :span] > pos_rows[a * kvh:e * kvh, None, None], float("-inf"))
                  for a, e, span in groups]
         g = c.num_heads // c.num_kv_heads
         scale = 1.0 / math.sqrt(hd)
@@ -324,13 +330,15 @@ class LlamaModel:
             kc.view(-1).index_copy_(0, k_idx, k.reshape(-1))
             vc.view(-1, hd).index_copy_(0, v_rows, v.reshape(-1, hd))
             # The g query heads sharing a KV head act as g query rows of one head, so each
-            # group's attention is two batched matmuls that read each KV head once:
-            # [rows, kv, g, hd] @ [rows, kv, hd, span] and [.., g, span] @ [.., span, hd].
-            q = q.view(b, kvh, g, hd)
+            # group's attention is three kernels that read each KV head once: mask + scale *
+            # [rows*kv, g, hd] @ [rows*kv, hd, span], softmax, [.., g, span] @ [.., span, hd]
+            # (all plain views of the cache).
+            q = q.reshape(b * kvh, g, hd)
             out = torch.empty_like(q)
             for (a, e, span), mask in zip(groups, masks):
-                s = torch.matmul(q[a:e], kc[a:e, :, :, :span]).mul_(scale).add_(mask)
-                torch.matmul(torch.softmax(s, -1), vc[a:e, :, :span], out=out[a:e])
+                n = (e - a) * kvh
+                s = torch.baddbmm(mask, q[a * kvh:e * kvh], kc[a:e, :, :, :span].reshape(n, hd, span), alpha=scale)
+                torch.bmm(torch.softmax(s, -1), vc[a:e, :, :span].reshape(n, span, hd), out=out[a * kvh:e * kvh])
             h = h + layer.o(out.reshape(b, -1))
             h = h + self._mlp(layer, self._rms(h, layer.ln2))
         return self.logits(h)
