@@ -83,7 +83,7 @@ class BuiltinEngine(Engine):
         self.device, self.dtype = device, dtype
         if not self.model_dir.is_dir():
             raise ModelLoadError(f"model folder {self.model_dir} does not exist")
-        self.model = LlamaModel(self.model_dir, device=device, dtype=DTYPES[dtype])
+        self.model = _load_without_omp_pool(self.model_dir, device, DTYPES[dtype])
         self.tokenizer = HFTokenizer(self.model_dir)
         c = self.model.cfg
         self.max_seq_len = min(max_seq_len or c.max_position_embeddings, c.max_position_embeddings)
@@ -121,7 +121,7 @@ class BuiltinEngine(Engine):
 
     async def start(self) -> None:
         if self._thread is None:
-            self.model.allocate_cache(self.max_batch, self.max_seq_len)
+            _one_thread(self.device, self.model.allocate_cache, self.max_batch, self.max_seq_len)
             self._thread = threading.Thread(target=self._main, name=f"agora-engine-{self.model_name}", daemon=True)
             self._thread.start()
 
@@ -204,8 +204,8 @@ class BuiltinEngine(Engine):
         # owns an OpenMP pool: libgomp then stops spinning between parallel regions (more
         # managed threads than CPUs) and every region pays a futex wake-up. A batch-2 decode
         # step takes 5.2 ms here vs 2.6 ms when this thread owns the only pool; the 32-request
-        # serving run 5.0 s vs 3.7 s. Doing all torch work (including loading) in one thread
-        # or process would remove it.
+        # serving run 5.0 s vs 3.7 s. So the model is loaded with one thread in the caller
+        # (`_load_without_omp_pool`), and benchmarks run baselines in another process.
         torch.set_grad_enabled(False)
         try:
             while True:
@@ -340,6 +340,24 @@ class BuiltinEngine(Engine):
                 loop.call_soon_threadsafe(_deliver, items)
             except RuntimeError:  # the consumer's loop is closed
                 pass
+
+
+def _load_without_omp_pool(folder: Path, device: str, dtype: torch.dtype) -> LlamaModel:
+    """Load (and pre-pack) the weights with one intra-op thread in the calling thread, so that
+    the caller (usually the main thread) does not start an OpenMP pool of its own just for
+    loading: see the note in `_main` on libgomp throttling the engine thread's team."""
+    return _one_thread(device, lambda: LlamaModel(folder, device=device, dtype=dtype))
+
+
+def _one_thread(device: str, fn, *args, **kwargs):
+    threads = torch.get_num_threads()
+    if device.startswith("cuda") or threads <= 1:
+        return fn(*args, **kwargs)
+    torch.set_num_threads(1)
+    try:
+        return fn(*args, **kwargs)
+    finally:
+        torch.set_num_threads(threads)
 
 
 def _default_kv_budget(device: str) -> int:
