@@ -18,6 +18,12 @@ device synced around timers, generated tokens only):
    `LLM.generate`, best of the same number of rounds. -> vs_vllm = built-in tok/s / vLLM tok/s
 
 The last line is one JSON object.
+
+transformers and the bandwidth probe run in child processes (`--hf-worker`, `--bw-worker`):
+with libgomp, two threads of one process that both own an OpenMP pool (here the engine
+thread and a main thread running generate()) throttle each other's teams (more managed
+threads than cores: no spinning between parallel regions), which slowed both sides,
+the engine's small-batch decode steps about 2x. Each side now runs as it would alone.
 """
 
 from __future__ import annotations
@@ -94,6 +100,30 @@ def hf_decode_b1(model, prompt: list[int], new: int) -> float:
     return (new - 1) / best
 
 
+def _child(flag: str, job: dict) -> dict:
+    out = subprocess.run([sys.executable, str(Path(__file__).resolve()), flag], input=json.dumps(job),
+                         capture_output=True, text=True, timeout=1800)
+    lines = [ln for ln in out.stdout.splitlines() if ln.startswith("{")]
+    if out.returncode != 0 or not lines:
+        raise RuntimeError(f"{flag} failed (rc {out.returncode}): {out.stderr[-2000:]}")
+    return json.loads(lines[-1])
+
+
+def hf_worker() -> None:
+    """Child process: load the model, warm up, time one static batch or batch-1 decode."""
+    job = json.loads(sys.stdin.read())
+    model = hf_model(Path(job["folder"]))
+    hf_static_batch(model, job["warmup"])
+    if job["mode"] == "serving":
+        print(json.dumps({"seconds": hf_static_batch(model, job["reqs"])}), flush=True)
+    else:
+        print(json.dumps({"tok_s": hf_decode_b1(model, job["prompt"], job["new"])}), flush=True)
+
+
+def bandwidth_in_child() -> float:
+    return _child("--bw-worker", {})["bytes_s"]
+
+
 # ---------------------------------------------------------------- built-in engine
 async def builtin_serving(engine, reqs) -> float:
     async def one(i, prompt, olen):
@@ -130,7 +160,7 @@ async def roofline(model_name: str, prompt_len: int, new: int, rounds: int) -> d
         await builtin_decode_b1(engine, prompt, 8)
         for _ in range(rounds):
             tok_s = max(tok_s, await builtin_decode_b1(engine, prompt, new))
-            bw = max(bw, measure_bandwidth("cpu", 512 << 20, 5))
+            bw = max(bw, bandwidth_in_child())
     finally:
         await engine.close()
     m, c = engine.model, engine.model.cfg
@@ -191,7 +221,14 @@ async def main() -> None:
     ap.add_argument("--roofline-model", default="tiny-100m")
     ap.add_argument("--no-vllm", action="store_true")
     ap.add_argument("--rounds", type=int, default=None, help="alternating serving runs per engine (default 3; --quick 1)")
+    ap.add_argument("--hf-worker", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--bw-worker", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.hf_worker:
+        return hf_worker()
+    if args.bw_worker:
+        print(json.dumps({"bytes_s": measure_bandwidth("cpu", 512 << 20, 5)}), flush=True)
+        return
     load_start = round(os.getloadavg()[0], 2)  # this machine is shared: show how busy it was
     model_name = args.model or ("tiny" if args.quick else "tiny-20m")
     args.rounds = args.rounds or (1 if args.quick else 3)
@@ -203,11 +240,11 @@ async def main() -> None:
     vocab = engine.model.cfg.vocab_size
     reqs = workload(32, (16, 512), (8, 256), vocab)
     counted = sum(o for _, o in reqs)
-    hf = hf_model(folder)
+    warm = workload(4, (16, 64), (4, 8), vocab, seed=9)
 
-    # warm-up both on a small copy of the workload
-    await builtin_serving(engine, workload(4, (16, 64), (4, 8), vocab, seed=9))
-    hf_static_batch(hf, workload(4, (16, 64), (4, 8), vocab, seed=9))
+    # warm-up both on a small copy of the workload (transformers: inside each child)
+    await builtin_serving(engine, warm)
+    hf_job = {"folder": str(folder), "warmup": warm}
 
     # Alternate the two engines and keep each one's best run: this machine is shared, and
     # best-of-alternating runs keeps a neighbour's burst from landing on one side only.
@@ -215,16 +252,15 @@ async def main() -> None:
     for _ in range(args.rounds):
         t_builtin = min(t_builtin, await builtin_serving(engine, reqs))
         log(f"serving, built-in: {counted} tokens in {t_builtin:.2f} s = {counted / t_builtin:.0f} tok/s (best so far)")
-        t_hf = min(t_hf, hf_static_batch(hf, reqs))
+        t_hf = min(t_hf, _child("--hf-worker", {**hf_job, "mode": "serving", "reqs": reqs})["seconds"])
         log(f"serving, transformers static batch 32: {t_hf:.2f} s = {counted / t_hf:.0f} tok/s (best so far)")
 
     prompt = reqs[0][0][:128] + [5] * max(0, 128 - len(reqs[0][0]))
     new = 64 if args.quick else 128
     b1_builtin = await builtin_decode_b1(engine, prompt, new)
-    b1_hf = hf_decode_b1(hf, prompt, new)
+    b1_hf = _child("--hf-worker", {**hf_job, "mode": "b1", "prompt": prompt, "new": new})["tok_s"]
     log(f"batch-1 decode: built-in {b1_builtin:.0f} tok/s, transformers {b1_hf:.0f} tok/s")
     await engine.close()
-    del hf
 
     roof = await roofline(args.roofline_model, 128, 32 if args.quick else 64, 2 if args.quick else 3)
     log(f"roofline {roof['model']}: {roof['decode_tok_s_b1']:.1f} tok/s at batch 1, "
