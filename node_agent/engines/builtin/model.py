@@ -2,11 +2,12 @@
 
 RMSNorm, rotary embeddings (rope_theta, "linear" and "llama3" scaling), grouped-query
 attention, SwiGLU MLP; q/k/v and gate/up projections are fused into one matrix each.
-The cache is pre-allocated: K as `[layers, slots, kv_heads, head_dim, max_len]` (stored
-transposed, so decode's q·K^T is a plain batched matmul over contiguous rows) and V as
-`[layers, slots, kv_heads, max_len, head_dim]`;
+The cache is pre-allocated: K and V each as `[layers, slots, kv_heads, max_len, head_dim]`;
 request i of a decode batch always lives in slot i (the engine keeps slots compact), so
-decode attention reads plain views of the cache.
+decode attention reads plain views of the cache. On CPU in float32, decode attention is the
+fused kernel of native.py (it reads each (slot, kv head)'s K and V as two contiguous runs:
+measured 2x faster than baddbmm/softmax/bmm once the cache is larger than the L3 cache);
+elsewhere, or where it cannot be built, the torch path below.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from node_agent.engines.builtin import native
 from node_agent.engines.builtin.linear import Linear
 from node_agent.errors import ModelLoadError
 
@@ -183,6 +185,9 @@ class LlamaModel:
         self.kv_size = cfg.num_kv_heads * cfg.head_dim
         self.k_cache: torch.Tensor | None = None
         self.v_cache: torch.Tensor | None = None
+        self.attention_kernel = (
+            native.load() if self.device.type == "cpu" and dtype == torch.float32 else None
+        )
 
     # ------------------------------------------------------------------ bookkeeping
     def weight_bytes(self) -> int:
@@ -205,14 +210,14 @@ class LlamaModel:
 
     def allocate_cache(self, slots: int, max_len: int) -> None:
         c = self.cfg
-        shape = (c.num_layers, slots, c.num_kv_heads, c.head_dim, max_len)
+        shape = (c.num_layers, slots, c.num_kv_heads, max_len, c.head_dim)
         self.k_cache = _huge_zeros(shape, self.device, self.dtype)
-        self.v_cache = _huge_zeros(shape[:3] + (max_len, c.head_dim), self.device, self.dtype)
+        self.v_cache = _huge_zeros(shape, self.device, self.dtype)
         self._rope_table = None
         self._rope_table = self._rope(torch.arange(max_len, device=self.device))  # cos, sin per position
 
     def move_slot(self, src: int, dst: int, length: int) -> None:
-        self.k_cache[:, dst, ..., :length] = self.k_cache[:, src, ..., :length]
+        self.k_cache[:, dst, :, :length] = self.k_cache[:, src, :, :length]
         self.v_cache[:, dst, :, :length] = self.v_cache[:, src, :, :length]
 
     # ------------------------------------------------------------------ pieces
@@ -274,13 +279,13 @@ class LlamaModel:
             att = torch.empty_like(q)
             for slot, a, b, start in bounds:
                 n = b - a
-                self.k_cache[li, slot, :, :, start:start + n] = k[a:b].permute(1, 2, 0)
+                self.k_cache[li, slot, :, start:start + n] = k[a:b].transpose(0, 1)
                 self.v_cache[li, slot, :, start:start + n] = v[a:b].transpose(0, 1)
                 # 4-D inputs: CPU SDPA takes its flash kernel (3-D ones fall back to math).
                 if start == 0:
                     kk, vv = k[None, a:b].transpose(1, 2), v[None, a:b].transpose(1, 2)
                 else:
-                    kk = self.k_cache[li, slot, None, :, :, : start + n].transpose(-1, -2)
+                    kk = self.k_cache[li, slot, None, :, : start + n]
                     vv = self.v_cache[li, slot, None, :, : start + n]
                 qq = q[None, a:b].transpose(1, 2)
                 if start == 0:
@@ -304,50 +309,67 @@ class LlamaModel:
         Returns float32 logits [B, vocab]."""
         c = self.cfg
         b = tokens.shape[0]
-        if groups is None:
-            groups = [(0, b, int(positions.max()) + 1)]
         cos, sin = self._rope(positions)
         h = self.embed[tokens]
+        g, hd = c.num_heads // c.num_kv_heads, c.head_dim
+        scale = 1.0 / math.sqrt(hd)
+        kernel = self.attention_kernel
+        attend = None if kernel is not None else self._torch_decode_attention(positions, groups)
+        for li, layer in enumerate(self.layers):
+            q, k, v = self._qkv(layer, self._rms(h, layer.ln1), cos, sin)
+            q = q.reshape(b, c.num_kv_heads, g, hd)
+            if kernel is not None:
+                out = kernel(q, k, v, positions, self.k_cache[li], self.v_cache[li], scale)
+            else:
+                out = attend(li, q, k, v, scale)
+            h = h + layer.o(out.reshape(b, -1))
+            h = h + self._mlp(layer, self._rms(h, layer.ln2))
+        return self.logits(h)
+
+    def _torch_decode_attention(self, positions: torch.Tensor, groups: list[tuple[int, int, int]] | None):
+        """Decode attention from torch kernels (CUDA, other dtypes, no C compiler): returns
+        attend(layer, q [B, kv, g, hd], k, v [B, kv, hd], scale) -> [B, kv, g, hd], with the
+        index and mask tensors built once per step."""
+        c = self.cfg
+        b = positions.shape[0]
+        if groups is None:
+            groups = [(0, b, int(positions.max()) + 1)]
         # Where the new K/V go in a layer's cache, flattened: index_copy_ there is ~100x cheaper
-        # than advanced-index assignment on the 4-D view. K is [slot, head, dim, pos].
+        # than advanced-index assignment on the 4-D view.
         kvh, hd, max_len = c.num_kv_heads, c.head_dim, self.v_cache.shape[3]
         sh = torch.arange(b, device=self.device)[:, None] * kvh + torch.arange(kvh, device=self.device)
-        v_rows = (sh * max_len + positions[:, None]).reshape(-1)
-        k_idx = ((sh[:, :, None] * hd + torch.arange(hd, device=self.device)) * max_len
-                 + positions[:, None, None]).reshape(-1)
-        # Additive masks, built once per step, one row per (slot, kv head): 0 up to the
-        # slot's position, -inf after.
+        rows = (sh * max_len + positions[:, None]).reshape(-1)
+        # Additive masks, one row per (slot, kv head): 0 up to the slot's position, -inf after.
         ar = torch.arange(groups[0][2], device=self.device)
         pos_rows = positions.repeat_interleave(kvh)
         masks = [torch.zeros((e - a) * kvh, 1, span, device=self.device, dtype=self.dtype).masked_fill_(
                  ar[None, None, :span] > pos_rows[a * kvh:e * kvh, None, None], float("-inf"))
                  for a, e, span in groups]
-        g = c.num_heads // c.num_kv_heads
-        scale = 1.0 / math.sqrt(hd)
-        for li, layer in enumerate(self.layers):
-            q, k, v = self._qkv(layer, self._rms(h, layer.ln1), cos, sin)
+        g = c.num_heads // kvh
+
+        def attend(li: int, q, k, v, scale: float) -> torch.Tensor:
             kc, vc = self.k_cache[li], self.v_cache[li]
-            kc.view(-1).index_copy_(0, k_idx, k.reshape(-1))
-            vc.view(-1, hd).index_copy_(0, v_rows, v.reshape(-1, hd))
+            kc.view(-1, hd).index_copy_(0, rows, k.reshape(-1, hd))
+            vc.view(-1, hd).index_copy_(0, rows, v.reshape(-1, hd))
             # The g query heads sharing a KV head act as g query rows of one head, so each
             # group's attention is three kernels that read each KV head once: mask + scale *
-            # [rows*kv, g, hd] @ [rows*kv, hd, span], softmax, [.., g, span] @ [.., span, hd]
-            # (all plain views of the cache).
+            # [rows*kv, g, hd] @ [rows*kv, span, hd]^T, softmax, [.., g, span] @ [.., span, hd].
             q = q.reshape(b * kvh, g, hd)
             out = torch.empty_like(q)
             for (a, e, span), mask in zip(groups, masks):
                 n = (e - a) * kvh
-                s = torch.baddbmm(mask, q[a * kvh:e * kvh], kc[a:e, :, :, :span].reshape(n, hd, span), alpha=scale)
+                kt = kc[a:e, :, :span].reshape(n, span, hd).transpose(1, 2)
+                s = torch.baddbmm(mask, q[a * kvh:e * kvh], kt, alpha=scale)
                 torch.bmm(torch.softmax(s, -1), vc[a:e, :, :span].reshape(n, span, hd), out=out[a * kvh:e * kvh])
-            h = h + layer.o(out.reshape(b, -1))
-            h = h + self._mlp(layer, self._rms(h, layer.ln2))
-        return self.logits(h)
+            return out.view(b, kvh, g, hd)
+
+        return attend
 
     def permute_slots(self, order: list[int], span: int) -> None:
         """Slot i gets what slot order[i] held (first `span` positions of each)."""
         idx = torch.tensor(order, device=self.device)
         n = len(order)
-        self.k_cache[:, :n, ..., :span] = self.k_cache[:, idx, ..., :span]
+        self.k_cache[:, :n, :, :span] = self.k_cache[:, idx, :, :span]
         self.v_cache[:, :n, :, :span] = self.v_cache[:, idx, :, :span]
 
     @torch.inference_mode()
