@@ -7,9 +7,9 @@ cancellations and scoring jobs from an inbox, admits waiting requests into free 
 prefills them as one batch, then runs one batched decode step for every running request.
 Events go back to each request's asyncio queue with `loop.call_soon_threadsafe`, one call
 per loop per step. Finished or cancelled requests leave at once; the last running request
-moves into the freed slot so slots 0..B-1 are always the decode batch. After admissions the
-slots are re-ordered longest first, and decode attention runs per group of similar lengths,
-reading only as much cache as that group needs.
+moves into the freed slot so slots 0..B-1 are always the decode batch. Decode attention reads
+each row's own length (the native kernel; on the torch path, slots are re-ordered longest
+first after admissions and attention runs per group of similar lengths).
 
 Per-token log-probabilities are the log-softmax of the raw logits (before temperature and
 top-k/top-p). Sampled requests draw from their own seeded generator, so a seed gives the
@@ -266,7 +266,7 @@ class BuiltinEngine(Engine):
             logits = self.model.prefill([(r.slot, r.tokens, 0) for r in admitted])
             self._accept(admitted, logits)
         if self._running:
-            if self._unsorted:
+            if self._unsorted and self.model.attention_kernel is None:
                 self._sort_slots()
             batch = list(self._running)
             dev = self.model.device
@@ -276,7 +276,8 @@ class BuiltinEngine(Engine):
             self._accept(batch, self.model.decode(toks, pos, _span_groups(lens)))
 
     def _sort_slots(self) -> None:
-        """Order slots by length, longest first, so attention can skip most padding. Done after
+        """Order slots by length, longest first, so the torch attention path can skip most
+        padding (the native kernel reads each row's own length: no sort). Done after
         admissions only: a release moves the last (shortest) row into the hole, which costs
         one padded row, where re-sorting would copy the whole cache."""
         self._unsorted = False

