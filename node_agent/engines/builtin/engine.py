@@ -266,7 +266,7 @@ class BuiltinEngine(Engine):
             logits = self.model.prefill([(r.slot, r.tokens, 0) for r in admitted])
             self._accept(admitted, logits)
         if self._running:
-            if self._unsorted and self.model.attention_kernel is None:
+            if self._unsorted and self.model.kernels is None:
                 self._sort_slots()
             batch = list(self._running)
             dev = self.model.device

@@ -187,9 +187,7 @@ class LlamaModel:
         self.kv_size = cfg.num_kv_heads * cfg.head_dim
         self.k_cache: torch.Tensor | None = None
         self.v_cache: torch.Tensor | None = None
-        self.attention_kernel = (
-            native.load() if self.device.type == "cpu" and dtype == torch.float32 else None
-        )
+        self.kernels = native.load() if self.device.type == "cpu" and dtype == torch.float32 else None
 
     # ------------------------------------------------------------------ bookkeeping
     def weight_bytes(self) -> int:
@@ -275,13 +273,16 @@ class LlamaModel:
         for slot, toks, start in chunks:
             bounds.append((slot, o, o + len(toks), start))
             o += len(toks)
-        groups = c.num_heads // c.num_kv_heads
         total = h.shape[0]
         last = torch.tensor([b - 1 for _, _, b, _ in bounds], device=self.device)
         q = torch.empty(total, c.num_heads, c.head_dim, device=self.device, dtype=self.dtype)
         k = torch.empty(total, c.num_kv_heads, c.head_dim, device=self.device, dtype=self.dtype)
         v = torch.empty_like(k)
         att = torch.empty_like(q)
+        # Prompts from position 0 on CPU/float32: the native causal kernel (3x torch's SDPA
+        # here); otherwise SDPA per chunk.
+        lengths = [b - a for _, a, b, _ in bounds]
+        fresh = self.kernels is not None and all(start == 0 for *_, start in bounds)
         for li, layer in enumerate(self.layers):
             # Row blocks of PREFILL_ROWS tokens for everything but attention: the block's
             # activations stay in cache (measured, 5k tokens of tiny-20m: the MLP 85 -> 54 ms).
@@ -289,22 +290,15 @@ class LlamaModel:
                 b = min(a + PREFILL_ROWS, total)
                 q[a:b], k[a:b], v[a:b] = self._qkv(layer, self._rms(h[a:b], layer.ln1), cos[a:b], sin[a:b])
             for slot, a, b, start in bounds:
-                n = b - a
-                self.k_cache[li, slot, :, start:start + n] = k[a:b].transpose(0, 1)
-                self.v_cache[li, slot, :, start:start + n] = v[a:b].transpose(0, 1)
-                # 4-D inputs: CPU SDPA takes its flash kernel (3-D ones fall back to math).
-                if start == 0:
-                    kk, vv = k[None, a:b].transpose(1, 2), v[None, a:b].transpose(1, 2)
-                else:
-                    kk = self.k_cache[li, slot, None, :, : start + n]
-                    vv = self.v_cache[li, slot, None, :, : start + n]
-                qq = q[None, a:b].transpose(1, 2)
-                if start == 0:
-                    out = F.scaled_dot_product_attention(qq, kk, vv, is_causal=True, enable_gqa=groups > 1)
-                else:
-                    mask = torch.ones(n, start + n, dtype=torch.bool, device=self.device).tril(start)
-                    out = F.scaled_dot_product_attention(qq, kk, vv, attn_mask=mask, enable_gqa=groups > 1)
-                att[a:b] = out[0].transpose(0, 1)
+                self.k_cache[li, slot, :, start:start + b - a] = k[a:b].transpose(0, 1)
+                self.v_cache[li, slot, :, start:start + b - a] = v[a:b].transpose(0, 1)
+            packed = None
+            if fresh:
+                packed = self.kernels.prefill_attention(q, k, v, lengths, 1.0 / math.sqrt(c.head_dim))
+            if packed is not None:
+                att = packed
+            else:
+                self._sdpa_prefill(li, q, k, v, bounds, att)
             if li == len(self.layers) - 1:
                 # Only each chunk's last token goes on to the logits: the last layer's output
                 # projection and MLP run for those rows alone.
@@ -315,6 +309,24 @@ class LlamaModel:
                 x = h[a:b] + layer.o(att[a:b].reshape(b - a, -1))
                 h[a:b] = x + self._mlp(layer, self._rms(x, layer.ln2))
         raise ModelLoadError("the model has no layers")
+
+    def _sdpa_prefill(self, li: int, q, k, v, bounds, att: torch.Tensor) -> None:
+        groups = self.cfg.num_heads // self.cfg.num_kv_heads
+        for slot, a, b, start in bounds:
+            n = b - a
+            # 4-D inputs: CPU SDPA takes its flash kernel (3-D ones fall back to math).
+            if start == 0:
+                kk, vv = k[None, a:b].transpose(1, 2), v[None, a:b].transpose(1, 2)
+            else:
+                kk = self.k_cache[li, slot, None, :, : start + n]
+                vv = self.v_cache[li, slot, None, :, : start + n]
+            qq = q[None, a:b].transpose(1, 2)
+            if start == 0:
+                out = F.scaled_dot_product_attention(qq, kk, vv, is_causal=True, enable_gqa=groups > 1)
+            else:
+                mask = torch.ones(n, start + n, dtype=torch.bool, device=self.device).tril(start)
+                out = F.scaled_dot_product_attention(qq, kk, vv, attn_mask=mask, enable_gqa=groups > 1)
+            att[a:b] = out[0].transpose(0, 1)
 
     @torch.inference_mode()
     def decode(self, tokens: torch.Tensor, positions: torch.Tensor, groups: list[tuple[int, int, int]] | None = None
@@ -329,15 +341,16 @@ class LlamaModel:
         h = self.embed[tokens]
         g, hd = c.num_heads // c.num_kv_heads, c.head_dim
         scale = 1.0 / math.sqrt(hd)
-        kernel = self.attention_kernel
-        attend = None if kernel is not None else self._torch_decode_attention(positions, groups)
+        kernels = self.kernels
+        attend = None if kernels is not None else self._torch_decode_attention(positions, groups)
         for li, layer in enumerate(self.layers):
-            q, k, v = self._qkv(layer, self._rms(h, layer.ln1), cos, sin)
-            q = q.reshape(b, c.num_kv_heads, g, hd)
-            if kernel is not None:
-                out = kernel(q, k, v, positions, self.k_cache[li], self.v_cache[li], scale)
+            x = self._rms(h, layer.ln1)
+            if kernels is not None:  # rotary embedding, cache write and attention in one call
+                out = kernels.decode_attention(layer.qkv(x), cos, sin, positions, self.k_cache[li],
+                                               self.v_cache[li], c.num_heads, scale)
             else:
-                out = attend(li, q, k, v, scale)
+                q, k, v = self._qkv(layer, x, cos, sin)
+                out = attend(li, q.reshape(b, c.num_kv_heads, g, hd), k, v, scale)
             h = h + layer.o(out.reshape(b, -1))
             h = h + self._mlp(layer, self._rms(h, layer.ln2))
         return self.logits(h)

@@ -1,8 +1,9 @@
 """Native CPU kernels of the built-in engine, compiled on first use.
 
-`decode_attention` (csrc/decode_attention.c) is built with the machine's C compiler
-(`cc -O3 -march=native -fopenmp`) into the cache folder (AGORA_HOME or ~/.cache/agora,
-under `native/`, keyed by the source, the flags and this CPU) and loaded with ctypes.
+The C sources in csrc/ (decode attention, causal prefill attention) are built with the
+machine's C compiler (`cc -O3 -march=native -fopenmp`) into one library in the cache folder
+(AGORA_HOME or ~/.cache/agora, under `native/`, keyed by the sources, the flags and this
+CPU) and loaded with ctypes.
 Where it cannot be built (no compiler, another platform) or AGORA_NATIVE_KERNELS=0,
 `load()` returns None and the model uses its torch path; the reason is logged once.
 """
@@ -25,11 +26,11 @@ import torch
 
 log = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).with_name("csrc") / "decode_attention.c"
+SOURCES = tuple(Path(__file__).with_name("csrc") / n for n in ("decode_attention.c", "prefill_attention.c"))
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c11"]
 
 _lock = threading.Lock()
-_loaded: "DecodeAttention | None | bool" = False  # False: not tried yet
+_loaded: "Kernels | None | bool" = False  # False: not tried yet
 
 
 def _cpu_id() -> str:
@@ -46,24 +47,24 @@ def _cache_dir() -> Path:
     return (Path(home) if home else Path.home() / ".cache" / "agora") / "native"
 
 
-def build(source: Path = SOURCE, cache_dir: Path | None = None) -> Path:
-    """Compile `source` into a shared library (once per source, flags and CPU) and return
-    its path. Raises RuntimeError with the compiler's message when that fails."""
+def build(sources: tuple[Path, ...] = SOURCES, cache_dir: Path | None = None) -> Path:
+    """Compile `sources` into one shared library (once per sources, flags and CPU) and
+    return its path. Raises RuntimeError with the compiler's message when that fails."""
     cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     if not cc:
         raise RuntimeError("no C compiler (cc or gcc) on PATH")
     key = hashlib.sha256(
-        source.read_bytes() + " ".join([cc, *FLAGS]).encode() + _cpu_id().encode()
+        b"".join(s.read_bytes() for s in sources) + " ".join([cc, *FLAGS]).encode() + _cpu_id().encode()
     ).hexdigest()[:16]
     out_dir = cache_dir or _cache_dir()
-    lib = out_dir / f"{source.stem}-{key}.so"
+    lib = out_dir / f"agora_kernels-{key}.so"
     if lib.exists():
         return lib
     out_dir.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=out_dir)
     os.close(fd)
     try:
-        res = subprocess.run([cc, *FLAGS, str(source), "-o", tmp], capture_output=True, text=True, timeout=120)
+        res = subprocess.run([cc, *FLAGS, *map(str, sources), "-o", tmp], capture_output=True, text=True, timeout=120)
         if res.returncode != 0:
             raise RuntimeError(f"{cc} failed: {res.stderr.strip()[-800:]}")
         os.replace(tmp, lib)  # atomic: concurrent builders each write their own temp file
@@ -73,45 +74,76 @@ def build(source: Path = SOURCE, cache_dir: Path | None = None) -> Path:
     return lib
 
 
-class DecodeAttention:
-    """The fused decode-attention kernel: writes a step's K/V into one layer's cache and
-    returns attention over each row's positions 0..pos (see the C source for layouts)."""
+def _check(**tensors: torch.Tensor) -> None:
+    for name, t in tensors.items():
+        if t.dtype != torch.float32 or t.device.type != "cpu" or not t.is_contiguous():
+            raise TypeError(f"{name} must be a contiguous float32 CPU tensor")
+
+
+class Kernels:
+    """The compiled kernels (see the C sources for layouts and limits)."""
 
     def __init__(self, path: Path):
         self.lib = ctypes.CDLL(str(path))
-        fn = self.lib.agora_decode_attention
-        p, i = ctypes.c_void_p, ctypes.c_int64
-        fn.argtypes = [p, p, p, p, p, p, p, i, i, i, i, i, ctypes.c_float, ctypes.c_int]
-        fn.restype = ctypes.c_int
-        self._fn = fn
+        p, i, f = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
+        self._decode = self.lib.agora_decode_attention
+        self._decode.argtypes = [p, p, p, p, p, p, p, i, i, i, i, i, f, ctypes.c_int]
+        self._decode.restype = ctypes.c_int
+        self._prefill = self.lib.agora_prefill_attention
+        self._prefill.argtypes = [p, p, p, p, p, i, i, i, i, f, ctypes.c_int]
+        self._prefill.restype = ctypes.c_int
 
-    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor,
-                 k_cache: torch.Tensor, v_cache: torch.Tensor, scale: float) -> torch.Tensor:
-        """q [rows, kv_heads, groups, head_dim]; k, v [rows, kv_heads, head_dim]; pos int64
-        [rows]; k_cache, v_cache one layer [slots, kv_heads, max_len, head_dim], float32."""
-        rows, kvh, groups, hd = q.shape
-        q, k, v, pos = q.contiguous(), k.contiguous(), v.contiguous(), pos.contiguous()
-        for name, t in (("q", q), ("k", k), ("v", v), ("k_cache", k_cache), ("v_cache", v_cache)):
-            if t.dtype != torch.float32 or t.device.type != "cpu":
-                raise TypeError(f"{name} must be a float32 CPU tensor")
-        if pos.dtype != torch.int64 or not (k_cache.is_contiguous() and v_cache.is_contiguous()):
-            raise TypeError("pos must be int64 and the caches contiguous")
-        if k_cache.shape[0] < rows or k_cache.shape[1:] != v_cache.shape[1:] or k_cache.shape[3] != hd:
-            raise ValueError(f"cache shape {tuple(k_cache.shape)} does not fit q {tuple(q.shape)}")
-        max_len = k_cache.shape[2]
-        if rows and int(pos.max()) >= max_len:
-            raise ValueError(f"position {int(pos.max())} is past the cache length {max_len}")
-        out = torch.empty_like(q)
-        rc = self._fn(q.data_ptr(), k.data_ptr(), v.data_ptr(), pos.data_ptr(), k_cache.data_ptr(),
-                      v_cache.data_ptr(), out.data_ptr(), rows, kvh, groups, hd, max_len, scale,
-                      torch.get_num_threads())
+    def decode_attention(self, qkv: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor,
+                         pos: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, heads: int,
+                         scale: float) -> torch.Tensor:
+        """One layer's decode attention from the fused projection's output: rotary embedding
+        of q and k, K/V written at each row's position, attention over positions 0..pos.
+        qkv [rows, (heads + 2 * kv_heads) * head_dim]; cos, signed_sin [rows, head_dim] (sin
+        with its first half negated); pos int64 [rows]; k_cache, v_cache one layer
+        [slots, kv_heads, max_len, head_dim]. Returns [rows, heads * head_dim]."""
+        rows = qkv.shape[0]
+        _, kvh, max_len, hd = k_cache.shape
+        qkv, pos = qkv.contiguous(), pos.contiguous()
+        cos, signed_sin = cos.reshape(rows, -1).contiguous(), signed_sin.reshape(rows, -1).contiguous()
+        _check(qkv=qkv, cos=cos, signed_sin=signed_sin, k_cache=k_cache, v_cache=v_cache)
+        if pos.dtype != torch.int64 or pos.shape != (rows,):
+            raise TypeError("pos must be an int64 tensor with one position per row")
+        if (k_cache.shape[0] < rows or k_cache.shape != v_cache.shape or heads % kvh
+                or qkv.shape[1] != (heads + 2 * kvh) * hd or cos.shape != (rows, hd) or signed_sin.shape != (rows, hd)):
+            raise ValueError(f"qkv {tuple(qkv.shape)}, rope {tuple(cos.shape)} and cache {tuple(k_cache.shape)} "
+                             f"do not fit {heads} heads")
+        out = torch.empty(rows, heads * hd, dtype=qkv.dtype)
+        rc = self._decode(qkv.data_ptr(), cos.data_ptr(), signed_sin.data_ptr(), pos.data_ptr(), k_cache.data_ptr(),
+                          v_cache.data_ptr(), out.data_ptr(), rows, heads, kvh, hd, max_len, scale,
+                          torch.get_num_threads())
+        if rc == -2:
+            raise ValueError(f"positions must lie in the cache length {max_len}")
         if rc != 0:
-            raise MemoryError("decode attention kernel could not allocate its score buffer")
+            raise MemoryError("decode attention kernel could not allocate its buffers")
         return out
 
+    def prefill_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lengths: list[int],
+                          scale: float) -> torch.Tensor | None:
+        """Causal attention of prompts packed back to back (each from position 0): q
+        [tokens, heads, head_dim], k, v [tokens, kv_heads, head_dim]; returns
+        [tokens, heads, head_dim], or None where the kernel does not cover the shape
+        (head_dim not a multiple of 16, no AVX-512): the caller falls back."""
+        _check(q=q, k=k, v=v)
+        tokens, heads, hd = q.shape
+        if k.shape != v.shape or k.shape[0] != tokens or k.shape[2] != hd or sum(lengths) != tokens:
+            raise ValueError(f"q {tuple(q.shape)}, k {tuple(k.shape)} and lengths {sum(lengths)} disagree")
+        starts = torch.zeros(len(lengths) + 1, dtype=torch.int64)
+        torch.cumsum(torch.tensor(lengths, dtype=torch.int64), 0, out=starts[1:])
+        out = torch.empty_like(q)
+        rc = self._prefill(q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), starts.data_ptr(),
+                           len(lengths), heads, k.shape[1], hd, scale, torch.get_num_threads())
+        if rc < 0:
+            raise MemoryError("prefill attention kernel could not allocate its buffers")
+        return out if rc == 0 else None
 
-def load() -> DecodeAttention | None:
-    """The compiled kernel, or None where it is disabled or cannot be built here."""
+
+def load() -> Kernels | None:
+    """The compiled kernels, or None where they are disabled or cannot be built here."""
     global _loaded
     with _lock:
         if _loaded is False:
@@ -122,7 +154,7 @@ def load() -> DecodeAttention | None:
                 log.info("native kernels are built on Linux only; using the torch path")
             else:
                 try:
-                    _loaded = DecodeAttention(build())
+                    _loaded = Kernels(build())
                 except (RuntimeError, OSError, subprocess.SubprocessError) as exc:
-                    log.warning("native decode attention unavailable (%s); using the torch path", exc)
+                    log.warning("native kernels unavailable (%s); using the torch path", exc)
         return _loaded

@@ -1,5 +1,5 @@
-"""The compiled decode-attention kernel against the torch path it replaces, and the
-fallback when it cannot be built."""
+"""The compiled attention kernels (decode, causal prefill) against the torch paths they
+replace, and the fallback when they cannot be built."""
 
 from __future__ import annotations
 
@@ -7,61 +7,99 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from node_agent.engines.builtin import native
 from node_agent.engines.builtin.model import LlamaModel
 from node_agent.tiny_model import generate_tiny_model
 
-kernel = native.load()
-needs_kernel = pytest.mark.skipif(kernel is None, reason="no C compiler here: the torch path is used")
+kernels = native.load()
+needs_kernel = pytest.mark.skipif(kernels is None, reason="no C compiler here: the torch path is used")
 
 
-def reference(q, k, v, pos, kc, vc, scale):
-    """Plain attention per row over positions 0..pos after writing k, v at pos."""
+def rotate(x, cos, ssin):
+    half = x.shape[-1] // 2
+    return x * cos + torch.cat([x[..., half:], x[..., :half]], -1) * ssin
+
+
+def reference(qkv, cos, ssin, pos, kc, vc, heads, scale):
+    """Rotary embedding, K/V written at pos, plain attention over positions 0..pos."""
+    rows, kvh, hd = qkv.shape[0], kc.shape[1], kc.shape[3]
+    q, k, v = qkv.view(rows, -1, hd).split([heads, kvh, kvh], 1)
+    q, k = rotate(q, cos[:, None], ssin[:, None]), rotate(k, cos[:, None], ssin[:, None])
     kc, vc = kc.clone(), vc.clone()
-    out = torch.empty_like(q)
+    out = torch.empty(rows, heads, hd)
     for b, p in enumerate(pos.tolist()):
         kc[b, :, p], vc[b, :, p] = k[b], v[b]
-        keys, vals = kc[b, :, : p + 1], vc[b, :, : p + 1]  # [kv, n, hd]
-        att = torch.softmax(torch.einsum("hgd,hnd->hgn", q[b], keys) * scale, -1)
-        out[b] = torch.einsum("hgn,hnd->hgd", att, vals)
-    return out, kc, vc
+        keys = kc[b, :, : p + 1].repeat_interleave(heads // kvh, 0)  # [heads, n, hd]
+        vals = vc[b, :, : p + 1].repeat_interleave(heads // kvh, 0)
+        att = torch.softmax(torch.einsum("hd,hnd->hn", q[b], keys) * scale, -1)
+        out[b] = torch.einsum("hn,hnd->hd", att, vals)
+    return out.reshape(rows, -1), kc, vc
 
 
 @needs_kernel
-@pytest.mark.parametrize("kvh,groups,hd", [(2, 2, 32), (4, 1, 64), (1, 4, 48)])
-def test_kernel_matches_reference_and_writes_the_cache(kvh, groups, hd):
-    torch.manual_seed(kvh * 10 + groups)
+@pytest.mark.parametrize("heads,kvh,hd", [(4, 2, 32), (4, 4, 64), (4, 1, 48), (2, 1, 8)])
+def test_kernel_matches_reference_and_writes_the_cache(heads, kvh, hd):
+    torch.manual_seed(heads * 10 + hd)
     rows, slots, max_len = 5, 7, 300
-    q = torch.randn(rows, kvh, groups, hd)
-    k, v = torch.randn(rows, kvh, hd), torch.randn(rows, kvh, hd)
+    qkv = torch.randn(rows, (heads + 2 * kvh) * hd)
+    angle = torch.rand(rows, hd) * 6
+    cos, ssin = angle.cos(), angle.sin()
+    ssin[:, : hd // 2].neg_()
     kc, vc = torch.randn(slots, kvh, max_len, hd), torch.randn(slots, kvh, max_len, hd)
-    pos = torch.tensor([299, 0, 17, 150, 63])  # lengths 1..max_len, unsorted
+    pos = torch.tensor([299, 0, 17, 150, 63])  # lengths 1..max_len, unsorted, not multiples of 16
     scale = 1 / math.sqrt(hd)
-    ref, ref_kc, ref_vc = reference(q, k, v, pos, kc, vc, scale)
-    out = kernel(q, k, v, pos, kc, vc, scale)
+    ref, ref_kc, ref_vc = reference(qkv, cos, ssin, pos, kc, vc, heads, scale)
+    out = kernels.decode_attention(qkv, cos, ssin, pos, kc, vc, heads, scale)
     assert torch.allclose(out, ref, atol=2e-5, rtol=1e-4)
-    assert torch.equal(kc, ref_kc) and torch.equal(vc, ref_vc)  # slots >= rows untouched too
+    assert torch.allclose(kc, ref_kc, atol=1e-6) and torch.equal(vc, ref_vc)  # slots >= rows untouched too
+
+
+@needs_kernel
+@pytest.mark.parametrize("heads,kvh,hd", [(8, 4, 64), (4, 4, 32), (6, 2, 48)])
+def test_prefill_kernel_matches_sdpa(heads, kvh, hd):
+    torch.manual_seed(heads + hd)
+    lengths = [1, 15, 16, 17, 100, 3]  # block edges and a one-token prompt
+    n = sum(lengths)
+    q, k, v = torch.randn(n, heads, hd), torch.randn(n, kvh, hd), torch.randn(n, kvh, hd)
+    out = kernels.prefill_attention(q, k, v, lengths, 1 / math.sqrt(hd))
+    a = 0
+    for length in lengths:
+        t = lambda x: x[None, a:a + length].transpose(1, 2)  # noqa: E731
+        ref = F.scaled_dot_product_attention(t(q), t(k), t(v), is_causal=True, enable_gqa=True)[0].transpose(0, 1)
+        assert torch.allclose(out[a:a + length], ref, atol=2e-5, rtol=1e-4), length
+        a += length
+
+
+@needs_kernel
+def test_prefill_kernel_declines_odd_head_sizes():
+    q, k = torch.randn(5, 2, 24), torch.randn(5, 1, 24)
+    assert kernels.prefill_attention(q, k, k, [5], 0.2) is None  # the model then uses SDPA
 
 
 @needs_kernel
 def test_kernel_refuses_bad_input():
-    q, k = torch.zeros(1, 1, 1, 8), torch.zeros(1, 1, 8)
+    qkv, rope = torch.zeros(1, 3 * 8), torch.zeros(1, 8)
     kc = torch.zeros(1, 1, 16, 8)
     with pytest.raises(TypeError):
-        kernel(q.double(), k, k, torch.tensor([0]), kc, kc, 1.0)
-    with pytest.raises(ValueError, match="past the cache"):
-        kernel(q, k, k, torch.tensor([16]), kc, kc.clone(), 1.0)
+        kernels.decode_attention(qkv.double(), rope, rope, torch.tensor([0]), kc, kc.clone(), 1, 1.0)
+    with pytest.raises(ValueError, match="cache length"):
+        kernels.decode_attention(qkv, rope, rope, torch.tensor([16]), kc, kc.clone(), 1, 1.0)
+    with pytest.raises(ValueError, match="do not fit"):
+        kernels.decode_attention(qkv, rope, rope, torch.tensor([0]), kc, kc.clone(), 2, 1.0)
+    with pytest.raises(ValueError, match="disagree"):
+        kernels.prefill_attention(torch.zeros(4, 2, 16), torch.zeros(4, 1, 16), torch.zeros(4, 1, 16), [3], 1.0)
 
 
 @needs_kernel
 def test_model_decode_same_with_and_without_kernel(tmp_path):
     model = LlamaModel(generate_tiny_model(tmp_path, "tiny", seed=3))
-    assert model.attention_kernel is not None
+    assert model.kernels is not None
     prompts = [[5, 9, 11, 40, 2, 7, 8], [3, 4], [100, 101, 102, 103]]
 
     def run(use_kernel):
-        model.attention_kernel = kernel if use_kernel else None
+        model.kernels = kernels if use_kernel else None
         model.allocate_cache(len(prompts), 64)
         logits = model.prefill([(i, p, 0) for i, p in enumerate(prompts)])
         toks = logits.argmax(-1)

@@ -1,0 +1,156 @@
+/* Causal prefill attention for prompts that start at position 0 (float32, CPU).
+ *
+ * q [tokens, heads, head_dim], k and v [tokens, kv_heads, head_dim] hold several prompts
+ * back to back (prompt p is rows starts[p]..starts[p+1]); out is [tokens, heads, head_dim].
+ * Query head h attends with kv head h / (heads / kv_heads). Work is split into tasks of
+ * 16 query rows of one head of one prompt, scheduled longest first. Per task: scores for
+ * the block's keys (16 query lanes per vector, 8 keys at a time), a causal mask on the
+ * diagonal block, softmax down each lane, then P·V with 16 output dims per pass.
+ * Needs head_dim % 16 == 0 and AVX-512 for the fast path; returns 1 otherwise (the caller
+ * then uses torch's SDPA), -1 when out of memory, 0 on success.
+ */
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#include <math.h>
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
+#define QB 16
+
+#if defined(__AVX512F__)
+/* exp(x) for x <= 0, 16 lanes: Cephes' expf (range reduction to [-ln2/2, ln2/2], degree-6
+ * polynomial), scaled by 2^n with scalef; about 1 ulp. */
+static inline __m512 exp512(__m512 x) {
+    x = _mm512_max_ps(x, _mm512_set1_ps(-87.0f));
+    const __m512 n = _mm512_roundscale_ps(
+        _mm512_fmadd_ps(x, _mm512_set1_ps(1.44269504088896341f), _mm512_set1_ps(0.5f)),
+        _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
+    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+    r = _mm512_fmadd_ps(n, _mm512_set1_ps(2.12194440e-4f), r);
+    __m512 y = _mm512_set1_ps(1.9875691500e-4f);
+    y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.3981999507e-3f));
+    y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(8.3334519073e-3f));
+    y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(4.1665795894e-2f));
+    y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.6666665459e-1f));
+    y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(5.0000001201e-1f));
+    y = _mm512_fmadd_ps(_mm512_mul_ps(y, r), r, _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
+    return _mm512_scalef_ps(y, n);
+}
+#endif
+
+typedef struct { int64_t prompt, head, row0, keys; } task_t;
+
+static int by_keys_desc(const void *a, const void *b) {
+    int64_t ka = ((const task_t *)a)->keys, kb = ((const task_t *)b)->keys;
+    return (ka < kb) - (ka > kb);
+}
+
+int agora_prefill_attention(
+    const float *restrict q, const float *restrict k, const float *restrict v, float *restrict out,
+    const int64_t *restrict starts, int64_t prompts, int64_t heads, int64_t kv_heads, int64_t head_dim,
+    float scale, int threads)
+{
+#if !defined(__AVX512F__)
+    (void)q; (void)k; (void)v; (void)out; (void)starts; (void)prompts; (void)heads; (void)kv_heads;
+    (void)head_dim; (void)scale; (void)threads;
+    return 1;
+#else
+    if (head_dim % 16 != 0 || heads % kv_heads != 0) return 1;
+    const int64_t group = heads / kv_heads, qs = heads * head_dim, ks = kv_heads * head_dim;
+    int64_t ntasks = 0, longest = 0;
+    for (int64_t p = 0; p < prompts; p++) {
+        int64_t n = starts[p + 1] - starts[p];
+        ntasks += heads * ((n + QB - 1) / QB);
+        if (n > longest) longest = n;
+    }
+    task_t *tasks = (task_t *)malloc(sizeof(task_t) * (size_t)(ntasks ? ntasks : 1));
+    if (!tasks) return -1;
+    int64_t t = 0;
+    for (int64_t p = 0; p < prompts; p++) {
+        int64_t n = starts[p + 1] - starts[p];
+        for (int64_t h = 0; h < heads; h++)
+            for (int64_t r = 0; r < n; r += QB) {
+                task_t x = {p, h, r, (r + QB < n ? r + QB : n)};
+                tasks[t++] = x;
+            }
+    }
+    qsort(tasks, (size_t)ntasks, sizeof(task_t), by_keys_desc);
+    const int64_t kpad = (longest + 7) / 8 * 8;
+    int failed = 0;
+    #pragma omp parallel num_threads(threads) reduction(|:failed)
+    {
+        /* qt: the block's queries transposed [head_dim][16]; st: scores [keys][16]. */
+        float *qt = (float *)aligned_alloc(64, sizeof(float) * (size_t)(head_dim * QB));
+        float *st = (float *)aligned_alloc(64, sizeof(float) * (size_t)(kpad * QB));
+        float *ot = (float *)aligned_alloc(64, sizeof(float) * (size_t)(head_dim * QB));
+        if (!qt || !st || !ot) failed = 1;
+        #pragma omp for schedule(dynamic, 1)
+        for (int64_t i = 0; i < ntasks; i++) {
+            if (!qt || !st || !ot) continue;
+            const task_t x = tasks[i];
+            const int64_t base = starts[x.prompt], rows = (x.keys - x.row0);
+            const int64_t kvh = x.head / group, nk = x.keys;
+            for (int64_t d = 0; d < head_dim; d++)
+                for (int64_t r = 0; r < QB; r++)
+                    qt[d * QB + r] = r < rows ? q[(base + x.row0 + r) * qs + x.head * head_dim + d] * scale : 0.0f;
+            const float *kb = k + base * ks + kvh * head_dim;
+            const float *vb = v + base * ks + kvh * head_dim;
+            /* scores, 8 keys at a time (keys past nk read a valid earlier row and are masked) */
+            for (int64_t j = 0; j < nk; j += 8) {
+                __m512 a[8];
+                const float *kr[8];
+                for (int u = 0; u < 8; u++) {
+                    a[u] = _mm512_setzero_ps();
+                    kr[u] = kb + (j + u < nk ? j + u : nk - 1) * ks;
+                }
+                for (int64_t d = 0; d < head_dim; d++) {
+                    const __m512 qd = _mm512_load_ps(qt + d * QB);
+                    for (int u = 0; u < 8; u++) a[u] = _mm512_fmadd_ps(qd, _mm512_set1_ps(kr[u][d]), a[u]);
+                }
+                for (int u = 0; u < 8; u++) _mm512_store_ps(st + (j + u) * QB, a[u]);
+            }
+            /* causal mask: key j is visible to row r iff j <= row0 + r */
+            const __m512 lane = _mm512_add_ps(_mm512_set1_ps((float)x.row0),
+                _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15));
+            const __m512 ninf = _mm512_set1_ps(-INFINITY);
+            for (int64_t j = x.row0; j < nk; j++) {
+                __mmask16 hide = _mm512_cmp_ps_mask(_mm512_set1_ps((float)j), lane, _CMP_GT_OQ);
+                _mm512_store_ps(st + j * QB, _mm512_mask_mov_ps(_mm512_load_ps(st + j * QB), hide, ninf));
+            }
+            /* softmax down each lane */
+            __m512 m = ninf;
+            for (int64_t j = 0; j < nk; j++) m = _mm512_max_ps(m, _mm512_load_ps(st + j * QB));
+            __m512 sum = _mm512_setzero_ps();
+            for (int64_t j = 0; j < nk; j++) {
+                const __m512 e = exp512(_mm512_sub_ps(_mm512_load_ps(st + j * QB), m));
+                _mm512_store_ps(st + j * QB, e);
+                sum = _mm512_add_ps(sum, e);
+            }
+            float inv[QB];
+            _mm512_storeu_ps(inv, _mm512_div_ps(_mm512_set1_ps(1.0f), sum));
+            /* P·V into ot [head_dim][16], 16 dims per pass, then out (1/sum applied there) */
+            for (int64_t d0 = 0; d0 < head_dim; d0 += 16) {
+                __m512 acc[16];
+                for (int u = 0; u < 16; u++) acc[u] = _mm512_setzero_ps();
+                for (int64_t j = 0; j < nk; j++) {
+                    const __m512 pj = _mm512_load_ps(st + j * QB);
+                    const float *vr = vb + j * ks + d0;
+                    for (int u = 0; u < 16; u++) acc[u] = _mm512_fmadd_ps(pj, _mm512_set1_ps(vr[u]), acc[u]);
+                }
+                for (int u = 0; u < 16; u++) _mm512_store_ps(ot + (d0 + u) * QB, acc[u]);
+            }
+            for (int64_t r = 0; r < rows; r++) {
+                float *o = out + (base + x.row0 + r) * qs + x.head * head_dim;
+                for (int64_t d = 0; d < head_dim; d++) o[d] = ot[d * QB + r] * inv[r];
+            }
+        }
+        free(qt);
+        free(st);
+        free(ot);
+    }
+    free(tasks);
+    return failed ? -1 : 0;
+#endif
+}
