@@ -47,14 +47,16 @@ def _cache_dir() -> Path:
     return (Path(home) if home else Path.home() / ".cache" / "agora") / "native"
 
 
-def build(sources: tuple[Path, ...] = SOURCES, cache_dir: Path | None = None) -> Path:
+def build(sources: tuple[Path, ...] = SOURCES, cache_dir: Path | None = None, extra_flags: tuple[str, ...] = ()
+          ) -> Path:
     """Compile `sources` into one shared library (once per sources, flags and CPU) and
     return its path. Raises RuntimeError with the compiler's message when that fails."""
+    flags = [*FLAGS, *extra_flags]
     cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     if not cc:
         raise RuntimeError("no C compiler (cc or gcc) on PATH")
     key = hashlib.sha256(
-        b"".join(s.read_bytes() for s in sources) + " ".join([cc, *FLAGS]).encode() + _cpu_id().encode()
+        b"".join(s.read_bytes() for s in sources) + " ".join([cc, *flags]).encode() + _cpu_id().encode()
     ).hexdigest()[:16]
     out_dir = cache_dir or _cache_dir()
     lib = out_dir / f"agora_kernels-{key}.so"
@@ -64,7 +66,7 @@ def build(sources: tuple[Path, ...] = SOURCES, cache_dir: Path | None = None) ->
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=out_dir)
     os.close(fd)
     try:
-        res = subprocess.run([cc, *FLAGS, *map(str, sources), "-o", tmp], capture_output=True, text=True, timeout=120)
+        res = subprocess.run([cc, *flags, *map(str, sources), "-o", tmp], capture_output=True, text=True, timeout=120)
         if res.returncode != 0:
             raise RuntimeError(f"{cc} failed: {res.stderr.strip()[-800:]}")
         os.replace(tmp, lib)  # atomic: concurrent builders each write their own temp file

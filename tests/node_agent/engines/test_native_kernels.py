@@ -73,6 +73,23 @@ def test_prefill_kernel_matches_sdpa(heads, kvh, hd):
 
 
 @needs_kernel
+def test_portable_build_without_avx512(tmp_path):
+    """The plain-C paths a CPU without AVX-512 gets: same results; prefill declines."""
+    portable = native.Kernels(native.build(cache_dir=tmp_path, extra_flags=("-mno-avx512f",)))
+    torch.manual_seed(7)
+    heads, kvh, hd, rows = 4, 2, 64, 3
+    qkv = torch.randn(rows, (heads + 2 * kvh) * hd)
+    angle = torch.rand(rows, hd)
+    cos, ssin = angle.cos(), angle.sin()
+    kc, vc = torch.randn(rows, kvh, 80, hd), torch.randn(rows, kvh, 80, hd)
+    pos = torch.tensor([79, 33, 0])
+    ref, _, _ = reference(qkv, cos, ssin, pos, kc, vc, heads, 0.125)
+    assert torch.allclose(portable.decode_attention(qkv, cos, ssin, pos, kc, vc, heads, 0.125), ref, atol=2e-5)
+    q = torch.randn(4, heads, hd)
+    assert portable.prefill_attention(q, qkv[:1].new_zeros(4, kvh, hd), q.new_zeros(4, kvh, hd), [4], 0.1) is None
+
+
+@needs_kernel
 def test_prefill_kernel_declines_odd_head_sizes():
     q, k = torch.randn(5, 2, 24), torch.randn(5, 1, 24)
     assert kernels.prefill_attention(q, k, k, [5], 0.2) is None  # the model then uses SDPA
