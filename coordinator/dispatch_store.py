@@ -21,7 +21,7 @@ from coordinator.models import InferenceRequest, Node, NodeOffer, RequestStatus
 from coordinator.models.account import utcnow
 from coordinator.node_registry import is_live, mark_silent_offline, prune_nonces
 from coordinator.openai_format import usage
-from coordinator.settlement import ReceiptRejected, fail_request, settle_accepted
+from coordinator.settlement import Settled, fail_request, settle_accepted_batch
 from node_agent.protocol import Assignment, Sampling
 from pricing.ledger import Ledger, expire_holds
 from pricing.stake import withdraw_matured
@@ -159,20 +159,27 @@ class SqlDispatchStore:
         return True
 
     def settle(self, request_id: str) -> dict:
+        """Pay `request_id`'s accepted receipt, and with it up to SETTLE_BATCH - 1 other
+        accepted receipts no other worker holds (one ledger batch); tell each buyer."""
         try:
             with self.rt.session() as s:
-                result = settle_accepted(s, request_id, self.rt.settings)
-                node_id = s.get(InferenceRequest, request_id).node_id
+                results = settle_accepted_batch(s, request_id, self.rt.settings)
+                nodes = {rid: s.get(InferenceRequest, rid).node_id
+                         for rid, res in results.items() if isinstance(res, Settled)}
         except OperationalError as exc:
             raise TransientStoreError(str(exc)) from exc
-        except ReceiptRejected as exc:
-            log.warning("settle %s: %s", request_id, exc)
-            return {"request_id": request_id, "settled": False, "reason": str(exc)}
-        self.rt.bus.publish_sync(f"req:{request_id}", {
-            "type": "done", "finish_reason": result.finish_reason, "node_id": node_id,
-            "usage": usage(result.prompt_tokens, result.completion_tokens, result.cost)})
+        for rid, res in results.items():
+            if not isinstance(res, Settled):
+                log.warning("settle %s: %s", rid, res)
+                continue
+            self.rt.bus.publish_sync(f"req:{rid}", {
+                "type": "done", "finish_reason": res.finish_reason, "node_id": nodes[rid],
+                "usage": usage(res.prompt_tokens, res.completion_tokens, res.cost)})
         self.rt.trigger_dispatch()
-        return {"request_id": request_id, "settled": True, "cost": result.cost}
+        own = results[request_id]
+        if not isinstance(own, Settled):
+            return {"request_id": request_id, "settled": False, "reason": str(own), "batch": len(results)}
+        return {"request_id": request_id, "settled": True, "cost": own.cost, "batch": len(results)}
 
     def sweep(self) -> dict:
         """Offline detection, orphaned assignments back to the queue, expired holds."""

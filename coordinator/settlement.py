@@ -10,16 +10,18 @@ platform fee.
 
 Two phases, so that a crash never loses or doubles money: the work channel accepts and
 stores the receipt with its own measurements (`accept_receipt`, request -> SETTLING), then
-the Celery task `agora.settle` pays it (`settle_accepted`, -> COMPLETED). The task is
-idempotent (a redelivery returns the first result) and the sweep resends it for any
-request left SETTLING.
+the Celery task `agora.settle` pays it (`settle_accepted_batch`, -> COMPLETED): the task's
+own request and up to `SETTLE_BATCH - 1` other accepted receipts that no other transaction
+holds, through the ledger's set-based `settle_many` in one transaction (same rules, same
+idempotency keys as `settle_accepted`, the one-request path). The task is idempotent (a
+redelivery returns the first result) and the sweep resends it for any request left SETTLING.
 """
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-from sqlmodel import Session
+from sqlmodel import Session, col, select
 
 from coordinator import speed
 from coordinator.models import InferenceRequest, Node, NodeOffer, ReceiptRecord, RequestStatus
@@ -27,9 +29,12 @@ from coordinator.models.account import utcnow
 from coordinator.node_registry import check_signed, record_success
 from coordinator.settings import CoordinatorSettings
 from node_agent.protocol import Receipt
+from pricing.batch import Settlement, settle_many
+from pricing.errors import LedgerError
 from pricing.ledger import Ledger
 from pricing.money import request_cost
-from sqlmodel import select
+
+SETTLE_BATCH = 200  # accepted receipts one settle task pays in one transaction, at most
 
 class ReceiptRejected(Exception):
     """The receipt does not match the request or the relayed tokens; nothing is paid."""
@@ -104,8 +109,41 @@ def accept_receipt(session: Session, receipt: Receipt, node_id: str, relayed: Re
     return Accepted(fresh=True, audit_id=audit.id if audit else None)
 
 
+@dataclass
+class _Charge:
+    record: ReceiptRecord
+    relayed: Relayed
+    node: Node
+    prompt_tokens: int
+    completion_tokens: int
+    parts: list[tuple[int, int]]  # (earnings account, amount), capped by the hold
+
+
+def _charge(session: Session, req: InferenceRequest) -> _Charge:
+    record = session.get(ReceiptRecord, req.id)
+    relayed = Relayed(**record.payload["relayed"])
+    node = session.get(Node, record.node_id)
+    prompt_tokens = min(record.prompt_tokens, req.prompt_tokens_est)
+    parts = split_charges(session, req, node, prompt_tokens, relayed.token_count)
+    completion = relayed.token_count + sum(seg["tokens"] for seg in req.payload.get("segments", []))
+    return _Charge(record, relayed, node, prompt_tokens, completion, parts)
+
+
+def _complete(session: Session, req: InferenceRequest, ch: _Charge) -> Settled:
+    record_success(ch.node)
+    req.status = RequestStatus.COMPLETED
+    req.prompt_tokens, req.completion_tokens = ch.prompt_tokens, ch.completion_tokens
+    req.cost = sum(amount for _, amount in ch.parts)
+    req.finish_reason = ch.record.finish_reason
+    req.finished_at = utcnow()
+    session.add(req)
+    session.add(ch.node)
+    _learn_speed(session, req, ch.relayed, ch.node.rtt_ms)
+    return _settled(req)
+
+
 def settle_accepted(session: Session, request_id: str, settings: CoordinatorSettings) -> Settled:
-    """Phase 2, in the settle task: pay an accepted receipt. Idempotent: a redelivered
+    """Phase 2 for one request: pay an accepted receipt. Idempotent: a redelivered
     task finds the request COMPLETED and returns the first result."""
     req = session.get(InferenceRequest, request_id, with_for_update=True)
     if req is None:
@@ -114,27 +152,53 @@ def settle_accepted(session: Session, request_id: str, settings: CoordinatorSett
         return _settled(req)
     if req.status != RequestStatus.SETTLING:
         raise ReceiptRejected(f"request is {req.status.value}, not settling")
-    record = session.get(ReceiptRecord, request_id)
-    relayed = Relayed(**record.payload["relayed"])
-    node = session.get(Node, record.node_id)
-    prompt_tokens = min(record.prompt_tokens, req.prompt_tokens_est)
-    parts = split_charges(session, req, node, prompt_tokens, relayed.token_count)
-    completion = relayed.token_count + sum(seg["tokens"] for seg in req.payload.get("segments", []))
-    cost = sum(amount for _, amount in parts)
+    ch = _charge(session, req)
     if req.hold_id is not None:
         Ledger(session).settle_hold(
-            req.hold_id, parts=[p for p in parts if p[1] > 0],
+            req.hold_id, parts=[p for p in ch.parts if p[1] > 0],
             fee_bps=settings.platform_fee_bps, idempotency_key=f"settle:{req.id}",
         )
-    record_success(node)
-    req.status = RequestStatus.COMPLETED
-    req.prompt_tokens, req.completion_tokens, req.cost = prompt_tokens, completion, cost
-    req.finish_reason = record.finish_reason
-    req.finished_at = utcnow()
-    session.add(req)
-    session.add(node)
-    _learn_speed(session, req, relayed, node.rtt_ms)
-    return _settled(req)
+    return _complete(session, req, ch)
+
+
+def settle_accepted_batch(session: Session, request_id: str, settings: CoordinatorSettings,
+                          limit: int = SETTLE_BATCH) -> dict[str, Settled | ReceiptRejected | LedgerError]:
+    """Phase 2 for `request_id` and up to `limit - 1` other SETTLING requests, paid with
+    one `settle_many`. The task's own request is locked first (waiting for a concurrent
+    settler of it); the others are taken only where no other transaction holds them (SKIP
+    LOCKED on PostgreSQL), so concurrent tasks split the backlog instead of queueing on it.
+    Then the nodes and offers the batch updates are locked in id order, then the ledger
+    locks its rows in its own order. Per request: Settled (also for one already
+    COMPLETED), or the error that leaves it as it was."""
+    out: dict[str, Settled | ReceiptRejected | LedgerError] = {}
+    own = session.get(InferenceRequest, request_id, with_for_update=True)
+    if own is None:
+        return {request_id: ReceiptRejected(f"unknown request {request_id}")}
+    if own.status == RequestStatus.COMPLETED:
+        return {request_id: _settled(own)}
+    if own.status != RequestStatus.SETTLING:
+        return {request_id: ReceiptRejected(f"request is {own.status.value}, not settling")}
+    reqs = [own]
+    if limit > 1:
+        reqs += list(session.exec(
+            select(InferenceRequest)
+            .where(InferenceRequest.status == RequestStatus.SETTLING, InferenceRequest.id != request_id)
+            .order_by(col(InferenceRequest.id)).limit(limit - 1)
+            .with_for_update(skip_locked=True)
+        ).all())
+    node_ids = sorted({r.node_id for r in reqs if r.node_id})
+    session.exec(select(Node.id).where(col(Node.id).in_(node_ids)).order_by(col(Node.id)).with_for_update()).all()
+    session.exec(select(NodeOffer.id).where(col(NodeOffer.node_id).in_(node_ids))
+                 .order_by(col(NodeOffer.id)).with_for_update()).all()
+    charges = {r.id: _charge(session, r) for r in reqs}
+    paying = [r for r in reqs if r.hold_id is not None]
+    results = settle_many(session, [
+        Settlement(r.hold_id, [p for p in charges[r.id].parts if p[1] > 0], f"settle:{r.id}") for r in paying
+    ], fee_bps=settings.platform_fee_bps)
+    failed = {r.id: res for r, res in zip(paying, results) if isinstance(res, Exception)}
+    for r in reqs:
+        out[r.id] = failed.get(r.id) or _complete(session, r, charges[r.id])
+    return out
 
 
 def settle(session: Session, receipt: Receipt, node_id: str, relayed: Relayed,
