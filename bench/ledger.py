@@ -15,8 +15,11 @@ It seeds buyers, sellers and pending escrow holds sized for the worst case of a 
 
 Both run after a warm-up on the same database. On PostgreSQL it also measures the
 per-request path under load (16 threads, each request a hold and a settlement in their
-own transactions). The books are checked afterwards (sum of balances zero, no pending
-hold, escrow empty). The last line is one JSON object.
+own transactions), and the coordinator's settle step over accepted receipts: one request
+per transaction (`settle_accepted`) vs the settle task (`DispatchStore.settle`, which pays
+its request and the backlog with `settle_many`), one task per request as a worker gets them.
+The books are checked afterwards (sum of balances zero, no pending hold, escrow empty). The
+last line is one JSON object.
 """
 
 from __future__ import annotations
@@ -164,6 +167,69 @@ def run_concurrent_requests(engine, threads: int, n: int) -> float:
     return n / (time.perf_counter() - t0)
 
 
+def bench_settle_task(url: str, n: int) -> dict:
+    """Accepted receipts of 2n requests on a fresh coordinator database; half settled one
+    per transaction, half by settle tasks (one per request, sequential, as one worker)."""
+    from coordinator.account_service import create_account
+    from coordinator.admission import admit
+    from coordinator.db import create_all, make_engine
+    from coordinator.models import InferenceRequest, RequestStatus
+    from coordinator.node_registry import register
+    from coordinator.runtime import Runtime
+    from coordinator.schemas import ChatCompletionRequest
+    from coordinator.settings import CoordinatorSettings
+    from coordinator.settlement import Relayed, accept_receipt, settle_accepted
+    from node_agent.identity import Identity
+    from node_agent.protocol import ModelOffer, Receipt, Registration, commitment_of, fresh_stamp
+    from scheduler.routing import Decision
+
+    with tempfile.TemporaryDirectory() as home:
+        settings = CoordinatorSettings(home=Path(home), database_url=url, run_worker_in_process=False)
+        engine = make_engine(url)
+        create_all(engine)
+        rt = Runtime(settings, engine=engine)
+        try:
+            me = Identity.generate()
+            reg = Registration(node_id=me.public_key_hex, **fresh_stamp(), region="us-east", max_concurrency=4 * n,
+                               models=[ModelOffer(model="tiny", price_in=P_IN, price_out=P_OUT,
+                                                  tokens_per_s=100.0)]).sign(me)
+            body = ChatCompletionRequest(model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=64)
+            with rt.session() as s:
+                register(s, reg, settings).channel_connected = True
+                buyers = [create_account(s, f"b{i}", HOLD * n)[0] for i in range(16)]
+            rids = []
+            for i in range(2 * n):
+                with rt.session() as s:
+                    rids.append(admit(s, s.merge(buyers[i % 16]), body, "chat", settings).request.id)
+            rt.store.apply(Decision(assignments={rid: me.public_key_hex for rid in rids}))
+            for rid in rids:
+                ids, lps = [5, 6, 7], [-100, -200, -300]
+                receipt = Receipt(node_id=me.public_key_hex, **fresh_stamp(), request_id=rid, model="tiny",
+                                  prompt_tokens=3, completion_tokens=3, commitment=commitment_of(rid, ids, lps),
+                                  finish_reason="length").sign(me)
+                with rt.session() as s:
+                    accept_receipt(s, receipt, me.public_key_hex, Relayed(3, commitment_of(rid, ids, lps)), settings)
+            single_ids, task_ids = rids[:n], rids[n:]
+            t0 = time.perf_counter()
+            for rid in single_ids:
+                with rt.session() as s:
+                    settle_accepted(s, rid, settings)
+            single = n / (time.perf_counter() - t0)
+            # the single path left nothing behind; the task path now drains task_ids
+            t0 = time.perf_counter()
+            for rid in task_ids:
+                assert rt.store.settle(rid)["settled"]
+            task = n / (time.perf_counter() - t0)
+            with rt.session() as s:
+                done = s.exec(select(InferenceRequest.id).where(
+                    InferenceRequest.status == RequestStatus.COMPLETED)).all()
+                ok = len(done) == 2 * n and total_balance(s) == 0
+        finally:
+            rt.stop()
+            engine.dispose()
+    return {"single": single, "task": task, "ok": ok}
+
+
 def check_books(engine, n_pending: int) -> bool:
     with Session(engine) as s:
         escrow = Ledger(s).system_balance(AccountKind.ESCROW)
@@ -224,6 +290,18 @@ def main() -> None:
                 conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
         print(f"postgres: batched {r['batched']:,.0f}/s, naive {r['naive']:,.0f}/s, books ok={r['ok']}", flush=True)
         print(f"postgres: per-request path, 16 threads: {r['concurrent']:,.0f} requests/s (hold + settle)", flush=True)
+        name2 = name + "_coord"
+        with admin.connect() as conn:
+            conn.execute(sa.text(f'CREATE DATABASE "{name2}"'))
+        try:
+            t = bench_settle_task(args.pg_admin.rsplit("/", 1)[0] + "/" + name2, 300 if args.quick else 1500)
+        finally:
+            with admin.connect() as conn:
+                conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{name2}" WITH (FORCE)'))
+        print(f"postgres: coordinator settle step: {t['single']:,.0f}/s one request per transaction, "
+              f"{t['task']:,.0f}/s through settle tasks (batched), books ok={t['ok']}", flush=True)
+        out.update(pg_settle_task_per_s=round(t["task"]), pg_settle_single_per_s=round(t["single"]),
+                   settle_task_vs_single=round(t["task"] / t["single"], 1), pg_settle_books_ok=t["ok"])
         out.update(pg_settlements_per_s=round(r["batched"]), pg_naive_settlements_per_s=round(r["naive"]),
                    pg_concurrent_requests_per_s=round(r["concurrent"]),
                    batched_vs_naive=round(r["batched"] / r["naive"], 1), pg_books_ok=r["ok"])

@@ -129,7 +129,7 @@ def _charge(session: Session, req: InferenceRequest) -> _Charge:
     return _Charge(record, relayed, node, prompt_tokens, completion, parts)
 
 
-def _complete(session: Session, req: InferenceRequest, ch: _Charge) -> Settled:
+def _complete(session: Session, req: InferenceRequest, ch: _Charge, offer: NodeOffer | None = None) -> Settled:
     record_success(ch.node)
     req.status = RequestStatus.COMPLETED
     req.prompt_tokens, req.completion_tokens = ch.prompt_tokens, ch.completion_tokens
@@ -138,7 +138,7 @@ def _complete(session: Session, req: InferenceRequest, ch: _Charge) -> Settled:
     req.finished_at = utcnow()
     session.add(req)
     session.add(ch.node)
-    _learn_speed(session, req, ch.relayed, ch.node.rtt_ms)
+    _learn_speed(session, req, ch.relayed, ch.node.rtt_ms, offer)
     return _settled(req)
 
 
@@ -187,17 +187,20 @@ def settle_accepted_batch(session: Session, request_id: str, settings: Coordinat
             .with_for_update(skip_locked=True)
         ).all())
     node_ids = sorted({r.node_id for r in reqs if r.node_id})
-    session.exec(select(Node.id).where(col(Node.id).in_(node_ids)).order_by(col(Node.id)).with_for_update()).all()
-    session.exec(select(NodeOffer.id).where(col(NodeOffer.node_id).in_(node_ids))
-                 .order_by(col(NodeOffer.id)).with_for_update()).all()
-    charges = {r.id: _charge(session, r) for r in reqs}
+    session.exec(select(Node).where(col(Node.id).in_(node_ids)).order_by(col(Node.id)).with_for_update()).all()
+    offers = {(o.node_id, o.model): o for o in session.exec(
+        select(NodeOffer).where(col(NodeOffer.node_id).in_(node_ids)).order_by(col(NodeOffer.id)).with_for_update())}
+    session.exec(select(ReceiptRecord).where(col(ReceiptRecord.request_id).in_([r.id for r in reqs]))).all()
+    with session.no_autoflush:  # all rows are in the session now: no query per request
+        charges = {r.id: _charge(session, r) for r in reqs}
     paying = [r for r in reqs if r.hold_id is not None]
     results = settle_many(session, [
         Settlement(r.hold_id, [p for p in charges[r.id].parts if p[1] > 0], f"settle:{r.id}") for r in paying
     ], fee_bps=settings.platform_fee_bps)
     failed = {r.id: res for r, res in zip(paying, results) if isinstance(res, Exception)}
-    for r in reqs:
-        out[r.id] = failed.get(r.id) or _complete(session, r, charges[r.id])
+    with session.no_autoflush:
+        for r in reqs:
+            out[r.id] = failed.get(r.id) or _complete(session, r, charges[r.id], offers.get((r.node_id, r.model)))
     return out
 
 
@@ -233,10 +236,12 @@ def split_charges(session: Session, req: InferenceRequest, last: Node, prompt_to
     return capped
 
 
-def _learn_speed(session: Session, req: InferenceRequest, relayed: Relayed, rtt_ms: float) -> None:
+def _learn_speed(session: Session, req: InferenceRequest, relayed: Relayed, rtt_ms: float,
+                 offer: NodeOffer | None = None) -> None:
     """Feed what the coordinator itself measured into the offer's speed estimate."""
-    offer = session.exec(select(NodeOffer).where(NodeOffer.node_id == req.node_id,
-                                                 NodeOffer.model == req.model)).first()
+    if offer is None:
+        offer = session.exec(select(NodeOffer).where(NodeOffer.node_id == req.node_id,
+                                                     NodeOffer.model == req.model)).first()
     if offer is None:
         return
     ttft = None if relayed.ttft_ms is None else max(0.0, relayed.ttft_ms - rtt_ms)
