@@ -127,7 +127,7 @@ def test_settle_task_survives_a_lost_worker_and_redelivery(rt):
     first = tasks.settle.apply(args=[rid]).get()
     again = tasks.settle.apply(args=[rid]).get()  # a redelivered copy
     cost = request_cost(9, 3, 1000, 2000)
-    assert first == again == {"request_id": rid, "settled": True, "cost": cost}
+    assert first == again == {"request_id": rid, "settled": True, "cost": cost, "batch": 1}
     with rt.session() as s:
         assert Ledger(s).balance(buyer) == 10**9 - cost
         assert total_balance(s) == 0
