@@ -23,7 +23,7 @@ from coordinator.node_registry import is_live, mark_silent_offline, prune_nonces
 from coordinator.openai_format import usage
 from coordinator.settlement import Settled, fail_request, settle_accepted_batch
 from node_agent.protocol import Assignment, Sampling
-from pricing.ledger import Ledger, expire_holds
+from pricing.ledger import Ledger, expire_holds, prune_idempotency
 from pricing.stake import withdraw_matured
 from scheduler.dispatch import AppliedDecision
 from scheduler.errors import TransientStoreError
@@ -208,6 +208,8 @@ class SqlDispatchStore:
             queued = s.exec(select(func.count()).where(InferenceRequest.status == RequestStatus.QUEUED)).one()
         with self.rt.session() as s:  # its own short transaction: it locks holds, then accounts
             expired = len(expire_holds(s, utcnow(), limit=500))
+        with self.rt.session() as s:
+            keys_pruned = prune_idempotency(s, utcnow() - timedelta(seconds=settings.idempotency_retention_s))
         if queued:
             self.rt.trigger_dispatch()
         audits_sent = sum(self.rt.dispatch_audit(aid) for aid in audits_due)
@@ -222,5 +224,6 @@ class SqlDispatchStore:
             self.rt.bus.publish_sync(f"req:{rid}", {"type": "error", "status": 504, "code": "timeout",
                                                     "message": "the request did not finish in time; nothing was charged"})
         return {"offline": offline, "requeued": requeued, "nonces_pruned": pruned, "holds_expired": expired,
+                "idempotency_keys_pruned": keys_pruned,
                 "settle_resent": unsettled, "overdue_failed": [rid for rid, _ in overdue],
                 "audits_sent": audits_sent, "canaries": canaries, "unbonded": unbonded}

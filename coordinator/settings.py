@@ -50,6 +50,9 @@ class CoordinatorSettings(BaseSettings):
     request_ttl_s: float = Field(default=3600, gt=0, description="a request unfinished by then is failed "
                                  "unpaid and its hold released (the hold itself expires a little later)")
     dispatch_window_ms: float = 2.0  # micro-batch window of the dispatch task
+    idempotency_retention_s: float = Field(
+        default=30 * 24 * 3600, gt=0, description="ledger idempotency keys older than this are forgotten by the "
+        "sweep; a client retrying with a key after that would repeat the operation")
 
     # Stake
     min_stake_nano_usd: int = Field(default=0, ge=0, description="bonded stake a node needs to sell")

@@ -29,8 +29,9 @@ from dataclasses import asdict
 from datetime import datetime
 from typing import Any, Iterable
 
+from sqlalchemy import delete
 from sqlalchemy.exc import IntegrityError
-from sqlmodel import Session, select
+from sqlmodel import Session, col, select
 
 from pricing.errors import (
     HoldExceeded, HoldNotPending, IdempotencyConflict, InsufficientFunds, LedgerError, RetryableConflict,
@@ -348,6 +349,20 @@ def expire_holds(session: Session, now: datetime | None = None, *, limit: int | 
             continue
         voided.append(hid)
     return voided
+
+
+def prune_idempotency(session: Session, older_than: datetime, *, limit: int = 5000) -> int:
+    """Forget up to `limit` idempotency keys created before `older_than`; returns how many.
+
+    A replay of a forgotten key runs its operation again, so the retention must outlast any
+    client's retry horizon (the coordinator keeps keys `idempotency_retention_s`, 30 days by
+    default). The coordinator's own keys are safe to forget once their request has ended:
+    a second settle, void or expiry of a resolved hold is refused (HoldNotPending)."""
+    keys = select(LedgerIdempotency.key).where(col(LedgerIdempotency.created_at) < older_than)
+    doomed = list(session.exec(keys.order_by(col(LedgerIdempotency.created_at)).limit(limit)).all())
+    if doomed:
+        session.execute(delete(LedgerIdempotency).where(col(LedgerIdempotency.key).in_(doomed)))
+    return len(doomed)
 
 
 def total_balance(session: Session) -> int:

@@ -87,7 +87,7 @@ class LedgerIdempotency(SQLModel, table=True):
     op: str = Field(max_length=32)
     params_hash: str = Field(max_length=64)
     result: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON))
-    created_at: datetime = Field(default_factory=_utcnow)
+    created_at: datetime = Field(default_factory=_utcnow, index=True)  # pruned by age
 
 
 @dataclass(frozen=True)

@@ -12,8 +12,10 @@ from pricing.errors import (
     HoldExceeded, HoldNotPending, IdempotencyConflict, InsufficientFunds, LedgerError, WrongAccountKind,
 )
 from pricing.ledger import (
-    AccountKind, HoldState, Ledger, LedgerHold, LedgerTransfer, expire_holds, total_balance,
+    AccountKind, HoldState, Ledger, LedgerHold, LedgerIdempotency, LedgerTransfer, expire_holds, prune_idempotency,
+    total_balance,
 )
+from pricing.ledger_models import _utcnow
 
 
 @pytest.fixture
@@ -189,3 +191,20 @@ def test_pay_from_platform_draws_on_every_fee_shard(led, sellers):
     assert led.pay_from_platform(sellers[1].id, 420, idempotency_key="v2") == 80   # what is left
     assert led.balance(sellers[1].id) == 500 and led.system_balance(AccountKind.PLATFORM_FEES) == 0
     assert total_balance(led.s) == 0
+
+
+def test_old_idempotency_keys_are_pruned_and_young_ones_kept(session, led):
+    buyer = led.open_account(AccountKind.BUYER, ref="prune-b").id
+    led.deposit(buyer, 100, idempotency_key="old-1")
+    led.deposit(buyer, 100, idempotency_key="old-2")
+    led.deposit(buyer, 100, idempotency_key="young")
+    for key in ("old-1", "old-2"):
+        session.get(LedgerIdempotency, key).created_at = _utcnow() - timedelta(days=40)
+    session.flush()
+    cutoff = _utcnow() - timedelta(days=30)
+    assert prune_idempotency(session, cutoff, limit=1) == 1  # bounded per call
+    assert prune_idempotency(session, cutoff) == 1
+    assert prune_idempotency(session, cutoff) == 0
+    assert session.get(LedgerIdempotency, "young") is not None
+    assert led.deposit(buyer, 100, idempotency_key="young") == 300  # still a replay
+    assert total_balance(session) == 0

@@ -2,7 +2,7 @@
 
 Revision ID: 0001
 Revises: 
-Create Date: 2026-11-28 17:31:05.843711
+Create Date: 2026-11-29 02:42:13.780649
 """
 from alembic import op
 import sqlalchemy as sa
@@ -47,6 +47,9 @@ def upgrade() -> None:
     sa.Column('created_at', sqlmodel.sql.sqltypes.UTCDateTime(), nullable=False),
     sa.PrimaryKeyConstraint('key')
     )
+    with op.batch_alter_table('ledger_idempotency', schema=None) as batch_op:
+        batch_op.create_index(batch_op.f('ix_ledger_idempotency_created_at'), ['created_at'], unique=False)
+
     op.create_table('node_nonces',
     sa.Column('node_id', sqlmodel.sql.sqltypes.AutoString(length=64), nullable=False),
     sa.Column('nonce', sqlmodel.sql.sqltypes.AutoString(length=64), nullable=False),
@@ -313,6 +316,9 @@ def downgrade() -> None:
         batch_op.drop_index(batch_op.f('ix_node_nonces_seen_at'))
 
     op.drop_table('node_nonces')
+    with op.batch_alter_table('ledger_idempotency', schema=None) as batch_op:
+        batch_op.drop_index(batch_op.f('ix_ledger_idempotency_created_at'))
+
     op.drop_table('ledger_idempotency')
     with op.batch_alter_table('ledger_accounts', schema=None) as batch_op:
         batch_op.drop_index(batch_op.f('ix_ledger_accounts_kind'))
