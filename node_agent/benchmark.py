@@ -71,9 +71,13 @@ def default_cache_dir() -> Path:
 
 
 def _engine_id(engine: Engine) -> tuple[str, str, str]:
+    """(model, device, dtype) for the cache key; the device part also names the engine's
+    implementation where it has one (`bench_key`), so a faster build re-measures."""
+    device = str(getattr(engine, "device", "remote"))
+    impl = getattr(engine, "bench_key", None)
     return (
         getattr(engine, "model_name", "model"),
-        str(getattr(engine, "device", "remote")),
+        f"{device}-{impl}" if impl else device,
         str(getattr(engine, "dtype", "unknown")),
     )
 
@@ -130,8 +134,9 @@ async def arun_benchmark(
     if quick:
         batch_sizes, prompt_len, gen_len = QUICK["batch_sizes"], QUICK["prompt_len"], QUICK["gen_len"]
     repeats = repeats or (1 if quick else 2)
-    model, device, dtype = _engine_id(engine)
-    tag = f"{model}__{device}__{dtype}__b{'-'.join(map(str, batch_sizes))}_p{prompt_len}_g{gen_len}_r{repeats}"
+    model, device_key, dtype = _engine_id(engine)
+    device = str(getattr(engine, "device", "remote"))
+    tag = f"{model}__{device_key}__{dtype}__b{'-'.join(map(str, batch_sizes))}_p{prompt_len}_g{gen_len}_r{repeats}"
     path = Path(cache_dir or default_cache_dir()) / (re.sub(r"[^A-Za-z0-9_.@=-]+", "_", tag) + ".json")
     if not refresh and path.exists():
         try:

@@ -30,6 +30,14 @@ def test_quick_benchmark_summary_and_cache(engine, tmp_path):
     assert roof["weight_bytes"] > 0.5e6 * 4 and 0 < roof["fraction_b1"] < 1.5
     again = run_benchmark(engine, quick=True, progress=False, cache_dir=tmp_path)
     assert again["cached"] and again["summary"] == s
+    # another build of the engine (here: the torch path instead of the native kernels)
+    # is measured afresh, not served the other build's figures
+    kernels, engine.model.kernels = engine.model.kernels, None
+    try:
+        other = run_benchmark(engine, quick=True, progress=False, cache_dir=tmp_path)
+    finally:
+        engine.model.kernels = kernels
+    assert not other.get("cached")
 
 
 def test_benchmark_inside_a_running_loop(engine, tmp_path):

@@ -42,6 +42,8 @@ from node_agent.errors import EngineError, ModelLoadError, RequestTooLong
 
 log = logging.getLogger(__name__)
 
+# Bump when a change makes the engine faster or slower: cached benchmarks are re-measured.
+ENGINE_REVISION = 2
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -114,6 +116,12 @@ class BuiltinEngine(Engine):
 
     def render_chat(self, messages: list[dict]) -> str:
         return self.tokenizer.render_chat(messages)
+
+    @property
+    def bench_key(self) -> str:
+        """Names this engine build in benchmark cache keys: cached figures of an older or
+        other build (torch path vs native kernels) are not reused."""
+        return f"builtin{ENGINE_REVISION}-{'native' if self.model.kernels is not None else 'torch'}"
 
     @property
     def eos_ids(self) -> frozenset[int]:
