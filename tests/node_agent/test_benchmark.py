@@ -32,6 +32,8 @@ def test_quick_benchmark_summary_and_cache(engine, tmp_path):
     assert again["cached"] and again["summary"] == s
     # another build of the engine (here: the torch path instead of the native kernels)
     # is measured afresh, not served the other build's figures
+    if engine.model.kernels is None:
+        return  # no C compiler here: only one build exists
     kernels, engine.model.kernels = engine.model.kernels, None
     try:
         other = run_benchmark(engine, quick=True, progress=False, cache_dir=tmp_path)
