@@ -411,10 +411,15 @@ class LlamaModel:
         groups = c.num_heads // c.num_kv_heads
         for layer in self.layers:
             q, k, v = self._qkv(layer, self._rms(h, layer.ln1), cos, sin)
-            out = F.scaled_dot_product_attention(
-                q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None],
-                is_causal=True, enable_gqa=groups > 1,
-            )[0]
-            h = h + layer.o(out.transpose(0, 1).reshape(len(ids), -1))
+            out = None
+            if self.kernels is not None:  # the prefill kernel, as for generation
+                out = self.kernels.prefill_attention(q.contiguous(), k.contiguous(), v.contiguous(), [len(ids)],
+                                                     1.0 / math.sqrt(c.head_dim))
+            if out is None:
+                out = F.scaled_dot_product_attention(
+                    q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None],
+                    is_causal=True, enable_gqa=groups > 1,
+                )[0].transpose(0, 1)
+            h = h + layer.o(out.reshape(len(ids), -1))
             h = h + self._mlp(layer, self._rms(h, layer.ln2))
         return self.logits(h)
