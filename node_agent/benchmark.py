@@ -168,6 +168,7 @@ async def arun_benchmark(
 
     result: dict = {
         "model": model, "device": device, "dtype": dtype, "quick": quick,
+        "engine": getattr(engine, "bench_key", None) or type(engine).__name__,
         "prompt_len": prompt_len, "gen_len": gen_len, "batches": rows,
         "measured_at": time.time(), "cached": False,
     }

@@ -172,6 +172,18 @@ def _money_command(args: argparse.Namespace, settings: NodeSettings) -> int:
     return 0 if resp.status_code == 200 else 1
 
 
+async def _bench(settings, sizes: tuple[int, ...], quick: bool) -> dict:
+    """`agora node bench`: start the engine, measure (progress bar on stderr), stop it."""
+    from node_agent.benchmark import arun_benchmark
+
+    engine = load_engine(settings)
+    await engine.start()
+    try:
+        return await arun_benchmark(engine, batch_sizes=sizes, quick=quick, progress=True, refresh=True)
+    finally:
+        await engine.close()
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if getattr(args, "verbose", False) else logging.INFO,
@@ -187,12 +199,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.cmd in ("account", "payout", "unbond"):
         return _money_command(args, settings)
     if args.cmd == "bench":
-        from node_agent.benchmark import run_benchmark
-
-        engine = load_engine(settings)
-        sizes = tuple(int(x) for x in args.batch_sizes.split(","))
-        result = run_benchmark(engine, batch_sizes=sizes, quick=args.quick, progress=True)
-        print(json.dumps(result, indent=2))
+        try:
+            sizes = tuple(int(x) for x in args.batch_sizes.split(","))
+        except ValueError:
+            raise SystemExit(f"--batch-sizes must be comma-separated integers, not {args.batch_sizes!r}") from None
+        if not sizes or min(sizes) < 1:
+            raise SystemExit("--batch-sizes must be positive")
+        print(json.dumps(asyncio.run(_bench(settings, sizes, args.quick)), indent=2))
         return 0
     if settings.price_in is None or settings.price_out is None:
         raise SystemExit("--price-in and --price-out are required")

@@ -44,3 +44,17 @@ def test_each_backend_is_built_from_its_flags():
 def test_cli_adversary_modes_match_the_test_tool():
     assert ENGINE_MODES == adversarial.ENGINE_MODES
     assert set(AGENT_MODES) == set(adversarial.AGENT_MODES)
+
+
+def test_node_bench_command_prints_the_figures(tmp_path, monkeypatch, capsys):
+    import json
+
+    from node_agent.cli import main
+
+    monkeypatch.setenv("AGORA_HOME", str(tmp_path))
+    assert main(["bench", "--model", "tiny", "--quick"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["model"] == "tiny" and out["summary"]["tokens_per_s"] > 0
+    assert [b["batch"] for b in out["batches"]] == [1, 8] and out["roofline"]["fraction_b1"] > 0
+    with pytest.raises(SystemExit, match="batch-sizes"):
+        main(["bench", "--model", "tiny", "--batch-sizes", "1,x"])
