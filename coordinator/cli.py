@@ -141,7 +141,13 @@ def cmd_account(argv: list[str]) -> int:
                     print(f"(more: --before {page.next_cursor})")
             return 0
         if args.cmd == "deposit":
-            ledger.deposit(account.ledger_account_id, args.amount, idempotency_key=args.idempotency_key)
+            from pricing.errors import LedgerError
+
+            try:
+                ledger.deposit(account.ledger_account_id, args.amount, idempotency_key=args.idempotency_key)
+            except LedgerError as exc:  # e.g. the key was used for another amount: nothing moved
+                print(f"agora account deposit: {exc}", file=sys.stderr)
+                return 1
         balance = ledger.balance(account.ledger_account_id)
         print(json.dumps({"account_id": account.id, "balance_nano_usd": balance}) if args.json else balance)
     return 0
