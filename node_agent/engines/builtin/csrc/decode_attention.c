@@ -103,8 +103,10 @@ int agora_decode_attention(
     int failed = 0;
     #pragma omp parallel num_threads(threads) reduction(|:failed)
     {
-        /* per thread: scores [groups][ld], then the task's rotated queries [groups][head_dim] */
-        float *s = (float *)aligned_alloc(64, sizeof(float) * (size_t)(groups * ld + (groups * head_dim + 15) / 16 * 16))  /* a multiple of 64 bytes */;
+        /* per thread: scores [groups][ld], then the task's rotated queries [groups][head_dim];
+         * the size a multiple of 64 bytes, as aligned_alloc requires */
+        const size_t floats = (size_t)(groups * ld + (groups * head_dim + 15) / 16 * 16);
+        float *s = (float *)aligned_alloc(64, sizeof(float) * floats);
         if (!s) failed = 1;
         float *restrict qt = s ? s + groups * ld : NULL;
         #pragma omp for schedule(dynamic, 1)
