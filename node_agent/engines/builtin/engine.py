@@ -281,7 +281,8 @@ class BuiltinEngine(Engine):
             lens = [len(r.tokens) for r in batch]
             toks = torch.tensor([r.tokens[-1] for r in batch], device=dev)
             pos = torch.tensor([n - 1 for n in lens], device=dev)
-            self._accept(batch, self.model.decode(toks, pos, _span_groups(lens)))
+            groups = None if self.model.kernels is not None else _span_groups(lens)  # torch path only
+            self._accept(batch, self.model.decode(toks, pos, groups))
 
     def _sort_slots(self) -> None:
         """Order slots by length, longest first, so the torch attention path can skip most
