@@ -16,7 +16,7 @@ from datetime import timedelta
 
 from sqlmodel import Session, select
 
-from coordinator.models import Audit, AuditStatus, InferenceRequest, Node, NodeOffer
+from coordinator.models import Audit, AuditStatus, InferenceRequest, Node, NodeOffer, RequestStatus
 from coordinator.models.account import utcnow
 from coordinator.node_registry import is_live
 from coordinator.settings import CoordinatorSettings
@@ -128,7 +128,13 @@ def apply_result(session: Session, result: VerifyResult, verifier_id: str,
     consequences = {"reputation": rep.reputation, "banned": node.banned, "reason": rep.reason}
     if not verdict.passed:
         from coordinator.penalties import penalise
+        from coordinator.settlement import settle_accepted
 
+        if req.status == RequestStatus.SETTLING:
+            # The verdict came back before the settle task paid the job: pay it now, in
+            # this transaction, so the refund below covers it (otherwise the refund would
+            # be of nothing and the later settlement would charge the buyer in full).
+            settle_accepted(session, req.id, settings)
         consequences.update(penalise(session, req, node, settings))
     consequences["verifier_paid_nano_usd"] = _pay_verifier(session, audit, req, verifier_id, verifier_offer)
     audit.consequences = consequences

@@ -145,7 +145,7 @@ def _complete(session: Session, req: InferenceRequest, ch: _Charge, offer: NodeO
 def settle_accepted(session: Session, request_id: str, settings: CoordinatorSettings) -> Settled:
     """Phase 2 for one request: pay an accepted receipt. Idempotent: a redelivered
     task finds the request COMPLETED and returns the first result."""
-    req = session.get(InferenceRequest, request_id, with_for_update=True)
+    req = session.get(InferenceRequest, request_id, with_for_update=True, populate_existing=True)
     if req is None:
         raise ReceiptRejected(f"unknown request {request_id}")
     if req.status == RequestStatus.COMPLETED:
@@ -171,7 +171,7 @@ def settle_accepted_batch(session: Session, request_id: str, settings: Coordinat
     locks its rows in its own order. Per request: Settled (also for one already
     COMPLETED), or the error that leaves it as it was."""
     out: dict[str, Settled | ReceiptRejected | LedgerError] = {}
-    own = session.get(InferenceRequest, request_id, with_for_update=True)
+    own = session.get(InferenceRequest, request_id, with_for_update=True, populate_existing=True)
     if own is None:
         return {request_id: ReceiptRejected(f"unknown request {request_id}")}
     if own.status == RequestStatus.COMPLETED:

@@ -104,3 +104,34 @@ def test_failures_refund_the_buyer_slash_stake_and_ban_on_the_third(runtime):
     with runtime.session() as s:
         assert Ledger(s).balance(stake_id) < 10**9
         assert s.get(Account, s.get(InferenceRequest, rid).account_id) is not None
+
+
+def test_a_failed_verdict_before_settlement_still_refunds_everything(runtime):
+    """The verifier can answer before the settle task has paid the job: the verdict pays it
+    first, then refunds it; the settle task that runs afterwards moves nothing."""
+    from coordinator.models import RequestStatus
+    from coordinator.settlement import accept_receipt
+
+    node, verifier = _node(runtime, "a"), _node(runtime, "b")
+    with runtime.session() as s:
+        led = Ledger(s)
+        stake_id = led.open_account(AccountKind.SELLER_STAKE, ref=f"node:{node.public_key_hex}").id
+        Stake(led).deposit(stake_id, 10**9, idempotency_key="st")
+    rid, buyer = _request(runtime, node, max_tokens=len(IDS))
+    with runtime.session() as s:
+        accept_receipt(s, _receipt(node, rid, IDS, LPS), node.public_key_hex,
+                       Relayed(4, commitment_of(rid, IDS, LPS)), runtime.settings)
+        audit = maybe_select(s, s.get(InferenceRequest, rid), s.get(Node, node.public_key_hex), IDS, LPS,
+                             "length", u=0.0)
+    with runtime.session() as s:
+        assert s.get(InferenceRequest, rid).status == RequestStatus.SETTLING  # not paid yet
+        assign_verifier(s, s.get(Audit, audit.id), runtime.settings)
+    with runtime.session() as s:
+        done = apply_result(s, _reply(audit.id, False), verifier.public_key_hex, runtime.settings)
+        assert done.status == AuditStatus.FAILED and done.consequences["buyer_made_whole"]
+        assert done.consequences["refunded_nano_usd"] > 0
+    assert runtime.store.settle(rid)["settled"]  # the queued settle task, late
+    with runtime.session() as s:
+        assert s.get(InferenceRequest, rid).status == RequestStatus.COMPLETED
+        assert Ledger(s).balance(buyer) == 10**9  # every nano-dollar back, nothing charged twice
+        assert total_balance(s) == 0
