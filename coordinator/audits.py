@@ -112,6 +112,15 @@ def apply_result(session: Session, result: VerifyResult, verifier_id: str,
         audit.evidence = {"rejected_reply": f"{type(exc).__name__}: {exc}"}
         session.add(audit)
         return audit
+    if not verdict.passed and req.status == RequestStatus.SETTLING:
+        # The verdict came back before the settle task paid the job: pay it now, in this
+        # transaction, so the refund below covers it (else the refund would be of nothing
+        # and the later settlement would charge the buyer in full). Before the node is
+        # touched: settlement locks request, node, then ledger rows, as the settle task does.
+        from coordinator.settlement import settle_accepted
+
+        settle_accepted(session, req.id, settings)
+        node = session.get(Node, audit.node_id)
     audit.verdict = verdict.as_dict()
     audit.evidence = {"claimed_logprobs": [q / LOGPROB_SCALE for q in claimed["logprobs_q"]],
                       "reference": result.rescore}
@@ -128,13 +137,7 @@ def apply_result(session: Session, result: VerifyResult, verifier_id: str,
     consequences = {"reputation": rep.reputation, "banned": node.banned, "reason": rep.reason}
     if not verdict.passed:
         from coordinator.penalties import penalise
-        from coordinator.settlement import settle_accepted
 
-        if req.status == RequestStatus.SETTLING:
-            # The verdict came back before the settle task paid the job: pay it now, in
-            # this transaction, so the refund below covers it (otherwise the refund would
-            # be of nothing and the later settlement would charge the buyer in full).
-            settle_accepted(session, req.id, settings)
         consequences.update(penalise(session, req, node, settings))
     consequences["verifier_paid_nano_usd"] = _pay_verifier(session, audit, req, verifier_id, verifier_offer)
     audit.consequences = consequences

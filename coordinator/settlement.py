@@ -152,6 +152,9 @@ def settle_accepted(session: Session, request_id: str, settings: CoordinatorSett
         return _settled(req)
     if req.status != RequestStatus.SETTLING:
         raise ReceiptRejected(f"request is {req.status.value}, not settling")
+    # the node before any ledger row, in the settle task's order (request, node, ledger)
+    if req.node_id:
+        session.get(Node, req.node_id, with_for_update=True, populate_existing=True)
     ch = _charge(session, req)
     if req.hold_id is not None:
         Ledger(session).settle_hold(
