@@ -12,8 +12,8 @@ Two phases, so that a crash never loses or doubles money: the work channel accep
 stores the receipt with its own measurements (`accept_receipt`, request -> SETTLING), then
 the Celery task `agora.settle` pays it (`settle_accepted_batch`, -> COMPLETED): the task's
 own request and up to `SETTLE_BATCH - 1` other accepted receipts that no other transaction
-holds, through the ledger's set-based `settle_many` in one transaction (same rules, same
-idempotency keys as `settle_accepted`, the one-request path). The task is idempotent (a
+holds, through the ledger's set-based `settle_many` in one transaction (`settle_accepted`
+is the same path for one request). The task is idempotent (a
 redelivery returns the first result) and the sweep resends it for any request left SETTLING.
 """
 
@@ -143,25 +143,12 @@ def _complete(session: Session, req: InferenceRequest, ch: _Charge, offer: NodeO
 
 
 def settle_accepted(session: Session, request_id: str, settings: CoordinatorSettings) -> Settled:
-    """Phase 2 for one request: pay an accepted receipt. Idempotent: a redelivered
-    task finds the request COMPLETED and returns the first result."""
-    req = session.get(InferenceRequest, request_id, with_for_update=True, populate_existing=True)
-    if req is None:
-        raise ReceiptRejected(f"unknown request {request_id}")
-    if req.status == RequestStatus.COMPLETED:
-        return _settled(req)
-    if req.status != RequestStatus.SETTLING:
-        raise ReceiptRejected(f"request is {req.status.value}, not settling")
-    # the node before any ledger row, in the settle task's order (request, node, ledger)
-    if req.node_id:
-        session.get(Node, req.node_id, with_for_update=True, populate_existing=True)
-    ch = _charge(session, req)
-    if req.hold_id is not None:
-        Ledger(session).settle_hold(
-            req.hold_id, parts=[p for p in ch.parts if p[1] > 0],
-            fee_bps=settings.platform_fee_bps, idempotency_key=f"settle:{req.id}",
-        )
-    return _complete(session, req, ch)
+    """Phase 2 for one request alone (a batch of one): pay an accepted receipt, raising
+    what keeps it unpaid. Idempotent: a request already COMPLETED returns the first result."""
+    result = settle_accepted_batch(session, request_id, settings, limit=1)[request_id]
+    if isinstance(result, Exception):
+        raise result
+    return result
 
 
 def settle_accepted_batch(session: Session, request_id: str, settings: CoordinatorSettings,
