@@ -34,7 +34,8 @@ from pricing.errors import (
 )
 from pricing.ledger import Ledger, _hash
 from pricing.ledger_models import (
-    AccountKind, HoldState, LedgerAccount, LedgerHold, LedgerIdempotency, LedgerTransfer, SettleResult, _utcnow,
+    MAY_GO_NEGATIVE, AccountKind, HoldState, LedgerAccount, LedgerHold, LedgerIdempotency, LedgerTransfer,
+    SettleResult, _utcnow,
 )
 from pricing.money import fee_of
 
@@ -46,6 +47,17 @@ class Settlement:
     hold_id: int
     parts: list[tuple[int, int]]  # (seller earnings account, gross)
     idempotency_key: str
+    # (seller earnings account, net) the platform pays on top of the buyer's charge: tokens
+    # a seller delivered that the market lost before the buyer got them. From the fee
+    # shard of the buyer as far as it holds, the rest from EXTERNAL (the operator's money).
+    subsidy: tuple[tuple[int, int], ...] = ()
+
+
+def _params(it: Settlement, fee_bps: int) -> dict:
+    params = {"op": "settle", "hold": it.hold_id, "parts": it.parts, "fee_bps": fee_bps}
+    if it.subsidy:
+        params["subsidy"] = [list(p) for p in it.subsidy]
+    return params
 
 
 def _chunks(xs: list, n: int = CHUNK):
@@ -59,10 +71,11 @@ def settle_many(session: Session, items: Sequence[Settlement], *, fee_bps: int
     fee_of(0, fee_bps)  # validates fee_bps
     session.flush()
     led = Ledger(session)
-    items = [Settlement(int(it.hold_id), [(int(a), int(g)) for a, g in it.parts], it.idempotency_key)
+    items = [Settlement(int(it.hold_id), [(int(a), int(g)) for a, g in it.parts], it.idempotency_key,
+                        tuple((int(a), int(n)) for a, n in it.subsidy if int(n)))
              for it in items]
     out: list = [None] * len(items)
-    hashes = [_hash({"op": "settle", "hold": it.hold_id, "parts": it.parts, "fee_bps": fee_bps}) for it in items]
+    hashes = [_hash(_params(it, fee_bps)) for it in items]
     H, A, I = LedgerHold.__table__, LedgerAccount.__table__, LedgerIdempotency.__table__
 
     # 1. well-formed items; a key repeated within the batch replays its first occurrence
@@ -73,7 +86,7 @@ def settle_many(session: Session, items: Sequence[Settlement], *, fee_bps: int
             out[i] = LedgerError("an idempotency key is required")
         elif k in first_in_batch:
             out[i] = ("dup", first_in_batch[k], hashes[i])  # resolved at the end
-        elif any(g < 0 for _, g in it.parts):
+        elif any(g < 0 for _, g in it.parts) or any(n < 0 for _, n in it.subsidy):
             out[i] = LedgerError("settlement amounts must be >= 0")
         else:
             first_in_batch[k] = i
@@ -96,7 +109,8 @@ def settle_many(session: Session, items: Sequence[Settlement], *, fee_bps: int
         elif gross > h.amount:
             failed[i] = HoldExceeded(f"settlement {gross} exceeds hold {h.amount}")
         else:
-            out[i] = SettleResult(h.id, gross, sum(fee_of(g, fee_bps) for _, g in it.parts), h.amount - gross)
+            out[i] = SettleResult(h.id, gross, sum(fee_of(g, fee_bps) for _, g in it.parts), h.amount - gross,
+                                  sum(n for _, n in it.subsidy))
             claims.append({"key": it.idempotency_key, "params_hash": hashes[i], "result": asdict(out[i])})
 
     # 3. claim the keys (waits for any transaction claiming one of them); the rest replay
@@ -130,6 +144,9 @@ def settle_many(session: Session, items: Sequence[Settlement], *, fee_bps: int
         acct_ids.update((h.buyer_account_id, led._sys(AccountKind.ESCROW, h.buyer_account_id, shards),
                          led._sys(AccountKind.PLATFORM_FEES, h.buyer_account_id, shards)))
         acct_ids.update(a for a, _ in items[i].parts)
+        acct_ids.update(a for a, _ in items[i].subsidy)
+    if any(items[i].subsidy for i in mine):
+        acct_ids.add(led._sys(AccountKind.EXTERNAL, 0, shards))
     accounts = {}
     for chunk in _chunks(sorted(acct_ids)):
         accounts.update({row.id: row for row in session.execute(
@@ -152,7 +169,7 @@ def settle_many(session: Session, items: Sequence[Settlement], *, fee_bps: int
             state = "posted" if h.id in settled_holds else HoldState(h.state).value
             out[i] = HoldNotPending(f"hold {h.id} is already {state}")
         elif any(a not in accounts or AccountKind(accounts[a].kind) != AccountKind.SELLER_EARNINGS
-                 for a, _ in it.parts):
+                 for a, _ in (*it.parts, *it.subsidy)):
             out[i] = WrongAccountKind("settlement parts are paid to seller earnings accounts")
         else:
             escrow = led._sys(AccountKind.ESCROW, h.buyer_account_id, shards)
@@ -162,12 +179,16 @@ def settle_many(session: Session, items: Sequence[Settlement], *, fee_bps: int
                 move(escrow, a, g - fee, "earning", h)
                 move(escrow, platform, fee, "fee", h)
             move(escrow, h.buyer_account_id, out[i].refunded, "release", h)
+            for a, n in it.subsidy:
+                from_fees = min(n, max(0, accounts[platform].balance + delta[platform]))
+                move(platform, a, from_fees, "relay_loss", h)
+                move(led._sys(AccountKind.EXTERNAL, 0, shards), a, n - from_fees, "relay_loss", h)
             settled_holds.add(h.id)
             hold_updates.append({"_id": h.id, "_posted": out[i].charged, "_at": now})
             continue
         released.append(it.idempotency_key)
     for a, d in delta.items():
-        if d < 0 and accounts[a].balance + d < 0:
+        if d < 0 and accounts[a].balance + d < 0 and AccountKind(accounts[a].kind) not in MAY_GO_NEGATIVE:
             raise LedgerError(f"account {a} would go negative: the holds and escrow disagree")
 
     # 6. write it all

@@ -105,6 +105,13 @@ class Ledger:
         self.s.refresh(acct)
         return acct.balance
 
+    def held(self, buyer_account_id: int) -> int:
+        """The total of the buyer's pending holds (money in escrow, not yet settled)."""
+        from sqlalchemy import func
+
+        return int(self.s.exec(select(func.coalesce(func.sum(LedgerHold.amount), 0)).where(
+            LedgerHold.buyer_account_id == buyer_account_id, LedgerHold.state == HoldState.PENDING)).one())
+
     def _lock(self, ids: Iterable[int]) -> dict[int, LedgerAccount]:
         ids = sorted(set(ids))
         rows = self.s.exec(

@@ -96,6 +96,7 @@ class SettleResult:
     charged: int  # total gross posted
     fee: int
     refunded: int
+    subsidised: int = 0  # paid to sellers by the platform on top of the buyer's charge
 
 
 class UnbondingState(str, enum.Enum):

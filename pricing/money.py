@@ -27,3 +27,29 @@ def fee_of(gross: int, fee_bps: int) -> int:
     if not 0 <= fee_bps <= 10_000:
         raise ValueError("fee_bps must be within 0..10000")
     return gross * fee_bps // 10_000
+
+
+def segment_charges(prompt_tokens: int, segments: list[tuple[int, int, int]], cap: int) -> list[int]:
+    """Gross charge per segment of one request, `segments` being (price_in, price_out,
+    tokens) in stream order: the prompt once, at the first segment's input price; each
+    segment's tokens at its own output price; each part floored separately; the total
+    never exceeds `cap` (the hold): the last parts are cut first."""
+    room = cap
+    out = []
+    for i, (price_in, price_out, tokens) in enumerate(segments):
+        take = min(request_cost(prompt_tokens if i == 0 else 0, tokens, price_in, price_out), room)
+        room -= take
+        out.append(take)
+    return out
+
+
+def allocate_in_order(sizes: list[int], total: int) -> list[int]:
+    """Split `total` over consecutive parts of `sizes` (a stream's segments) in order:
+    the first parts fill up first. Never more than `sizes` in any part."""
+    out = []
+    left = max(0, total)
+    for size in sizes:
+        take = min(size, left)
+        out.append(take)
+        left -= take
+    return out
