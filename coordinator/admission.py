@@ -66,6 +66,7 @@ def admit(
     kind: str,
     settings: CoordinatorSettings,
     idempotency_key: str | None = None,
+    request_id: str | None = None,
 ) -> Admitted:
     offers, known = live_offers(session, body.model, settings)
     if not known:
@@ -93,7 +94,7 @@ def admit(
     hold_amount = request_cost(
         prompt_est, max_tokens, max(o.price_in for o in offers), max(o.price_out for o in offers)
     )
-    rid = new_request_id()
+    rid = request_id or new_request_id()
     payload: dict = {"sampling": body.sampling(max_tokens)}
     if idempotency_key:
         payload["idempotency_hash"] = body_hash(body, kind)

@@ -16,9 +16,11 @@ from datetime import timedelta
 
 from sqlmodel import Session, select
 
-from coordinator.models import Audit, AuditStatus, InferenceRequest, Node, NodeOffer, RequestStatus
+from coordinator.delivery import quote_of
+from coordinator.models import Audit, AuditStatus, InferenceRequest, Node, NodeOffer, ReceiptRecord, RequestStatus
 from coordinator.models.account import utcnow
 from coordinator.node_registry import is_live
+from coordinator.settlement import fail_request
 from coordinator.settings import CoordinatorSettings
 from node_agent.protocol import LOGPROB_SCALE, Sampling, VerifyJob, VerifyResult
 from scheduler.audit import (
@@ -112,15 +114,15 @@ def apply_result(session: Session, result: VerifyResult, verifier_id: str,
         audit.evidence = {"rejected_reply": f"{type(exc).__name__}: {exc}"}
         session.add(audit)
         return audit
+    # Lock order as in settlement: request, node, then ledger rows. The node row is locked
+    # (and re-read) so that concurrent verdicts about one node never lose a counter update.
+    req = session.get(InferenceRequest, audit.request_id, with_for_update=True, populate_existing=True)
+    job_value = _job_value(session, req)
     if not verdict.passed and req.status == RequestStatus.SETTLING:
-        # The verdict came back before the settle task paid the job: pay it now, in this
-        # transaction, so the refund below covers it (else the refund would be of nothing
-        # and the later settlement would charge the buyer in full). Before the node is
-        # touched: settlement locks request, node, then ledger rows, as the settle task does.
-        from coordinator.settlement import settle_accepted
-
-        settle_accepted(session, req.id, settings)
-        node = session.get(Node, audit.node_id)
+        # Not paid yet: void it, so the buyer is never charged for the job (nor the node
+        # paid); a settle task that runs later finds it finished and moves nothing.
+        fail_request(session, req.id, f"audit {audit.id} failed")
+    node = session.get(Node, audit.node_id, with_for_update=True, populate_existing=True)
     audit.verdict = verdict.as_dict()
     audit.evidence = {"claimed_logprobs": [q / LOGPROB_SCALE for q in claimed["logprobs_q"]],
                       "reference": result.rescore}
@@ -138,11 +140,22 @@ def apply_result(session: Session, result: VerifyResult, verifier_id: str,
     if not verdict.passed:
         from coordinator.penalties import penalise
 
-        consequences.update(penalise(session, req, node, settings))
+        consequences.update(penalise(session, req, node, settings, job_value))
     consequences["verifier_paid_nano_usd"] = _pay_verifier(session, audit, req, verifier_id, verifier_offer)
     audit.consequences = consequences
     session.add_all([audit, node])
     return audit
+
+
+def _job_value(session: Session, req: InferenceRequest) -> int:
+    """What the audited job is worth at the node's price (charged or not): sizes the slash."""
+    if req.cost is not None:
+        return req.cost
+    record = session.get(ReceiptRecord, req.id)
+    if record is None:
+        return 0
+    quote = quote_of(req, min(record.prompt_tokens, req.prompt_tokens_est), record.completion_tokens)
+    return sum(quote.seller_gross())
 
 
 def _pay_verifier(session: Session, audit: Audit, req: InferenceRequest, verifier_id: str,

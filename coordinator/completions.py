@@ -2,8 +2,10 @@
 
 Errors that happen before the first token (no route, node refused, timeouts) are returned
 as proper HTTP errors even for streaming requests: the SSE response starts only once the
-first token (or the end) has arrived. A buyer who disconnects mid-stream cancels the
-request at the node, which then settles only the tokens delivered.
+first token (or the end) has arrived. The handler counts the tokens it actually writes
+to the buyer and acknowledges that count when the buyer's side ends (`delivery.py`):
+settlement charges exactly that, and the `usage` it reports is the same number. A buyer
+who disconnects mid-stream cancels the request at the node.
 """
 
 from __future__ import annotations
@@ -19,9 +21,10 @@ from starlette.concurrency import run_in_threadpool
 
 from coordinator import metrics
 from coordinator import openai_format as fmt
-from coordinator.admission import admit, body_hash, find_keyed
-from coordinator.bus import Subscription
-from coordinator.errors import APIError, Conflict, NoCapacity, UpstreamFailed
+from coordinator.admission import admit, body_hash, find_keyed, new_request_id
+from coordinator.bus import BusUnavailable, Subscription
+from coordinator.delivery import Delivery, Quote, acknowledge
+from coordinator.errors import APIError, Conflict, NoCapacity, RelayInterrupted, Unavailable, UpstreamFailed
 from coordinator.models import Account, InferenceRequest, RequestStatus
 from coordinator.runtime import Runtime
 from coordinator.schemas import ChatCompletionRequest, CompletionRequest
@@ -47,6 +50,11 @@ class RequestStream:
     A node that sends no token within `token_timeout_s` is failed over: the request goes
     back to the queue and continues on another node after the tokens already relayed.
     Tokens from a node the request has left are dropped, so the buyer sees one stream.
+
+    Every token chunk carries its offset in its node's stream; the stream checks them, and
+    the count the node's `done` (and a failover) says was relayed, against what arrived. A
+    gap, or the relay bus dropping, raises `RelayInterrupted`: the buyer gets a clean error
+    at once instead of a stream with a hole, and pays only for what it was written.
     """
 
     MAX_FAILOVERS = 3
@@ -55,11 +63,17 @@ class RequestStream:
         self.rt, self.rid, self.sub = rt, rid, sub
         self.node_id: str | None = None
         self.segment_ids: list[int] = []
+        self.left: set[str] = set()  # nodes this request failed over from
         self.failovers = 0
 
     @property
     def assigned(self) -> bool:
         return self.node_id is not None
+
+    def _broken(self, why: str) -> RelayInterrupted:
+        log.warning("request %s: relay interrupted (%s)", self.rid, why)
+        return RelayInterrupted(f"the stream was interrupted inside the market ({why}); you are charged only "
+                                "for the tokens you received; retry the request")
 
     async def next(self) -> dict:
         s = self.rt.settings
@@ -76,18 +90,35 @@ class RequestStream:
                     raise NoCapacity(f"timed out waiting for {phase}; nothing was charged") from None
                 continue
             kind = msg["type"]
+            if kind == "bus_lost":
+                raise self._broken("relay connection lost")
+            if kind == "bus_restored":
+                continue
             if kind == "assigned":
                 self.node_id, self.segment_ids = msg["node_id"], []
+                self.left.discard(self.node_id)
                 continue
             if kind == "failover":
                 if msg.get("node_id") == self.node_id:
+                    if msg.get("tokens", len(self.segment_ids)) != len(self.segment_ids):
+                        raise self._broken(f"{msg['tokens'] - len(self.segment_ids)} tokens lost before a failover")
+                    self.left.add(self.node_id)
                     self.node_id, self.segment_ids = None, []
                     self.failovers += 1
                 continue
+            if kind in ("tokens", "done") and (msg.get("node_id") in self.left or (
+                    self.node_id is not None and msg.get("node_id") != self.node_id)):
+                continue  # late tokens (or a receipt) from a node this request has left
             if kind == "tokens":
-                if self.node_id is not None and msg.get("node_id") != self.node_id:
-                    continue  # late tokens from a node this request has left
+                self.node_id = msg.get("node_id", self.node_id)
+                start = msg.get("start", len(self.segment_ids))
+                if start < len(self.segment_ids):
+                    continue  # a duplicate
+                if start > len(self.segment_ids):
+                    raise self._broken(f"tokens {len(self.segment_ids)}..{start - 1} never arrived")
                 self.segment_ids.extend(msg["token_ids"])
+            elif kind == "done" and msg.get("relayed", len(self.segment_ids)) != len(self.segment_ids):
+                raise self._broken(f"{msg['relayed'] - len(self.segment_ids)} final tokens never arrived")
             return msg
 
     async def _fail_over(self) -> None:
@@ -101,7 +132,8 @@ class RequestStream:
             log.warning("request %s: node %s stalled; failing over after %d tokens", self.rid,
                         node_id[:12], len(ids))
             await self.rt.bus.publish(f"node:{node_id}", {"type": "cancel", "request_id": self.rid})
-            await self.rt.bus.publish(f"req:{self.rid}", {"type": "failover", "node_id": node_id})
+            await self.rt.bus.publish(f"req:{self.rid}", {"type": "failover", "node_id": node_id,
+                                                          "tokens": len(ids)})
             await run_in_threadpool(self.rt.trigger_dispatch)
 
     async def _give_up(self) -> bool:
@@ -114,22 +146,43 @@ class RequestStream:
             await self.rt.bus.publish(f"node:{self.node_id}", {"type": "cancel", "request_id": self.rid})
         return failed
 
-    async def cancel(self) -> None:
-        if self.node_id:
-            await self.rt.bus.publish(f"node:{self.node_id}", {"type": "cancel", "request_id": self.rid})
-        else:  # not yet assigned: end it here and release the hold
-            def _cancel() -> bool:
-                with self.rt.session() as s:
-                    return fail_request(s, self.rid, "cancelled by the buyer", status=RequestStatus.CANCELLED)
+    def finish(self, written: int, delivery: Delivery | None) -> None:
+        """The buyer's side is over: say what it was written (settlement charges that, see
+        `delivery.py`); `delivery` None means the buyer left. Work not yet assigned is
+        cancelled and its hold released; work a node is doing is acknowledged, and cancelled
+        at the node unless it completed. Runs in a worker thread and is not awaited, so it
+        completes even while the handler's task is being cancelled."""
+        rt, rid = self.rt, self.rid
 
-            await run_in_threadpool(_cancel)
+        def _run() -> None:
+            try:
+                with rt.session() as s:
+                    req = s.get(InferenceRequest, rid, with_for_update=True)
+                    if req is None or req.status.finished:
+                        return
+                    if req.status == RequestStatus.QUEUED:
+                        fail_request(s, rid, "the buyer's connection ended before a node took the request",
+                                     status=RequestStatus.CANCELLED)
+                        return
+                    node_id = req.node_id
+                    ready = acknowledge(s, rid, written, delivery or Delivery.BUYER_GONE)
+                if ready:
+                    rt.enqueue_settle(rid)
+                if delivery != Delivery.COMPLETE and node_id is not None:
+                    rt.bus.publish_sync(f"node:{node_id}", {"type": "cancel", "request_id": rid})
+            except BusUnavailable as exc:  # the cancel is lost: the node finishes, unpaid beyond the rule
+                log.warning("request %s: could not cancel it at its node: %s", rid, exc)
+            except Exception:  # noqa: BLE001 - the sweep settles an unacknowledged receipt later
+                log.exception("request %s: recording its delivery failed", rid)
+
+        asyncio.get_running_loop().run_in_executor(None, _run)
 
 
 def _replay(prior: InferenceRequest, body, kind: str):
     """The first answer to a request sent again with the same Idempotency-Key."""
     if prior.payload.get("idempotency_hash") != body_hash(body, kind):
         raise Conflict("this Idempotency-Key was used with a different request", code="idempotency_conflict")
-    if not prior.status.finished:
+    if prior.response is None and not prior.status.finished:
         raise Conflict("the request with this Idempotency-Key is still in progress", code="idempotency_conflict")
     if prior.response is None:
         raise Conflict(f"the request with this Idempotency-Key ended {prior.status.value}"
@@ -155,36 +208,57 @@ def _replay(prior: InferenceRequest, body, kind: str):
 
 async def handle(rt: Runtime, account: Account, body: ChatCompletionRequest | CompletionRequest, kind: str,
                  idempotency_key: str | None = None):
+    started = time.monotonic()
+    if idempotency_key:
+        def _find():
+            with rt.session() as s:
+                return find_keyed(s, account, idempotency_key)
+
+        prior = await run_in_threadpool(_find)
+        if prior is not None:
+            return _replay(prior, body, kind)
+    # Listen before the request exists: nothing published for it can be missed, and a
+    # relay that is down refuses the request before any money is held.
+    rid = new_request_id()
+    sub = rt.bus.subscribe(f"req:{rid}")
+    try:
+        await sub.__aenter__()
+    except BusUnavailable as exc:
+        metrics.REQUESTS.labels(outcome="503").inc()
+        raise Unavailable("the market's relay is reconnecting; retry shortly") from exc
+
     def _admit():
         with rt.session() as s:
             if idempotency_key:
                 prior = find_keyed(s, account, idempotency_key)
                 if prior is not None:
                     return prior, True
-            return admit(s, account, body, kind, rt.settings, idempotency_key).request, False
+            return admit(s, account, body, kind, rt.settings, idempotency_key, request_id=rid).request, False
 
-    started = time.monotonic()
     try:
         request, replayed = await run_in_threadpool(_admit)
-    except APIError as exc:
-        metrics.REQUESTS.labels(outcome=str(exc.status_code)).inc()
-        raise
-    if replayed:
-        return _replay(request, body, kind)
-    stream_keyed = idempotency_key is not None
-    sub = rt.bus.subscribe(f"req:{request.id}")
-    await sub.__aenter__()
-    try:
-        await run_in_threadpool(rt.trigger_dispatch)
+        if replayed:
+            sub.close()
+            return _replay(request, body, kind)
         stream = RequestStream(rt, request.id, sub)
+        try:
+            await run_in_threadpool(rt.trigger_dispatch)
+        except BusUnavailable as exc:
+            stream.finish(0, None)  # never dispatched: release the hold now
+            raise Unavailable("the market cannot dispatch work right now; nothing was charged; retry shortly") from exc
         first = await stream.next()
         if first["type"] == "error":
             raise _error_from(first)
     except BaseException as exc:
-        await sub.__aexit__(None, None, None)
+        if isinstance(exc, RelayInterrupted):
+            stream.finish(0, Delivery.RELAY_BROKEN)
+        elif not isinstance(exc, APIError) and "stream" in locals():
+            stream.finish(0, None)
+        sub.close()
         metrics.REQUESTS.labels(outcome=str(getattr(exc, "status_code", "error"))).inc()
         raise
     metrics.TTFT.observe(time.monotonic() - started)
+    stream_keyed = idempotency_key is not None
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         return StreamingResponse(_sse(stream, first, body.model, kind, include_usage, stream_keyed),
@@ -193,7 +267,7 @@ async def handle(rt: Runtime, account: Account, body: ChatCompletionRequest | Co
     try:
         return await _collect(stream, first, body.model, kind, stream_keyed)
     finally:
-        await sub.__aexit__(None, None, None)
+        sub.close()
 
 
 async def _remember(rt: Runtime, rid: str, body: dict) -> None:
@@ -205,57 +279,89 @@ async def _remember(rt: Runtime, rid: str, body: dict) -> None:
     await run_in_threadpool(_save)
 
 
+def _usage(msg: dict, written: int) -> dict:
+    """The usage the buyer sees: exactly what settlement will charge for `written` tokens."""
+    quote = Quote.from_dict(msg["quote"])
+    return fmt.usage(quote.prompt_tokens, written, quote.buyer_cost(written, Delivery.COMPLETE))
+
+
 async def _collect(stream: RequestStream, msg: dict, model: str, kind: str, keyed: bool) -> JSONResponse:
     parts: list[str] = []
     created = fmt.now()
-    while msg["type"] == "tokens":
-        parts.append(msg["text"])
-        metrics.TOKENS.inc(len(msg["token_ids"]))
-        msg = await stream.next()
+    count = 0
+    try:
+        while msg["type"] == "tokens":
+            parts.append(msg["text"])
+            count += len(msg["token_ids"])
+            metrics.TOKENS.inc(len(msg["token_ids"]))
+            msg = await stream.next()
+    except RelayInterrupted:
+        stream.finish(0, Delivery.RELAY_BROKEN)  # nothing was written to the buyer
+        metrics.REQUESTS.labels(outcome="503").inc()
+        raise
+    except BaseException:
+        stream.finish(0, None)
+        raise
     if msg["type"] == "error":
         metrics.REQUESTS.labels(outcome=str(msg.get("status", 502))).inc()
         raise _error_from(msg)
     metrics.REQUESTS.labels(outcome="200").inc()
     body = fmt.whole(kind, stream.rid, model, created, "".join(parts), msg["finish_reason"],
-                     msg["usage"], msg.get("node_id"))
+                     _usage(msg, count), msg.get("node_id"))
     if keyed:
         await _remember(stream.rt, stream.rid, body)
+    stream.finish(count, Delivery.COMPLETE)
     return JSONResponse(body, headers={"X-Agora-Request-Id": stream.rid})
 
 
 async def _sse(stream: RequestStream, msg: dict, model: str, kind: str, include_usage: bool,
                keyed: bool) -> AsyncIterator[bytes]:
+    """The SSE body. `written` counts the tokens whose chunk the server has handed to the
+    buyer's connection (a chunk counts once the response resumes this generator after
+    it); that, and nothing the node sent beyond it, is what the buyer pays for."""
     created = fmt.now()
     first = True
-    finished = False
+    ended = False  # the buyer's side ended as it should (answer, error or interruption)
+    written = pending = 0
     parts: list[str] = []
     try:
         while msg["type"] == "tokens":
             parts.append(msg["text"])
+            pending += len(msg["token_ids"])
             metrics.TOKENS.inc(len(msg["token_ids"]))
             if msg["text"] or first:
                 yield fmt.sse(fmt.chunk(kind, stream.rid, model, created, text=msg["text"], first=first))
                 first = False
+                written, pending = written + pending, 0
             msg = await stream.next()
-        finished = True
         metrics.REQUESTS.labels(outcome=str(msg.get("status", 502)) if msg["type"] == "error" else "200").inc()
-        if msg["type"] == "error":
+        if msg["type"] == "error":  # the request failed unpaid
+            ended = True
             yield fmt.sse({"error": _error_from(msg).body()["error"]})
         else:
             yield fmt.sse(fmt.chunk(kind, stream.rid, model, created, first=first,
                                     finish_reason=msg["finish_reason"]))
+            written, pending = written + pending, 0
+            ended = True
+            stream.finish(written, Delivery.COMPLETE)
             if include_usage:
-                yield fmt.sse(fmt.usage_chunk(kind, stream.rid, model, created, msg["usage"]))
+                yield fmt.sse(fmt.usage_chunk(kind, stream.rid, model, created, _usage(msg, written)))
             if keyed:
                 await _remember(stream.rt, stream.rid, fmt.whole(
-                    kind, stream.rid, model, created, "".join(parts), msg["finish_reason"], msg["usage"],
+                    kind, stream.rid, model, created, "".join(parts), msg["finish_reason"], _usage(msg, written),
                     msg.get("node_id")))
         yield fmt.sse("[DONE]")
-    except APIError as exc:
-        finished = True
+    except RelayInterrupted as exc:
+        ended = True
+        stream.finish(written, Delivery.RELAY_BROKEN)
+        metrics.REQUESTS.labels(outcome="503").inc()
+        yield fmt.sse({"error": exc.body()["error"]})
+        yield fmt.sse("[DONE]")
+    except APIError as exc:  # timed out: failed unpaid
+        ended = True
         yield fmt.sse({"error": exc.body()["error"]})
         yield fmt.sse("[DONE]")
     finally:
-        if not finished:  # the buyer went away mid-stream
-            await stream.cancel()
-        await stream.sub.__aexit__(None, None, None)
+        if not ended:  # the buyer went away mid-stream
+            stream.finish(written, None)
+        stream.sub.close()

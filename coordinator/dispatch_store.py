@@ -13,15 +13,15 @@ from typing import TYPE_CHECKING
 
 from sqlalchemy import func, update
 from sqlalchemy.exc import OperationalError
-from sqlmodel import select
+from sqlmodel import col, select
 
 from coordinator import speed
 from coordinator.audits import due_for_dispatch
+from coordinator.delivery import Delivery, acknowledge, unacknowledged
 from coordinator.models import InferenceRequest, Node, NodeOffer, RequestStatus
 from coordinator.models.account import utcnow
 from coordinator.node_registry import is_live, mark_silent_offline, prune_nonces
-from coordinator.openai_format import usage
-from coordinator.settlement import Settled, fail_request, settle_accepted_batch
+from coordinator.settlement import AwaitingDelivery, Settled, fail_request, settle_accepted_batch
 from node_agent.protocol import Assignment, Sampling
 from pricing.ledger import Ledger, expire_holds, prune_idempotency
 from pricing.stake import withdraw_matured
@@ -164,18 +164,11 @@ class SqlDispatchStore:
         try:
             with self.rt.session() as s:
                 results = settle_accepted_batch(s, request_id, self.rt.settings)
-                nodes = {rid: s.get(InferenceRequest, rid).node_id
-                         for rid, res in results.items() if isinstance(res, Settled)}
         except OperationalError as exc:
             raise TransientStoreError(str(exc)) from exc
         for rid, res in results.items():
-            if not isinstance(res, Settled):
+            if not isinstance(res, (Settled, AwaitingDelivery)):
                 log.warning("settle %s: %s", rid, res)
-                continue
-            self.rt.bus.publish_sync(f"req:{rid}", {
-                "type": "done", "finish_reason": res.finish_reason, "node_id": nodes[rid],
-                "usage": usage(res.prompt_tokens, res.completion_tokens, res.cost)})
-        self.rt.trigger_dispatch()
         own = results[request_id]
         if not isinstance(own, Settled):
             return {"request_id": request_id, "settled": False, "reason": str(own), "batch": len(results)}
@@ -195,9 +188,12 @@ class SqlDispatchStore:
                     req.status, req.node_id, req.price_in, req.price_out = RequestStatus.QUEUED, None, None, None
                     s.add(req)
                     requeued.append(req.id)
+            unacked = unacknowledged(s, utcnow() - timedelta(seconds=settings.delivery_ack_timeout_s))
+            for rid in unacked:  # the buyer's handler died with its API process: the market's loss
+                acknowledge(s, rid, 0, Delivery.UNACKED)
             unsettled = list(s.exec(select(InferenceRequest.id).where(
                 InferenceRequest.status == RequestStatus.SETTLING,
-                InferenceRequest.finished_at.is_(None))).all())  # type: ignore[union-attr]
+                col(InferenceRequest.delivery).is_not(None))).all())
             overdue = [(r.id, r.node_id) for r in s.exec(select(InferenceRequest).where(
                 InferenceRequest.status.in_(ACTIVE + (RequestStatus.QUEUED,)),  # type: ignore[attr-defined]
                 InferenceRequest.created_at < utcnow() - timedelta(seconds=settings.request_ttl_s))).all()
@@ -225,5 +221,5 @@ class SqlDispatchStore:
                                                     "message": "the request did not finish in time; nothing was charged"})
         return {"offline": offline, "requeued": requeued, "nonces_pruned": pruned, "holds_expired": expired,
                 "idempotency_keys_pruned": keys_pruned,
-                "settle_resent": unsettled, "overdue_failed": [rid for rid, _ in overdue],
+                "settle_resent": unsettled, "unacked": unacked, "overdue_failed": [rid for rid, _ in overdue],
                 "audits_sent": audits_sent, "canaries": canaries, "unbonded": unbonded}

@@ -16,13 +16,21 @@ class APIError(Exception):
     status_code = 400
     type = "invalid_request_error"
     code: str | None = None
+    retry_after_s: int | None = None  # sent as Retry-After (429 and 503)
 
-    def __init__(self, message: str, *, param: str | None = None, code: str | None = None):
+    def __init__(self, message: str, *, param: str | None = None, code: str | None = None,
+                 retry_after_s: int | None = None):
         super().__init__(message)
         self.message = message
         self.param = param
         if code is not None:
             self.code = code
+        if retry_after_s is not None:
+            self.retry_after_s = retry_after_s
+
+    @property
+    def headers(self) -> dict[str, str] | None:
+        return None if self.retry_after_s is None else {"Retry-After": str(self.retry_after_s)}
 
     def body(self) -> dict:
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
@@ -71,6 +79,24 @@ class NoCapacity(APIError):
     code = "no_capacity"
 
 
+class Unavailable(APIError):
+    """The market cannot place or relay work right now (its relay or broker is down)."""
+
+    status_code = 503
+    type = "service_unavailable"
+    code = "market_unavailable"
+    retry_after_s = 2
+
+
+class RelayInterrupted(APIError):
+    """Tokens were lost inside the market mid-stream; the buyer pays only what it got."""
+
+    status_code = 503
+    type = "service_unavailable"
+    code = "relay_interrupted"
+    retry_after_s = 1
+
+
 class UpstreamFailed(APIError):
     status_code = 502
     type = "api_error"
@@ -78,7 +104,7 @@ class UpstreamFailed(APIError):
 
 
 def _json(exc: APIError) -> JSONResponse:
-    return JSONResponse(exc.body(), status_code=exc.status_code)
+    return JSONResponse(exc.body(), status_code=exc.status_code, headers=exc.headers)
 
 
 def install_error_handlers(app: FastAPI) -> None:

@@ -13,6 +13,7 @@ from sqlmodel import Session
 
 from coordinator.models import InferenceRequest, Node, RequestStatus
 from coordinator.node_registry import record_failure
+from coordinator.settlement import fail_request
 
 ACTIVE = (RequestStatus.ASSIGNED, RequestStatus.RUNNING)
 
@@ -25,6 +26,9 @@ def fail_over(session: Session, request_id: str, node_id: str, delivered_ids: li
     """
     req = session.get(InferenceRequest, request_id, with_for_update=True)
     if req is None or req.node_id != node_id or req.status not in ACTIVE:
+        return False
+    if req.delivery is not None:  # the buyer's side has ended: nobody to continue for
+        fail_request(session, request_id, f"node {node_id[:12]} failed after the buyer's stream had ended")
         return False
     payload = dict(req.payload)
     segments = list(payload.get("segments", []))

@@ -12,9 +12,11 @@ from pricing.ledger import AccountKind, Ledger
 from pricing.stake import Stake
 
 
-def penalise(session: Session, req: InferenceRequest, node: Node, settings: CoordinatorSettings) -> dict:
-    """Refund the buyer the job's cost (from the node's earnings first, then its stake) and
-    slash `slash_multiple` × cost (at least `min_slash_nano_usd`) of stake to the platform."""
+def penalise(session: Session, req: InferenceRequest, node: Node, settings: CoordinatorSettings,
+             job_value: int | None = None) -> dict:
+    """Refund the buyer what the job cost it (from the node's earnings first, then its
+    stake) and slash `slash_multiple` × the job's value (`job_value`, else its cost; at
+    least `min_slash_nano_usd`) of stake to the platform."""
     ledger = Ledger(session)
     buyer = session.get(Account, req.account_id).ledger_account_id
     cost = req.cost or 0
@@ -31,7 +33,7 @@ def penalise(session: Session, req: InferenceRequest, node: Node, settings: Coor
             clawed = 0
     stake_id = ledger.open_account(AccountKind.SELLER_STAKE, ref=f"node:{node.id}").id
     owed = cost - clawed
-    penalty = max(settings.min_slash_nano_usd, settings.slash_multiple * cost)
+    penalty = max(settings.min_slash_nano_usd, settings.slash_multiple * (cost if job_value is None else job_value))
     slash = min(ledger.balance(stake_id), owed + penalty)
     from_stake = 0
     if slash > 0:

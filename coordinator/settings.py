@@ -50,6 +50,10 @@ class CoordinatorSettings(BaseSettings):
     request_ttl_s: float = Field(default=3600, gt=0, description="a request unfinished by then is failed "
                                  "unpaid and its hold released (the hold itself expires a little later)")
     dispatch_window_ms: float = 2.0  # micro-batch window of the dispatch task
+    delivery_ack_timeout_s: float = Field(
+        default=300, gt=0, description="a receipt whose buyer-side delivery acknowledgement has not come "
+        "by then (the API process serving the buyer died) is settled as undelivered: the buyer pays "
+        "nothing, the platform pays the node")
     idempotency_retention_s: float = Field(
         default=30 * 24 * 3600, gt=0, description="ledger idempotency keys older than this are forgotten by the "
         "sweep; a client retrying with a key after that would repeat the operation")

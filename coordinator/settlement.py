@@ -1,20 +1,24 @@
 """Ending a request: check the node's signed receipt against what was relayed, then pay.
 
-The coordinator is paid for what it saw: the completion token count is the number of
-tokens it relayed to the buyer, and the receipt's commitment must equal the hash chain
+The node is paid for what the coordinator saw: its completion count is the number of
+tokens the coordinator relayed, and the receipt's commitment must equal the hash chain
 over those relayed tokens — a node cannot claim more tokens or change its story later.
 The prompt count is the node's (its tokenizer), capped by the admission estimate. The
-charge is `request_cost` at the price locked at assignment, never above the hold; the
-rest of the hold goes back to the buyer and the node's earnings get the charge less the
-platform fee.
+buyer is charged for what its handler acknowledged writing to it (`delivery.py`): the
+same tokens when nothing broke; fewer when the relay lost some, the platform then paying
+the node the difference. Charges are at the prices locked at assignment, never above the
+hold; the rest of the hold goes back to the buyer; the node's earnings get its part less
+the platform fee.
 
 Two phases, so that a crash never loses or doubles money: the work channel accepts and
-stores the receipt with its own measurements (`accept_receipt`, request -> SETTLING), then
-the Celery task `agora.settle` pays it (`settle_accepted_batch`, -> COMPLETED): the task's
-own request and up to `SETTLE_BATCH - 1` other accepted receipts that no other transaction
-holds, through the ledger's set-based `settle_many` in one transaction (`settle_accepted`
-is the same path for one request). The task is idempotent (a
-redelivery returns the first result) and the sweep resends it for any request left SETTLING.
+stores the receipt with its own measurements (`accept_receipt`, request -> SETTLING); the
+buyer's handler acknowledges its delivery (`delivery.acknowledge`); whichever comes second
+queues the Celery task `agora.settle`, which pays it (`settle_accepted_batch`, ->
+COMPLETED): the task's own request and up to `SETTLE_BATCH - 1` other acknowledged
+receipts that no other transaction holds, through the ledger's set-based `settle_many` in
+one transaction (`settle_accepted` is the same path for one request). The task is
+idempotent (a redelivery returns the first result); the sweep resends it for requests left
+SETTLING, and settles as `unacked` those whose acknowledgement never came.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from dataclasses import asdict, dataclass
 from sqlmodel import Session, col, select
 
 from coordinator import speed
+from coordinator.delivery import Delivery, Quote, acknowledge, quote_of
 from coordinator.models import InferenceRequest, Node, NodeOffer, ReceiptRecord, RequestStatus
 from coordinator.models.account import utcnow
 from coordinator.node_registry import check_signed, record_success
@@ -32,7 +37,6 @@ from node_agent.protocol import Receipt
 from pricing.batch import Settlement, settle_many
 from pricing.errors import LedgerError
 from pricing.ledger import Ledger
-from pricing.money import request_cost
 
 SETTLE_BATCH = 200  # accepted receipts one settle task pays in one transaction, at most
 
@@ -63,7 +67,13 @@ class Relayed:
 @dataclass
 class Accepted:
     fresh: bool
-    audit_id: int | None = None
+    audit_id: int | None = None  # set by the caller that picks the job for an audit
+    ready: bool = False  # the buyer's delivery is acknowledged too: settle now
+    quote: Quote | None = None  # what the buyer's charge depends on, for its handler
+
+
+class AwaitingDelivery(ReceiptRejected):
+    """The receipt is in but the buyer's handler has not said what it delivered yet."""
 
 
 def _settled(req: InferenceRequest) -> Settled:
@@ -72,12 +82,10 @@ def _settled(req: InferenceRequest) -> Settled:
 
 
 def accept_receipt(session: Session, receipt: Receipt, node_id: str, relayed: Relayed,
-                   settings: CoordinatorSettings, token_ids: list[int] | None = None,
-                   logprobs_q: list[int] | None = None) -> Accepted:
+                   settings: CoordinatorSettings) -> Accepted:
     """Phase 1, on the work channel: check the receipt against what was relayed and store
-    it with the coordinator's own measurements; the request moves to SETTLING, and may be
-    picked for an audit (`token_ids`/`logprobs_q`: what was relayed). `fresh` is False if
-    it was already accepted (a resent receipt)."""
+    it with the coordinator's own measurements; the request moves to SETTLING. `fresh` is
+    False if it was already accepted (a resent receipt)."""
     req = session.get(InferenceRequest, receipt.request_id, with_for_update=True)
     if req is None:
         raise ReceiptRejected(f"unknown request {receipt.request_id}")
@@ -100,13 +108,11 @@ def accept_receipt(session: Session, receipt: Receipt, node_id: str, relayed: Re
         payload={"receipt": receipt.model_dump(mode="json"), "relayed": asdict(relayed)},
     ))
     req.status = RequestStatus.SETTLING
+    if req.payload.get("canary") and req.delivery is None:  # the coordinator is its own buyer
+        req.delivered_tokens, req.delivery = relayed.token_count, Delivery.COMPLETE.value
     session.add(req)
-    audit = None
-    if token_ids is not None and logprobs_q is not None:
-        from coordinator.audits import maybe_select
-
-        audit = maybe_select(session, req, session.get(Node, node_id), token_ids, logprobs_q, receipt.finish_reason)
-    return Accepted(fresh=True, audit_id=audit.id if audit else None)
+    quote = quote_of(req, min(receipt.prompt_tokens, req.prompt_tokens_est), relayed.token_count)
+    return Accepted(fresh=True, ready=req.delivery is not None, quote=quote)
 
 
 @dataclass
@@ -115,18 +121,25 @@ class _Charge:
     relayed: Relayed
     node: Node
     prompt_tokens: int
-    completion_tokens: int
-    parts: list[tuple[int, int]]  # (earnings account, amount), capped by the hold
+    completion_tokens: int  # what the buyer was charged for
+    parts: list[tuple[int, int]]  # (earnings account, gross the buyer pays), capped by the hold
+    subsidy: list[tuple[int, int]]  # (earnings account, net the platform adds): tokens the market lost
 
 
-def _charge(session: Session, req: InferenceRequest) -> _Charge:
+def _charge(session: Session, req: InferenceRequest, fee_bps: int) -> _Charge:
     record = session.get(ReceiptRecord, req.id)
     relayed = Relayed(**record.payload["relayed"])
     node = session.get(Node, record.node_id)
-    prompt_tokens = min(record.prompt_tokens, req.prompt_tokens_est)
-    parts = split_charges(session, req, node, prompt_tokens, relayed.token_count)
-    completion = relayed.token_count + sum(seg["tokens"] for seg in req.payload.get("segments", []))
-    return _Charge(record, relayed, node, prompt_tokens, completion, parts)
+    quote = quote_of(req, min(record.prompt_tokens, req.prompt_tokens_est), relayed.token_count)
+    delivery = Delivery(req.delivery)
+    delivered = min(req.delivered_tokens or 0, quote.relayed)
+    earners = [session.get(Node, seg["node_id"]).earnings_account_id for seg in req.payload.get("segments", [])]
+    earners.append(node.earnings_account_id)
+    parts = list(zip(earners, quote.buyer_gross(delivered, delivery)))
+    subsidy = [(a, n) for a, n in zip(earners, quote.subsidies(delivered, delivery, fee_bps))
+               if n > 0]
+    prompt = quote.prompt_tokens if delivered or delivery == Delivery.COMPLETE else 0
+    return _Charge(record, relayed, node, prompt, delivered, parts, subsidy)
 
 
 def _complete(session: Session, req: InferenceRequest, ch: _Charge, offer: NodeOffer | None = None) -> Settled:
@@ -168,11 +181,14 @@ def settle_accepted_batch(session: Session, request_id: str, settings: Coordinat
         return {request_id: _settled(own)}
     if own.status != RequestStatus.SETTLING:
         return {request_id: ReceiptRejected(f"request is {own.status.value}, not settling")}
+    if own.delivery is None:
+        return {request_id: AwaitingDelivery("waiting for the buyer's handler to say what it delivered")}
     reqs = [own]
     if limit > 1:
         reqs += list(session.exec(
             select(InferenceRequest)
-            .where(InferenceRequest.status == RequestStatus.SETTLING, InferenceRequest.id != request_id)
+            .where(InferenceRequest.status == RequestStatus.SETTLING, InferenceRequest.id != request_id,
+                   col(InferenceRequest.delivery).is_not(None))
             .order_by(col(InferenceRequest.id)).limit(limit - 1)
             .with_for_update(skip_locked=True)
         ).all())
@@ -182,10 +198,11 @@ def settle_accepted_batch(session: Session, request_id: str, settings: Coordinat
         select(NodeOffer).where(col(NodeOffer.node_id).in_(node_ids)).order_by(col(NodeOffer.id)).with_for_update())}
     session.exec(select(ReceiptRecord).where(col(ReceiptRecord.request_id).in_([r.id for r in reqs]))).all()
     with session.no_autoflush:  # all rows are in the session now: no query per request
-        charges = {r.id: _charge(session, r) for r in reqs}
+        charges = {r.id: _charge(session, r, settings.platform_fee_bps) for r in reqs}
     paying = [r for r in reqs if r.hold_id is not None]
     results = settle_many(session, [
-        Settlement(r.hold_id, [p for p in charges[r.id].parts if p[1] > 0], f"settle:{r.id}") for r in paying
+        Settlement(r.hold_id, [p for p in charges[r.id].parts if p[1] > 0], f"settle:{r.id}",
+                   tuple(charges[r.id].subsidy)) for r in paying
     ], fee_bps=settings.platform_fee_bps)
     failed = {r.id: res for r, res in zip(paying, results) if isinstance(res, Exception)}
     with session.no_autoflush:
@@ -196,34 +213,12 @@ def settle_accepted_batch(session: Session, request_id: str, settings: Coordinat
 
 def settle(session: Session, receipt: Receipt, node_id: str, relayed: Relayed,
            settings: CoordinatorSettings) -> Settled:
-    """Both phases in one transaction (tests and tools)."""
-    accept_receipt(session, receipt, node_id, relayed, settings)
+    """Both phases in one transaction, the buyer having received every relayed token
+    (tests and tools)."""
+    accepted = accept_receipt(session, receipt, node_id, relayed, settings)
+    if accepted.quote is not None:
+        acknowledge(session, receipt.request_id, accepted.quote.relayed, Delivery.COMPLETE)
     return settle_accepted(session, receipt.request_id, settings)
-
-
-def split_charges(session: Session, req: InferenceRequest, last: Node, prompt_tokens: int,
-                  last_tokens: int) -> list[tuple[int, int]]:
-    """(earnings account, amount) per node that served part of the request.
-
-    After a failover each earlier node is paid for the tokens the coordinator relayed
-    from it, at the price locked when it was assigned; the prompt is charged once, at the
-    first node's price. Each part is floored separately; the total never exceeds the hold
-    (the last parts are cut first if prices rose between admission and failover)."""
-    parts: list[tuple[int, int]] = []
-    segments = req.payload.get("segments", [])
-    for seg in segments:
-        earner = session.get(Node, seg["node_id"])
-        parts.append((earner.earnings_account_id, request_cost(
-            prompt_tokens if seg["prompt_charged"] else 0, seg["tokens"], seg["price_in"], seg["price_out"])))
-    parts.append((last.earnings_account_id, request_cost(
-        0 if segments else prompt_tokens, last_tokens, req.price_in or 0, req.price_out or 0)))
-    room = req.hold_amount
-    capped = []
-    for account, amount in parts:
-        take = min(amount, room)
-        room -= take
-        capped.append((account, take))
-    return capped
 
 
 def _learn_speed(session: Session, req: InferenceRequest, relayed: Relayed, rtt_ms: float,

@@ -19,7 +19,8 @@ from starlette.concurrency import run_in_threadpool
 from sqlalchemy import update
 from sqlmodel import select
 
-from coordinator.audits import apply_result
+from coordinator.audits import apply_result, maybe_select
+from coordinator.bus import BusUnavailable
 from coordinator.db import retry_transient
 from coordinator.errors import APIError
 from coordinator.models import InferenceRequest, Node, RequestStatus
@@ -46,6 +47,7 @@ class _Stream:
         self.sent_at = time.monotonic()
         self.first_at: float | None = None
         self.last_at: float | None = None
+        self.lost = 0  # tokens the relay bus failed to carry
 
 
 class Channel:
@@ -111,9 +113,9 @@ class Channel:
                 s.add(node)
             for rid, st in list(self.streams.items()):
                 if fail_over(s, rid, self.node_id, st.token_ids):
-                    moved.append(rid)
-        for rid in moved:
-            self.rt.bus.publish_sync(f"req:{rid}", {"type": "failover", "node_id": self.node_id})
+                    moved.append((rid, st.count))
+        for rid, count in moved:
+            self.rt.bus.publish_sync(f"req:{rid}", {"type": "failover", "node_id": self.node_id, "tokens": count})
         if moved:
             self.rt.trigger_dispatch()
 
@@ -134,7 +136,10 @@ class Channel:
     async def _pump(self, sub) -> None:
         while True:
             msg = await sub.get()
-            if msg.get("type") == "assign":
+            if msg.get("type") == "bus_restored":  # assignments published meanwhile were lost
+                for frame in await run_in_threadpool(self._pending_assignments):
+                    await self._send_assignment(frame)
+            elif msg.get("type") == "assign":
                 await self._send_assignment(msg)
             elif msg.get("type") == "cancel" and msg.get("request_id") in self.streams:
                 async with self.send_lock:
@@ -199,9 +204,16 @@ class Channel:
         st.count += len(chunk.token_ids)
         st.token_ids.extend(chunk.token_ids)
         st.logprobs.extend(chunk.logprobs)
-        await self.rt.bus.publish(f"req:{chunk.request_id}", {
-            "type": "tokens", "node_id": self.node_id, "text": chunk.text, "start": chunk.start,
-            "token_ids": chunk.token_ids, "logprobs": chunk.logprobs})
+        try:
+            await self.rt.bus.publish(f"req:{chunk.request_id}", {
+                "type": "tokens", "node_id": self.node_id, "text": chunk.text, "start": chunk.start,
+                "token_ids": chunk.token_ids, "logprobs": chunk.logprobs})
+        except BusUnavailable:
+            # Relayed from the node but lost on the way: the node is paid for it, the buyer's
+            # handler sees the gap (or the bus drop) and charges the buyer only what it got.
+            if not st.lost:
+                log.warning("request %s: relay bus down; tokens from %d on are lost", chunk.request_id, chunk.start)
+            st.lost += len(chunk.token_ids)
 
     async def _on_done(self, done: Done) -> None:
         rid = done.request_id
@@ -224,15 +236,32 @@ class Channel:
                                                          "message": "the node's receipt was rejected"})
             self.rt.trigger_dispatch()
             return
-        if accepted.fresh:  # the settle task pays it and tells the buyer (off the token path)
-            await run_in_threadpool(self.rt.enqueue_settle, rid)
+        if accepted.fresh:
+            # The buyer's handler learns the end and what its charge depends on; it writes the
+            # last chunks and acknowledges what it delivered, which queues the settlement
+            # (here instead, if the buyer's side has already acknowledged: it left earlier).
+            if accepted.ready:
+                await run_in_threadpool(self.rt.enqueue_settle, rid)
+            try:
+                await self.rt.bus.publish(f"req:{rid}", {
+                    "type": "done", "node_id": self.node_id, "finish_reason": done.receipt.finish_reason,
+                    "relayed": st.count, "quote": accepted.quote.to_dict()})
+                self.rt.trigger_dispatch()  # the node has a free slot again
+            except BusUnavailable as exc:  # the buyer's handler has seen the bus drop and ended
+                log.warning("request %s: receipt stored, but the relay is down: %s", rid, exc)
         if accepted.audit_id is not None:
             await run_in_threadpool(self.rt.dispatch_audit, accepted.audit_id)
 
     def _accept(self, done: Done, relayed: Relayed, st: _Stream):
+        """Store the receipt and, in the same transaction, maybe pick the job for an audit
+        (on the tokens the coordinator itself relayed)."""
         with self.rt.session() as s:
-            return accept_receipt(s, done.receipt, self.node_id, relayed, self.rt.settings,
-                                  token_ids=st.token_ids, logprobs_q=st.logprobs)
+            accepted = accept_receipt(s, done.receipt, self.node_id, relayed, self.rt.settings)
+            if accepted.fresh:
+                audit = maybe_select(s, s.get(InferenceRequest, done.request_id), s.get(Node, self.node_id),
+                                     st.token_ids, st.logprobs, done.receipt.finish_reason)
+                accepted.audit_id = audit.id if audit else None
+            return accepted
 
     async def _on_verify_result(self, result: VerifyResult) -> None:
         def _apply():

@@ -25,7 +25,8 @@ class Account(AccountBase, table=True):
 
 class AccountPublic(AccountBase):
     id: str
-    balance_nano_usd: int
+    balance_nano_usd: int  # spendable now
+    held_nano_usd: int = 0  # in escrow for requests not yet settled (their unused part comes back)
 
 
 class ApiKey(SQLModel, table=True):

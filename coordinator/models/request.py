@@ -53,6 +53,10 @@ class InferenceRequest(SQLModel, table=True):
     prompt_tokens: int | None = None
     completion_tokens: int | None = None
     cost: int | None = None  # nano-dollars charged
+    # What the buyer's handler wrote to the buyer (see coordinator/delivery.py); settlement
+    # waits for it and charges only these tokens.
+    delivered_tokens: int | None = None
+    delivery: str | None = Field(default=None, max_length=16)
     finish_reason: str | None = None
     error: str | None = None
     created_at: datetime = Field(default_factory=utcnow, index=True)

@@ -26,8 +26,10 @@ router = APIRouter(tags=["accounts"])
 async def my_account(account: Account = Depends(current_account), rt: Runtime = Depends(runtime)) -> AccountPublic:
     def _do():
         with rt.session() as s:
+            led = Ledger(s)
             return AccountPublic(id=account.id, name=account.name,
-                                 balance_nano_usd=Ledger(s).balance(account.ledger_account_id))
+                                 balance_nano_usd=led.balance(account.ledger_account_id),
+                                 held_nano_usd=led.held(account.ledger_account_id))
 
     return await run_in_threadpool(_do)
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 from coordinator.audits import apply_result, assign_verifier, maybe_select
 from coordinator.models import Account, Audit, AuditStatus, InferenceRequest, Node
 from coordinator.settlement import Relayed, settle
@@ -106,9 +108,13 @@ def test_failures_refund_the_buyer_slash_stake_and_ban_on_the_third(runtime):
         assert s.get(Account, s.get(InferenceRequest, rid).account_id) is not None
 
 
-def test_a_failed_verdict_before_settlement_still_refunds_everything(runtime):
-    """The verifier can answer before the settle task has paid the job: the verdict pays it
-    first, then refunds it; the settle task that runs afterwards moves nothing."""
+@pytest.mark.parametrize("acknowledged", [False, True])
+def test_a_failed_verdict_before_settlement_voids_the_job(runtime, acknowledged):
+    """The verifier can answer before the job is paid (before the buyer's handler has even
+    acknowledged its delivery, or before the settle task ran): the job is voided — the
+    buyer is never charged, the cheater never paid — and the stake is still slashed; the
+    settle task that runs afterwards moves nothing."""
+    from coordinator.delivery import Delivery, acknowledge
     from coordinator.models import RequestStatus
     from coordinator.settlement import accept_receipt
 
@@ -121,6 +127,8 @@ def test_a_failed_verdict_before_settlement_still_refunds_everything(runtime):
     with runtime.session() as s:
         accept_receipt(s, _receipt(node, rid, IDS, LPS), node.public_key_hex,
                        Relayed(4, commitment_of(rid, IDS, LPS)), runtime.settings)
+        if acknowledged:
+            acknowledge(s, rid, len(IDS), Delivery.COMPLETE)
         audit = maybe_select(s, s.get(InferenceRequest, rid), s.get(Node, node.public_key_hex), IDS, LPS,
                              "length", u=0.0)
     with runtime.session() as s:
@@ -129,9 +137,12 @@ def test_a_failed_verdict_before_settlement_still_refunds_everything(runtime):
     with runtime.session() as s:
         done = apply_result(s, _reply(audit.id, False), verifier.public_key_hex, runtime.settings)
         assert done.status == AuditStatus.FAILED and done.consequences["buyer_made_whole"]
-        assert done.consequences["refunded_nano_usd"] > 0
-    assert runtime.store.settle(rid)["settled"]  # the queued settle task, late
+        assert done.consequences["slashed_nano_usd"] > 0
+    result = runtime.store.settle(rid)  # the queued settle task, late
+    assert not result["settled"]
     with runtime.session() as s:
-        assert s.get(InferenceRequest, rid).status == RequestStatus.COMPLETED
-        assert Ledger(s).balance(buyer) == 10**9  # every nano-dollar back, nothing charged twice
+        req = s.get(InferenceRequest, rid)
+        assert req.status == RequestStatus.FAILED and req.cost is None
+        assert Ledger(s).balance(buyer) == 10**9  # nothing charged, ever
+        assert Ledger(s).balance(s.get(Node, node.public_key_hex).earnings_account_id) == 0
         assert total_balance(s) == 0

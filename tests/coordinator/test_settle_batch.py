@@ -8,6 +8,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 from coordinator.db import create_all, make_engine
+from coordinator.delivery import Delivery, acknowledge
 from coordinator.models import InferenceRequest, Node, RequestStatus
 from coordinator.runtime import Runtime
 from coordinator.settings import CoordinatorSettings
@@ -50,6 +51,7 @@ def _accepted(rt, node, n: int) -> list[tuple[str, int, int]]:
         with rt.session() as s:
             accept_receipt(s, _receipt(node, rid, ids, lps), node.public_key_hex,
                            Relayed(len(ids), commitment_of(rid, ids, lps)), rt.settings)
+            acknowledge(s, rid, len(ids), Delivery.COMPLETE)  # as the buyer's handler does
         out.append((rid, buyer, len(ids)))
     return out
 

@@ -110,6 +110,18 @@ class Market:
                 p.wait()
 
 
+def settled_balance(base: str, key: str, timeout: float = 30) -> int:
+    """The buyer's balance once nothing of it is held in escrow any more: settlement runs
+    in the background after the buyer's answer, so a test waits for it."""
+    deadline = time.monotonic() + timeout
+    while True:
+        acct = httpx.get(base + "/v1/account", headers={"Authorization": f"Bearer {key}"}, timeout=5).json()
+        if acct["held_nano_usd"] == 0 or time.monotonic() > deadline:
+            assert acct["held_nano_usd"] == 0, f"still held after {timeout}s: {acct}"
+            return acct["balance_nano_usd"]
+        time.sleep(0.05)
+
+
 def clean_env(home: Path, **extra: str) -> dict[str, str]:
     """This process's environment without any AGORA_* setting, plus `extra`."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("AGORA_")}

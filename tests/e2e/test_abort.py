@@ -9,7 +9,7 @@ import httpx
 import openai
 import pytest
 
-from tests.e2e.market import embedded_market
+from tests.e2e.market import embedded_market, settled_balance
 
 pytestmark = pytest.mark.slow
 
@@ -39,7 +39,7 @@ def test_aborted_stream_is_charged_only_for_delivered_tokens(tmp_path):
         assert 5 <= req["completion_tokens"] < 100
         expected = (req["prompt_tokens"] * req["price_in"] + req["completion_tokens"] * req["price_out"]) // 10**6
         assert req["cost_nano_usd"] == expected < req["hold_nano_usd"]
-        bal = httpx.get(f"{m.base}/v1/account", headers=auth).json()["balance_nano_usd"]
+        bal = settled_balance(m.base, key)
         assert bal == 10**9 - expected
         other = m.agora("account", "create")
         assert httpx.get(f"{m.base}/v1/requests/{rid}",

@@ -10,7 +10,7 @@ import httpx
 import openai
 import pytest
 
-from tests.e2e.market import Market
+from tests.e2e.market import Market, settled_balance
 
 
 @pytest.fixture(scope="module")
@@ -40,8 +40,7 @@ def client(market: Market, key: str) -> openai.OpenAI:
 
 
 def balance(market: Market, key: str) -> int:
-    return httpx.get(market.base + "/v1/account", headers={"Authorization": f"Bearer {key}"}).json()[
-        "balance_nano_usd"]
+    return settled_balance(market.base, key)
 
 
 def test_models_lists_live_offer_with_prices_and_speed(market):

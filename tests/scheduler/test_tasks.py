@@ -105,6 +105,7 @@ def test_sweep_expires_overdue_holds_and_prunes_nonces(rt):
 def test_settle_task_survives_a_lost_worker_and_redelivery(rt):
     """The receipt was accepted, then the worker died before paying: the sweep resends the
     settle task; it and any redelivered copy pay exactly once."""
+    from coordinator.delivery import Delivery, acknowledge
     from coordinator.settlement import Relayed, accept_receipt
     from node_agent.protocol import Receipt, commitment_of
     from pricing.ledger import total_balance
@@ -120,6 +121,7 @@ def test_settle_task_survives_a_lost_worker_and_redelivery(rt):
                       completion_tokens=3, commitment=commitment_of(rid, ids, lps), finish_reason="stop").sign(ident)
     with rt.session() as s:
         assert accept_receipt(s, receipt, node_id, Relayed(3, commitment_of(rid, ids, lps)), rt.settings)
+        assert acknowledge(s, rid, 3, Delivery.COMPLETE)  # the buyer's handler got every token
     assert _status(rt, rid) == RequestStatus.SETTLING  # ... and here the worker is lost
     sent = []
     rt.enqueue_settle = sent.append  # capture what the sweep resends

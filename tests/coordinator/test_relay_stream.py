@@ -1,0 +1,130 @@
+"""The buyer's handler: it notices lost tokens instead of streaming a hole, and it counts
+exactly what it wrote to the buyer (what settlement then charges)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import pytest
+
+from coordinator.completions import RequestStream, _sse
+from coordinator.delivery import Delivery, Quote
+from coordinator.errors import RelayInterrupted
+
+QUOTE = Quote(7, ((100_000_000, 200_000_000, 6),), hold=10**9)
+
+
+class FakeSub:
+    def __init__(self, messages):
+        self.queue = list(messages)
+        self.closed = False
+
+    async def get(self, timeout=None):
+        if not self.queue:
+            raise asyncio.TimeoutError
+        return self.queue.pop(0)
+
+    def close(self):
+        self.closed = True
+
+
+def tokens(start, ids, node="n1", text="x"):
+    return {"type": "tokens", "node_id": node, "start": start, "token_ids": ids, "logprobs": [0] * len(ids),
+            "text": text}
+
+
+def done(relayed, node="n1"):
+    return {"type": "done", "node_id": node, "finish_reason": "length", "relayed": relayed,
+            "quote": QUOTE.to_dict()}
+
+
+def _drain(runtime, messages):
+    async def main():
+        stream = RequestStream(runtime, "req_t", FakeSub(messages))
+        got = []
+        while True:
+            msg = await stream.next()
+            got.append(msg)
+            if msg["type"] == "done":
+                return got
+
+    return asyncio.run(main())
+
+
+@pytest.mark.parametrize("messages,why", [
+    ([tokens(0, [1, 2]), tokens(3, [4])], "never arrived"),  # token 2 lost in the relay
+    ([tokens(0, [1, 2]), done(5)], "final tokens never arrived"),  # the tail lost
+    ([tokens(0, [1]), {"type": "bus_lost"}], "relay connection lost"),
+    ([{"type": "assigned", "node_id": "n1"}, tokens(0, [1]),
+      {"type": "failover", "node_id": "n1", "tokens": 3}], "lost before a failover"),
+])
+def test_lost_tokens_interrupt_the_stream_instead_of_leaving_a_hole(runtime, messages, why):
+    with pytest.raises(RelayInterrupted, match=why) as exc:
+        _drain(runtime, messages)
+    assert exc.value.status_code == 503 and exc.value.headers == {"Retry-After": "1"}
+
+
+def test_duplicates_and_tokens_from_a_node_left_behind_are_dropped(runtime):
+    got = _drain(runtime, [
+        {"type": "assigned", "node_id": "n1"}, tokens(0, [1, 2]), tokens(0, [1, 2]),  # a duplicate
+        {"type": "failover", "node_id": "n1", "tokens": 2}, tokens(2, [3], node="n1"),  # late, old node
+        {"type": "assigned", "node_id": "n2"}, tokens(0, [9], node="n2"), {"type": "bus_restored"},
+        done(1, node="n2")])
+    assert [m["token_ids"] for m in got if m["type"] == "tokens"] == [[1, 2], [9]]
+
+
+class FakeStream:
+    def __init__(self, messages):
+        self.rid, self.rt = "req_t", None
+        self.sub = FakeSub([])
+        self.messages = list(messages)
+        self.finished = []
+
+    async def next(self):
+        msg = self.messages.pop(0)
+        if isinstance(msg, Exception):
+            raise msg
+        return msg
+
+    def finish(self, written, delivery):
+        self.finished.append((written, delivery))
+
+
+def _chunks(messages, first, read=None):
+    """Run the SSE body; read `read` chunks then hang up (None: read everything)."""
+    stream = FakeStream(messages)
+
+    async def main():
+        gen = _sse(stream, first, "tiny", "chat", True, False)
+        out = []
+        async for chunk in gen:
+            out.append(chunk)
+            if read is not None and len(out) == read:
+                await gen.aclose()
+                break
+        return out
+
+    return stream, asyncio.run(main())
+
+
+def test_a_complete_stream_acknowledges_every_token_and_reports_what_will_be_charged():
+    stream, out = _chunks([tokens(2, [3, 4]), tokens(4, [5], text=""), tokens(5, [6]), done(6)], tokens(0, [1, 2]))
+    assert stream.finished == [(6, Delivery.COMPLETE)]
+    usage = json.loads(out[-2][len(b"data: "):])["usage"]
+    assert usage["completion_tokens"] == 6 and usage["cost_nano_usd"] == QUOTE.buyer_cost(6, Delivery.COMPLETE)
+    assert out[-1] == b"data: [DONE]\n\n"
+
+
+def test_a_buyer_who_hangs_up_is_acknowledged_only_the_chunks_it_was_written():
+    # chunks: [1,2] [3,4] [5] ... the buyer takes three and hangs up while the third is out
+    stream, out = _chunks([tokens(2, [3, 4]), tokens(4, [5]), tokens(5, [6]), done(6)], tokens(0, [1, 2]), read=3)
+    assert len(out) == 3
+    assert stream.finished == [(4, None)]  # the first two chunks were handed over; the third not known to be
+
+
+def test_an_interrupted_relay_ends_with_a_clean_error_and_acknowledges_what_was_written():
+    stream, out = _chunks([tokens(2, [3]), RelayInterrupted("lost")], tokens(0, [1, 2]))
+    assert stream.finished == [(3, Delivery.RELAY_BROKEN)]
+    assert json.loads(out[-2][len(b"data: "):])["error"]["code"] == "relay_interrupted"
+    assert out[-1] == b"data: [DONE]\n\n"
