@@ -77,3 +77,56 @@ def redis_url():
 @pytest.fixture
 def redis_prefix():
     return f"agora-test-{uuid.uuid4().hex[:8]}:"
+
+
+class OwnRedis:
+    """A redis-server of the test's own on a free port, which the test may kill and restart
+    (the shared one on 6379 must stay up for everyone else)."""
+
+    def __init__(self, tmp_path):
+        import shutil
+
+        self.exe = shutil.which("redis-server")
+        if self.exe is None:
+            if os.environ.get("CI"):
+                pytest.fail("redis-server is not installed")
+            pytest.skip("redis-server is not installed")
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        self.dir = tmp_path
+        self.proc = None
+        self.start()
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> None:
+        import subprocess
+        import time
+
+        self.proc = subprocess.Popen(
+            [self.exe, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+             "--dir", str(self.dir)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 10
+        while not _reachable("127.0.0.1", self.port):
+            if time.monotonic() > deadline:
+                raise RuntimeError("redis-server did not start")
+            time.sleep(0.02)
+
+    def kill(self) -> None:
+        """SIGKILL: connections drop at once, nothing is flushed."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+    def stop(self) -> None:
+        self.kill()
+
+
+@pytest.fixture
+def own_redis(tmp_path):
+    r = OwnRedis(tmp_path)
+    yield r
+    r.stop()

@@ -58,3 +58,47 @@ def test_flags_are_set_once_until_cleared_or_expired(bus):
     assert bus.set_flag("dispatch", 0.3)
     bus.clear_flag("dispatch")
     asyncio.run(bus.close())
+
+
+def test_redis_bus_tells_subscribers_of_an_outage_and_recovers_by_itself(own_redis):
+    """Redis killed under a live subscription: the subscriber hears `bus_lost` at once
+    (messages may be missing), subscribing meanwhile fails fast, and once Redis is back
+    the bus reconnects, resubscribes and says `bus_restored`; messages flow again."""
+    from coordinator.bus import BusUnavailable
+
+    bus = RedisBus(own_redis.url, "t:")
+
+    async def main():
+        async with bus.subscribe("req:1") as sub:
+            await bus.publish("req:1", {"i": 1})
+            assert await sub.get(2) == {"i": 1}
+            own_redis.kill()
+            assert await sub.get(5) == {"type": "bus_lost"}
+            t0 = asyncio.get_running_loop().time()
+            with pytest.raises(BusUnavailable):
+                async with bus.subscribe("req:2"):
+                    pass
+            with pytest.raises(BusUnavailable):
+                await bus.publish("req:1", {"i": 2})
+            assert asyncio.get_running_loop().time() - t0 < 5  # refused quickly, not hung
+            assert not bus.healthy
+            own_redis.start()
+            assert await sub.get(10) == {"type": "bus_restored"}
+            assert bus.healthy
+            await bus.publish("req:1", {"i": 3})
+            assert await sub.get(2) == {"i": 3}
+            async with bus.subscribe("req:2") as other:  # new subscriptions work again
+                await bus.publish("req:2", {"i": 4})
+                assert await other.get(2) == {"i": 4}
+        await bus.close()
+
+    asyncio.run(main())
+
+
+def test_redis_bus_skips_client_setinfo_for_old_servers(redis_url):
+    """Redis before 7.2 refuses CLIENT SETINFO, which redis-py sends on connect by default."""
+    bus = RedisBus(redis_url, "t:")
+    for client in (bus._sync, bus._async):
+        kwargs = client.connection_pool.connection_kwargs
+        assert kwargs.get("lib_name") is None and kwargs.get("lib_version") is None
+    asyncio.run(bus.close())
