@@ -56,7 +56,16 @@ def cmd_worker(argv: list[str]) -> int:
     p.add_argument("--beat", action="store_true", help="also run the periodic sweep (one per deployment)")
     p.add_argument("--concurrency", type=int, default=2)
     p.add_argument("--loglevel", default="WARNING")
+    p.add_argument("--no-supervise", action="store_true",
+                   help="run the Celery worker in this process; by default it runs as a child process that "
+                        "is restarted (with backoff) whenever it exits on its own")
     args = p.parse_args(argv)
+    if not args.no_supervise:
+        import sys
+
+        from coordinator.supervise import supervise
+
+        return supervise([sys.executable, "-m", "agora", "worker", "--no-supervise", *argv])
     from coordinator.worker import app, runtime
 
     cli = ["worker", "--pool=threads", f"--concurrency={args.concurrency}", f"--loglevel={args.loglevel}",

@@ -26,6 +26,7 @@ def configure(broker_url: str, *, queue: str = "agora", sweep_interval_s: float 
         worker_redirect_stdouts=False,
         worker_hijack_root_logger=False,
         broker_connection_retry_on_startup=True,
+        broker_connection_max_retries=None,  # a broker outage is waited out, never a reason to exit
         task_default_queue=queue,
         beat_schedule={
             "agora-sweep": {"task": "agora.sweep", "schedule": sweep_interval_s, "options": {"queue": queue}},
