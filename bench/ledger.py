@@ -180,7 +180,7 @@ def bench_settle_task(url: str, n: int) -> dict:
     from coordinator.settings import CoordinatorSettings
     from coordinator.settlement import Relayed, accept_receipt, settle_accepted
     from node_agent.identity import Identity
-    from node_agent.protocol import ModelOffer, Receipt, Registration, commitment_of, fresh_stamp
+    from protocol import ModelOffer, Receipt, Registration, commitment_of, fresh_stamp
     from scheduler.routing import Decision
 
     with tempfile.TemporaryDirectory() as home:

@@ -34,13 +34,13 @@ import numpy as np  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from scheduler.fleet import build_fleet  # noqa: E402
-from scheduler.optimum import optimum, solve_assignment  # noqa: E402
+from scheduler.sim.fleet import build_fleet  # noqa: E402
+from scheduler.sim.optimum import optimum, solve_assignment  # noqa: E402
 from scheduler.policies import PricePerformancePolicy  # noqa: E402
 from scheduler.routing import PendingRequest, get_policy  # noqa: E402
 from scheduler.scoring import score_matrix  # noqa: E402
-from scheduler.simulation import MODEL, Simulation, share  # noqa: E402
-from scheduler.traces import bursty_trace, poisson_trace  # noqa: E402
+from scheduler.sim.simulation import MODEL, Simulation, share  # noqa: E402
+from scheduler.sim.traces import bursty_trace, poisson_trace  # noqa: E402
 
 POLICIES = ["price_performance", "cheapest_first", "inverse_square_price", "least_loaded", "round_robin", "random"]
 

@@ -14,7 +14,8 @@ from __future__ import annotations
 import random
 from datetime import timedelta
 
-from sqlmodel import Session, select
+from sqlalchemy import func
+from sqlmodel import Session, col, select
 
 from coordinator.delivery import quote_of
 from coordinator.models import Audit, AuditStatus, InferenceRequest, Node, NodeOffer, ReceiptRecord, RequestStatus
@@ -22,7 +23,7 @@ from coordinator.models.account import utcnow
 from coordinator.node_registry import is_live
 from coordinator.settlement import fail_request
 from coordinator.settings import CoordinatorSettings
-from node_agent.protocol import LOGPROB_SCALE, Sampling, VerifyJob, VerifyResult
+from protocol import LOGPROB_SCALE, Sampling, VerifyJob, VerifyResult
 from scheduler.audit import (
     AuditPolicy, NodeHistory, ReputationPolicy, VerifierCandidate, cheating_economics, select_verifier,
     should_audit, update_reputation,
@@ -71,8 +72,10 @@ def assign_verifier(session: Session, audit: Audit, settings: CoordinatorSetting
     audited = session.get(Node, audit.node_id)
     rows = session.exec(select(NodeOffer, Node).join(Node, Node.id == NodeOffer.node_id)
                         .where(NodeOffer.model == req.model)).all()
+    busy = _busy(session, [n.id for _, n in rows])
     candidates = [VerifierCandidate(node_id=n.id, operator_id=n.operator or n.id, models=[o.model],
-                                    reputation=n.reputation, online=is_live(n, settings), banned=n.banned)
+                                    reputation=n.reputation, online=is_live(n, settings), banned=n.banned,
+                                    free_slots=max(0, n.max_concurrency - busy.get(n.id, 0)))
                   for o, n in rows]
     verifier = select_verifier(audited.id, audited.operator or audited.id, req.model, candidates,
                                rng=random.Random(_rng.random()), min_reputation=settings.verifier_min_reputation)
@@ -84,6 +87,22 @@ def assign_verifier(session: Session, audit: Audit, settings: CoordinatorSetting
                     prompt=req.payload.get("prompt"), claimed_ids=audit.claimed["ids"],
                     sampling=Sampling(**req.payload["sampling"]))
     return verifier, job.model_dump()
+
+
+def _busy(session: Session, node_ids: list[str]) -> dict[str, int]:
+    """Per node: requests it is serving and audits it has been sent, not yet answered."""
+    if not node_ids:
+        return {}
+    serving = session.exec(select(InferenceRequest.node_id, func.count()).where(
+        col(InferenceRequest.node_id).in_(node_ids),
+        col(InferenceRequest.status).in_((RequestStatus.ASSIGNED, RequestStatus.RUNNING)))
+        .group_by(InferenceRequest.node_id)).all()
+    verifying = session.exec(select(Audit.verifier_id, func.count()).where(
+        col(Audit.verifier_id).in_(node_ids), Audit.status == AuditStatus.SENT).group_by(Audit.verifier_id)).all()
+    out: dict[str, int] = {}
+    for node_id, n in [*serving, *verifying]:
+        out[node_id] = out.get(node_id, 0) + n
+    return out
 
 
 def apply_result(session: Session, result: VerifyResult, verifier_id: str,

@@ -15,7 +15,7 @@ from datetime import timedelta
 from sqlmodel import Session, select
 
 from coordinator.admission import new_request_id
-from coordinator.dispatch_store import assignment_frame
+from coordinator.frames import assignment_frame
 from coordinator.models import Account, InferenceRequest, Node, NodeOffer, RequestStatus
 from coordinator.models.account import utcnow
 from coordinator.node_registry import is_live

@@ -9,44 +9,49 @@ from __future__ import annotations
 
 import logging
 from datetime import timedelta
-from typing import TYPE_CHECKING
+from typing import ContextManager, Protocol
 
 from sqlalchemy import func, update
 from sqlalchemy.exc import OperationalError
-from sqlmodel import col, select
+from sqlmodel import Session, col, select
 
 from coordinator import speed
 from coordinator.audits import due_for_dispatch
+from coordinator.bus import Bus
+from coordinator.canary import send_canaries
+from coordinator.frames import assignment_frame
+from coordinator.settings import CoordinatorSettings
 from coordinator.delivery import Delivery, acknowledge, unacknowledged
 from coordinator.models import InferenceRequest, Node, NodeOffer, RequestStatus
 from coordinator.models.account import utcnow
 from coordinator.node_registry import is_live, mark_silent_offline, prune_nonces
 from coordinator.settlement import AwaitingDelivery, Settled, fail_request, settle_accepted_batch
-from node_agent.protocol import Assignment, Sampling
 from pricing.ledger import Ledger, expire_holds, prune_idempotency
 from pricing.stake import withdraw_matured
 from scheduler.dispatch import AppliedDecision
 from scheduler.errors import TransientStoreError
 from scheduler.routing import Decision, NodeState, PendingRequest
 
-if TYPE_CHECKING:
-    from coordinator.runtime import Runtime
 
 log = logging.getLogger(__name__)
 ACTIVE = (RequestStatus.ASSIGNED, RequestStatus.RUNNING)
 
 
-def assignment_frame(req: InferenceRequest) -> dict:
-    return Assignment(
-        request_id=req.id, model=req.model, kind=req.kind,  # type: ignore[arg-type]
-        messages=req.payload.get("messages"), prompt=req.payload.get("prompt"),
-        sampling=Sampling(**req.payload["sampling"]), price_in=req.price_in or 0,
-        price_out=req.price_out or 0, prefix_token_ids=req.payload.get("prefix_token_ids", []),
-    ).model_dump()
+class _Runtime(Protocol):
+    """What the store needs of the process's runtime (coordinator.runtime.Runtime)."""
+
+    settings: CoordinatorSettings
+    bus: Bus
+
+    def session(self) -> ContextManager[Session]: ...
+    def trigger_dispatch(self) -> None: ...
+    def clear_dispatch_flag(self) -> None: ...
+    def enqueue_settle(self, request_id: str) -> None: ...
+    def dispatch_audit(self, audit_id: int) -> bool: ...
 
 
 class SqlDispatchStore:
-    def __init__(self, runtime: "Runtime"):
+    def __init__(self, runtime: _Runtime):
         self.rt = runtime
 
     def clear_dispatch_flag(self) -> None:
@@ -209,8 +214,6 @@ class SqlDispatchStore:
         if queued:
             self.rt.trigger_dispatch()
         audits_sent = sum(self.rt.dispatch_audit(aid) for aid in audits_due)
-        from coordinator.canary import send_canaries
-
         canaries = send_canaries(self.rt)
         for rid in unsettled:  # a settle task lost with a crashed worker: send it again
             self.rt.enqueue_settle(rid)

@@ -19,7 +19,7 @@ from coordinator.models import Node, NodeNonce, NodeOffer
 from coordinator import speed
 from coordinator.models.account import utcnow
 from coordinator.settings import CoordinatorSettings
-from node_agent.protocol import Heartbeat, Registration, Signed
+from protocol import Heartbeat, Registration, Signed
 from pricing.ledger import AccountKind, Ledger
 from pricing.stake import Stake
 from scheduler.backoff import Backoff

@@ -33,7 +33,7 @@ from coordinator.models import InferenceRequest, Node, NodeOffer, ReceiptRecord,
 from coordinator.models.account import utcnow
 from coordinator.node_registry import check_signed, record_success
 from coordinator.settings import CoordinatorSettings
-from node_agent.protocol import Receipt
+from protocol import Receipt
 from pricing.batch import Settlement, settle_many
 from pricing.errors import LedgerError
 from pricing.ledger import Ledger

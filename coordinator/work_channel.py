@@ -29,8 +29,8 @@ from coordinator.node_registry import check_signed
 from coordinator.runtime import Runtime
 from coordinator.failover import fail_over
 from coordinator.settlement import ReceiptRejected, Relayed, accept_receipt, fail_request
-from coordinator.dispatch_store import assignment_frame
-from node_agent.protocol import ChannelHello, Done, TokenChunk, TokenCommitment, VerifyResult, WorkError
+from coordinator.frames import assignment_frame
+from protocol import ChannelHello, Done, TokenChunk, TokenCommitment, VerifyResult, WorkError
 
 log = logging.getLogger(__name__)
 HELLO_TIMEOUT_S = 10.0

@@ -20,7 +20,7 @@ from pydantic import ValidationError
 from node_agent.engines.base import Engine, GenerationRequest, SamplingParams
 from node_agent.errors import CoordinatorRejected, EngineError
 from node_agent.identity import Identity
-from node_agent.protocol import (
+from protocol import (
     Assignment, ChannelHello, Done, Heartbeat, ModelOffer, Receipt, Registration, TokenChunk,
     TokenCommitment, VerifyJob, VerifyResult, WorkError, fresh_stamp, quantize_logprob,
 )
@@ -72,8 +72,7 @@ class NodeAgent:
         return resp.json()
 
     async def heartbeat_once(self) -> None:
-        hb = Heartbeat(node_id=self.node_id, **fresh_stamp(), active=len(self.tasks),
-                       free_slots=max(0, self.settings.max_concurrency - len(self.tasks))).sign(self.identity)
+        hb = Heartbeat(node_id=self.node_id, **fresh_stamp()).sign(self.identity)
         resp = await self.http.post("/v1/nodes/heartbeat", json=hb.model_dump(mode="json"))
         if resp.status_code == 404:  # the coordinator forgot us (new database): register again
             await self.register()

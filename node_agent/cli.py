@@ -151,7 +151,7 @@ def _money_command(args: argparse.Namespace, settings: NodeSettings) -> int:
     import httpx
 
     from node_agent.identity import Identity
-    from node_agent.protocol import AccountQuery, PayoutRequest, UnbondRequest, fresh_stamp
+    from protocol import AccountQuery, PayoutRequest, UnbondRequest, fresh_stamp
 
     me = Identity.load_or_create(settings.key_path)
     stamp = dict(node_id=me.public_key_hex, **fresh_stamp())

@@ -7,22 +7,14 @@ signed with the private key, over a canonical JSON encoding of the message.
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Any
 
-from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric.ed25519 import (
-    Ed25519PrivateKey,
-    Ed25519PublicKey,
-)
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-
-def canonical_bytes(payload: dict[str, Any]) -> bytes:
-    """The exact bytes that are signed: sorted keys, no whitespace, UTF-8."""
-    return json.dumps(payload, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+from protocol.signing import canonical_bytes, verify_signature  # noqa: F401  (re-exported)
 
 
 class Identity:
@@ -60,13 +52,3 @@ class Identity:
 
     def sign(self, payload: dict[str, Any]) -> str:
         return self._key.sign(canonical_bytes(payload)).hex()
-
-
-def verify_signature(public_key_hex: str, payload: dict[str, Any], signature_hex: str) -> bool:
-    """True only if `signature_hex` is `public_key_hex`'s signature over `payload`."""
-    try:
-        key = Ed25519PublicKey.from_public_bytes(bytes.fromhex(public_key_hex))
-        key.verify(bytes.fromhex(signature_hex), canonical_bytes(payload))
-    except (ValueError, InvalidSignature):
-        return False
-    return True

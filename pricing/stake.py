@@ -160,33 +160,3 @@ def withdraw_matured(session: Session, now: datetime | None = None) -> list[tupl
     return paid
 
 
-# ---------------------------------------------------------------------------- functions
-# The same operations as plain functions of a session, for Celery tasks and routes.
-
-def deposit_stake(session: Session, stake_account_id: int, amount: int, *, idempotency_key: str) -> int:
-    """EXTERNAL -> stake; returns the stake balance after the first call."""
-    return Stake(Ledger(session)).deposit(stake_account_id, amount, idempotency_key=idempotency_key)
-
-
-def slash(session: Session, stake_account_id: int, amount: int, *, refunds: list[tuple[int, int]] = (),
-          idempotency_key: str, reason: str | None = None, allow_partial: bool = False) -> SlashResult:
-    """Move `amount` of stake to the harmed buyers [(buyer account, x)], the rest to the platform."""
-    return Stake(Ledger(session)).slash(stake_account_id, amount, to=refunds, idempotency_key=idempotency_key,
-                                        reason=reason, allow_partial=allow_partial)
-
-
-def request_unbond(session: Session, stake_account_id: int, amount: int, *, idempotency_key: str,
-                   policy: StakePolicy | None = None, now: datetime | None = None) -> LedgerUnbonding:
-    """Start withdrawing bonded stake; it matures after `policy.unbonding_delay`."""
-    return Stake(Ledger(session), policy).request_unbond(stake_account_id, amount,
-                                                         idempotency_key=idempotency_key, now=now)
-
-
-def bonded_stake(session: Session, stake_account_id: int) -> int:
-    """Stake that counts: the balance less pending unbonding requests."""
-    return Stake(Ledger(session)).bonded(stake_account_id)
-
-
-def has_min_stake(session: Session, stake_account_id: int, model: str, policy: StakePolicy | None = None) -> bool:
-    """Whether the bonded stake meets the policy's minimum for `model`."""
-    return Stake(Ledger(session), policy).may_sell(stake_account_id, model)

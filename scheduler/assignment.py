@@ -2,7 +2,7 @@
 
 Why this solver. The exact problem (min total score, each request to at most one node,
 each node at most `free` requests) is a transportation problem; an LP/min-cost-flow solves
-it exactly (`scheduler.optimum` does, for the benchmark) but takes 100 ms – seconds at
+it exactly (`scheduler.sim.optimum` does, for the benchmark) but takes 100 ms – seconds at
 10,000 × 1,000, far over a dispatch budget of a few ms per micro-batch. The Hungarian
 algorithm is O(n³). A pure sequential greedy needs one argmin per request (10,000 Python
 iterations). Instead we run an auction-style deferred acceptance, all in numpy:

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import math
 import random
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Sequence
 
 
@@ -56,12 +56,6 @@ class AuditPolicy:
 def should_audit(policy: AuditPolicy, history: NodeHistory, u: float) -> bool:
     """`u` uniform in [0, 1) from the caller's RNG; decided after the job finished."""
     return u < policy.rate(history)
-
-
-def record_audit(history: NodeHistory, passed: bool) -> NodeHistory:
-    if passed:
-        return replace(history, passes=history.passes + 1, passes_since_failure=history.passes_since_failure + 1)
-    return replace(history, failures=history.failures + 1, passes_since_failure=0)
 
 
 # ---------------------------------------------------------------- reputation

@@ -1,8 +1,8 @@
 """Network round-trip times between regions, as a symmetric lookup table.
 
 The default table ships in `scheduler/data/region_rtt_ms.csv` (public inter-region RTTs of
-the big clouds). The dispatch task may overlay measured RTTs (from heartbeats) with
-`RttTable.with_measurements`; the routing policy only needs `matrix()`.
+the big clouds); the routing policy only needs `matrix()`. A node's own round trip to the
+coordinator is measured on its work channel (`Node.rtt_ms`).
 """
 
 from __future__ import annotations
@@ -59,15 +59,6 @@ class RttTable:
         full = np.full((len(ur) + 1, len(ur) + 1), self.unknown_ms)
         full[: len(ur), : len(ur)] = small
         return full[out_r[:, None], out_c[None, :]]
-
-    def with_measurements(self, measured: dict[tuple[str, str], float]) -> RttTable:
-        """A copy where measured pairs (from heartbeats) replace the table's figures."""
-        pairs = dict(self.pairs)
-        for (a, b), ms in measured.items():
-            pairs[(a, b)] = float(ms)
-            pairs[(b, a)] = float(ms)
-        return RttTable(pairs, self.unknown_ms)
-
 
 _DEFAULT: RttTable | None = None
 

@@ -49,8 +49,6 @@ class NodeState:
     advertised_tokens_per_s: float | None = None
     claim_ratio: float | None = None  # measured ÷ advertised single-stream tok/s (estimator)
     load: float = 0.0  # share of the node's slots busy now, 0..1
-    queue_ms: float = 0.0  # expected wait before a new request starts decoding
-    prefill_tokens_per_s: float | None = None  # None: ttft_ms already includes prefill
     # Per prompt-length bucket (see scheduler.estimates.PROMPT_BUCKET_EDGES); None: use scalars.
     tokens_per_s_by_bucket: tuple[float, ...] | None = None
     ttft_ms_by_bucket: tuple[float, ...] | None = None

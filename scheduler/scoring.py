@@ -71,8 +71,8 @@ class Snapshot:
     x_score: np.ndarray
     y_score: np.ndarray
     free: np.ndarray  # N, int
-    # Fast path: when no node has a per-prompt-token prefill term, a request's TTFT and
-    # every node-threshold constraint depend only on its *class* (region, bucket,
+    # Fast path: a request's TTFT and every node-threshold constraint depend only on its
+    # *class* (region, bucket,
     # min_tokens_per_s, max_price, require_region): one lookup row per class, +inf
     # where the class's thresholds exclude the node. None: use the general path.
     constraint_class: np.ndarray | None  # R
@@ -140,17 +140,14 @@ def build_snapshot(
     tps_nb = np.array([_per_bucket(n.tokens_per_s_by_bucket, n.tokens_per_s) for n in nodes], f64).reshape(N, B)
     tps_nb = np.maximum(tps_nb, 1e-6)
     ttft_nb = np.array([_per_bucket(n.ttft_ms_by_bucket, n.ttft_ms) for n in nodes], f64).reshape(N, B)
-    queue = np.fromiter((n.queue_ms for n in nodes), f64, N)
-    prefill = np.fromiter((1000.0 / n.prefill_tokens_per_s if n.prefill_tokens_per_s else 0.0 for n in nodes), f64, N)
     price_in = np.fromiter((n.price_in for n in nodes), f64, N)
     price_out = np.fromiter((n.price_out for n in nodes), f64, N)
 
     g1 = len(uniq) + 1
-    x_ttft = np.zeros((R, g1 + B + 1), f64)
+    x_ttft = np.zeros((R, g1 + B), f64)
     x_ttft[np.arange(R), rcode] = 1.0
     x_ttft[np.arange(R), g1 + bucket] = 1.0
-    x_ttft[:, -1] = prompt
-    y_ttft = np.concatenate([rtt_rows.T, ttft_nb + queue[:, None], prefill[:, None]], axis=1)
+    y_ttft = np.concatenate([rtt_rows.T, ttft_nb], axis=1)  # the measured TTFT per bucket includes prefill
     x_dec = np.zeros((R, B), f64)
     x_dec[np.arange(R), bucket] = max_tokens
     y_dec = 1000.0 / tps_nb
@@ -176,8 +173,7 @@ def build_snapshot(
 
     node_code = np.array([-1 if g is None else code.get(g, -1) for g in node_regions], np.int64).reshape(N)
     classes, table = _constraint_classes(
-        rcode, bucket, min_tps, max_price, require, rtt_rows, ttft_nb + queue[:, None], tps_nb, price_out, node_code,
-        has_prefill=bool(prefill.any()),
+        rcode, bucket, min_tps, max_price, require, rtt_rows, ttft_nb, tps_nb, price_out, node_code,
     )
     return Snapshot(
         requests=requests, nodes=nodes, prompt=prompt, max_tokens=max_tokens, bucket=bucket,
@@ -211,9 +207,9 @@ def constraint_masks(snap: Snapshot, rows: np.ndarray) -> dict[str, np.ndarray]:
 MAX_CLASSES = 1024
 
 
-def _constraint_classes(rcode, bucket, min_tps, max_price, require, rtt_rows, ttft_nb, tps_nb, price_out, node_code, has_prefill):
+def _constraint_classes(rcode, bucket, min_tps, max_price, require, rtt_rows, ttft_nb, tps_nb, price_out, node_code):
     """(class per request, classes × nodes TTFT table with +inf where excluded) or (None, None)."""
-    if has_prefill or len(rcode) == 0:
+    if len(rcode) == 0:
         return None, None
     _, tps_i = np.unique(min_tps, return_inverse=True)
     _, price_i = np.unique(max_price, return_inverse=True)
@@ -281,7 +277,7 @@ def score_matrix(
 
 
 def _general_mask(snap, rows, xt, ytT, budget, has_ttft, min_tps, bucket, tps32, max_price, region_rows):
-    """Violations for one chunk when TTFT has a per-prompt-token term (matrix product)."""
+    """Violations for one chunk when there are too many constraint classes for a table."""
     if has_ttft.any():
         mask = (xt @ ytT) > budget[:, None]
     else:

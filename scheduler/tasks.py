@@ -13,8 +13,6 @@ from scheduler.errors import TransientStoreError
 
 log = logging.getLogger(__name__)
 
-DISPATCH_FLAG = "dispatch-pending"
-
 
 @celery_app.task(
     name="agora.dispatch",

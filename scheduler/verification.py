@@ -20,7 +20,8 @@ verifiers, greedy and sampled requests).
    end-of-sequence token the reference finds plausible, or the request had stop strings;
    "length" must have max_tokens tokens).
 
-Wiring (coordinator): after a receipt, `receipt_reasons(...)` on the relayed stream; if
+Wiring (coordinator): the work channel checks a receipt against the relayed stream itself
+(count and hash chain, `coordinator.settlement.accept_receipt`); if
 `scheduler.audit.should_audit(...)`, pick a verifier with `select_verifier(...)` and send it
 (prompt ids + any failover prefix, claimed ids, sampling); the verifier node replies with
 `node_agent.rescoring.rescore(engine, ...).to_dict()`; then
@@ -217,26 +218,6 @@ def verify_rescored(claimed_ids, claimed_logprobs, rescore, sampling, **kw) -> V
         top_p=float(get("top_p", 1.0)), max_tokens=kw.pop("max_tokens", get("max_tokens", None)),
         expected_logprobs=rescore.expected_logprob, var_logprobs=rescore.var_logprob, **kw,
     )
-
-
-def receipt_reasons(request_id: str, token_ids: Sequence[int], logprobs_q: Sequence[int], commitment: str,
-                    completion_tokens: int, seen_commitments: Iterable[str] = ()) -> list[str]:
-    """Why a receipt does not match the relayed stream (empty when it does): the commitment
-    must be the hash chain over exactly these (token id, quantised log-prob) pairs, the count
-    must equal the tokens streamed (no inflation), and a commitment already settled for
-    another request is a replay."""
-    from node_agent.protocol import commitment_of
-
-    reasons = []
-    if len(token_ids) != len(logprobs_q):
-        return ["length_mismatch"]
-    if completion_tokens != len(token_ids):
-        reasons.append("token_count_mismatch")
-    if commitment != commitment_of(request_id, list(token_ids), list(logprobs_q)):
-        reasons.append("commitment_mismatch")
-    if commitment in set(seen_commitments):
-        reasons.append("replayed_receipt")
-    return reasons
 
 
 def jobs_to_detect(per_job_detection: float, confidence: float = 0.99) -> float:

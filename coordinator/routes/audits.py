@@ -14,7 +14,7 @@ from coordinator.models import Audit, AuditStatus, Node
 from coordinator.routes.deps import runtime
 from coordinator.routes.seller import _authenticated, stake_account
 from coordinator.runtime import Runtime
-from node_agent.protocol import AccountQuery
+from protocol import AccountQuery
 from pricing.ledger import Ledger
 
 router = APIRouter(tags=["audits"])

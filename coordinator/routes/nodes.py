@@ -11,7 +11,7 @@ from coordinator.models import Node, NodeOffer, NodeOfferPublic, NodePublic
 from coordinator.routes.deps import runtime
 from coordinator.runtime import Runtime
 from coordinator.work_channel import Channel
-from node_agent.protocol import Heartbeat, Registration
+from protocol import Heartbeat, Registration
 
 router = APIRouter(prefix="/v1/nodes", tags=["nodes"])
 

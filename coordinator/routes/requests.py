@@ -9,6 +9,7 @@ from coordinator.errors import NotFound
 from coordinator.models import Account, InferenceRequest
 from coordinator.routes.deps import current_account, runtime
 from coordinator.runtime import Runtime
+from pricing.statement import request_charges
 
 router = APIRouter(prefix="/v1/requests", tags=["requests"])
 
@@ -17,9 +18,10 @@ router = APIRouter(prefix="/v1/requests", tags=["requests"])
 async def get_request(request_id: str, account: Account = Depends(current_account), rt: Runtime = Depends(runtime)):
     def _load():
         with rt.session() as s:
-            return s.get(InferenceRequest, request_id)
+            req = s.get(InferenceRequest, request_id)
+            return req, (request_charges(s, request_id) if req is not None else None)
 
-    req = await run_in_threadpool(_load)
+    req, money = await run_in_threadpool(_load)
     if req is None or req.account_id != account.id:  # someone else's request is not found either
         raise NotFound(f"no request {request_id}")
     segments = req.payload.get("segments", [])
@@ -29,5 +31,9 @@ async def get_request(request_id: str, account: Account = Depends(current_accoun
         "max_tokens": req.max_tokens, "hold_nano_usd": req.hold_amount, "cost_nano_usd": req.cost,
         "price_in": req.price_in, "price_out": req.price_out, "finish_reason": req.finish_reason,
         "failovers": len(segments), "error": req.error,
+        "delivery": req.delivery, "delivered_tokens": req.delivered_tokens,
+        # from the ledger's own transfers: what was held, charged and given back
+        "ledger": {"held_nano_usd": money.held, "charged_nano_usd": money.charged,
+                   "refunded_nano_usd": money.refunded, "pending": money.pending},
         "created_at": req.created_at, "finished_at": req.finished_at,
     }

@@ -17,7 +17,7 @@ from coordinator.models.account import utcnow
 from coordinator.node_registry import check_signed
 from coordinator.routes.deps import runtime
 from coordinator.runtime import Runtime
-from node_agent.protocol import AccountQuery, PayoutRequest, Signed, UnbondRequest
+from protocol import AccountQuery, PayoutRequest, Signed, UnbondRequest
 from pricing.errors import IdempotencyConflict, InsufficientFunds
 from pricing.ledger import AccountKind, Ledger, LedgerTransfer
 from pricing.ledger_models import LedgerIdempotency

@@ -8,7 +8,7 @@ from coordinator.audits import apply_result, assign_verifier, maybe_select
 from coordinator.models import Account, Audit, AuditStatus, InferenceRequest, Node
 from coordinator.settlement import Relayed, settle
 from node_agent.identity import Identity
-from node_agent.protocol import ModelOffer, Registration, VerifyResult, commitment_of, fresh_stamp
+from protocol import ModelOffer, Registration, VerifyResult, commitment_of, fresh_stamp
 from pricing.ledger import AccountKind, Ledger, total_balance
 from pricing.stake import Stake
 from tests.coordinator.test_settlement import _receipt, _request

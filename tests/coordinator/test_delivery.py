@@ -18,7 +18,7 @@ from coordinator.models.account import utcnow
 from coordinator.runtime import Runtime
 from coordinator.settings import CoordinatorSettings
 from coordinator.settlement import Relayed, accept_receipt
-from node_agent.protocol import commitment_of
+from protocol import commitment_of
 from pricing.ledger import AccountKind, Ledger, total_balance
 from pricing.money import fee_of, request_cost
 from tests.conftest import fresh_pg_database

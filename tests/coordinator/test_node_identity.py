@@ -6,7 +6,7 @@ from __future__ import annotations
 import time
 
 from node_agent.identity import Identity
-from node_agent.protocol import Heartbeat, ModelOffer, Registration, fresh_stamp
+from protocol import Heartbeat, ModelOffer, Registration, fresh_stamp
 
 
 def registration(identity: Identity, **over) -> Registration:
@@ -86,7 +86,7 @@ def test_unknown_node_heartbeat_is_404(client):
 
 
 def test_channel_refuses_a_forged_hello(client):
-    from node_agent.protocol import ChannelHello
+    from protocol import ChannelHello
 
     a, b = Identity.generate(), Identity.generate()
     assert post(client, "/v1/nodes/register", registration(a).sign(a)).status_code == 200

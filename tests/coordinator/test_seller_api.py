@@ -4,11 +4,11 @@ stake. A forged or replayed signature moves nothing. Buyers page their statement
 from __future__ import annotations
 
 from node_agent.identity import Identity
-from node_agent.protocol import AccountQuery, PayoutRequest, UnbondRequest, fresh_stamp
+from protocol import AccountQuery, PayoutRequest, UnbondRequest, fresh_stamp
 from tests.coordinator.test_node_identity import post, registration
 from tests.coordinator.test_settlement import _node, _receipt, _request
 from coordinator.settlement import Relayed, settle
-from node_agent.protocol import commitment_of
+from protocol import commitment_of
 
 ADMIN = {"Authorization": "Bearer admin-secret"}
 

@@ -13,7 +13,7 @@ from coordinator.models import InferenceRequest, Node, RequestStatus
 from coordinator.runtime import Runtime
 from coordinator.settings import CoordinatorSettings
 from coordinator.settlement import Relayed, accept_receipt, settle_accepted_batch
-from node_agent.protocol import commitment_of
+from protocol import commitment_of
 from pricing.errors import HoldNotPending
 from pricing.ledger import Ledger, total_balance
 from pricing.money import fee_of, request_cost

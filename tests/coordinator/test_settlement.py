@@ -15,7 +15,7 @@ from coordinator.node_registry import register
 from coordinator.schemas import ChatCompletionRequest
 from coordinator.settlement import ReceiptRejected, Relayed, settle
 from node_agent.identity import Identity
-from node_agent.protocol import ModelOffer, Receipt, Registration, commitment_of, fresh_stamp
+from protocol import ModelOffer, Receipt, Registration, commitment_of, fresh_stamp
 from pricing.ledger import AccountKind, Ledger, total_balance
 from pricing.money import fee_of, request_cost
 from scheduler.routing import Decision

@@ -39,6 +39,8 @@ def test_aborted_stream_is_charged_only_for_delivered_tokens(tmp_path):
         assert 5 <= req["completion_tokens"] < 100
         expected = (req["prompt_tokens"] * req["price_in"] + req["completion_tokens"] * req["price_out"]) // 10**6
         assert req["cost_nano_usd"] == expected < req["hold_nano_usd"]
+        assert req["delivery"] == "buyer_gone" and req["delivered_tokens"] == req["completion_tokens"]
+        assert req["ledger"]["charged_nano_usd"] == expected and not req["ledger"]["pending"]
         bal = settled_balance(m.base, key)
         assert bal == 10**9 - expected
         other = m.agora("account", "create")

@@ -2,7 +2,7 @@ import os
 import stat
 
 from node_agent.identity import Identity, verify_signature
-from node_agent.protocol import Receipt, commitment_of, fresh_stamp
+from protocol import Receipt, commitment_of, fresh_stamp
 
 
 def test_key_file_is_created_private_and_reloaded(tmp_path):

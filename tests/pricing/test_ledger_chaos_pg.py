@@ -23,7 +23,7 @@ from pricing.ledger import (
 )
 from pricing.ledger_models import _utcnow
 from pricing.payouts import request_payout
-from pricing.stake import deposit_stake, slash
+from tests.pricing.helpers import deposit_stake, slash
 
 pytestmark = pytest.mark.postgres
 

@@ -1,5 +1,5 @@
-"""Stake as plain functions of a session: deposit, minimum per model, slash (with partial
-slashing when the stake is short), unbonding that stays slashable until withdrawn."""
+"""Stake on one session: deposit, minimum per model, slash (with partial slashing when the
+stake is short), unbonding that stays slashable until withdrawn."""
 
 from __future__ import annotations
 
@@ -9,9 +9,8 @@ import pytest
 
 from pricing.errors import InsufficientFunds, WrongAccountKind
 from pricing.ledger import AccountKind, Ledger, total_balance
-from pricing.stake import (
-    StakePolicy, bonded_stake, deposit_stake, has_min_stake, request_unbond, slash, withdraw_matured,
-)
+from pricing.stake import StakePolicy, withdraw_matured
+from tests.pricing.helpers import bonded_stake, deposit_stake, has_min_stake, request_unbond, slash
 
 T0 = datetime(2026, 5, 1, tzinfo=timezone.utc)
 POLICY = StakePolicy(default_min=1_000, per_model={"llama-70b": 5_000}, unbonding_delay=timedelta(hours=12))

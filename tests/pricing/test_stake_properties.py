@@ -20,7 +20,8 @@ from pricing.errors import InsufficientFunds
 from pricing.ledger import AccountKind, Ledger, LedgerAccount, total_balance
 from pricing.ledger_models import LedgerUnbonding, UnbondingState
 from pricing.payouts import request_payout
-from pricing.stake import StakePolicy, bonded_stake, deposit_stake, request_unbond, slash, withdraw_matured
+from pricing.stake import StakePolicy, withdraw_matured
+from tests.pricing.helpers import bonded_stake, deposit_stake, request_unbond, slash
 
 from .conftest import make_engine
 

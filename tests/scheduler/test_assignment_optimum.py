@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from scheduler.assignment import assign, clearing_prices
-from scheduler.optimum import optimum, solve_assignment
+from scheduler.sim.optimum import optimum, solve_assignment
 from scheduler.policies import PricePerformancePolicy
 from scheduler.routing import NodeState, PendingRequest
 

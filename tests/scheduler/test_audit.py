@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import random
+from dataclasses import replace
 
 import pytest
 
 from scheduler.audit import (
-    AuditPolicy, NodeHistory, ReputationPolicy, VerifierCandidate, cheating_economics, record_audit,
+    AuditPolicy, NodeHistory, ReputationPolicy, VerifierCandidate, cheating_economics,
     select_verifier, should_audit, update_reputation,
 )
 
@@ -24,10 +25,9 @@ def test_new_nodes_are_audited_heavily_and_the_rate_falls_with_history():
 def test_a_failure_makes_every_job_audited_until_it_passes_again_and_raises_the_floor():
     p = AuditPolicy()
     h = NodeHistory(jobs=10_000, passes=5000)
-    h = record_audit(h, passed=False)
-    assert h.failures == 1 and p.rate(h) == 1.0
-    for _ in range(p.recheck_passes):
-        h = record_audit(h, passed=True)
+    h = replace(h, failures=1, passes_since_failure=0)  # one failed audit
+    assert p.rate(h) == 1.0
+    h = replace(h, passes=h.passes + p.recheck_passes, passes_since_failure=p.recheck_passes)
     assert p.rate(h) == pytest.approx(p.floor + p.failure_floor_step)
     assert should_audit(p, NodeHistory(), 0.999) and not should_audit(p, NodeHistory(jobs=10**6, passes=10**6), 0.5)
 

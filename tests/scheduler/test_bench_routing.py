@@ -33,10 +33,10 @@ def test_dispatch_10k_x_1k_places_everything():
     sys.path.insert(0, str(ROOT / "bench"))
     from routing import to_pending
 
-    from scheduler.fleet import build_fleet
+    from scheduler.sim.fleet import build_fleet
     from scheduler.routing import get_policy
-    from scheduler.simulation import Simulation
-    from scheduler.traces import poisson_trace
+    from scheduler.sim.simulation import Simulation
+    from scheduler.sim.traces import poisson_trace
 
     nodes = Simulation(build_fleet(1000, seed=7), get_policy()).node_states(0.0)
     reqs = to_pending(poisson_trace(10_000, 1e6, seed=8))

@@ -43,7 +43,7 @@ def feasible(r: PendingRequest, n: NodeState) -> bool:
         return False
     if r.max_ttft_ms is not None:
         rtt = n.rtt_ms if r.region is None else default_rtt_table().rtt_ms(r.region, n.region)
-        if rtt + n.queue_ms + n.ttft_ms > r.max_ttft_ms - r.waited_ms + 1e-3:
+        if rtt + n.ttft_ms > r.max_ttft_ms - r.waited_ms + 1e-3:
             return False
     return True
 

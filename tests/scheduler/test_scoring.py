@@ -13,13 +13,12 @@ from scheduler.scoring import build_snapshot, constraint_masks, expected_cost, e
 REGIONS = ["us-east", "us-west", "eu-west", "ap-southeast", None]
 
 
-def market(seed: int, R: int = 300, N: int = 40, prefill: bool = False):
+def market(seed: int, R: int = 300, N: int = 40):
     rng = np.random.default_rng(seed)
     nodes = [
         NodeState(
             id=f"n{i}", model="m", price_in=int(p) // 4, price_out=int(p), tokens_per_s=float(t),
             region=REGIONS[i % 4], free_slots=5, ttft_ms=float(rng.uniform(30, 400)), rtt_ms=float(rng.uniform(5, 100)),
-            prefill_tokens_per_s=float(rng.uniform(1000, 20000)) if prefill else None,
             tokens_per_s_by_bucket=tuple(float(t) * f for f in (1.0, 0.95, 0.9, 0.7)),
         )
         for i, (p, t) in enumerate(zip(rng.integers(1, 10, N) * 10**8, rng.uniform(5, 150, N)))
@@ -37,11 +36,10 @@ def market(seed: int, R: int = 300, N: int = 40, prefill: bool = False):
     return reqs, nodes
 
 
-@pytest.mark.parametrize("prefill", [False, True])
-def test_fast_and_general_paths_agree_with_the_masks(prefill):
-    reqs, nodes = market(1, prefill=prefill)
+def test_fast_and_general_paths_agree_with_the_masks():
+    reqs, nodes = market(1)
     snap = build_snapshot(reqs, nodes)
-    assert (snap.constraint_table is None) == prefill
+    assert snap.constraint_table is not None
     feas = np.empty(len(reqs), bool)
     S = score_matrix(snap, feasible_out=feas, chunk=64)
     general = dataclasses.replace(snap, constraint_table=None, constraint_class=None)
@@ -58,11 +56,11 @@ def test_fast_and_general_paths_agree_with_the_masks(prefill):
 
 def test_cost_and_latency_terms():
     n = NodeState(id="n", model="m", price_in=1_000_000_000, price_out=2_000_000_000, tokens_per_s=50.0,
-                  region="eu-west", free_slots=1, ttft_ms=100.0, prefill_tokens_per_s=10_000.0)
+                  region="eu-west", free_slots=1, ttft_ms=100.0)
     r = PendingRequest(id="r", model="m", prompt_tokens=1000, max_tokens=500, region="us-east")
     snap = build_snapshot([r], [n])
     zero = np.array([0])
     assert expected_cost(snap, zero, zero)[0] == pytest.approx((1000 * 1e9 + 500 * 2e9) / 1e6)  # nano-$ ($0.002)
     ttft, total = expected_latency(snap, zero, zero)
-    assert ttft[0] == pytest.approx(75 + 100 + 100)  # RTT us-east↔eu-west + TTFT + 1000 tokens prefill
+    assert ttft[0] == pytest.approx(75 + 100)  # RTT us-east↔eu-west + the node's measured TTFT
     assert total[0] == pytest.approx(ttft[0] + 500 / 50 * 1000)

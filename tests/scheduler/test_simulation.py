@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from scheduler.fleet import build_fleet, load_catalog, roofline_tokens_per_s
+from scheduler.sim.fleet import build_fleet, load_catalog, roofline_tokens_per_s
 from scheduler.routing import get_policy
-from scheduler.simulation import Simulation, share
-from scheduler.traces import bursty_trace, poisson_trace
+from scheduler.sim.simulation import Simulation, share
+from scheduler.sim.traces import bursty_trace, poisson_trace
 
 
 def test_catalog_and_roofline():

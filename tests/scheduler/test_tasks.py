@@ -20,7 +20,7 @@ from coordinator.runtime import Runtime
 from coordinator.schemas import ChatCompletionRequest
 from coordinator.settings import CoordinatorSettings
 from node_agent.identity import Identity
-from node_agent.protocol import ModelOffer, Registration, fresh_stamp
+from protocol import ModelOffer, Registration, fresh_stamp
 from pricing.ledger import Ledger, LedgerHold, HoldState
 from scheduler import tasks
 
@@ -107,7 +107,7 @@ def test_settle_task_survives_a_lost_worker_and_redelivery(rt):
     settle task; it and any redelivered copy pay exactly once."""
     from coordinator.delivery import Delivery, acknowledge
     from coordinator.settlement import Relayed, accept_receipt
-    from node_agent.protocol import Receipt, commitment_of
+    from protocol import Receipt, commitment_of
     from pricing.ledger import total_balance
     from pricing.money import request_cost
 

@@ -5,7 +5,7 @@ weights once): `tok/s = bandwidth × efficiency / weight bytes`, with efficiency
 50–80%. Prefill is compute-bound: `tok/s = FLOP/s × 40% / (2 × params)`. Prices follow
 each card's typical hourly rent spread over the tokens it makes at half utilisation, times
 a seller's markup. Some sellers over-claim their speed (and price as if they had it);
-some nodes fail now and then. Used by `scheduler.simulation` and `bench/routing.py`.
+some nodes fail now and then. Used by `scheduler.sim.simulation` and `bench/routing.py`.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import numpy as np
 
 from scheduler.batching import ThroughputCurve
 
-CATALOG_CSV = Path(__file__).with_name("data") / "gpu_catalog.csv"
+CATALOG_CSV = Path(__file__).resolve().parent.parent / "data" / "gpu_catalog.csv"
 REGIONS = ("us-east", "us-west", "eu-west", "ap-southeast")
 # (class, weight in the fleet): consumer cards are common and cheap, datacentre cards fast.
 DEFAULT_MIX = (

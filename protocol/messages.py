@@ -1,50 +1,16 @@
-"""The wire protocol between node agents and the coordinator.
-
-Shared by both sides (the coordinator imports this module; it imports nothing of the
-coordinator). Money on the wire is integers: prices are nano-dollars per million tokens.
-
-Signed messages carry `node_id` (the Ed25519 public key, hex), a unix `timestamp`, a
-random `nonce` and a `signature` over every other field (see `identity.canonical_bytes`).
-The coordinator refuses a bad signature, a timestamp outside its window and a nonce it
-has seen before.
-"""
+"""The messages between node agents and the coordinator: registration and heartbeats
+(signed HTTP), the work channel's frames (WebSocket), receipts and verification jobs.
+Money on the wire is integers: prices are nano-dollars per million tokens."""
 
 from __future__ import annotations
 
-import hashlib
-import os
-import struct
-import time
 from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
-from node_agent.identity import Identity, verify_signature
+from protocol.signing import Signed
 
 PROTOCOL_VERSION = 1
-LOGPROB_SCALE = 10_000  # log-probs travel and are committed to as round(lp * 1e4)
-
-
-# ---------------------------------------------------------------- signing helpers
-class Signed(BaseModel):
-    node_id: str
-    timestamp: float
-    nonce: str
-    signature: str = ""
-
-    def signed_payload(self) -> dict[str, Any]:
-        return self.model_dump(mode="json", exclude={"signature"})
-
-    def sign(self, identity: Identity) -> "Signed":
-        self.signature = identity.sign(self.signed_payload())
-        return self
-
-    def signature_valid(self) -> bool:
-        return verify_signature(self.node_id, self.signed_payload(), self.signature)
-
-
-def fresh_stamp() -> dict[str, Any]:
-    return {"timestamp": time.time(), "nonce": os.urandom(16).hex()}
 
 
 # ---------------------------------------------------------------- registration
@@ -71,8 +37,8 @@ class Registration(Signed):
 
 
 class Heartbeat(Signed):
-    active: int = Field(default=0, ge=0)
-    free_slots: int = Field(default=0, ge=0)
+    """Liveness only: the coordinator counts a node's load from its own assignments
+    (measured, not claimed)."""
 
 
 class ChannelHello(Signed):
@@ -125,11 +91,6 @@ class Assignment(BaseModel):
     price_out: int
     # On failover the new node continues after tokens already delivered.
     prefix_token_ids: list[int] = Field(default_factory=list)
-
-
-class Cancel(BaseModel):
-    type: Literal["cancel"] = "cancel"
-    request_id: str
 
 
 class TokenChunk(BaseModel):
@@ -187,32 +148,3 @@ class WorkError(BaseModel):
     message: str
 
 
-# ---------------------------------------------------------------- commitments
-class TokenCommitment:
-    """Running hash chain h_i = sha256(h_{i-1} || id:u32 || logprob:i32)[:16].
-
-    16 bytes of state; the final value goes in the signed receipt so a node cannot
-    change the tokens or their log-probs after the fact.
-    """
-
-    def __init__(self, request_id: str):
-        self.state = hashlib.sha256(request_id.encode()).digest()[:16]
-
-    def update(self, token_id: int, logprob_q: int) -> str:
-        self.state = hashlib.sha256(self.state + struct.pack("<Ii", token_id, logprob_q)).digest()[:16]
-        return self.state.hex()
-
-    @property
-    def hex(self) -> str:
-        return self.state.hex()
-
-
-def commitment_of(request_id: str, token_ids: list[int], logprobs_q: list[int]) -> str:
-    c = TokenCommitment(request_id)
-    for t, lp in zip(token_ids, logprobs_q, strict=True):
-        c.update(t, lp)
-    return c.hex
-
-
-def quantize_logprob(logprob: float) -> int:
-    return int(round(max(logprob, -1e5) * LOGPROB_SCALE))

@@ -20,10 +20,10 @@ import numpy as np
 from scheduler.backoff import Backoff
 from scheduler.batching import ThroughputCurve, free_slots
 from scheduler.estimates import SpeedEstimator
-from scheduler.fleet import SimNode
+from scheduler.sim.fleet import SimNode
 from scheduler.latency import RttTable, default_rtt_table
 from scheduler.routing import NodeState, PendingRequest, RoutingPolicy
-from scheduler.traces import SimRequest
+from scheduler.sim.traces import SimRequest
 
 COORDINATOR_REGION = "us-east"
 MODEL = "llama-8b"

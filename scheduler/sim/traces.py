@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from scheduler.fleet import REGIONS
+from scheduler.sim.fleet import REGIONS
 
 
 @dataclass
