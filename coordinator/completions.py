@@ -62,9 +62,16 @@ class RequestStream:
     def __init__(self, rt: Runtime, rid: str, sub: Subscription):
         self.rt, self.rid, self.sub = rt, rid, sub
         self.node_id: str | None = None
-        self.segment_ids: list[int] = []
         self.left: set[str] = set()  # nodes this request failed over from
         self.failovers = 0
+        self._new_segment()
+
+    def _new_segment(self) -> None:
+        """What arrived from the current node: a count, the ids (None once a chunk came
+        without them) and the text."""
+        self.segment_count = 0
+        self.segment_ids: list[int] | None = []
+        self.segment_text = ""
 
     @property
     def assigned(self) -> bool:
@@ -95,15 +102,17 @@ class RequestStream:
             if kind == "bus_restored":
                 continue
             if kind == "assigned":
-                self.node_id, self.segment_ids = msg["node_id"], []
+                self.node_id = msg["node_id"]
+                self._new_segment()
                 self.left.discard(self.node_id)
                 continue
             if kind == "failover":
                 if msg.get("node_id") == self.node_id:
-                    if msg.get("tokens", len(self.segment_ids)) != len(self.segment_ids):
-                        raise self._broken(f"{msg['tokens'] - len(self.segment_ids)} tokens lost before a failover")
+                    if msg.get("tokens", self.segment_count) != self.segment_count:
+                        raise self._broken(f"{msg['tokens'] - self.segment_count} tokens lost before a failover")
                     self.left.add(self.node_id)
-                    self.node_id, self.segment_ids = None, []
+                    self.node_id = None
+                    self._new_segment()
                     self.failovers += 1
                 continue
             if kind in ("tokens", "done") and (msg.get("node_id") in self.left or (
@@ -111,29 +120,33 @@ class RequestStream:
                 continue  # late tokens (or a receipt) from a node this request has left
             if kind == "tokens":
                 self.node_id = msg.get("node_id", self.node_id)
-                start = msg.get("start", len(self.segment_ids))
-                if start < len(self.segment_ids):
+                start = msg.get("start", self.segment_count)
+                if start < self.segment_count:
                     continue  # a duplicate
-                if start > len(self.segment_ids):
-                    raise self._broken(f"tokens {len(self.segment_ids)}..{start - 1} never arrived")
-                self.segment_ids.extend(msg["token_ids"])
-            elif kind == "done" and msg.get("relayed", len(self.segment_ids)) != len(self.segment_ids):
-                raise self._broken(f"{msg['relayed'] - len(self.segment_ids)} final tokens never arrived")
+                if start > self.segment_count:
+                    raise self._broken(f"tokens {self.segment_count}..{start - 1} never arrived")
+                self.segment_count += msg["count"]
+                self.segment_text += msg["text"]
+                if msg.get("token_ids") is None or self.segment_ids is None:
+                    self.segment_ids = None
+                else:
+                    self.segment_ids.extend(msg["token_ids"])
+            elif kind == "done" and msg.get("relayed", self.segment_count) != self.segment_count:
+                raise self._broken(f"{msg['relayed'] - self.segment_count} final tokens never arrived")
             return msg
 
     async def _fail_over(self) -> None:
-        node_id, ids = self.node_id, list(self.segment_ids)
+        node_id, count, text = self.node_id, self.segment_count, self.segment_text
+        ids = None if self.segment_ids is None else list(self.segment_ids)
 
         def _do() -> bool:
             with self.rt.session() as s:
-                return fail_over(s, self.rid, node_id, ids)
+                return fail_over(s, self.rid, node_id, ids, count=count, text=text)
 
         if await run_in_threadpool(_do):
-            log.warning("request %s: node %s stalled; failing over after %d tokens", self.rid,
-                        node_id[:12], len(ids))
+            log.warning("request %s: node %s stalled; failing over after %d tokens", self.rid, node_id[:12], count)
             await self.rt.bus.publish(f"node:{node_id}", {"type": "cancel", "request_id": self.rid})
-            await self.rt.bus.publish(f"req:{self.rid}", {"type": "failover", "node_id": node_id,
-                                                          "tokens": len(ids)})
+            await self.rt.bus.publish(f"req:{self.rid}", {"type": "failover", "node_id": node_id, "tokens": count})
             await run_in_threadpool(self.rt.trigger_dispatch)
 
     async def _give_up(self) -> bool:
@@ -292,8 +305,8 @@ async def _collect(stream: RequestStream, msg: dict, model: str, kind: str, keye
     try:
         while msg["type"] == "tokens":
             parts.append(msg["text"])
-            count += len(msg["token_ids"])
-            metrics.TOKENS.inc(len(msg["token_ids"]))
+            count += msg["count"]
+            metrics.TOKENS.inc(msg["count"])
             msg = await stream.next()
     except RelayInterrupted:
         stream.finish(0, Delivery.RELAY_BROKEN)  # nothing was written to the buyer
@@ -327,8 +340,8 @@ async def _sse(stream: RequestStream, msg: dict, model: str, kind: str, include_
     try:
         while msg["type"] == "tokens":
             parts.append(msg["text"])
-            pending += len(msg["token_ids"])
-            metrics.TOKENS.inc(len(msg["token_ids"]))
+            pending += msg["count"]
+            metrics.TOKENS.inc(msg["count"])
             if msg["text"] or first:
                 yield fmt.sse(fmt.chunk(kind, stream.rid, model, created, text=msg["text"], first=first))
                 first = False

@@ -18,8 +18,12 @@ from coordinator.settlement import fail_request
 ACTIVE = (RequestStatus.ASSIGNED, RequestStatus.RUNNING)
 
 
-def fail_over(session: Session, request_id: str, node_id: str, delivered_ids: list[int]) -> bool:
-    """Requeue `request_id` after `node_id` failed having delivered `delivered_ids`.
+def fail_over(session: Session, request_id: str, node_id: str, delivered_ids: list[int] | None, *,
+              count: int | None = None, text: str = "") -> bool:
+    """Requeue `request_id` after `node_id` failed having delivered `count` tokens
+    (default `len(delivered_ids)`): their ids (None when its engine could not name them)
+    and their text. The next node continues after them: from the ids when every segment so
+    far had ids (exact), else from the text.
 
     False (and nothing changed) if the request is no longer that node's to fail: it has
     finished, or another handler already failed it over.
@@ -30,12 +34,16 @@ def fail_over(session: Session, request_id: str, node_id: str, delivered_ids: li
     if req.delivery is not None:  # the buyer's side has ended: nobody to continue for
         fail_request(session, request_id, f"node {node_id[:12]} failed after the buyer's stream had ended")
         return False
+    n = len(delivered_ids or []) if count is None else count
     payload = dict(req.payload)
     segments = list(payload.get("segments", []))
     segments.append({"node_id": node_id, "price_in": req.price_in or 0, "price_out": req.price_out or 0,
-                     "tokens": len(delivered_ids), "prompt_charged": not segments})
+                     "tokens": n, "prompt_charged": not segments})
     payload["segments"] = segments
-    payload["prefix_token_ids"] = list(payload.get("prefix_token_ids", [])) + list(delivered_ids)
+    exact = payload.get("prefix_exact", True) and delivered_ids is not None and len(delivered_ids) == n
+    payload["prefix_exact"] = exact
+    payload["prefix_token_ids"] = list(payload.get("prefix_token_ids", [])) + list(delivered_ids or []) if exact else []
+    payload["prefix_text"] = payload.get("prefix_text", "") + text
     req.payload = payload
     req.status, req.node_id, req.price_in, req.price_out = RequestStatus.QUEUED, None, None, None
     session.add(req)

@@ -89,6 +89,7 @@ def register(session: Session, reg: Registration, settings: CoordinatorSettings)
     node.region = reg.region
     node.max_concurrency = reg.max_concurrency
     node.engine = reg.engine
+    node.verify_only = reg.verify_only
     node.benchmark = reg.benchmark
     node.last_heartbeat_at = utcnow()
     node.online = True
@@ -97,7 +98,8 @@ def register(session: Session, reg: Registration, settings: CoordinatorSettings)
     for offer in reg.models:
         row = old.pop(offer.model, None) or NodeOffer(node_id=node.id, model=offer.model, price_in=0,
                                                      price_out=0, tokens_per_s=offer.tokens_per_s)
-        for field in ("price_in", "price_out", "tokens_per_s", "tokens_per_s_b1", "ttft_ms", "max_context", "dtype"):
+        for field in ("price_in", "price_out", "tokens_per_s", "tokens_per_s_b1", "ttft_ms", "max_context", "dtype",
+                      "quantization", "token_ids", "logprobs", "can_verify"):
             setattr(row, field, getattr(offer, field))
         speed.reseed(row)  # new claims re-seed the estimate; what traffic taught is kept
         session.add(row)

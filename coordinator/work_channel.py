@@ -48,6 +48,10 @@ class _Stream:
         self.first_at: float | None = None
         self.last_at: float | None = None
         self.lost = 0  # tokens the relay bus failed to carry
+        self.text_bytes = 0  # relayed text, for chunks counted without token ids
+        self.auditable = True  # every chunk had token ids and log-probs
+        self.ids_known = True  # every chunk had token ids
+        self.text = ""  # what was relayed, for a text-level failover
 
 
 class Channel:
@@ -112,7 +116,8 @@ class Channel:
                 node.channel_connected = False
                 s.add(node)
             for rid, st in list(self.streams.items()):
-                if fail_over(s, rid, self.node_id, st.token_ids):
+                if fail_over(s, rid, self.node_id, st.token_ids if st.auditable or st.ids_known else None,
+                             count=st.count, text=st.text):
                     moved.append((rid, st.count))
         for rid, count in moved:
             self.rt.bus.publish_sync(f"req:{rid}", {"type": "failover", "node_id": self.node_id, "tokens": count})
@@ -192,28 +197,42 @@ class Channel:
 
     async def _on_tokens(self, chunk: TokenChunk) -> None:
         st = self.streams.get(chunk.request_id)
-        if st is None or chunk.start != st.count or len(chunk.logprobs) != len(chunk.token_ids):
-            return  # not ours, out of order or malformed: never relayed, never paid
+        n = chunk.n
+        if st is None or chunk.start != st.count:
+            return  # not ours, or out of order: never relayed, never paid
+        if chunk.token_ids is None:
+            # Counted by the node's engine, not by ids: a token is at least one byte of text
+            # (or the single end token), so a count beyond that is refused, never paid.
+            st.text_bytes += len(chunk.text.encode("utf-8", "surrogatepass"))
+            if st.count + n > st.text_bytes + 1:
+                log.warning("node %s claimed %d tokens for %d bytes of text: chunk refused", self.node_id[:12],
+                            st.count + n, st.text_bytes)
+                return
         now = time.monotonic()
         if st.first_at is None:
             st.first_at = now
             asyncio.get_running_loop().run_in_executor(None, self._mark_running, chunk.request_id)
         st.last_at = now
-        for tid, lp in zip(chunk.token_ids, chunk.logprobs):
-            st.commitment.update(tid, lp)
-        st.count += len(chunk.token_ids)
-        st.token_ids.extend(chunk.token_ids)
-        st.logprobs.extend(chunk.logprobs)
+        st.commitment.update_chunk(chunk.token_ids, chunk.logprobs, chunk.text, n)
+        st.count += n
+        st.text += chunk.text
+        if chunk.token_ids is not None and st.ids_known:
+            st.token_ids.extend(chunk.token_ids)
+            st.logprobs.extend(chunk.logprobs if chunk.logprobs is not None else [0] * n)
+        else:
+            st.ids_known = False
+        if chunk.token_ids is None or chunk.logprobs is None:
+            st.auditable = False  # no ids or no log-probs: nothing a verifier can check
         try:
             await self.rt.bus.publish(f"req:{chunk.request_id}", {
-                "type": "tokens", "node_id": self.node_id, "text": chunk.text, "start": chunk.start,
-                "token_ids": chunk.token_ids, "logprobs": chunk.logprobs})
+                "type": "tokens", "node_id": self.node_id, "text": chunk.text, "start": chunk.start, "count": n,
+                "token_ids": chunk.token_ids})
         except BusUnavailable:
             # Relayed from the node but lost on the way: the node is paid for it, the buyer's
             # handler sees the gap (or the bus drop) and charges the buyer only what it got.
             if not st.lost:
                 log.warning("request %s: relay bus down; tokens from %d on are lost", chunk.request_id, chunk.start)
-            st.lost += len(chunk.token_ids)
+            st.lost += n
 
     async def _on_done(self, done: Done) -> None:
         rid = done.request_id
@@ -259,7 +278,7 @@ class Channel:
             accepted = accept_receipt(s, done.receipt, self.node_id, relayed, self.rt.settings)
             if accepted.fresh:
                 audit = maybe_select(s, s.get(InferenceRequest, done.request_id), s.get(Node, self.node_id),
-                                     st.token_ids, st.logprobs, done.receipt.finish_reason)
+                                     st.token_ids if st.auditable else [], st.logprobs, done.receipt.finish_reason)
                 accepted.audit_id = audit.id if audit else None
             return accepted
 

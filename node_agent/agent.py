@@ -174,8 +174,9 @@ class NodeAgent:
             prompt_ids = self.engine.encode(text)
             prompt_tokens = len(prompt_ids)
             s = a.sampling
+            prefix = list(a.prefix_token_ids) or (self.engine.encode(a.prefix_text) if a.prefix_text else [])
             req = GenerationRequest(
-                request_id=a.request_id, prompt_ids=prompt_ids, prefix_ids=list(a.prefix_token_ids),
+                request_id=a.request_id, prompt_ids=prompt_ids, prefix_ids=prefix,
                 sampling=SamplingParams(max_tokens=s.max_tokens, temperature=s.temperature, top_p=s.top_p,
                                         top_k=s.top_k, seed=s.seed, stop=list(s.stop)))
             async for ev in self.engine.generate(req):

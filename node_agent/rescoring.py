@@ -139,3 +139,68 @@ async def rescore(engine, prompt_ids, claimed_ids, sampling, margin: float = DEF
     if model is None or not hasattr(model, "forward_full") or not hasattr(engine, "call"):
         raise TypeError(f"detailed rescoring needs the built-in engine, not {type(engine).__name__}")
     return await engine.call(lambda: rescore_with_model(model, prompt_ids, claimed_ids, sampling, margin))
+
+
+def rescore_topk(claimed_ids, top: list[dict[int, float]], sampling, vocab_size: int,
+                 margin: float = DEFAULT_MARGIN) -> Rescore:
+    """The same statistics from engines that report only the top-K log-probs per position
+    (vLLM's `prompt_logprobs=K`, an OpenAI-compatible server's `echo` + `logprobs=K`).
+
+    `top[i]` maps token id -> log-prob at claimed position i and must contain the claimed
+    token (engines return it besides the top K). The unseen rest of the vocabulary is one
+    tail: its mass (1 - the seen mass) spread evenly over the unseen ids, each below every
+    seen one. Greedy statistics are exact; sampled ones (expected log-likelihood, top-k/top-p
+    admissibility) are exact up to that tail, which a K of 5-20 makes small on peaked models.
+    """
+    temperature, top_k, top_p = _sampling_fields(sampling)
+    n = len(claimed_ids)
+    out = {k: np.zeros(n) for k in ("logprob", "top1_logprob", "expected_logprob", "var_logprob")}
+    top1_ids = np.zeros(n, np.int64)
+    admissible = np.zeros(n, bool)
+    for i, (cid, seen) in enumerate(zip(claimed_ids, top)):
+        cid = int(cid)
+        if cid not in seen:
+            raise ValueError(f"position {i}: the engine did not report the claimed token {cid}")
+        ids = np.fromiter(seen.keys(), np.int64, len(seen))
+        lps = np.minimum(np.fromiter(seen.values(), np.float64, len(seen)), 0.0)
+        lp = float(seen[cid])
+        j = int(np.argmax(lps))
+        out["logprob"][i], top1_ids[i], out["top1_logprob"][i] = lp, ids[j], lps[j]
+        unseen = max(vocab_size - len(ids), 0)
+        rest = max(0.0, 1.0 - float(np.exp(lps).sum()))
+        tail_lp = np.log(rest / unseen) if unseen and rest > 0 else -np.inf
+        if temperature <= 0:
+            admissible[i] = lp >= lps[j] - margin
+            out["expected_logprob"][i], out["var_logprob"][i] = lps[j], 0.0
+            continue
+        order = np.argsort(-lps)
+        ids, lps = ids[order], lps[order]
+        keep = np.ones(len(ids), bool)
+        tail_kept = np.isfinite(tail_lp)
+        ok = True
+        if top_k and 0 < top_k < vocab_size:
+            if top_k < len(ids):
+                keep[top_k:] = False
+                tail_kept = False
+            ok &= lp >= lps[min(top_k, len(lps)) - 1] - margin or top_k >= len(lps)
+        w = np.where(keep, np.exp(lps / max(temperature, 1e-5)), 0.0)
+        w_tail = unseen * np.exp(tail_lp / max(temperature, 1e-5)) if tail_kept else 0.0
+        total = w.sum() + w_tail
+        q, q_tail = w / total, w_tail / total
+        if 0 < top_p < 1:
+            mass_above = float(q[lps > lp + margin].sum())
+            ok &= mass_above < top_p
+            drop = (np.cumsum(q) - q) > top_p
+            q = np.where(drop, 0.0, q)
+            if q.sum() >= top_p:
+                q_tail = 0.0
+            total = q.sum() + q_tail
+            q, q_tail = q / total, q_tail / total
+        admissible[i] = bool(ok)
+        mean = float((q * lps).sum() + (q_tail * tail_lp if q_tail > 0 else 0.0))
+        var = float((q * (lps - mean) ** 2).sum() + (q_tail * (tail_lp - mean) ** 2 if q_tail > 0 else 0.0))
+        out["expected_logprob"][i], out["var_logprob"][i] = mean, max(var, 0.0)
+    return Rescore(logprob=out["logprob"], top1_id=top1_ids, top1_logprob=out["top1_logprob"], admissible=admissible,
+                   expected_logprob=out["expected_logprob"], var_logprob=out["var_logprob"],
+                   meta={"temperature": temperature, "top_k": top_k, "top_p": top_p, "margin": margin,
+                         "top_logprobs": max((len(t) for t in top), default=0)})

@@ -4,9 +4,9 @@ Money on the wire is integers: prices are nano-dollars per million tokens."""
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, model_validator
 
 from protocol.signing import Signed
 
@@ -23,6 +23,11 @@ class ModelOffer(BaseModel):
     ttft_ms: float | None = Field(default=None, ge=0)
     max_context: int = Field(default=2048, gt=0)
     dtype: str = Field(default="float32", max_length=16, description="weights/compute dtype (audit tolerance)")
+    quantization: str | None = Field(default=None, max_length=16,
+                                     description="weight quantisation (int8, int4, fp8, awq, gptq...); None: none")
+    token_ids: bool = Field(default=True, description="the engine names its tokens (ids in chunks)")
+    logprobs: bool = Field(default=True, description="the engine reports per-token log-probs")
+    can_verify: bool = Field(default=True, description="the engine can rescore others' jobs (verifier)")
 
 
 class Registration(Signed):
@@ -34,6 +39,7 @@ class Registration(Signed):
     name: str | None = Field(default=None, max_length=100)
     operator: str | None = Field(default=None, max_length=64,
                                  description="who runs the node; a node never verifies its own operator's work")
+    verify_only: bool = Field(default=False, description="an operator-run verifier: it is never sold work")
 
 
 class Heartbeat(Signed):
@@ -89,19 +95,43 @@ class Assignment(BaseModel):
     sampling: Sampling
     price_in: int
     price_out: int
-    # On failover the new node continues after tokens already delivered.
+    # On failover the new node continues after what was already delivered: these token ids
+    # when every earlier node could name its tokens (exact), else after `prefix_text`.
     prefix_token_ids: list[int] = Field(default_factory=list)
+    prefix_text: str = ""
+    prefix_tokens: int = Field(default=0, ge=0, description="tokens delivered before (count against max_tokens)")
 
 
 class TokenChunk(BaseModel):
-    """One or more consecutive generated tokens of one request."""
+    """One or more consecutive generated tokens of one request.
+
+    `token_ids` is None when the engine cannot name its tokens (an OpenAI-compatible
+    server without a local tokenizer): `count` then says how many tokens the chunk holds
+    (from the server's own count) and the commitment covers the text. `logprobs` is None
+    when the engine reports none (such a node cannot be verified)."""
 
     type: Literal["tokens"] = "tokens"
     request_id: str
     start: int = Field(ge=0, description="index of the first token in this chunk")
-    token_ids: list[int]
-    logprobs: list[int] = Field(description="round(logprob * LOGPROB_SCALE) per token")
+    token_ids: list[Annotated[int, Field(ge=0, lt=2**32)]] | None = None
+    logprobs: list[Annotated[int, Field(ge=-(2**31), lt=2**31)]] | None = Field(
+        default=None, description="round(logprob * LOGPROB_SCALE) per token")
+    count: int | None = Field(default=None, ge=0, description="tokens in this chunk (default: len(token_ids))")
     text: str
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "TokenChunk":
+        if self.token_ids is None and self.count is None:
+            raise ValueError("a chunk without token ids must say its token count")
+        if self.token_ids is not None and self.count is not None and self.count != len(self.token_ids):
+            raise ValueError("count disagrees with token_ids")
+        if self.logprobs is not None and len(self.logprobs) != self.n:
+            raise ValueError("one log-prob per token")
+        return self
+
+    @property
+    def n(self) -> int:
+        return len(self.token_ids) if self.token_ids is not None else int(self.count or 0)
 
 
 class Receipt(Signed):

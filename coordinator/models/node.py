@@ -39,6 +39,10 @@ class Node(NodeBase, table=True):
     audits_failed: int = 0
     passes_since_failure: int = 0
     last_canary_at: datetime | None = None
+    verify_only: bool = False  # an operator-run verifier: never sold work
+    channel_id: str | None = Field(default=None, max_length=32)  # the live work channel (newest wins)
+    error_rate: float = 0.0  # EWMA of failed jobs (errors, stalls, lost streams) over its recent jobs
+    excluded_reason: str | None = Field(default=None, max_length=200)  # why it is out of routing
 
 
 class NodePublic(NodeBase):
@@ -55,6 +59,9 @@ class NodePublic(NodeBase):
     jobs: int
     audits_passed: int
     audits_failed: int
+    verify_only: bool = False
+    error_rate: float = 0.0
+    excluded_reason: str | None = None
     offers: list["NodeOfferPublic"] = []
 
 
@@ -67,6 +74,15 @@ class NodeOfferBase(SQLModel):
     ttft_ms: float | None = None
     max_context: int = 2048
     dtype: str = Field(default="float32", max_length=16)
+    quantization: str | None = Field(default=None, max_length=16)
+    token_ids: bool = True  # its engine names its tokens
+    logprobs: bool = True  # its engine reports per-token log-probs
+    can_verify: bool = True  # its engine can rescore other nodes' jobs
+
+    @property
+    def verifiable(self) -> bool:
+        """Its jobs can be audited (a verifier needs the token ids and their log-probs)."""
+        return self.token_ids and self.logprobs
 
 
 class NodeOffer(NodeOfferBase, table=True):

@@ -30,8 +30,7 @@ class FakeSub:
 
 
 def tokens(start, ids, node="n1", text="x"):
-    return {"type": "tokens", "node_id": node, "start": start, "token_ids": ids, "logprobs": [0] * len(ids),
-            "text": text}
+    return {"type": "tokens", "node_id": node, "start": start, "token_ids": ids, "count": len(ids), "text": text}
 
 
 def done(relayed, node="n1"):
