@@ -1,8 +1,10 @@
 """Admission: validate a buyer's request against what the market offers, place the escrow
 hold for the worst case, and queue the request for the scheduler — all in one transaction.
 
-The hold covers `prompt_tokens × max price_in + max_tokens × max price_out` over the live
-nodes eligible for the request. The prompt's token count is bounded by its UTF-8 byte
+The hold covers `prompt_tokens × max price_in + max_tokens × max price_out` over the nodes
+the request may be routed to (`routability.candidates`, within the buyer's `max_price`); a
+buyer who cannot afford that hold is routed among the cheaper nodes whose hold it can
+afford (`affordable_prices`), never refused because of one expensive seller. The prompt's token count is bounded by its UTF-8 byte
 count plus a per-message allowance (byte-level tokenizers never emit more tokens than
 bytes), so the hold is never short; the node's signed count is settled later.
 """
@@ -19,9 +21,9 @@ from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, select
 
 from coordinator.errors import BadRequest, Conflict, InsufficientBalance, ModelNotFound, NoCapacity
-from coordinator.models import Account, InferenceRequest, Node, NodeOffer
+from coordinator.models import Account, InferenceRequest, NodeOffer
 from coordinator.models.account import utcnow
-from coordinator.node_registry import is_live
+from coordinator.routability import candidates
 from coordinator.schemas import ChatCompletionRequest, CompletionRequest
 from coordinator.settings import CoordinatorSettings
 from pricing.ledger import InsufficientFunds, Ledger
@@ -34,19 +36,36 @@ class Admitted:
     hold_amount: int
 
 
-HOLD_GRACE_S = 600  # the sweep fails an overdue request (voiding its hold) before the hold expires
+HOLD_GRACE_S = 600
+MAX_BYTES_PER_TOKEN = 64  # no tokenizer makes one token of more bytes: a longer prompt cannot fit  # the sweep fails an overdue request (voiding its hold) before the hold expires
 
 
 def new_request_id() -> str:
     return "req_" + secrets.token_hex(12)
 
 
-def live_offers(session: Session, model: str, settings: CoordinatorSettings) -> tuple[list[NodeOffer], bool]:
-    """(offers of live nodes for `model`, whether any node has ever offered it)."""
-    rows = session.exec(
-        select(NodeOffer, Node).join(Node, Node.id == NodeOffer.node_id).where(NodeOffer.model == model)
-    ).all()
-    return [offer for offer, node in rows if is_live(node, settings)], bool(rows)
+def live_offers(session: Session, model: str, settings: CoordinatorSettings,
+                allow_unverified: bool = False) -> tuple[list[NodeOffer], bool]:
+    """(offers this request may be routed to, whether any node has ever offered `model`)."""
+    offers = [c.offer for c in candidates(session, settings, model, allow_unverified=allow_unverified)]
+    known = bool(offers) or session.exec(select(NodeOffer.id).where(NodeOffer.model == model).limit(1)).first() is not None
+    return offers, known
+
+
+def affordable_prices(offers: list[NodeOffer], prompt_est: int, max_tokens: int, balance: int) -> tuple[int, int]:
+    """(max input price, max output price) the escrow hold is computed at: those of every
+    offer if the buyer can afford that hold, else of the cheapest offers it can (the request
+    is then routed among those only). So no seller's price, however high, turns away a
+    buyer whom a cheaper node could serve."""
+    ranked = sorted(offers, key=lambda o: request_cost(prompt_est, max_tokens, o.price_in, o.price_out))
+    hi_in = hi_out = 0
+    best = None
+    for o in ranked:
+        hi_in, hi_out = max(hi_in, o.price_in), max(hi_out, o.price_out)
+        if request_cost(prompt_est, max_tokens, hi_in, hi_out) > balance and best is not None:
+            break
+        best = (hi_in, hi_out)
+    return best
 
 
 def body_hash(body: ChatCompletionRequest | CompletionRequest, kind: str) -> str:
@@ -68,32 +87,39 @@ def admit(
     idempotency_key: str | None = None,
     request_id: str | None = None,
 ) -> Admitted:
-    offers, known = live_offers(session, body.model, settings)
+    prefs = body.routing
+    offers, known = live_offers(session, body.model, settings, allow_unverified=bool(prefs and prefs.allow_unverified))
     if not known:
         raise ModelNotFound(f"the model {body.model!r} is not offered on this market", param="model")
     if not offers:
-        raise NoCapacity(f"no node serving {body.model!r} is online right now; retry shortly")
-    prefs = body.routing
+        raise NoCapacity(f"no node serving {body.model!r} can take work right now; retry shortly")
     if prefs and prefs.max_price is not None:
         offers = [o for o in offers if o.price_out <= prefs.max_price]
         if not offers:
-            raise NoCapacity(
-                f"no online node serves {body.model!r} at or below max_price {prefs.max_price} "
+            raise BadRequest(
+                f"no node serves {body.model!r} at or below max_price {prefs.max_price} "
                 "nano-USD per million output tokens",
-                code="no_node_within_max_price",
+                param="routing.max_price", code="no_node_within_max_price",
             )
+    prompt_est = body.prompt_bytes()
     max_context = max(o.max_context for o in offers)
-    max_tokens = body.requested_max_tokens() or min(settings.default_max_tokens, max_context)
+    if prompt_est > max_context * MAX_BYTES_PER_TOKEN:
+        raise BadRequest(f"the prompt ({prompt_est} bytes) cannot fit the model's context of {max_context} "
+                         "tokens", param="messages" if isinstance(body, ChatCompletionRequest) else "prompt",
+                         code="context_length_exceeded")
+    requested = body.requested_max_tokens()
+    # Without max_tokens: the context left after the prompt (its UTF-8 bytes bound its tokens
+    # from above), or the old default where a long prompt leaves that bound no room.
+    max_tokens = requested or max(min(settings.default_max_tokens, max_context), max_context - prompt_est)
     if max_tokens > max_context:
         raise BadRequest(
             f"max_tokens {max_tokens} exceeds the model's context length {max_context}",
             param="max_tokens",
             code="context_length_exceeded",
         )
-    prompt_est = body.prompt_bytes()
-    hold_amount = request_cost(
-        prompt_est, max_tokens, max(o.price_in for o in offers), max(o.price_out for o in offers)
-    )
+    balance = Ledger(session).balance(account.ledger_account_id)
+    price_in, price_out = affordable_prices(offers, prompt_est, max_tokens, balance)
+    hold_amount = request_cost(prompt_est, max_tokens, price_in, price_out)
     rid = request_id or new_request_id()
     payload: dict = {"sampling": body.sampling(max_tokens)}
     if idempotency_key:
@@ -108,7 +134,10 @@ def admit(
         model=body.model,
         kind=kind,
         payload=payload,
-        routing=prefs.model_dump(exclude_none=True) if prefs else {},
+        routing={**(prefs.model_dump(exclude_none=True) if prefs else {}),
+                 # the hold covers these prices: the request goes only to nodes within them
+                 "max_price": min(price_out, prefs.max_price if prefs and prefs.max_price is not None else price_out),
+                 "max_price_in": price_in},
         prompt_tokens_est=prompt_est,
         max_tokens=max_tokens,
         hold_amount=hold_amount,

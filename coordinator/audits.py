@@ -71,7 +71,7 @@ def assign_verifier(session: Session, audit: Audit, settings: CoordinatorSetting
     req = session.get(InferenceRequest, audit.request_id)
     audited = session.get(Node, audit.node_id)
     rows = session.exec(select(NodeOffer, Node).join(Node, Node.id == NodeOffer.node_id)
-                        .where(NodeOffer.model == req.model)).all()
+                        .where(NodeOffer.model == req.model, NodeOffer.can_verify == True)).all()  # noqa: E712
     busy = _busy(session, [n.id for _, n in rows])
     candidates = [VerifierCandidate(node_id=n.id, operator_id=n.operator or n.id, models=[o.model],
                                     reputation=n.reputation, online=is_live(n, settings), banned=n.banned,
@@ -189,11 +189,28 @@ def _pay_verifier(session: Session, audit: Audit, req: InferenceRequest, verifie
                                              idempotency_key=f"verify-fee:{audit.id}", request_ref=req.id)
 
 
-def due_for_dispatch(session: Session) -> list[Audit]:
-    """Audits without a verifier, or whose verifier has not answered in time."""
+def expire_stale(session: Session, settings: CoordinatorSettings) -> list[int]:
+    """Audits no capable verifier has answered within `audit_expiry_s`: EXPIRED (counted
+    per node in the operator's views), so that a market without verifiers never piles
+    them up. Returns their ids."""
+    cutoff = utcnow() - timedelta(seconds=settings.audit_expiry_s)
+    rows = session.exec(select(Audit).where(col(Audit.status).in_((AuditStatus.PENDING, AuditStatus.SENT)),
+                                            Audit.created_at < cutoff).limit(1000)
+                        .with_for_update(skip_locked=True)).all()
+    for a in rows:
+        a.status, a.resolved_at = AuditStatus.EXPIRED, utcnow()
+        a.consequences = {"reason": "no capable verifier answered in time"}
+        session.add(a)
+    return [a.id for a in rows]
+
+
+def due_for_dispatch(session: Session, limit: int = 100) -> list[Audit]:
+    """Audits without a verifier, or whose verifier has not answered in time: the oldest
+    `limit` of them (a sweep's work never grows with the backlog)."""
     cutoff = utcnow() - timedelta(seconds=RESEND_AFTER_S)
-    rows = session.exec(select(Audit).where(Audit.status.in_((AuditStatus.PENDING, AuditStatus.SENT)))).all()  # type: ignore[attr-defined]
-    return [a for a in rows if a.status == AuditStatus.PENDING or (a.sent_at and a.sent_at < cutoff)]
+    return list(session.exec(select(Audit).where(
+        (Audit.status == AuditStatus.PENDING) | ((Audit.status == AuditStatus.SENT) & (col(Audit.sent_at) < cutoff)))
+        .order_by(col(Audit.id)).limit(limit)).all())
 
 
 def economics(session: Session, node: Node, stake: int) -> dict:

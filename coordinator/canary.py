@@ -58,7 +58,7 @@ def due_nodes(session: Session, settings: CoordinatorSettings) -> list[tuple[Nod
     rows = session.exec(select(Node, NodeOffer).join(NodeOffer, NodeOffer.node_id == Node.id)).all()
     out, seen = [], set()
     for node, offer in rows:
-        if node.id in seen or not is_live(node, settings):
+        if node.id in seen or node.verify_only or not is_live(node, settings):
             continue
         if (node.last_canary_at or node.registered_at) < cutoff:  # new nodes are audited anyway
             seen.add(node.id)

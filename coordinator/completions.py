@@ -47,8 +47,9 @@ def _error_from(msg: dict) -> APIError:
 class RequestStream:
     """Events of one request from the bus, with the timeouts that apply to each phase.
 
-    A node that sends no token within `token_timeout_s` is failed over: the request goes
-    back to the queue and continues on another node after the tokens already relayed.
+    A node that sends no first token within `first_token_timeout_s`, or no next token within
+    `token_timeout_s`, is failed over: the request goes back to the queue and continues on
+    another node after the tokens already relayed.
     Tokens from a node the request has left are dropped, so the buyer sees one stream.
 
     Every token chunk carries its offset in its node's stream; the stream checks them, and
@@ -85,12 +86,15 @@ class RequestStream:
     async def next(self) -> dict:
         s = self.rt.settings
         while True:
-            timeout = s.token_timeout_s if self.assigned else s.assign_timeout_s
+            if not self.assigned:
+                timeout = s.assign_timeout_s
+            else:  # a long prompt's prefill is not a stall: the first token has its own limit
+                timeout = s.token_timeout_s if self.segment_count else s.first_token_timeout_s
             try:
                 msg = await self.sub.get(timeout=timeout)
             except asyncio.TimeoutError:
                 if self.assigned and self.failovers < self.MAX_FAILOVERS:
-                    await self._fail_over()
+                    await self._fail_over(timeout)
                     continue
                 if await self._give_up():
                     phase = "a token" if self.assigned else "a node with free capacity"
@@ -135,13 +139,14 @@ class RequestStream:
                 raise self._broken(f"{msg['relayed'] - self.segment_count} final tokens never arrived")
             return msg
 
-    async def _fail_over(self) -> None:
+    async def _fail_over(self, timeout_s: float) -> None:
         node_id, count, text = self.node_id, self.segment_count, self.segment_text
         ids = None if self.segment_ids is None else list(self.segment_ids)
 
         def _do() -> bool:
             with self.rt.session() as s:
-                return fail_over(s, self.rid, node_id, ids, count=count, text=text)
+                return fail_over(s, self.rid, node_id, ids, count=count, text=text,
+                                 reason=f"no token for {timeout_s:.0f}s", settings=self.rt.settings)
 
         if await run_in_threadpool(_do):
             log.warning("request %s: node %s stalled; failing over after %d tokens", self.rid, node_id[:12], count)

@@ -16,7 +16,7 @@ from sqlalchemy.exc import OperationalError
 from sqlmodel import Session, col, select
 
 from coordinator import speed
-from coordinator.audits import due_for_dispatch
+from coordinator.audits import due_for_dispatch, expire_stale
 from coordinator.bus import Bus
 from coordinator.canary import send_canaries
 from coordinator.frames import assignment_frame
@@ -25,6 +25,7 @@ from coordinator.delivery import Delivery, acknowledge, unacknowledged
 from coordinator.models import InferenceRequest, Node, NodeOffer, RequestStatus
 from coordinator.models.account import utcnow
 from coordinator.node_registry import is_live, mark_silent_offline, prune_nonces
+from coordinator.routability import candidates
 from coordinator.settlement import AwaitingDelivery, Settled, fail_request, settle_accepted_batch
 from pricing.ledger import Ledger, expire_holds, prune_idempotency
 from pricing.stake import withdraw_matured
@@ -73,18 +74,19 @@ class SqlDispatchStore:
                 region=r.routing.get("region"), sort=r.routing.get("sort"),
                 max_price=r.routing.get("max_price"), max_ttft_ms=r.routing.get("max_ttft_ms"),
                 min_tokens_per_s=r.routing.get("min_tokens_per_s"),
+                max_price_in=r.routing.get("max_price_in"),
+                allow_unverified=bool(r.routing.get("allow_unverified")),
                 waited_ms=max(0.0, (now - r.created_at).total_seconds() * 1000),
             )
             for r in rows
         ]
 
     def nodes(self, models: set[str]) -> list[NodeState]:
+        """Routable offers for these models (unverifiable ones too, where the operator allows
+        them: the dispatch round gives those only to buyers who asked), with free slots."""
         settings = self.rt.settings
         with self.rt.session() as s:
-            rows = s.exec(
-                select(NodeOffer, Node).join(Node, Node.id == NodeOffer.node_id)
-                .where(NodeOffer.model.in_(models))  # type: ignore[attr-defined]
-            ).all()
+            rows = [c for m in sorted(models) for c in candidates(s, settings, m, allow_unverified=True)]
             busy = dict(
                 s.exec(
                     select(InferenceRequest.node_id, func.count())
@@ -93,9 +95,8 @@ class SqlDispatchStore:
                 ).all()
             )
         out = []
-        for offer, node in rows:
-            if not is_live(node, settings):
-                continue
+        for c in rows:
+            offer, node = c.offer, c.node
             active = busy.get(node.id, 0)
             fields = speed.routing_fields(offer)
             slots, per_stream = speed.share(node, offer, active, fields)
@@ -105,7 +106,7 @@ class SqlDispatchStore:
                 id=node.id, model=offer.model, price_in=offer.price_in, price_out=offer.price_out,
                 region=node.region, free_slots=slots,
                 load=min(1.0, active / max(1, node.max_concurrency)), rtt_ms=node.rtt_ms,
-                reputation=node.reputation, **fields,
+                reputation=node.reputation, verifiable=offer.verifiable, **fields,
             ))
         return out
 
@@ -143,7 +144,11 @@ class SqlDispatchStore:
             self.rt.bus.publish_sync(f"node:{req.node_id}", assignment_frame(req))
             self.rt.bus.publish_sync(f"req:{req.id}", {"type": "assigned", "node_id": req.node_id})
         for rid, reason in rejected:
-            self.rt.bus.publish_sync(f"req:{rid}", {"type": "error", "status": 503, "code": "no_route",
+            # Constraints no live node meets are the buyer's to change (4xx: the client does
+            # not retry); no node of the model online at all is temporary (503, retried).
+            temporary = reason.startswith("no online node")
+            self.rt.bus.publish_sync(f"req:{rid}", {"type": "error", "status": 503 if temporary else 400,
+                                                    "code": "no_capacity" if temporary else "no_route",
                                                     "message": reason})
         result.assigned, result.rejected = len(assigned), len(rejected)
         return result
@@ -203,6 +208,7 @@ class SqlDispatchStore:
                 InferenceRequest.status.in_(ACTIVE + (RequestStatus.QUEUED,)),  # type: ignore[attr-defined]
                 InferenceRequest.created_at < utcnow() - timedelta(seconds=settings.request_ttl_s))).all()
                 if fail_request(s, r.id, f"not finished within {settings.request_ttl_s:.0f}s")]
+            audits_expired = expire_stale(s, settings)
             audits_due = [a.id for a in due_for_dispatch(s)]
             pruned = prune_nonces(s, settings)
             unbonded = len(withdraw_matured(s, utcnow()))  # stake past its unbonding delay is paid out
@@ -225,4 +231,4 @@ class SqlDispatchStore:
         return {"offline": offline, "requeued": requeued, "nonces_pruned": pruned, "holds_expired": expired,
                 "idempotency_keys_pruned": keys_pruned,
                 "settle_resent": unsettled, "unacked": unacked, "overdue_failed": [rid for rid, _ in overdue],
-                "audits_sent": audits_sent, "canaries": canaries, "unbonded": unbonded}
+                "audits_sent": audits_sent, "audits_expired": audits_expired, "canaries": canaries, "unbonded": unbonded}

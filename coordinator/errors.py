@@ -74,9 +74,12 @@ class Conflict(APIError):
 
 
 class NoCapacity(APIError):
+    """Temporary: no node can take the request now (the client may retry after a moment)."""
+
     status_code = 503
     type = "service_unavailable"
     code = "no_capacity"
+    retry_after_s = 2
 
 
 class Unavailable(APIError):

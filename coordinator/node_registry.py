@@ -14,7 +14,7 @@ from sqlalchemy import delete
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, select
 
-from coordinator.errors import APIError, Forbidden, InsufficientBalance, NotFound, Unauthorized
+from coordinator.errors import APIError, BadRequest, Forbidden, InsufficientBalance, NotFound, Unauthorized
 from coordinator.models import Node, NodeNonce, NodeOffer
 from coordinator import speed
 from coordinator.models.account import utcnow
@@ -39,6 +39,10 @@ class BadSignature(Unauthorized):
 
 class StakeTooLow(InsufficientBalance):
     code = "stake_below_minimum"
+
+
+class PriceAboveCeiling(BadRequest):
+    code = "price_above_ceiling"
 
 
 def check_signed(session: Session, msg: Signed, settings: CoordinatorSettings) -> None:
@@ -73,13 +77,18 @@ def register(session: Session, reg: Registration, settings: CoordinatorSettings)
     node = session.get(Node, reg.node_id)
     if node is not None and node.banned:
         raise Forbidden("this node is banned from the market")
-    if settings.min_stake_nano_usd:
+    for offer in reg.models:
+        if offer.price_in > settings.max_price_in or offer.price_out > settings.max_price_out:
+            raise PriceAboveCeiling(
+                f"{offer.model}: prices {offer.price_in}/{offer.price_out} nano-USD per million tokens (in/out) "
+                f"exceed this market's ceiling of {settings.max_price_in}/{settings.max_price_out}", param="models")
+    if settings.min_stake and not reg.verify_only:
         ledger = Ledger(session)
         stake_id = ledger.open_account(AccountKind.SELLER_STAKE, ref=f"node:{reg.node_id}").id
         bonded = Stake(ledger).bonded(stake_id)
-        if bonded < settings.min_stake_nano_usd:
+        if bonded < settings.min_stake:
             raise StakeTooLow(f"bonded stake {bonded} nano-USD is below the market's minimum "
-                              f"{settings.min_stake_nano_usd}; ask the operator to record your stake deposit")
+                              f"{settings.min_stake}; ask the operator to record your stake deposit")
     if node is None:
         earnings = Ledger(session).open_account(AccountKind.SELLER_EARNINGS, ref=f"node:{reg.node_id}")
         node = Node(id=reg.node_id, earnings_account_id=earnings.id, region=reg.region,
@@ -93,6 +102,7 @@ def register(session: Session, reg: Registration, settings: CoordinatorSettings)
     node.benchmark = reg.benchmark
     node.last_heartbeat_at = utcnow()
     node.online = True
+    node.excluded_reason = None  # a (re)started agent gets another chance; failures back it off again
     session.add(node)
     old = {o.model: o for o in session.exec(select(NodeOffer).where(NodeOffer.node_id == node.id))}
     for offer in reg.models:
@@ -147,13 +157,28 @@ def is_live(node: Node, settings: CoordinatorSettings, now: datetime | None = No
 _BACKOFF = Backoff(base_s=2.0, factor=2.0, max_s=300.0)
 
 
-def record_failure(node: Node, now: datetime | None = None) -> datetime:
-    """A stalled or lost stream: the node backs off exponentially before new work."""
+ERROR_RATE_WEIGHT = 0.2  # EWMA weight of the newest job in Node.error_rate
+
+
+def record_failure(node: Node, now: datetime | None = None, *, reason: str | None = None,
+                   settings: CoordinatorSettings | None = None) -> str | None:
+    """A job the node failed (an error it reported, a stalled or lost stream): it backs off
+    exponentially before new work, its error rate rises and its reputation falls; after
+    `error_exclusion_streak` failures in a row it is out of routing until it registers again.
+    Returns the exclusion reason when this failure excluded it (to tell the node)."""
     node.failures += 1
     node.backoff_until = (now or utcnow()) + timedelta(seconds=_BACKOFF.delay_s(node.failures, node.id))
-    return node.backoff_until
+    node.error_rate = (1 - ERROR_RATE_WEIGHT) * node.error_rate + ERROR_RATE_WEIGHT
+    streak = settings.error_exclusion_streak if settings else 3
+    node.reputation *= settings.error_reputation_factor if settings else 0.9
+    if node.failures >= streak and not node.excluded_reason:
+        node.excluded_reason = (f"out of routing after {node.failures} failed jobs in a row"
+                                f"{f' (last: {reason[:120]})' if reason else ''}; fix the engine and restart the agent")
+        return node.excluded_reason
+    return None
 
 
 def record_success(node: Node) -> None:
     if node.failures or node.backoff_until is not None:
         node.failures, node.backoff_until = 0, None
+    node.error_rate *= 1 - ERROR_RATE_WEIGHT

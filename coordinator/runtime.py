@@ -39,7 +39,7 @@ class Runtime:
         self._ticker_stop = threading.Event()
         from coordinator.dispatch_store import SqlDispatchStore
 
-        self.stake_policy = StakePolicy(default_min=settings.min_stake_nano_usd,
+        self.stake_policy = StakePolicy(default_min=settings.min_stake,
                                         unbonding_delay=timedelta(seconds=settings.unbonding_delay_s))
 
         self.store = SqlDispatchStore(self)

@@ -20,6 +20,8 @@ class RoutingPrefs(BaseModel):
     region: str | None = Field(default=None, max_length=64)
     max_ttft_ms: float | None = Field(default=None, gt=0)
     min_tokens_per_s: float | None = Field(default=None, gt=0)
+    allow_unverified: bool = Field(default=False, description="accept nodes whose work cannot be audited "
+                                   "(engines without token ids or log-probs), where the operator allows them")
 
 
 class StreamOptions(BaseModel):

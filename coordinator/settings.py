@@ -43,8 +43,8 @@ class CoordinatorSettings(BaseSettings):
     # Requests
     default_max_tokens: int = 256
     assign_timeout_s: float = 30.0  # a request not assigned by then fails with 503
-    first_token_timeout_s: float = 60.0
-    token_timeout_s: float = 30.0
+    first_token_timeout_s: float = 60.0  # assigned -> first token (prefill of a long prompt included)
+    token_timeout_s: float = 30.0  # between tokens, then the stream is failed over as stalled
     routing_policy: str | None = None  # None: the scheduler's default
     platform_fee_bps: int = Field(default=500, ge=0, le=10_000)
     request_ttl_s: float = Field(default=3600, gt=0, description="a request unfinished by then is failed "
@@ -58,8 +58,22 @@ class CoordinatorSettings(BaseSettings):
         default=30 * 24 * 3600, gt=0, description="ledger idempotency keys older than this are forgotten by the "
         "sweep; a client retrying with a key after that would repeat the operation")
 
+    # Prices a node may ask (nano-USD per million tokens); registration above is refused
+    max_price_in: int = Field(default=100 * 10**9, ge=0, description="operator's price ceiling, prompt tokens")
+    max_price_out: int = Field(default=100 * 10**9, ge=0, description="operator's price ceiling, completion tokens")
+    allow_unverified_nodes: bool = Field(
+        default=False, description="route to nodes whose engine gives no token ids or log-probs (they cannot be "
+        "audited), for buyers who ask with routing.allow_unverified")
+
+    # Failing nodes
+    error_exclusion_streak: int = Field(default=3, ge=1, description="consecutive failed jobs that take a node "
+                                        "out of routing until it registers again")
+    error_reputation_factor: float = Field(default=0.9, gt=0, le=1, description="reputation × this per failed job")
+
     # Stake
-    min_stake_nano_usd: int = Field(default=0, ge=0, description="bonded stake a node needs to sell")
+    min_stake_nano_usd: int | None = Field(
+        default=None, ge=0, description="bonded stake a node needs to register and be routed; default 0 on the "
+        "embedded market, 1 USD in production (a separate broker)")
     unbonding_delay_s: float = Field(default=7 * 24 * 3600, ge=0)
 
     # Verification
@@ -67,6 +81,8 @@ class CoordinatorSettings(BaseSettings):
     challenge_window_s: float = Field(default=3600, ge=0, description="earnings this recent cannot be paid "
                                       "out: a failed audit may still claw them back")
     canary_interval_s: float = Field(default=900, ge=0, description="a canary per node this often; 0: none")
+    audit_expiry_s: float = Field(default=600, gt=0, description="an audit no capable verifier has answered by "
+                                  "then expires (counted, never judged)")
     slash_multiple: int = Field(default=10, ge=0, description="stake slashed per failed audit, × the job's cost")
     min_slash_nano_usd: int = Field(default=1_000_000, ge=0)
 
@@ -79,6 +95,12 @@ class CoordinatorSettings(BaseSettings):
             return self.database_url
         self.home.mkdir(parents=True, exist_ok=True)
         return f"sqlite:///{self.home / 'agora.db'}"
+
+    @property
+    def min_stake(self) -> int:
+        if self.min_stake_nano_usd is not None:
+            return self.min_stake_nano_usd
+        return 0 if self.broker_url.startswith("memory://") else 10**9  # production: a real broker
 
     @property
     def in_process_worker(self) -> bool:

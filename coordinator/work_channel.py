@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import secrets
 import time
 
 from fastapi import WebSocket, WebSocketDisconnect
@@ -34,6 +35,7 @@ from protocol import ChannelHello, Done, TokenChunk, TokenCommitment, VerifyResu
 
 log = logging.getLogger(__name__)
 HELLO_TIMEOUT_S = 10.0
+BUYER_ERRORS = ("context_length_exceeded", "bad_request")  # a node's error codes that are the request's fault
 
 
 class _Stream:
@@ -58,6 +60,7 @@ class Channel:
     def __init__(self, ws: WebSocket, rt: Runtime):
         self.ws, self.rt = ws, rt
         self.node_id = ""
+        self.channel_id = secrets.token_hex(8)  # a node's newest channel wins (Node.channel_id)
         self.streams: dict[str, _Stream] = {}
         self.send_lock = asyncio.Lock()
 
@@ -74,6 +77,8 @@ class Channel:
         await self.ws.send_json({"type": "welcome", "node_id": self.node_id})
         try:
             async with self.rt.bus.subscribe(f"node:{self.node_id}") as sub:
+                # an older channel of this node, here or on another replica, closes itself
+                await self.rt.bus.publish(f"node:{self.node_id}", {"type": "superseded", "channel_id": self.channel_id})
                 for frame in await run_in_threadpool(self._pending_assignments):
                     await self._send_assignment(frame)
                 self.rt.trigger_dispatch()
@@ -97,6 +102,7 @@ class Channel:
             if node.banned:
                 raise APIError("this node is banned")
             node.channel_connected = True
+            node.channel_id = self.channel_id
             node.online = True
             s.add(node)
 
@@ -108,17 +114,19 @@ class Channel:
             return [assignment_frame(r) for r in rows]
 
     def _disconnected(self) -> None:
-        """The node is gone: its unfinished requests continue on other nodes."""
+        """This connection is gone: its unfinished requests continue on other nodes (they
+        cannot continue on another connection of the node: their tokens were counted here).
+        The node stays connected if a newer channel of it is open."""
         moved = []
         with self.rt.session() as s:
-            node = s.get(Node, self.node_id) if self.node_id else None
-            if node is not None:
+            for rid, st in list(self.streams.items()):
+                if fail_over(s, rid, self.node_id, st.token_ids if st.ids_known else None, count=st.count,
+                             text=st.text, reason="work channel lost", settings=self.rt.settings):
+                    moved.append((rid, st.count))
+            node = s.get(Node, self.node_id, with_for_update=True) if self.node_id else None
+            if node is not None and node.channel_id in (None, self.channel_id):
                 node.channel_connected = False
                 s.add(node)
-            for rid, st in list(self.streams.items()):
-                if fail_over(s, rid, self.node_id, st.token_ids if st.auditable or st.ids_known else None,
-                             count=st.count, text=st.text):
-                    moved.append((rid, st.count))
         for rid, count in moved:
             self.rt.bus.publish_sync(f"req:{rid}", {"type": "failover", "node_id": self.node_id, "tokens": count})
         if moved:
@@ -144,6 +152,13 @@ class Channel:
             if msg.get("type") == "bus_restored":  # assignments published meanwhile were lost
                 for frame in await run_in_threadpool(self._pending_assignments):
                     await self._send_assignment(frame)
+            elif msg.get("type") == "superseded" and msg.get("channel_id") != self.channel_id:
+                log.info("node %s opened a newer work channel; closing this one", self.node_id[:12])
+                await self._close(4409, "superseded by a newer work channel of this node")
+                return
+            elif msg.get("type") == "notice":
+                async with self.send_lock:
+                    await self.ws.send_json(msg)
             elif msg.get("type") == "assign":
                 await self._send_assignment(msg)
             elif msg.get("type") == "cancel" and msg.get("request_id") in self.streams:
@@ -302,12 +317,33 @@ class Channel:
         with self.rt.session() as s:
             return fail_request(s, rid, reason, only_node=self.node_id)
 
+    def _fail_over(self, rid: str, st: _Stream, reason: str):
+        with self.rt.session() as s:
+            return fail_over(s, rid, self.node_id, st.token_ids if st.ids_known else None, count=st.count,
+                             text=st.text, reason=reason, settings=self.rt.settings)
+
     async def _on_error(self, err: WorkError) -> None:
-        if self.streams.pop(err.request_id, None) is None:
+        st = self.streams.pop(err.request_id, None)
+        if st is None:
             return
-        if not await run_in_threadpool(self._fail, err.request_id, f"{err.code}: {err.message}"):
+        reason = f"{err.code}: {err.message}"
+        if err.code in BUYER_ERRORS:  # the request itself is wrong: no other node would do better
+            if await run_in_threadpool(self._fail, err.request_id, reason):
+                await self.rt.bus.publish(f"req:{err.request_id}", {
+                    "type": "error", "status": 400, "code": err.code, "message": err.message})
+                self.rt.trigger_dispatch()
             return
-        status = 400 if err.code in ("context_length_exceeded", "bad_request") else 502
-        await self.rt.bus.publish(f"req:{err.request_id}", {
-            "type": "error", "status": status, "code": err.code, "message": err.message})
+        # The node failed: the request continues on another node after what was delivered.
+        outcome = await run_in_threadpool(self._fail_over, err.request_id, st, reason)
+        log.warning("node %s failed request %s (%s): %s", self.node_id[:12], err.request_id, reason,
+                    "failing over" if outcome.moved else "no further failover")
+        if outcome.moved:
+            await self.rt.bus.publish(f"req:{err.request_id}", {"type": "failover", "node_id": self.node_id,
+                                                                 "tokens": st.count})
+        elif outcome.failed or await run_in_threadpool(self._fail, err.request_id, reason):
+            await self.rt.bus.publish(f"req:{err.request_id}", {
+                "type": "error", "status": 502, "code": err.code, "message": err.message})
+        if outcome.excluded:
+            await self.rt.bus.publish(f"node:{self.node_id}", {"type": "notice", "level": "error",
+                                                               "message": outcome.excluded})
         self.rt.trigger_dispatch()

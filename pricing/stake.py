@@ -160,3 +160,22 @@ def withdraw_matured(session: Session, now: datetime | None = None) -> list[tupl
     return paid
 
 
+
+
+def bonded_by_ref(session: Session, refs: list[str]) -> dict[str, int]:
+    """Bonded stake of many stake accounts at once, by account ref (e.g. "node:<id>"): two
+    grouped queries whatever the number of refs; a ref without an account has 0."""
+    from pricing.ledger_models import LedgerAccount
+
+    if not refs:
+        return {}
+    rows = session.exec(select(LedgerAccount.id, LedgerAccount.ref, LedgerAccount.balance).where(
+        LedgerAccount.kind == AccountKind.SELLER_STAKE, LedgerAccount.ref.in_(refs))).all()  # type: ignore[union-attr]
+    ids = {acct_id: ref for acct_id, ref, _ in rows}
+    pending = dict(session.exec(select(LedgerUnbonding.stake_account_id, func.sum(LedgerUnbonding.amount)).where(
+        LedgerUnbonding.stake_account_id.in_(list(ids)),  # type: ignore[attr-defined]
+        LedgerUnbonding.state == UnbondingState.PENDING).group_by(LedgerUnbonding.stake_account_id)).all()) if ids else {}
+    out = dict.fromkeys(refs, 0)
+    for acct_id, ref, balance in rows:
+        out[ref] = max(0, balance - int(pending.get(acct_id) or 0))
+    return out

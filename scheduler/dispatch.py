@@ -7,7 +7,7 @@ not import the coordinator); the round itself is plain code that Celery only wra
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Protocol
 
 from scheduler.routing import Decision, NodeState, PendingRequest, get_policy
@@ -52,10 +52,39 @@ def run_dispatch(store: DispatchStore, policy: str | None = None, limit: int = 1
         return DispatchReport(0, 0, AppliedDecision(), 0.0)
     nodes = store.nodes({r.model for r in requests})
     t0 = time.perf_counter()
-    decision = get_policy(policy).route(requests, nodes)
+    decision = route_in_groups(get_policy(policy), requests, nodes)
     route_ms = (time.perf_counter() - t0) * 1000
     applied = store.apply(decision)
     return DispatchReport(len(requests), len(nodes), applied, route_ms)
+
+
+def _eligible(req: PendingRequest, node: NodeState) -> bool:
+    """Per-request limits the policy does not know: the input-price cap the escrow hold
+    covers, and unverifiable nodes only for buyers who accept them."""
+    return (node.verifiable or req.allow_unverified) and (req.max_price_in is None or node.price_in <= req.max_price_in)
+
+
+def route_in_groups(policy, requests: list[PendingRequest], nodes: list[NodeState]) -> Decision:
+    """Route requests that share the same limits together, most restricted first; capacity
+    taken by one group is gone for the next. Almost every round is a single group."""
+    groups: dict[tuple, list[PendingRequest]] = {}
+    for r in requests:
+        groups.setdefault((r.allow_unverified, r.max_price_in if r.max_price_in is not None else 2**62),
+                          []).append(r)
+    if len(groups) == 1:
+        reqs = next(iter(groups.values()))
+        return policy.route(reqs, [n for n in nodes if _eligible(reqs[0], n)])
+    free = {n.id: n.free_slots for n in nodes}
+    out = Decision()
+    for _, reqs in sorted(groups.items(), key=lambda kv: kv[0]):
+        usable = [replace(n, free_slots=free[n.id]) for n in nodes if _eligible(reqs[0], n)]
+        d = policy.route(reqs, usable)
+        for rid, node_id in d.assignments.items():
+            free[node_id] -= 1
+        out.assignments.update(d.assignments)
+        out.rejections.update(d.rejections)
+        out.deferred.extend(d.deferred)
+    return out
 
 
 _store: DispatchStore | None = None

@@ -30,6 +30,9 @@ class PendingRequest:
     min_tokens_per_s: float | None = None
     waited_ms: float = 0.0  # time already spent queued; counts against max_ttft_ms
     require_region: bool = False  # True: only nodes in `region` (data residency)
+    # Set by admission: the escrow hold covers input prices up to this (nano-USD per Mtok)
+    max_price_in: int | None = None
+    allow_unverified: bool = False  # the buyer accepts nodes whose work cannot be audited
 
 
 @dataclass(frozen=True)
@@ -45,6 +48,7 @@ class NodeState:
     rtt_ms: float = 0.0  # network RTT to the coordinator
     reputation: float = 1.0  # 0..1
     online: bool = True
+    verifiable: bool = True  # its engine gives token ids and log-probs (its jobs can be audited)
     # Advertised figures (seeds of the estimate); the gap to the measured ones costs weight.
     advertised_tokens_per_s: float | None = None
     claim_ratio: float | None = None  # measured ÷ advertised single-stream tok/s (estimator)

@@ -18,6 +18,7 @@ class AuditStatus(str, enum.Enum):
     SENT = "sent"  # with a verifier
     PASSED = "passed"
     FAILED = "failed"
+    EXPIRED = "expired"  # no capable verifier answered within audit_expiry_s: counted, never judged
 
 
 class Audit(SQLModel, table=True):

@@ -62,6 +62,8 @@ class NodePublic(NodeBase):
     verify_only: bool = False
     error_rate: float = 0.0
     excluded_reason: str | None = None
+    routable: bool = False
+    not_routable_because: str | None = None
     offers: list["NodeOfferPublic"] = []
 
 

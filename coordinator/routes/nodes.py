@@ -8,6 +8,7 @@ from starlette.concurrency import run_in_threadpool
 
 from coordinator import node_registry
 from coordinator.models import Node, NodeOffer, NodeOfferPublic, NodePublic
+from coordinator.routability import reasons
 from coordinator.routes.deps import runtime
 from coordinator.runtime import Runtime
 from coordinator.work_channel import Channel
@@ -43,10 +44,12 @@ async def list_nodes(rt: Runtime = Depends(runtime)) -> list[NodePublic]:
         with rt.session() as s:
             nodes = s.exec(select(Node).order_by(Node.registered_at)).all()
             offers = s.exec(select(NodeOffer)).all()
+            why = reasons(s, rt.settings, list(nodes))
             out = []
             for n in nodes:
                 pub = NodePublic.model_validate(n, update={
-                    "online": node_registry.is_live(n, rt.settings),
+                    "online": node_registry.is_live(n, rt.settings), "routable": why[n.id] is None,
+                    "not_routable_because": why[n.id],
                     "offers": [_offer_public(o) for o in offers if o.node_id == n.id]})
                 out.append(pub)
             return out

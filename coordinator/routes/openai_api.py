@@ -7,8 +7,8 @@ from sqlmodel import select
 from starlette.concurrency import run_in_threadpool
 
 from coordinator import completions
-from coordinator.models import Account, Node, NodeOffer
-from coordinator.node_registry import is_live
+from coordinator.models import Account, NodeOffer
+from coordinator.routability import candidates
 from coordinator.routes.deps import current_account, runtime
 from coordinator.runtime import Runtime
 from coordinator.schemas import ChatCompletionRequest, CompletionRequest
@@ -33,20 +33,22 @@ async def legacy_completions(body: CompletionRequest, account: Account = Depends
 
 @router.get("/models")
 async def list_models(rt: Runtime = Depends(runtime)):
-    """Models on offer: live nodes, price range (nano-USD per Mtok) and measured tok/s."""
+    """Models on offer: nodes buyers can be routed to now, price range (nano-USD per Mtok)
+    and measured tok/s; unverifiable nodes (no token ids or log-probs: never audited) are
+    counted apart, and only where the operator routes to them."""
 
     def _load():
         with rt.session() as s:
-            return s.exec(select(NodeOffer, Node).join(Node, Node.id == NodeOffer.node_id)).all()
+            known = s.exec(select(NodeOffer.model).distinct()).all()
+            return known, candidates(s, rt.settings, allow_unverified=True)
 
-    rows = await run_in_threadpool(_load)
-    models: dict[str, dict] = {}
-    for offer, node in rows:
-        m = models.setdefault(offer.model, {"id": offer.model, "object": "model", "created": 0,
-                                            "owned_by": "agora", "live_nodes": 0, "_offers": []})
-        if is_live(node, rt.settings):
-            m["live_nodes"] += 1
-            m["_offers"].append(offer)
+    known, routable = await run_in_threadpool(_load)
+    models: dict[str, dict] = {m: {"id": m, "object": "model", "created": 0, "owned_by": "agora", "live_nodes": 0,
+                                   "unverified_nodes": 0, "_offers": []} for m in known}
+    for c in routable:
+        m = models[c.offer.model]
+        m["live_nodes" if c.offer.verifiable else "unverified_nodes"] += 1
+        m["_offers"].append(c.offer)
     data = []
     for m in sorted(models.values(), key=lambda m: m["id"]):
         offers = m.pop("_offers")

@@ -30,7 +30,7 @@ async def get_request(request_id: str, account: Account = Depends(current_accoun
         "prompt_tokens": req.prompt_tokens, "completion_tokens": req.completion_tokens,
         "max_tokens": req.max_tokens, "hold_nano_usd": req.hold_amount, "cost_nano_usd": req.cost,
         "price_in": req.price_in, "price_out": req.price_out, "finish_reason": req.finish_reason,
-        "failovers": len(segments), "error": req.error,
+        "failovers": req.payload.get("failovers", len(segments)), "error": req.error,
         "delivery": req.delivery, "delivered_tokens": req.delivered_tokens,
         # from the ledger's own transfers: what was held, charged and given back
         "ledger": {"held_nano_usd": money.held, "charged_nano_usd": money.charged,

@@ -34,7 +34,7 @@ def _env(home, pg_url: str, redis_url: str) -> dict[str, str]:
             "AGORA_HOME": str(home), "AGORA_DATABASE_URL": pg_url, "AGORA_BROKER_URL": redis_url,
             "AGORA_REDIS_URL": redis_url, "AGORA_CELERY_QUEUE": f"agora-chaos-{tag}",
             "AGORA_NODE_HEARTBEAT_INTERVAL_S": "1", "AGORA_ASSIGN_TIMEOUT_S": "10",
-            "AGORA_TOKEN_TIMEOUT_S": "8", "AGORA_DELIVERY_ACK_TIMEOUT_S": "20"}
+            "AGORA_TOKEN_TIMEOUT_S": "8", "AGORA_DELIVERY_ACK_TIMEOUT_S": "20", "AGORA_MIN_STAKE_NANO_USD": "0"}
 
 
 class Buyer(threading.Thread):

@@ -160,11 +160,13 @@ def test_insufficient_balance_is_402_and_nothing_is_charged(market):
     assert balance(market, key) == 10
 
 
-def test_no_capacity_within_max_price_is_503(market):
-    with pytest.raises(openai.InternalServerError) as exc:
+def test_a_max_price_no_node_meets_is_400_not_retried(market):
+    """A constraint nobody meets is the buyer's to change: a 4xx with the reason, which the
+    official client does not retry (it retries every 5xx)."""
+    with pytest.raises(openai.BadRequestError) as exc:
         client(market, funded_key(market)).chat.completions.create(
             model="tiny", messages=[{"role": "user", "content": "hi"}], extra_body={"routing": {"max_price": 1}})
-    assert exc.value.status_code == 503
+    assert exc.value.body["code"] == "no_node_within_max_price" and "max_price" in exc.value.message
 
 
 def test_malformed_bodies_never_500(market):

@@ -29,7 +29,8 @@ def production_env(home, pg_url: str, broker: str) -> dict[str, str]:
     return {**os.environ, "AGORA_HOME": str(home), "AGORA_DATABASE_URL": pg_url,
             "AGORA_BROKER_URL": broker, "AGORA_REDIS_URL": "redis://127.0.0.1:6379/0",
             "AGORA_CELERY_QUEUE": f"agora-test-{tag}", "AGORA_REDIS_PREFIX": f"agora-test-{tag}:",
-            "AGORA_NODE_HEARTBEAT_INTERVAL_S": "1", "AGORA_ASSIGN_TIMEOUT_S": "10"}
+            "AGORA_NODE_HEARTBEAT_INTERVAL_S": "1", "AGORA_ASSIGN_TIMEOUT_S": "10",
+            "AGORA_MIN_STAKE_NANO_USD": "0"}  # stake is tested on its own; these tests are about the path
 
 
 @pytest.fixture(params=sorted(BROKERS))

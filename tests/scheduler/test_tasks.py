@@ -149,3 +149,25 @@ def test_overdue_requests_are_failed_and_their_holds_released(rt):
         assert Ledger(s).balance(buyer) == 10**9
         hold = s.exec(select(LedgerHold).where(LedgerHold.request_ref == rids[0])).one()
         assert hold.state == HoldState.VOIDED and hold.expires_at is not None
+
+
+def test_requests_with_different_limits_share_capacity_without_double_booking():
+    """Buyers who refuse unverifiable nodes never get one; a tight input-price cap (what the
+    hold covers) is honoured; one node's slot is never given twice across groups."""
+    from scheduler.dispatch import route_in_groups
+    from scheduler.routing import NodeState, PendingRequest, get_policy
+
+    nodes = [NodeState(id="audited", model="m", price_in=10, price_out=10, tokens_per_s=50, region="us-east",
+                       free_slots=1),
+             NodeState(id="unverified", model="m", price_in=1, price_out=1, tokens_per_s=50, region="us-east",
+                       free_slots=2, verifiable=False),
+             NodeState(id="dear-in", model="m", price_in=10**6, price_out=5, tokens_per_s=50, region="us-east",
+                       free_slots=5)]
+    reqs = [PendingRequest(id="strict", model="m", prompt_tokens=10, max_tokens=10, max_price_in=100),
+            PendingRequest(id="strict2", model="m", prompt_tokens=10, max_tokens=10, max_price_in=100),
+            PendingRequest(id="open", model="m", prompt_tokens=10, max_tokens=10, allow_unverified=True)]
+    d = route_in_groups(get_policy(None), reqs, nodes)
+    assert d.assignments.get("strict") in (None, "audited") and d.assignments.get("strict2") in (None, "audited")
+    assert list(d.assignments.values()).count("audited") <= 1
+    assert "audited" in d.assignments.values()
+    assert d.assignments["open"] in ("unverified", "dear-in", "audited")

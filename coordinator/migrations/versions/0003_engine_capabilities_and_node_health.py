@@ -1,7 +1,8 @@
 """engine capabilities and node health
 
 What each offer's engine can do (token ids, log-probs, verifying; its quantisation),
-operator-run verifiers, the live work channel per node, and the node's recent error rate.
+operator-run verifiers, the live work channel per node, the node's recent error rate, and
+audits that expire when no capable verifier answers.
 Existing rows get the old behaviour (built-in engine: all capabilities).
 
 Revision ID: 0003
@@ -20,6 +21,8 @@ depends_on = None
 
 
 def upgrade() -> None:
+    if op.get_bind().dialect.name == "postgresql":  # a native enum type there; SQLite keeps a string
+        op.execute("ALTER TYPE auditstatus ADD VALUE IF NOT EXISTS 'EXPIRED'")
     with op.batch_alter_table('node_offers', schema=None) as batch_op:
         batch_op.add_column(sa.Column('quantization', sqlmodel.sql.sqltypes.AutoString(length=16), nullable=True))
         batch_op.add_column(sa.Column('token_ids', sa.Boolean(), nullable=False, server_default=sa.true()))
