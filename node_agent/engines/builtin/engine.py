@@ -197,6 +197,14 @@ class BuiltinEngine(Engine):
 
         return await self.call(job)
 
+    async def rescore(self, prompt_ids: list[int], claimed_ids: list[int], sampling):
+        """Full-vocabulary rescoring (`node_agent.rescoring.rescore`) on the engine thread."""
+        from node_agent.rescoring import rescore
+
+        if len(prompt_ids) + len(claimed_ids) > self.max_seq_len:
+            raise RequestTooLong(f"{len(prompt_ids) + len(claimed_ids)} tokens exceed the context of {self.max_seq_len}")
+        return await rescore(self, prompt_ids, claimed_ids, sampling)
+
     async def call(self, fn: Callable[[], object]):
         """Run `fn` on the engine thread between steps (serialises use of the model)."""
         self._check_alive()
