@@ -11,6 +11,8 @@ USAGE = """usage: agora <command> [options]
   up                 the embedded market in one process: coordinator, in-process scheduler,
                      SQLite, and local node agents (--port, --nodes)
   node               run a node agent that sells inference (see `agora node -h`)
+  verifier           run an operator's verifier: a node agent that only rescores audited
+                     jobs and is never sold work (see `agora verifier -h`)
   serve              run the coordinator API (production: PostgreSQL, Redis, separate workers)
   worker             run a Celery scheduler worker (add --beat for the periodic sweep)
   migrate            apply database migrations
@@ -28,6 +30,10 @@ def main(argv: list[str] | None = None) -> int:
         from node_agent.cli import main as node_main
 
         return node_main(rest)
+    if cmd == "verifier":  # a node agent too: no coordinator code imported
+        from node_agent.cli import verifier_main
+
+        return verifier_main(rest)
     # The router's numpy work is many small matrix ops: one BLAS thread is faster and
     # steadier than a pool fighting the API and Celery threads (set before numpy loads).
     os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")

@@ -3,7 +3,11 @@
 The agent dials out to the coordinator (one WebSocket), so it works behind NAT. Each
 assignment runs as its own task on the engine (which batches concurrent requests);
 tokens stream back as they are generated with their log-probs, and every request ends
-with a signed receipt committing to the token ids and log-probs delivered.
+with a signed receipt committing to the token ids and log-probs delivered (or, for an
+engine that cannot name its tokens, to the text and token counts: see `Chunker`).
+
+A node registered `verify_only` (`agora verifier`) is never sold work: it only rescores
+other nodes' jobs for audits.
 """
 
 from __future__ import annotations
@@ -17,9 +21,11 @@ import httpx
 import websockets
 from pydantic import ValidationError
 
-from node_agent.engines.base import Engine, GenerationRequest, SamplingParams
+from node_agent.engines.base import Engine, GenerationRequest, SamplingParams, TokenEvent
+from node_agent.engines.throttle import ThrottledEngine
 from node_agent.errors import CoordinatorRejected, EngineError
 from node_agent.identity import Identity
+from protocol.commitment import NO_LOGPROB
 from protocol import (
     Assignment, ChannelHello, Done, Heartbeat, ModelOffer, Receipt, Registration, TokenChunk,
     TokenCommitment, VerifyJob, VerifyResult, WorkError, fresh_stamp, quantize_logprob,
@@ -27,6 +33,84 @@ from protocol import (
 from node_agent.settings import NodeSettings
 
 log = logging.getLogger("agora.node")
+_ABSENT_DTYPES = (None, "", "auto", "remote", "unknown")
+
+
+def core_engine(engine: Engine) -> Engine:
+    """The engine that computes: the throttle only paces generation, so what the node can
+    do (ids, log-probs, verifying) and its scoring are the wrapped engine's."""
+    while isinstance(engine, ThrottledEngine):
+        engine = engine.inner
+    return engine
+
+
+def capabilities(engine: Engine, declared_dtype: str | None = None) -> dict:
+    """The offer fields that say what this engine can do and what it computes in."""
+    core = core_engine(engine)
+    can_verify = getattr(core, "can_verify", None)
+    if can_verify is None:  # an engine that does not say: it can verify if it implements rescore
+        can_verify = type(core).rescore is not Engine.rescore
+    dtype = getattr(core, "dtype", None)
+    dtype = str(dtype).removeprefix("torch.") if dtype not in _ABSENT_DTYPES else (declared_dtype or "float32")
+    return dict(dtype=dtype[:16], quantization=getattr(core, "quantization", None),
+                token_ids=bool(getattr(core, "token_ids", True)), logprobs=bool(getattr(core, "logprobs", True)),
+                can_verify=bool(can_verify))
+
+
+class Chunker:
+    """Turns an engine's events into `TokenChunk`s and keeps the commitment the receipt signs.
+
+    Events with token ids become one id-level chunk each. An engine that cannot name its
+    tokens gives text-level chunks, under the coordinator's bound: the running count may
+    not exceed the text bytes relayed (+1 for a final end token), or the chunk is refused
+    and never paid. Tokens that add no text (an end token, half of a multi-byte character)
+    wait until enough text has gone out, and whatever is still waiting at the end goes in
+    one last empty chunk, as much of it as the bound allows."""
+
+    def __init__(self, request_id: str):
+        self.request_id = request_id
+        self.commitment = TokenCommitment(request_id)
+        self.count = 0  # tokens sent: the receipt's completion_tokens
+        self.text_bytes = 0  # text sent in text-level chunks: the coordinator's bound
+        self.textual = False
+        self.pending: list[int | None] = []  # quantised log-probs of tokens not sent yet
+
+    def add(self, ev: TokenEvent) -> TokenChunk | None:
+        lp = None if ev.logprob is None else quantize_logprob(ev.logprob)
+        if ev.token_id is not None and not self.textual:
+            return self._emit([ev.token_id], None if lp is None else [lp], ev.text, 1)
+        if self.count and not self.textual:  # ids, then none: the bound would refuse the rest
+            raise EngineError("the engine stopped naming its tokens mid-stream")
+        self.textual = True
+        self.pending += [lp] + [None] * (max(ev.count, 1) - 1)
+        return self._text(ev.text, final=False)
+
+    def finish(self) -> TokenChunk | None:
+        if not self.pending:
+            return None
+        chunk = self._text("", final=True)
+        if self.pending:
+            log.warning("request %s: %d token(s) the text cannot carry were not counted", self.request_id,
+                        len(self.pending))
+        return chunk
+
+    def _text(self, text: str, final: bool) -> TokenChunk | None:
+        room = self.text_bytes + len(text.encode("utf-8", "surrogatepass")) + (1 if final else 0) - self.count
+        n = max(0, min(len(self.pending), room))
+        if n == 0 and not text:
+            return None
+        lps, self.pending = self.pending[:n], self.pending[n:]
+        logprobs = None if all(q is None for q in lps) else [NO_LOGPROB if q is None else q for q in lps]
+        return self._emit(None, logprobs, text, n)
+
+    def _emit(self, ids: list[int] | None, logprobs: list[int] | None, text: str, n: int) -> TokenChunk:
+        chunk = TokenChunk(request_id=self.request_id, start=self.count, token_ids=ids, logprobs=logprobs,
+                           count=None if ids is not None else n, text=text)
+        self.commitment.update_chunk(ids, logprobs, text, n)
+        self.count += n
+        if ids is None:
+            self.text_bytes += len(text.encode("utf-8", "surrogatepass"))
+        return chunk
 
 
 class NodeAgent:
@@ -52,17 +136,19 @@ class NodeAgent:
         b1 = summary.get("tokens_per_s_b1")
         if self.settings.adversary == "overclaim_tps":  # TEST TOOL: claim 3x the benchmark
             tps, b1 = tps * 3, (b1 * 3 if b1 else None)
+        core = core_engine(self.engine)
+        verify_only = self.settings.verify_only
         offer = ModelOffer(
-            model=self.settings.market_model, price_in=self.settings.price_in,
-            price_out=self.settings.price_out, tokens_per_s=tps,
+            model=self.settings.market_model, price_in=0 if verify_only else self.settings.price_in,
+            price_out=0 if verify_only else self.settings.price_out, tokens_per_s=tps,
             tokens_per_s_b1=b1, ttft_ms=summary.get("ttft_ms"),
-            dtype=self.settings.dtype,
-            max_context=getattr(self.engine, "max_context", None) or getattr(self.engine, "max_seq_len", 2048),
+            max_context=getattr(core, "max_context", None) or getattr(core, "max_seq_len", None) or 2048,
+            **capabilities(self.engine, self.settings.dtype),
         )
         reg = Registration(node_id=self.node_id, **fresh_stamp(), models=[offer],
                            region=self.settings.region, max_concurrency=self.settings.max_concurrency,
                            engine=self.settings.engine, benchmark=self.benchmark, name=self.settings.name,
-                           operator=self.settings.operator)
+                           operator=self.settings.operator, verify_only=verify_only)
         return reg.sign(self.identity)
 
     async def register(self) -> dict:
@@ -141,7 +227,10 @@ class NodeAgent:
             except ValidationError as exc:
                 log.warning("malformed assignment: %s", exc)
                 return
-            if a.request_id not in self.tasks:
+            if self.settings.verify_only:  # never sold work; say so rather than let the buyer wait
+                asyncio.create_task(self._send(WorkError(request_id=a.request_id, code="verify_only",
+                                                         message="this node only verifies")))
+            elif a.request_id not in self.tasks:
                 self.tasks[a.request_id] = asyncio.create_task(self._serve(a))
         elif kind == "cancel":
             task = self.tasks.get(frame.get("request_id", ""))
@@ -166,29 +255,41 @@ class NodeAgent:
                 await self._ws.send(data if isinstance(data, str) else json.dumps(data))
 
     # ------------------------------------------------------------------ serving one request
+    def _request(self, a: Assignment, prompt_ids: list[int]) -> GenerationRequest:
+        """The engine request, continuing after what earlier nodes delivered (failover): their
+        token ids when all of them had ids and this engine tokenises exactly, else their text;
+        `prefix_tokens` of max_tokens are spent either way."""
+        s = a.sampling
+        sampling = SamplingParams(max_tokens=s.max_tokens, temperature=s.temperature, top_p=s.top_p,
+                                  top_k=s.top_k, seed=s.seed, stop=list(s.stop))
+        if a.prefix_token_ids and getattr(core_engine(self.engine), "encodes_exactly", True):
+            prefix = list(a.prefix_token_ids)
+        else:
+            prefix = self.engine.encode(a.prefix_text) if a.prefix_text else []
+        delivered = a.prefix_tokens or (len(prefix) if a.prefix_token_ids else 0)
+        return GenerationRequest.continuing(a.request_id, prompt_ids, sampling, prefix, delivered)
+
     async def _serve(self, a: Assignment) -> None:
-        commitment = TokenCommitment(a.request_id)
-        count, prompt_tokens, finish = 0, 0, "stop"
+        chunks = Chunker(a.request_id)
+        prompt_tokens, finish = 0, "stop"
         try:
-            text = self.engine.render_chat(a.messages or []) if a.kind == "chat" else (a.prompt or "")
-            prompt_ids = self.engine.encode(text)
-            prompt_tokens = len(prompt_ids)
-            s = a.sampling
-            prefix = list(a.prefix_token_ids) or (self.engine.encode(a.prefix_text) if a.prefix_text else [])
-            req = GenerationRequest(
-                request_id=a.request_id, prompt_ids=prompt_ids, prefix_ids=prefix,
-                sampling=SamplingParams(max_tokens=s.max_tokens, temperature=s.temperature, top_p=s.top_p,
-                                        top_k=s.top_k, seed=s.seed, stop=list(s.stop)))
-            async for ev in self.engine.generate(req):
-                lp = quantize_logprob(ev.logprob)
-                commitment.update(ev.token_id, lp)
-                await self._send(TokenChunk(request_id=a.request_id, start=count, token_ids=[ev.token_id],
-                                            logprobs=[lp], text=ev.text))
-                count += 1
-                if ev.finish_reason:
-                    finish = ev.finish_reason
-        except asyncio.CancelledError:
-            finish = "cancelled"
+            try:
+                text = self.engine.render_chat(a.messages or []) if a.kind == "chat" else (a.prompt or "")
+                prompt_ids = self.engine.encode(text)
+                prompt_tokens = len(prompt_ids)
+                async for ev in self.engine.generate(self._request(a, prompt_ids)):
+                    chunk = chunks.add(ev)
+                    if chunk is not None:
+                        await self._send(chunk)
+                    if ev.finish_reason:
+                        finish = ev.finish_reason
+            except asyncio.CancelledError:
+                finish = "cancelled"
+            last = chunks.finish()
+            if last is not None:
+                await self._send(last)
+            usage = core_engine(self.engine).take_usage(a.request_id) or {}
+            prompt_tokens = int(usage.get("prompt_tokens") or prompt_tokens)
         except EngineError as exc:
             await self._send(WorkError(request_id=a.request_id, code=exc.code, message=str(exc)))
             return
@@ -200,8 +301,8 @@ class NodeAgent:
         finally:
             self.tasks.pop(a.request_id, None)
         receipt = Receipt(node_id=self.node_id, **fresh_stamp(), request_id=a.request_id, model=a.model,
-                          prompt_tokens=prompt_tokens, completion_tokens=count,
-                          commitment=commitment.hex, finish_reason=finish).sign(self.identity)
+                          prompt_tokens=prompt_tokens, completion_tokens=chunks.count,
+                          commitment=chunks.commitment.hex, finish_reason=finish).sign(self.identity)
         receipt = self._cheat_receipt(receipt)
         await self._send(Done(request_id=a.request_id, receipt=receipt))
 
@@ -220,14 +321,14 @@ class NodeAgent:
 
     # ------------------------------------------------------------------ verifying another node
     async def _verify(self, job: VerifyJob) -> None:
-        """Rescore another node's claimed output with one teacher-forced forward pass."""
-        from node_agent.rescoring import rescore
-
+        """Rescore another node's claimed output with one teacher-forced forward pass, on
+        whatever engine this node runs (one that cannot score says so in `error`)."""
+        engine = core_engine(self.engine)
         try:
-            text = self.engine.render_chat(job.messages or []) if job.kind == "chat" else (job.prompt or "")
-            result = await rescore(self.engine, self.engine.encode(text), job.claimed_ids, job.sampling)
+            text = engine.render_chat(job.messages or []) if job.kind == "chat" else (job.prompt or "")
+            result = await engine.rescore(engine.encode(text), job.claimed_ids, job.sampling)
             reply = result.to_dict()
-            reply["meta"]["eos_ids"] = sorted(getattr(self.engine, "eos_ids", ()))
+            reply["meta"]["eos_ids"] = sorted(int(t) for t in getattr(engine, "eos_ids", ()) or ())
             frame = VerifyResult(audit_id=job.audit_id, rescore=reply)
         except Exception as exc:  # this engine cannot verify (or the job is bad): say so
             frame = VerifyResult(audit_id=job.audit_id, error=f"{type(exc).__name__}: {exc}")

@@ -1,4 +1,8 @@
-"""`agora node ...`: run a node agent, benchmark this machine, or make a key pair."""
+"""`agora node ...`: run a node agent, benchmark this machine, or make a key pair; and
+`agora verifier ...`: the same agent registered as an operator's verifier (never sold work).
+
+Start-up failures a seller can fix (an unreachable upstream, a model it does not serve, a
+missing model folder) are one line on stderr and exit status 1, not a traceback."""
 
 from __future__ import annotations
 
@@ -36,35 +40,58 @@ def build_parser() -> argparse.ArgumentParser:
         q.add_argument("--coordinator")
         q.add_argument("--key", dest="key_path")
     for q in (p, bench):
-        q.add_argument("--model", help="preset name (tiny, tiny-20m, tiny-100m) or a local HF folder")
-        q.add_argument("--device", help="cpu, cuda, cuda:1 ...")
-        q.add_argument("--dtype", choices=["float32", "bfloat16", "float16"])
+        _engine_flags(q)
     bench.add_argument("--batch-sizes", default="1,2,4,8,16,32")
     bench.add_argument("--quick", action="store_true")
-    p.add_argument("--coordinator", help="coordinator URL, e.g. http://host:8000")
-    p.add_argument("--served-name", help="model name on the market (default: --model)")
+    _agent_flags(p)
     p.add_argument("--price-in", type=_price, help="USD per million prompt tokens, e.g. 0.10")
     p.add_argument("--price-out", type=_price, help="USD per million completion tokens, e.g. 0.20")
-    p.add_argument("--region", help="e.g. us-east, eu-west")
-    p.add_argument("--name", help="a display name")
-    p.add_argument("--operator", help="your operator name (nodes of one operator never audit each other)")
-    p.add_argument("--max-concurrency", type=int)
-    p.add_argument("--key", dest="key_path", help="key file (default ~/.agora/node_key.pem)")
-    p.add_argument("--engine", choices=["builtin", "openai", "vllm"])
-    p.add_argument("--upstream", help="OpenAI-compatible server for --engine openai, e.g. http://127.0.0.1:8080/v1")
-    p.add_argument("--tokenizer", help="--engine openai: the model's tokenizer folder, for exact token ids")
     p.add_argument("--no-bench", dest="benchmark", action="store_false", default=None,
                    help="skip the start-up benchmark (needs --tokens-per-s)")
     p.add_argument("--tokens-per-s", dest="advertised_tokens_per_s", type=float)
-    p.add_argument("--torch-threads", type=int)
     p.add_argument("--max-tokens-per-s", dest="throttle_tokens_per_s", type=float,
                    help="cap each stream at this rate (sell a slice of the machine; also a test tool)")
     p.add_argument("--adversary", metavar="MODE",
                    help="TEST TOOL ONLY: make this node cheat, to exercise verification. Engine modes: "
                         "other_model, smaller_model, int4, int8, random, random_plausible, random_oracle, "
                         "truncate; agent modes: inflate_tokens, replay_receipt, overclaim_tps")
-    p.add_argument("-v", "--verbose", action="store_true")
     return p
+
+
+def build_verifier_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="agora verifier",
+        description="Run an operator's verifier: a node agent that registers verify-only (price 0), is never "
+                    "sold work, and rescores other nodes' jobs for audits on any engine that can score.")
+    _engine_flags(p)
+    _agent_flags(p)
+    return p
+
+
+def _engine_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", help="preset name (tiny, tiny-20m, tiny-100m), a local HF folder, "
+                                   "or the upstream's model name (--engine openai)")
+    p.add_argument("--device", help="cpu, cuda, cuda:1 ...")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
+                   help="built-in: compute dtype (float32); openai: what the upstream computes in, if its "
+                        "/v1/models does not say (bfloat16)")
+    p.add_argument("--quantization", help="declare the upstream's weight quantisation (int8, int4, fp8, awq, ...)")
+    p.add_argument("--engine", choices=["builtin", "openai", "vllm"])
+    p.add_argument("--upstream", help="OpenAI-compatible server for --engine openai, e.g. http://127.0.0.1:8080/v1")
+    p.add_argument("--upstream-api-key", help="--engine openai: bearer token for the upstream")
+    p.add_argument("--tokenizer", help="--engine openai: the model's tokenizer folder, for exact token ids")
+    p.add_argument("--torch-threads", type=int)
+
+
+def _agent_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--coordinator", help="coordinator URL, e.g. http://host:8000")
+    p.add_argument("--served-name", help="model name on the market (default: --model)")
+    p.add_argument("--region", help="e.g. us-east, eu-west")
+    p.add_argument("--name", help="a display name")
+    p.add_argument("--operator", help="your operator name (nodes of one operator never audit each other)")
+    p.add_argument("--max-concurrency", type=int)
+    p.add_argument("--key", dest="key_path", help="key file (default ~/.agora/node_key.pem)")
+    p.add_argument("-v", "--verbose", action="store_true")
 
 
 def settings_from(args: argparse.Namespace) -> NodeSettings:
@@ -90,23 +117,24 @@ def load_engine(settings: NodeSettings):
 
         if not settings.upstream:
             raise SystemExit("--engine openai needs --upstream http://host:port/v1")
-        return _throttled(OpenAICompatEngine(settings.upstream, model=settings.model,
-                                             tokenizer_dir=settings.tokenizer), settings)
+        return _throttled(OpenAICompatEngine(settings.upstream, model=settings.model, tokenizer_dir=settings.tokenizer,
+                                             api_key=settings.upstream_api_key, dtype=settings.dtype,
+                                             quantization=settings.quantization), settings)
     if settings.engine == "vllm":
         from node_agent.engines.vllm_engine import VLLMEngine
 
-        return _throttled(VLLMEngine(settings.model, dtype="auto" if settings.dtype == "float32" else settings.dtype),
-                          settings)
+        extra = {"quantization": settings.quantization} if settings.quantization else {}
+        return _throttled(VLLMEngine(settings.model, dtype=settings.dtype or "auto", **extra), settings)
     from node_agent.engines.builtin import load_builtin_engine
 
     if settings.adversary in ENGINE_MODES:
         from node_agent.adversarial import make_adversarial_engine
 
         print(f"WARNING: --adversary {settings.adversary}: this node cheats (test tool)", file=sys.stderr)
-        engine = make_adversarial_engine(settings.adversary, settings.model, dtype=settings.dtype,
+        engine = make_adversarial_engine(settings.adversary, settings.model, dtype=settings.dtype or "float32",
                                          max_batch=settings.max_concurrency)
     else:
-        engine = load_builtin_engine(settings.model, device=settings.device, dtype=settings.dtype,
+        engine = load_builtin_engine(settings.model, device=settings.device, dtype=settings.dtype or "float32",
                                      max_batch=settings.max_concurrency)
     return _throttled(engine, settings)
 
@@ -119,20 +147,38 @@ def _throttled(engine, settings: NodeSettings):
     return engine
 
 
-async def _run_agent(settings: NodeSettings) -> None:
+async def _start_engine(settings: NodeSettings, prog: str):
+    """A started engine, or None after one line on stderr saying why it could not start."""
+    from node_agent.errors import EngineError
+
+    engine = None
+    try:
+        engine = load_engine(settings)
+        await engine.start()
+        return engine
+    except EngineError as exc:
+        print(f"{prog}: {' '.join(str(exc).split())}", file=sys.stderr, flush=True)
+        if engine is not None:
+            await engine.close()
+        return None
+
+
+async def _run_agent(settings: NodeSettings, prog: str = "agora node") -> int:
     from node_agent.agent import NodeAgent
     from node_agent.identity import Identity
 
     identity = Identity.load_or_create(settings.key_path)
-    engine = load_engine(settings)
-    await engine.start()
+    engine = await _start_engine(settings, prog)
+    if engine is None:
+        return 1
     benchmark: dict = {}
-    if settings.benchmark and settings.advertised_tokens_per_s is None:
-        from node_agent.benchmark import run_benchmark
+    if settings.benchmark and settings.advertised_tokens_per_s is None and not settings.verify_only:
+        from node_agent.benchmark import arun_benchmark
 
-        benchmark = await asyncio.to_thread(run_benchmark, engine, quick=True, progress=sys.stderr.isatty())
+        benchmark = await arun_benchmark(engine, quick=True, progress=sys.stderr.isatty())
     agent = NodeAgent(settings, engine, identity, benchmark=benchmark)
-    print(f"node {identity.public_key_hex} serving {settings.market_model} -> {settings.coordinator}",
+    role = "verifying" if settings.verify_only else "serving"
+    print(f"node {identity.public_key_hex} {role} {settings.market_model} -> {settings.coordinator}",
           file=sys.stderr, flush=True)
     loop = asyncio.get_running_loop()
     main = asyncio.current_task()
@@ -145,6 +191,7 @@ async def _run_agent(settings: NodeSettings) -> None:
     finally:
         await agent.close()
         await engine.close()
+    return 0
 
 
 def _money_command(args: argparse.Namespace, settings: NodeSettings) -> int:
@@ -172,24 +219,29 @@ def _money_command(args: argparse.Namespace, settings: NodeSettings) -> int:
     return 0 if resp.status_code == 200 else 1
 
 
-async def _bench(settings, sizes: tuple[int, ...], quick: bool) -> dict:
+async def _bench(settings, sizes: tuple[int, ...], quick: bool) -> dict | None:
     """`agora node bench`: start the engine, measure (progress bar on stderr), stop it."""
     from node_agent.benchmark import arun_benchmark
 
-    engine = load_engine(settings)
-    await engine.start()
+    engine = await _start_engine(settings, "agora node bench")
+    if engine is None:
+        return None
     try:
         return await arun_benchmark(engine, batch_sizes=sizes, quick=quick, progress=True, refresh=True)
     finally:
         await engine.close()
 
 
+def _logging(verbose: bool) -> None:
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
+                        format="%(asctime)s node %(levelname)s %(message)s", stream=sys.stderr)
+    if not verbose:  # one line per heartbeat is noise
+        logging.getLogger("httpx").setLevel(logging.WARNING)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if getattr(args, "verbose", False) else logging.INFO,
-                        format="%(asctime)s node %(levelname)s %(message)s", stream=sys.stderr)
-    if not getattr(args, "verbose", False):  # one line per heartbeat is noise
-        logging.getLogger("httpx").setLevel(logging.WARNING)
+    _logging(getattr(args, "verbose", False))
     settings = settings_from(args)
     if args.cmd == "keygen":
         from node_agent.identity import Identity
@@ -205,9 +257,20 @@ def main(argv: list[str] | None = None) -> int:
             raise SystemExit(f"--batch-sizes must be comma-separated integers, not {args.batch_sizes!r}") from None
         if not sizes or min(sizes) < 1:
             raise SystemExit("--batch-sizes must be positive")
-        print(json.dumps(asyncio.run(_bench(settings, sizes, args.quick)), indent=2))
+        result = asyncio.run(_bench(settings, sizes, args.quick))
+        if result is None:
+            return 1
+        print(json.dumps(result, indent=2))
         return 0
     if settings.price_in is None or settings.price_out is None:
         raise SystemExit("--price-in and --price-out are required")
-    asyncio.run(_run_agent(settings))
-    return 0
+    return asyncio.run(_run_agent(settings))
+
+
+def verifier_main(argv: list[str] | None = None) -> int:
+    """`agora verifier`: the node agent, registered verify-only at price 0, no benchmark."""
+    args = build_verifier_parser().parse_args(argv)
+    _logging(args.verbose)
+    settings = settings_from(args).model_copy(update=dict(
+        verify_only=True, price_in=0, price_out=0, benchmark=False, advertised_tokens_per_s=1.0))
+    return asyncio.run(_run_agent(settings, "agora verifier"))

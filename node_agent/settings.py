@@ -39,10 +39,15 @@ class NodeSettings(BaseSettings):
     max_concurrency: int = Field(default=8, ge=1, le=4096)
     key_path: Path = Field(default_factory=lambda: Path.home() / ".agora" / "node_key.pem")
     device: str = "cpu"
-    dtype: str = "float32"
+    # None: the engine's own (built-in: float32; vLLM: what it loads; an OpenAI-compatible
+    # upstream: what its /v1/models says, else bfloat16). It sets the audit tolerance.
+    dtype: str | None = None
+    quantization: str | None = Field(default=None, max_length=16, description="declared weight quantisation")
     engine: str = "builtin"  # builtin | openai | vllm
     upstream: str | None = None  # OpenAI-compatible server for engine=openai
+    upstream_api_key: str | None = None  # engine=openai: the upstream's bearer token, if it wants one
     tokenizer: str | None = None  # engine=openai: a local tokenizer folder for exact token ids
+    verify_only: bool = False  # `agora verifier`: registers at price 0 and only answers verify jobs
     benchmark: bool = True
     advertised_tokens_per_s: float | None = None  # skip the benchmark and claim this
     heartbeat_interval_s: float = 5.0

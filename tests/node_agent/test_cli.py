@@ -58,3 +58,49 @@ def test_node_bench_command_prints_the_figures(tmp_path, monkeypatch, capsys):
     assert [b["batch"] for b in out["batches"]] == [1, 8] and out["roofline"]["fraction_b1"] > 0
     with pytest.raises(SystemExit, match="batch-sizes"):
         main(["bench", "--model", "tiny", "--batch-sizes", "1,x"])
+
+
+def _agora(*argv: str, home) -> "subprocess.CompletedProcess":
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AGORA_")}
+    return subprocess.run([sys.executable, "-m", "agora", *argv], capture_output=True, text=True, timeout=120,
+                          env=dict(env, AGORA_HOME=str(home)), stdin=subprocess.DEVNULL)
+
+
+def test_upstream_problems_are_one_line_and_status_1(tmp_path):
+    """A seller's typo or a server that is down: one line saying so, exit 1, no traceback."""
+    from tests.node_agent.upstreams import free_port, upstreams
+
+    with upstreams("fixed") as ups:
+        common = ("--coordinator", f"http://127.0.0.1:{free_port()}", "--key", str(tmp_path / "k.pem"),
+                  "--engine", "openai")
+        runs = {
+            "node_wrong_model": _agora("node", *common, "--upstream", ups["fixed"], "--model", "nope",
+                                       "--price-in", "0.1", "--price-out", "0.2", home=tmp_path),
+            "node_unreachable": _agora("node", *common, "--upstream", f"http://127.0.0.1:{free_port()}/v1",
+                                       "--model", "tiny", "--price-in", "0.1", "--price-out", "0.2", home=tmp_path),
+            "verifier_wrong_model": _agora("verifier", *common, "--upstream", ups["fixed"], "--model", "nope",
+                                           home=tmp_path),
+        }
+    for name, out in runs.items():
+        lines = out.stderr.strip().splitlines()
+        assert out.returncode == 1 and len(lines) == 1 and "Traceback" not in out.stderr, (name, out.stderr)
+    assert runs["node_wrong_model"].stderr.startswith("agora node: upstream http://127.0.0.1:")
+    assert "does not serve 'nope' (it serves 'tiny')" in runs["node_wrong_model"].stderr
+    assert "unreachable" in runs["node_unreachable"].stderr
+    assert runs["verifier_wrong_model"].stderr.startswith("agora verifier: ")
+
+
+def test_verifier_flags_make_a_verify_only_node():
+    from node_agent.cli import build_verifier_parser
+
+    args = build_verifier_parser().parse_args(["--engine", "openai", "--upstream", "http://h/v1", "--model", "m",
+                                               "--operator", "ops", "--quantization", "awq"])
+    s = settings_from(args)
+    assert (s.engine, s.upstream, s.model, s.operator, s.quantization, s.dtype) == (
+        "openai", "http://h/v1", "m", "ops", "awq", None)
+    eng = load_engine(s)
+    assert (eng.quantization, eng.dtype) == ("awq", "bfloat16")  # until /v1/models says otherwise
