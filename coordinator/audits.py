@@ -1,12 +1,12 @@
-"""Verification in the market loop: pick finished jobs to audit, send them to a verifier
-node, judge the verifier's rescoring, and apply the consequences.
+"""Verification in the market loop: pick finished jobs to audit, choose who verifies them,
+expire what no verifier answers, and report whether cheating pays (`verdicts.py` judges
+the replies and applies the consequences).
 
-The decisions are the scheduler's pure code (`scheduler.audit` for rates, verifier choice,
-reputation and economics; `scheduler.verification` for the per-job check); this module
-loads, stores and moves money. A job is chosen *after* its receipt is accepted, from a
-random draw, so the node cannot tell audited jobs from the rest. Failed audits refund the
-buyer (out of the node's earnings, then its stake), slash stake, cut reputation and ban
-after repeated failures; every audit keeps both log-prob vectors as evidence.
+The decisions are the scheduler's pure code (`scheduler.audit`: rates, verifier choice,
+economics); this module loads and stores. A job is chosen *after* its receipt is accepted,
+from a random draw, so the node cannot tell audited jobs from the rest; the rate rises for
+new nodes, after failures and after every (re)connect. Only nodes that passed their own
+audits with stake at risk, or the operator's trusted verifiers, judge others.
 """
 
 from __future__ import annotations
@@ -17,68 +17,93 @@ from datetime import timedelta
 from sqlalchemy import func
 from sqlmodel import Session, col, select
 
-from coordinator.delivery import quote_of
-from coordinator.models import Audit, AuditStatus, InferenceRequest, Node, NodeOffer, ReceiptRecord, RequestStatus
+from coordinator.models import Audit, AuditStatus, InferenceRequest, Node, NodeOffer, RequestStatus
 from coordinator.models.account import utcnow
 from coordinator.node_registry import is_live
-from coordinator.settlement import fail_request
 from coordinator.settings import CoordinatorSettings
-from protocol import LOGPROB_SCALE, Sampling, VerifyJob, VerifyResult
+from protocol import Sampling, VerifyJob
+from pricing.stake import bonded_by_ref
 from scheduler.audit import (
-    AuditPolicy, NodeHistory, ReputationPolicy, VerifierCandidate, cheating_economics, select_verifier,
-    should_audit, update_reputation,
+    AuditPolicy, NodeHistory, ReputationPolicy, VerifierCandidate, VerifierPolicy, cheating_economics,
+    select_verifier,
 )
-from pricing.ledger import Ledger
-from pricing.money import request_cost
-from scheduler.verification import verify_rescored
 
-AUDIT_POLICY = AuditPolicy()
 REPUTATION = ReputationPolicy()
 RESEND_AFTER_S = 60.0
 _rng = random.SystemRandom()
 
 
+def audit_policy(settings: CoordinatorSettings) -> AuditPolicy:
+    return AuditPolicy(new_jobs=settings.audit_new_jobs, half_life=settings.audit_half_life, floor=settings.audit_floor,
+                       failure_floor_step=settings.audit_failure_floor_step,
+                       recheck_passes=settings.audit_recheck_passes, session_jobs=settings.audit_session_jobs,
+                       session_rate=settings.audit_session_rate)
+
+
+def verifier_policy(settings: CoordinatorSettings) -> VerifierPolicy:
+    return VerifierPolicy(min_passes=settings.verifier_min_passes, min_reputation=settings.verifier_min_reputation,
+                          min_stake=settings.verifier_min_stake)
+
+
 def history(node: Node) -> NodeHistory:
     return NodeHistory(jobs=node.jobs, passes=node.audits_passed, failures=node.audits_failed,
-                       passes_since_failure=node.passes_since_failure)
+                       passes_since_failure=node.passes_since_failure, session_jobs=node.session_jobs)
 
 
-def audit_rate(node: Node) -> float:
-    return AUDIT_POLICY.rate(history(node))
+def audit_rate(node: Node, settings: CoordinatorSettings) -> float:
+    return audit_policy(settings).rate(history(node))
+
+
+def is_trusted(node: Node, settings: CoordinatorSettings) -> bool:
+    return node.trusted or node.id in settings.trusted_verifiers
 
 
 def maybe_select(session: Session, req: InferenceRequest, node: Node, token_ids: list[int],
-                 logprobs_q: list[int], finish_reason: str, *, u: float | None = None) -> Audit | None:
-    """Count the job and, with the node's audit rate, keep it for an audit."""
+                 logprobs_q: list[int], finish_reason: str, settings: CoordinatorSettings, *,
+                 u: float | None = None) -> Audit | None:
+    """Count the job and, with the node's audit rate, keep it for an audit (the rate at
+    the time of the job is kept with it: it sizes the slash if the job was a cheat)."""
+    rate = audit_rate(node, settings)
     node.jobs += 1
+    node.session_jobs += 1
     session.add(node)
     if req.payload.get("segments") or not token_ids:  # failed-over jobs mix several nodes' tokens
         return None
     canary = bool(req.payload.get("canary"))  # the coordinator's own test purchase: always checked
-    if not canary and not should_audit(AUDIT_POLICY, history(node), _rng.random() if u is None else u):
+    if not canary and not (_rng.random() if u is None else u) < rate:
         return None
     offer = session.exec(select(NodeOffer).where(NodeOffer.node_id == node.id, NodeOffer.model == req.model)).first()
     audit = Audit(request_id=req.id, node_id=node.id, claimed={
         "ids": list(token_ids), "logprobs_q": list(logprobs_q), "finish_reason": finish_reason,
-        "dtype": offer.dtype if offer else "float32"})
+        "dtype": offer.dtype if offer else "float32", "quantization": offer.quantization if offer else None,
+        "rate": 1.0 if canary else rate})
     session.add(audit)
     session.flush()
     return audit
 
 
 def assign_verifier(session: Session, audit: Audit, settings: CoordinatorSettings) -> tuple[str, dict] | None:
-    """Choose a verifier (another operator's live node serving the model) and build its job."""
+    """Choose a verifier and build its job: a node of another operator serving the model, that
+    has earned the right to judge (`VerifierPolicy`) or is the operator's own. A confirmation
+    (a second opinion on a failing verdict) also excludes the first verifier's operator, and
+    goes to a trusted verifier where one is live."""
     req = session.get(InferenceRequest, audit.request_id)
     audited = session.get(Node, audit.node_id)
     rows = session.exec(select(NodeOffer, Node).join(Node, Node.id == NodeOffer.node_id)
                         .where(NodeOffer.model == req.model, NodeOffer.can_verify == True)).all()  # noqa: E712
     busy = _busy(session, [n.id for _, n in rows])
+    stakes = bonded_by_ref(session, [f"node:{n.id}" for _, n in rows])
     candidates = [VerifierCandidate(node_id=n.id, operator_id=n.operator or n.id, models=[o.model],
                                     reputation=n.reputation, online=is_live(n, settings), banned=n.banned,
-                                    free_slots=max(0, n.max_concurrency - busy.get(n.id, 0)))
+                                    free_slots=max(0, n.max_concurrency - busy.get(n.id, 0)),
+                                    passes=n.audits_passed, stake=stakes.get(f"node:{n.id}", 0),
+                                    trusted=is_trusted(n, settings))
                   for o, n in rows]
+    first = (audit.evidence or {}).get("first")
+    exclude = [first["operator"], first["verifier_id"]] if first else []
     verifier = select_verifier(audited.id, audited.operator or audited.id, req.model, candidates,
-                               rng=random.Random(_rng.random()), min_reputation=settings.verifier_min_reputation)
+                               rng=random.Random(_rng.random()), policy=verifier_policy(settings),
+                               exclude=exclude, prefer_trusted=bool(first))
     if verifier is None:
         return None
     audit.verifier_id, audit.status, audit.sent_at = verifier, AuditStatus.SENT, utcnow()
@@ -105,90 +130,6 @@ def _busy(session: Session, node_ids: list[str]) -> dict[str, int]:
     return out
 
 
-def apply_result(session: Session, result: VerifyResult, verifier_id: str,
-                 settings: CoordinatorSettings) -> Audit | None:
-    """Judge a verifier's reply and apply the consequences; None if it is not expected."""
-    audit = session.get(Audit, result.audit_id, with_for_update=True)
-    if audit is None or audit.status != AuditStatus.SENT or audit.verifier_id != verifier_id:
-        return None
-    if result.error or result.rescore is None:  # the verifier could not do it: another will
-        audit.status, audit.verifier_id = AuditStatus.PENDING, None
-        session.add(audit)
-        return audit
-    req = session.get(InferenceRequest, audit.request_id)
-    node = session.get(Node, audit.node_id)
-    verifier_offer = session.exec(select(NodeOffer).where(NodeOffer.node_id == verifier_id,
-                                                          NodeOffer.model == req.model)).first()
-    claimed = audit.claimed
-    sampling = req.payload["sampling"]
-    try:
-        verdict = verify_rescored(
-            claimed["ids"], [q / LOGPROB_SCALE for q in claimed["logprobs_q"]], result.rescore, sampling,
-            model=req.model, node_dtype=claimed.get("dtype"),
-            verifier_dtype=verifier_offer.dtype if verifier_offer else "float32",
-            finish_reason=claimed.get("finish_reason"), eos_ids=result.rescore.get("meta", {}).get("eos_ids", ()),
-            has_stop_strings=bool(sampling.get("stop")), receipt_tokens=len(claimed["ids"]))
-    except (KeyError, TypeError, ValueError) as exc:  # a malformed reply is the verifier's fault
-        audit.status, audit.verifier_id = AuditStatus.PENDING, None
-        audit.evidence = {"rejected_reply": f"{type(exc).__name__}: {exc}"}
-        session.add(audit)
-        return audit
-    # Lock order as in settlement: request, node, then ledger rows. The node row is locked
-    # (and re-read) so that concurrent verdicts about one node never lose a counter update.
-    req = session.get(InferenceRequest, audit.request_id, with_for_update=True, populate_existing=True)
-    job_value = _job_value(session, req)
-    if not verdict.passed and req.status == RequestStatus.SETTLING:
-        # Not paid yet: void it, so the buyer is never charged for the job (nor the node
-        # paid); a settle task that runs later finds it finished and moves nothing.
-        fail_request(session, req.id, f"audit {audit.id} failed")
-    node = session.get(Node, audit.node_id, with_for_update=True, populate_existing=True)
-    audit.verdict = verdict.as_dict()
-    audit.evidence = {"claimed_logprobs": [q / LOGPROB_SCALE for q in claimed["logprobs_q"]],
-                      "reference": result.rescore}
-    audit.status = AuditStatus.PASSED if verdict.passed else AuditStatus.FAILED
-    audit.resolved_at = utcnow()
-    if verdict.passed:
-        node.audits_passed += 1
-        node.passes_since_failure += 1
-    else:
-        node.audits_failed += 1
-        node.passes_since_failure = 0
-    rep = update_reputation(node.reputation, node.audits_failed, verdict.passed, REPUTATION)
-    node.reputation, node.banned = rep.reputation, node.banned or rep.banned
-    consequences = {"reputation": rep.reputation, "banned": node.banned, "reason": rep.reason}
-    if not verdict.passed:
-        from coordinator.penalties import penalise
-
-        consequences.update(penalise(session, req, node, settings, job_value))
-    consequences["verifier_paid_nano_usd"] = _pay_verifier(session, audit, req, verifier_id, verifier_offer)
-    audit.consequences = consequences
-    session.add_all([audit, node])
-    return audit
-
-
-def _job_value(session: Session, req: InferenceRequest) -> int:
-    """What the audited job is worth at the node's price (charged or not): sizes the slash."""
-    if req.cost is not None:
-        return req.cost
-    record = session.get(ReceiptRecord, req.id)
-    if record is None:
-        return 0
-    quote = quote_of(req, min(record.prompt_tokens, req.prompt_tokens_est), record.completion_tokens)
-    return sum(quote.seller_gross())
-
-
-def _pay_verifier(session: Session, audit: Audit, req: InferenceRequest, verifier_id: str,
-                  offer: NodeOffer | None) -> int:
-    """The verifier's prefill (prompt + claimed tokens) at its own input price, from fees."""
-    verifier = session.get(Node, verifier_id)
-    tokens = (req.prompt_tokens or 0) + len(audit.claimed["ids"])
-    fee = request_cost(tokens, 0, offer.price_in if offer else 0, 0)
-    if verifier is None or fee == 0:
-        return 0
-    return Ledger(session).pay_from_platform(verifier.earnings_account_id, fee, kind="verify",
-                                             idempotency_key=f"verify-fee:{audit.id}", request_ref=req.id)
-
-
 def expire_stale(session: Session, settings: CoordinatorSettings) -> list[int]:
     """Audits no capable verifier has answered within `audit_expiry_s`: EXPIRED (counted
     per node in the operator's views), so that a market without verifiers never piles
@@ -213,15 +154,21 @@ def due_for_dispatch(session: Session, limit: int = 100) -> list[Audit]:
         .order_by(col(Audit.id)).limit(limit)).all())
 
 
-def economics(session: Session, node: Node, stake: int) -> dict:
-    """Whether cheating has negative expected value for this node at its audit rate."""
+def economics(session: Session, node: Node, stake: int, settings: CoordinatorSettings) -> dict:
+    """Whether cheating has negative expected value for this node: at its audit rate now, for
+    a typical job of its, with exactly the slash the code would take (capped by its stake)."""
     offer = session.exec(select(NodeOffer).where(NodeOffer.node_id == node.id)).first()
     done = session.exec(select(InferenceRequest.completion_tokens).where(
         InferenceRequest.node_id == node.id, InferenceRequest.completion_tokens.is_not(None))).all()  # type: ignore[union-attr]
     tokens = int(sum(done) / len(done)) if done else 256
+    rate = audit_rate(node, settings)
     e = cheating_economics(price_out=offer.price_out if offer else 0, tokens_per_job=max(tokens, 1), stake=stake,
-                           audit_rate=audit_rate(node))
-    return {"node_id": node.id, "audit_rate": e.audit_rate, "stake_nano_usd": stake, "tokens_per_job": tokens,
-            "gain_per_job_nano_usd": e.gain_per_job, "expected_penalty_per_job_nano_usd": e.expected_penalty_per_job,
-            "ratio": e.ratio, "deterrent": e.deterrent, "margin": e.margin, "min_slash_nano_usd": e.min_slash,
+                           audit_rate=rate, detection_prob=settings.detection_prob, margin=settings.slash_margin,
+                           floor=settings.min_slash_nano_usd)
+    return {"node_id": node.id, "audit_rate": e.audit_rate, "audit_floor": settings.audit_floor,
+            "stake_nano_usd": stake, "tokens_per_job": tokens,
+            "gain_per_job_nano_usd": e.gain_per_job, "slash_per_caught_job_nano_usd": e.details["slash_wanted"],
+            "slash_capped_by_stake": e.details["slash_capped_by_stake"],
+            "expected_penalty_per_job_nano_usd": e.expected_penalty_per_job,
+            "ratio": e.ratio, "deterrent": e.deterrent, "margin": e.margin, "min_stake_to_deter_nano_usd": e.min_slash,
             "min_audit_rate": e.min_audit_rate}

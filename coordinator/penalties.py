@@ -1,22 +1,28 @@
-"""What a failed audit costs the node: the buyer gets the job's cost back, the stake is
-slashed by a penalty on top, all through the ledger (idempotent per audited request)."""
+"""What a caught cheater, and a verifier caught judging falsely, pay (all through the
+ledger, idempotent per audit).
+
+A failed audit refunds the buyer what the job cost it (from the node's earnings first, then
+its stake) and slashes `slash` more of stake to the platform — sized by the caller with
+`scheduler.audit.deterrent_slash` so cheating loses `slash_margin` times its gain at the
+node's audit rate. A verifier whose failing verdict a confirmation contradicts loses
+reputation and `min_slash_nano_usd` of stake.
+"""
 
 from __future__ import annotations
 
 from sqlmodel import Session
 
-from coordinator.models import Account, InferenceRequest, Node
+from coordinator.models import Account, Audit, InferenceRequest, Node
 from coordinator.settings import CoordinatorSettings
 from pricing.errors import InsufficientFunds
 from pricing.ledger import AccountKind, Ledger
 from pricing.stake import Stake
 
+FALSE_VERDICT_FACTOR = 0.5  # reputation × this per overturned verdict (like a failed audit)
 
-def penalise(session: Session, req: InferenceRequest, node: Node, settings: CoordinatorSettings,
-             job_value: int | None = None) -> dict:
-    """Refund the buyer what the job cost it (from the node's earnings first, then its
-    stake) and slash `slash_multiple` × the job's value (`job_value`, else its cost; at
-    least `min_slash_nano_usd`) of stake to the platform."""
+
+def penalise(session: Session, req: InferenceRequest, node: Node, slash: int) -> dict:
+    """Refund the buyer what the job cost it, then slash `slash` of stake to the platform."""
     ledger = Ledger(session)
     buyer = session.get(Account, req.account_id).ledger_account_id
     cost = req.cost or 0
@@ -33,13 +39,28 @@ def penalise(session: Session, req: InferenceRequest, node: Node, settings: Coor
             clawed = 0
     stake_id = ledger.open_account(AccountKind.SELLER_STAKE, ref=f"node:{node.id}").id
     owed = cost - clawed
-    penalty = max(settings.min_slash_nano_usd, settings.slash_multiple * (cost if job_value is None else job_value))
-    slash = min(ledger.balance(stake_id), owed + penalty)
+    take = min(ledger.balance(stake_id), owed + slash)
     from_stake = 0
-    if slash > 0:
-        from_stake = min(owed, slash)
-        result = Stake(ledger).slash(stake_id, slash, to=[(buyer, from_stake)] if from_stake else [],
+    if take > 0:
+        from_stake = min(owed, take)
+        result = Stake(ledger).slash(stake_id, take, to=[(buyer, from_stake)] if from_stake else [],
                                      idempotency_key=f"slash:{req.id}", reason=req.id, allow_partial=True)
-        slash, from_stake = result.slashed, result.to_buyers
-    return {"refunded_nano_usd": clawed + from_stake, "clawed_back_nano_usd": clawed,
-            "slashed_nano_usd": slash, "buyer_made_whole": clawed + from_stake == cost}
+        take, from_stake = result.slashed, result.to_buyers
+    return {"refunded_nano_usd": clawed + from_stake, "clawed_back_nano_usd": clawed, "slashed_nano_usd": take,
+            "slash_wanted_nano_usd": slash, "buyer_made_whole": clawed + from_stake == cost}
+
+
+def punish_false_verdict(session: Session, verifier: Node, audit: Audit, settings: CoordinatorSettings) -> dict:
+    """The confirmation contradicted this verifier's failing verdict: reputation halves
+    (it stops qualifying as a verifier soon) and `min_slash_nano_usd` of its stake goes."""
+    verifier.reputation *= FALSE_VERDICT_FACTOR
+    verifier.verdicts_overturned += 1
+    session.add(verifier)
+    ledger = Ledger(session)
+    stake_id = ledger.open_account(AccountKind.SELLER_STAKE, ref=f"node:{verifier.id}").id
+    take = min(ledger.balance(stake_id), settings.min_slash_nano_usd)
+    if take > 0:
+        take = Stake(ledger).slash(stake_id, take, idempotency_key=f"false-verdict:{audit.id}:{verifier.id[:16]}",
+                                   reason=audit.request_id, allow_partial=True).slashed
+    return {"node_id": verifier.id, "reputation": verifier.reputation, "slashed_nano_usd": take,
+            "verdicts_overturned": verifier.verdicts_overturned}

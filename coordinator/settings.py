@@ -76,15 +76,34 @@ class CoordinatorSettings(BaseSettings):
         "embedded market, 1 USD in production (a separate broker)")
     unbonding_delay_s: float = Field(default=7 * 24 * 3600, ge=0)
 
-    # Verification
-    verifier_min_reputation: float = Field(default=0.4, ge=0, le=1)
+    # Verification: the audit policy (scheduler.audit.AuditPolicy)
+    audit_new_jobs: int = Field(default=20, ge=0, description="a new node's first jobs are all audited")
+    audit_half_life: float = Field(default=20.0, gt=0, description="passes after which the audit rate halves")
+    audit_floor: float = Field(default=0.03, gt=0, le=1, description="long-run audit rate of an established node")
+    audit_failure_floor_step: float = Field(default=0.10, ge=0, le=1, description="the floor rises per past failure")
+    audit_recheck_passes: int = Field(default=20, ge=0, description="after a failure every job is audited until "
+                                      "this many passes")
+    audit_session_jobs: int = Field(default=20, ge=0, description="after a (re)connect, this many jobs are "
+                                    "audited at least at audit_session_rate (a restart may swap the checkpoint)")
+    audit_session_rate: float = Field(default=0.25, ge=0, le=1)
+    # ... who may verify (scheduler.audit.VerifierPolicy)
+    verifier_min_passes: int = Field(default=5, ge=0, description="own audits a node must pass to verify others")
+    verifier_min_reputation: float = Field(default=0.6, ge=0, le=1)
+    verifier_min_stake_nano_usd: int | None = Field(default=None, ge=0, description="bonded stake a verifier "
+                                                    "needs; default: the market's minimum stake")
+    trusted_verifiers: list[str] = Field(default_factory=list, description="node ids of the operator's own "
+                                         "verifiers: their verdicts need no confirmation (also POST /admin/nodes/{id}/trust)")
+    # ... and what a caught cheater pays: expected penalty >= slash_margin x gain at its audit rate
+    slash_margin: float = Field(default=3.0, ge=1)
+    detection_prob: float = Field(default=0.99, gt=0, le=1, description="P(an audited cheating job is caught), "
+                                  "as measured by bench/verify.py")
     challenge_window_s: float = Field(default=3600, ge=0, description="earnings this recent cannot be paid "
                                       "out: a failed audit may still claw them back")
     canary_interval_s: float = Field(default=900, ge=0, description="a canary per node this often; 0: none")
     audit_expiry_s: float = Field(default=600, gt=0, description="an audit no capable verifier has answered by "
                                   "then expires (counted, never judged)")
-    slash_multiple: int = Field(default=10, ge=0, description="stake slashed per failed audit, × the job's cost")
-    min_slash_nano_usd: int = Field(default=1_000_000, ge=0)
+    min_slash_nano_usd: int = Field(default=1_000_000, ge=0, description="the least stake slashed per caught job "
+                                    "(and per verdict a confirmation contradicts)")
 
     # Operator
     admin_token: str | None = Field(default=None, description="bearer token for /admin routes")
@@ -95,6 +114,10 @@ class CoordinatorSettings(BaseSettings):
             return self.database_url
         self.home.mkdir(parents=True, exist_ok=True)
         return f"sqlite:///{self.home / 'agora.db'}"
+
+    @property
+    def verifier_min_stake(self) -> int:
+        return self.min_stake if self.verifier_min_stake_nano_usd is None else self.verifier_min_stake_nano_usd
 
     @property
     def min_stake(self) -> int:

@@ -13,6 +13,7 @@ import asyncio
 import logging
 import secrets
 import time
+from datetime import datetime, timezone
 
 from fastapi import WebSocket, WebSocketDisconnect
 from pydantic import ValidationError
@@ -20,7 +21,8 @@ from starlette.concurrency import run_in_threadpool
 from sqlalchemy import update
 from sqlmodel import select
 
-from coordinator.audits import apply_result, maybe_select
+from coordinator.audits import maybe_select
+from coordinator.verdicts import apply_result
 from coordinator.bus import BusUnavailable
 from coordinator.db import retry_transient
 from coordinator.errors import APIError
@@ -35,6 +37,7 @@ from protocol import ChannelHello, Done, TokenChunk, TokenCommitment, VerifyResu
 
 log = logging.getLogger(__name__)
 HELLO_TIMEOUT_S = 10.0
+FINGERPRINT_DUE = datetime(2000, 1, 1, tzinfo=timezone.utc)  # last_canary_at that makes a canary due now
 BUYER_ERRORS = ("context_length_exceeded", "bad_request")  # a node's error codes that are the request's fault
 
 
@@ -104,6 +107,10 @@ class Channel:
             node.channel_connected = True
             node.channel_id = self.channel_id
             node.online = True
+            # A (re)connect may come with a swapped checkpoint: audit the next jobs at the
+            # session rate, and check the model fingerprint with a canary at once.
+            node.session_jobs = 0
+            node.last_canary_at = FINGERPRINT_DUE
             s.add(node)
 
     def _pending_assignments(self) -> list[dict]:
@@ -293,7 +300,8 @@ class Channel:
             accepted = accept_receipt(s, done.receipt, self.node_id, relayed, self.rt.settings)
             if accepted.fresh:
                 audit = maybe_select(s, s.get(InferenceRequest, done.request_id), s.get(Node, self.node_id),
-                                     st.token_ids if st.auditable else [], st.logprobs, done.receipt.finish_reason)
+                                     st.token_ids if st.auditable else [], st.logprobs, done.receipt.finish_reason,
+                                     self.rt.settings)
                 accepted.audit_id = audit.id if audit else None
             return accepted
 

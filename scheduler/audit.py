@@ -7,11 +7,12 @@ whether cheating pays. Pure functions over plain data; the coordinator stores th
   and the floor rises with each failure. `should_audit(...)` decides *after* the receipt
   arrives, from a random draw the caller supplies, so audits look like normal traffic.
 - `select_verifier(...)`: a different node, of a different operator, serving the model,
-  not banned, with reputation at or above a bar; reputation-weighted random choice.
+  not banned, that has earned it (`VerifierPolicy`: own audits passed, reputation, stake;
+  or the operator's trusted verifier); reputation-weighted random choice.
 - `update_reputation(...)`: a pass moves reputation a step toward 1; a failure halves it;
   `max_failures` failures (or reputation under `ban_below`) ban the node.
-- `cheating_economics(...)`: audit_rate x P(detect) x slash against `margin` x the gain from
-  cheating, with the minimum slash and audit rate that would make cheating lose.
+- `deterrent_slash(...)`: the slash per caught job that makes cheating lose `margin` times
+  its gain at the node's audit rate; `cheating_economics(...)` reports exactly that.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ class NodeHistory:
     passes: int = 0  # audits passed
     failures: int = 0  # audits failed
     passes_since_failure: int = 0  # audits passed since the last failure
+    session_jobs: int = 10**9  # jobs since the node's agent last (re)connected
 
 
 @dataclass(frozen=True)
@@ -39,6 +41,12 @@ class AuditPolicy:
     floor: float = 0.03  # long-run rate of an established node
     failure_floor_step: float = 0.10  # the floor rises this much per past failure
     recheck_passes: int = 20  # after a failure, audit every job until this many passes
+    # After every (re)connect (a restart may bring a swapped checkpoint) the next
+    # `session_jobs` jobs are audited at least at `session_rate`: a swap is caught within
+    # them with probability 1 - (1 - session_rate) ** session_jobs (0.997 at 0.25 and 20),
+    # besides the canary every (re)connect triggers.
+    session_jobs: int = 20
+    session_rate: float = 0.25
 
     @property
     def long_run_rate(self) -> float:
@@ -50,7 +58,10 @@ class AuditPolicy:
         if h.jobs < self.new_jobs:
             return self.new_rate
         r = self.new_rate * self.half_life / (self.half_life + h.passes)
-        return float(min(1.0, max(r, self.floor + self.failure_floor_step * h.failures)))
+        r = max(r, self.floor + self.failure_floor_step * h.failures)
+        if h.session_jobs < self.session_jobs:
+            r = max(r, self.session_rate)
+        return float(min(1.0, r))
 
 
 def should_audit(policy: AuditPolicy, history: NodeHistory, u: float) -> bool:
@@ -99,33 +110,68 @@ class VerifierCandidate:
     online: bool = True
     banned: bool = False
     free_slots: int = 1
+    passes: int = 0  # its own audits passed
+    stake: int = 0  # its bonded stake (nano-USD)
+    trusted: bool = False  # the operator's own verifier: its verdicts need no confirmation
+
+
+@dataclass(frozen=True)
+class VerifierPolicy:
+    """Who has earned the right to judge others: a node verifies only after passing
+    `min_passes` of its own audits, with reputation and stake at risk; the operator's
+    trusted verifiers always may."""
+
+    min_passes: int = 5
+    min_reputation: float = 0.6
+    min_stake: int = 0
+
+    def qualifies(self, c: VerifierCandidate) -> bool:
+        return c.trusted or (c.passes >= self.min_passes and c.reputation >= self.min_reputation
+                             and c.stake >= self.min_stake)
 
 
 def eligible_verifiers(audited_node: str, audited_operator: str, model: str,
-                       candidates: Sequence[VerifierCandidate], min_reputation: float = 0.7) -> list[VerifierCandidate]:
+                       candidates: Sequence[VerifierCandidate], policy: VerifierPolicy = VerifierPolicy(),
+                       exclude: Sequence[str] = ()) -> list[VerifierCandidate]:
+    """Live, unbanned candidates serving the model with a free slot, of another operator than
+    the audited node (and than anyone in `exclude`: operator ids), that qualify."""
+    barred = {audited_operator, *exclude}
     return [c for c in candidates
-            if c.node_id != audited_node and c.operator_id != audited_operator and model in c.models
-            and c.online and not c.banned and c.free_slots > 0 and c.reputation >= min_reputation]
+            if c.node_id != audited_node and c.operator_id not in barred and model in c.models
+            and c.online and not c.banned and c.free_slots > 0 and policy.qualifies(c)]
 
 
 def select_verifier(audited_node: str, audited_operator: str, model: str, candidates: Sequence[VerifierCandidate],
-                    rng: random.Random | None = None, min_reputation: float = 0.7) -> str | None:
-    """A verifier's node id, or None when no node qualifies (the coordinator then keeps the
-    job pending or checks it with its own reference engine)."""
-    pool = eligible_verifiers(audited_node, audited_operator, model, candidates, min_reputation)
+                    rng: random.Random | None = None, policy: VerifierPolicy = VerifierPolicy(),
+                    exclude: Sequence[str] = (), prefer_trusted: bool = False) -> str | None:
+    """A verifier's node id, or None when no node qualifies (the audit then waits, and
+    expires if none comes). Reputation-weighted; with `prefer_trusted` (a confirmation)
+    the operator's trusted verifiers go first."""
+    pool = eligible_verifiers(audited_node, audited_operator, model, candidates, policy, exclude)
+    if prefer_trusted and any(c.trusted for c in pool):
+        pool = [c for c in pool if c.trusted]
     if not pool:
         return None
     rng = rng or random.Random()
-    return rng.choices([c.node_id for c in pool], weights=[c.reputation for c in pool])[0]
+    return rng.choices([c.node_id for c in pool], weights=[max(c.reputation, 1e-3) for c in pool])[0]
 
 
 # ---------------------------------------------------------------- economics
+def deterrent_slash(job_value: int, audit_rate: float, *, detection_prob: float = 0.99, margin: float = 3.0,
+                    floor: int = 0) -> int:
+    """The stake to slash when a job is caught cheating, so that cheating loses money in
+    expectation: audit_rate × detection × (slash + the job's earnings clawed back) is at
+    least `margin` × the job's value (a cheater's gain is at most what it was paid)."""
+    p = max(audit_rate, 1e-6) * detection_prob
+    return max(int(floor), math.ceil(max(margin * job_value / p - job_value, 0.0)))
+
+
 @dataclass(frozen=True)
 class CheatEconomics:
-    gain_per_job: float  # what a cheater saves per job (nano-dollars)
+    gain_per_job: float  # what a cheater gains per job at most: its pay (nano-dollars)
     audit_rate: float
     detection_prob: float  # P(an audited cheating job fails verification)
-    slash: float  # stake slashed per caught job (nano-dollars), plus the clawed-back earnings
+    slash: float  # stake the code slashes per caught job (capped by the stake), plus the clawed-back pay
     expected_penalty_per_job: float
     ratio: float  # expected penalty / gain
     margin: float
@@ -136,22 +182,22 @@ class CheatEconomics:
 
 
 def cheating_economics(*, price_out: int, tokens_per_job: int, stake: int, audit_rate: float,
-                       detection_prob: float = 0.99, slash_fraction: float = 1.0, saving_fraction: float = 1.0,
-                       margin: float = 3.0) -> CheatEconomics:
-    """price_out in nano-dollars per million tokens. The gain is the share of the job's
-    earnings a cheater keeps without doing the work (1.0: all of it, the worst case); a
-    caught job loses its earnings (claw-back) and `slash_fraction` of the stake."""
+                       detection_prob: float = 0.99, margin: float = 3.0, floor: int = 0) -> CheatEconomics:
+    """Whether cheating has negative expected value, with exactly what the code slashes:
+    `deterrent_slash` for a job of this value at this audit rate, capped by the stake the
+    node holds (a node short of stake is not deterred, and says so)."""
     earnings = price_out * tokens_per_job / 1e6
-    gain = earnings * saving_fraction
-    slash = stake * slash_fraction + earnings
+    gain = earnings
+    wanted = deterrent_slash(math.ceil(earnings), audit_rate, detection_prob=detection_prob, margin=margin,
+                             floor=floor)
+    slashed = min(wanted, stake)
     p = audit_rate * detection_prob
-    penalty = p * slash
+    penalty = p * (slashed + earnings)
     ratio = penalty / gain if gain > 0 else math.inf
-    min_slash = math.ceil(max(margin * gain / p - earnings, 0.0)) if p > 0 else None
-    min_rate = (margin * gain / (detection_prob * slash)) if slash > 0 and detection_prob > 0 else math.inf
+    min_rate = (margin * gain / (detection_prob * (slashed + earnings))) if slashed + earnings > 0 else math.inf
     return CheatEconomics(
-        gain_per_job=gain, audit_rate=audit_rate, detection_prob=detection_prob, slash=slash,
+        gain_per_job=gain, audit_rate=audit_rate, detection_prob=detection_prob, slash=slashed + earnings,
         expected_penalty_per_job=penalty, ratio=ratio, margin=margin, deterrent=ratio >= margin,
-        min_slash=min_slash if min_slash is not None else 2**63 - 1, min_audit_rate=min(min_rate, math.inf),
-        details=dict(earnings_per_job=earnings, stake=stake, slash_fraction=slash_fraction),
+        min_slash=wanted, min_audit_rate=min(min_rate, math.inf),
+        details=dict(earnings_per_job=earnings, stake=stake, slash_wanted=wanted, slash_capped_by_stake=slashed < wanted),
     )

@@ -43,6 +43,9 @@ class Node(NodeBase, table=True):
     channel_id: str | None = Field(default=None, max_length=32)  # the live work channel (newest wins)
     error_rate: float = 0.0  # EWMA of failed jobs (errors, stalls, lost streams) over its recent jobs
     excluded_reason: str | None = Field(default=None, max_length=200)  # why it is out of routing
+    trusted: bool = False  # the operator's own verifier: its verdicts need no confirmation
+    session_jobs: int = 0  # jobs since its agent last (re)connected (a restart may swap the model)
+    verdicts_overturned: int = 0  # its failing verdicts a confirmation contradicted
 
 
 class NodePublic(NodeBase):

@@ -7,12 +7,12 @@ from fastapi import APIRouter, Depends, Query
 from sqlmodel import select
 from starlette.concurrency import run_in_threadpool
 
-from coordinator.audits import audit_rate, economics
+from coordinator.audits import economics
 from coordinator.auth import require_admin
 from coordinator.errors import NotFound
 from coordinator.models import Audit, AuditStatus, Node
 from coordinator.routes.deps import runtime
-from coordinator.routes.seller import _authenticated, stake_account
+from coordinator.routes.seller import authenticate, stake_account
 from coordinator.runtime import Runtime
 from protocol import AccountQuery
 from pricing.ledger import Ledger
@@ -47,13 +47,19 @@ async def list_audits(status: AuditStatus | None = None, node_id: str | None = N
 
 @router.post("/v1/nodes/me/audits")
 async def my_audits(q: AccountQuery, rt: Runtime = Depends(runtime)):
-    """A seller's own audits and disputes, with both log-prob vectors as evidence."""
+    """A seller's own audits (pending, awaiting a second opinion, passed, failed, expired),
+    with both log-prob vectors as evidence, and the first verdict where one was confirmed."""
+
+    await run_in_threadpool(authenticate, rt, q)
+
 
     def _do():
+
         with rt.session() as s:
-            node = _authenticated(s, q, rt)
-            rows = s.exec(select(Audit).where(Audit.node_id == node.id, Audit.status.in_(
-                (AuditStatus.PASSED, AuditStatus.FAILED))).order_by(Audit.id.desc()).limit(q.limit)).all()  # type: ignore[attr-defined]
+
+            node = s.get(Node, q.node_id)
+            rows = s.exec(select(Audit).where(Audit.node_id == node.id).order_by(Audit.id.desc())  # type: ignore[union-attr]
+                          .limit(q.limit)).all()
             return {"node_id": node.id, "reputation": node.reputation, "banned": node.banned,
                     "audits": [_public(a, True) for a in rows]}
 
@@ -62,8 +68,8 @@ async def my_audits(q: AccountQuery, rt: Runtime = Depends(runtime)):
 
 @router.get("/admin/nodes/{node_id}/economics", dependencies=[Depends(require_admin)])
 async def node_economics(node_id: str, rt: Runtime = Depends(runtime)):
-    """Whether cheating has negative expected value for this node (audit rate × slash ≥ 3×
-    the gain), with the minimum slash and audit rate that would make it so."""
+    """Whether cheating has negative expected value for this node: its audit rate now × the
+    slash the code takes for a caught job (capped by its stake) against its gain per job."""
 
     def _do():
         with rt.session() as s:
@@ -71,8 +77,22 @@ async def node_economics(node_id: str, rt: Runtime = Depends(runtime)):
             if node is None:
                 raise NotFound(f"no node {node_id}")
             ledger = Ledger(s)
-            out = economics(s, node, ledger.balance(stake_account(ledger, node.id)))
-            out["current_audit_rate"] = audit_rate(node)
-            return out
+            return economics(s, node, ledger.balance(stake_account(ledger, node.id)), rt.settings)
+
+    return await run_in_threadpool(_do)
+
+
+@router.post("/admin/nodes/{node_id}/trust", dependencies=[Depends(require_admin)])
+async def trust_node(node_id: str, trusted: bool = True, rt: Runtime = Depends(runtime)):
+    """Mark a node as the operator's own verifier (its verdicts need no confirmation), or not."""
+
+    def _do():
+        with rt.session() as s:
+            node = s.get(Node, node_id, with_for_update=True)
+            if node is None:
+                raise NotFound(f"no node {node_id}")
+            node.trusted = trusted
+            s.add(node)
+            return {"node_id": node_id, "trusted": trusted}
 
     return await run_in_threadpool(_do)

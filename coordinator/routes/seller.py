@@ -4,15 +4,15 @@ stake and statement, payout requests, stake unbonding."""
 from __future__ import annotations
 
 from dataclasses import asdict
-from datetime import timedelta
+from datetime import timedelta, timezone
 
 from fastapi import APIRouter, Depends
 from sqlalchemy import func
-from sqlmodel import select
+from sqlmodel import col, select
 from starlette.concurrency import run_in_threadpool
 
 from coordinator.errors import Conflict, InsufficientBalance, NotFound
-from coordinator.models import Node
+from coordinator.models import Audit, AuditStatus, InferenceRequest, Node
 from coordinator.models.account import utcnow
 from coordinator.node_registry import check_signed
 from coordinator.routes.deps import runtime
@@ -27,12 +27,34 @@ from pricing.statement import statement
 router = APIRouter(prefix="/v1/nodes/me", tags=["sellers"])
 
 
-def _authenticated(s, msg: Signed, rt: Runtime) -> Node:
-    node = s.get(Node, msg.node_id)
-    if node is None:
-        raise NotFound("unknown node: register first")
-    check_signed(s, msg, rt.settings)
-    return node
+def authenticate(rt: Runtime, msg: Signed) -> None:
+    """Check the signature, timestamp and nonce of a node's message and record the nonce, in
+    a transaction of its own that commits even if the request is then refused (a 402, say):
+    the same signed bytes can never be replayed later. Call it before opening the request's
+    own session."""
+    with rt.session() as own:
+        if own.get(Node, msg.node_id) is None:
+            raise NotFound("unknown node: register first")
+        check_signed(own, msg, rt.settings)
+
+
+def stake_frozen_because(s, node: Node, settings) -> str | None:
+    """Stake cannot start unbonding while it may still have to pay: a banned node, one with
+    audits not yet judged, or one whose last job is inside the challenge window."""
+    if node.banned:
+        return "the node is banned: its stake is frozen"
+    open_audits = s.exec(select(func.count()).select_from(Audit).where(
+        Audit.node_id == node.id, col(Audit.status).in_((AuditStatus.PENDING, AuditStatus.SENT)))).one()
+    if open_audits:
+        return f"{open_audits} audit(s) of this node are not judged yet"
+    last = s.exec(select(func.max(InferenceRequest.finished_at)).where(InferenceRequest.node_id == node.id)).one()
+    if last is not None and _aware(last) > utcnow() - timedelta(seconds=settings.challenge_window_s):
+        return "the node's last job is inside the challenge window; audits may still claw back"
+    return None
+
+
+def _aware(t):
+    return t if t.tzinfo else t.replace(tzinfo=timezone.utc)
 
 
 def stake_account(ledger: Ledger, node_id: str) -> int:
@@ -50,9 +72,11 @@ def in_challenge_window(s, earnings_account_id: int, window_s: float) -> int:
 
 @router.post("/account")
 async def my_account(q: AccountQuery, rt: Runtime = Depends(runtime)):
+    await run_in_threadpool(authenticate, rt, q)
+
     def _do():
         with rt.session() as s:
-            node = _authenticated(s, q, rt)
+            node = s.get(Node, q.node_id)
             ledger = Ledger(s)
             stake = Stake(ledger)
             stake_id = stake_account(ledger, node.id)
@@ -73,9 +97,11 @@ async def my_account(q: AccountQuery, rt: Runtime = Depends(runtime)):
 
 @router.post("/payouts")
 async def request_payout(req: PayoutRequest, rt: Runtime = Depends(runtime)):
+    await run_in_threadpool(authenticate, rt, req)
+
     def _do():
         with rt.session() as s:
-            node = _authenticated(s, req, rt)
+            node = s.get(Node, req.node_id)
             ledger = Ledger(s)
             key = f"payout:{node.id}:{req.idempotency_key}"
             held = in_challenge_window(s, node.earnings_account_id, rt.settings.challenge_window_s)
@@ -99,9 +125,14 @@ async def request_payout(req: PayoutRequest, rt: Runtime = Depends(runtime)):
 
 @router.post("/unbond")
 async def unbond(req: UnbondRequest, rt: Runtime = Depends(runtime)):
+    await run_in_threadpool(authenticate, rt, req)
+
     def _do():
         with rt.session() as s:
-            node = _authenticated(s, req, rt)
+            node = s.get(Node, req.node_id)
+            frozen = stake_frozen_because(s, node, rt.settings)
+            if frozen:
+                raise Conflict(f"stake cannot be unbonded now: {frozen}", code="stake_frozen")
             ledger = Ledger(s)
             try:
                 row = Stake(ledger, rt.stake_policy).request_unbond(

@@ -9,7 +9,8 @@ import threading
 
 import pytest
 
-from coordinator.audits import REPUTATION, apply_result, assign_verifier
+from coordinator.audits import REPUTATION, assign_verifier
+from coordinator.verdicts import apply_result
 from coordinator.db import create_all, make_engine, retry_transient
 from coordinator.models import Audit, AuditStatus, Node
 from coordinator.runtime import Runtime
@@ -35,7 +36,7 @@ def rt(tmp_path, pg_url):
 @pytest.mark.parametrize("passes,failures", [(10, 0), (0, 10), (6, 6)])
 def test_concurrent_verdicts_are_all_counted(rt, passes, failures):
     node = _node(rt, "audited")
-    verifiers = [_node(rt, f"v{i}") for i in range(3)]
+    verifiers = [_node(rt, f"v{i}", trusted=True) for i in range(3)]  # their verdicts are final
     with rt.session() as s:
         led = Ledger(s)
         Stake(led).deposit(led.open_account(AccountKind.SELLER_STAKE, ref=f"node:{node.public_key_hex}").id,

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from coordinator.audits import apply_result, assign_verifier, maybe_select
+from coordinator.audits import assign_verifier, maybe_select
+from coordinator.verdicts import apply_result
 from coordinator.models import Account, Audit, AuditStatus, InferenceRequest, Node
 from coordinator.settlement import Relayed, settle
 from node_agent.identity import Identity
@@ -17,13 +18,23 @@ from coordinator.node_registry import register
 IDS, LPS = [5, 6, 7, 8], [-1000, -2000, -1500, -500]
 
 
-def _node(rt, operator: str) -> Identity:
+def _node(rt, operator: str, *, trusted: bool = False, passes: int = 0, stake: int = 0) -> Identity:
+    """A registered, connected node; `trusted`: the operator's own verifier; `passes`: audits
+    it has passed itself (5 qualify it to verify others)."""
     me = Identity.generate()
     reg = Registration(node_id=me.public_key_hex, **fresh_stamp(), region="us-east", max_concurrency=4,
                        operator=operator, models=[ModelOffer(model="tiny", price_in=100_000_000,
                                                              price_out=200_000_000, tokens_per_s=100.0)]).sign(me)
     with rt.session() as s:
-        register(s, reg, rt.settings).channel_connected = True
+        node = register(s, reg, rt.settings)
+        node.channel_connected, node.trusted = True, trusted
+        node.audits_passed = node.passes_since_failure = passes
+        if passes:
+            node.reputation = 0.8
+        if stake:
+            led = Ledger(s)
+            Stake(led).deposit(led.open_account(AccountKind.SELLER_STAKE, ref=f"node:{me.public_key_hex}").id, stake,
+                               idempotency_key=f"stake-{me.public_key_hex}")
     return me
 
 
@@ -33,7 +44,7 @@ def _served_and_audited(rt, node: Identity) -> tuple[Audit, str, int]:
         settle(s, _receipt(node, rid, IDS, LPS), node.public_key_hex, Relayed(4, commitment_of(rid, IDS, LPS)),
                rt.settings)
         req, n = s.get(InferenceRequest, rid), s.get(Node, node.public_key_hex)
-        audit = maybe_select(s, req, n, IDS, LPS, "length", u=0.0)
+        audit = maybe_select(s, req, n, IDS, LPS, "length", rt.settings, u=0.0)
     return audit, rid, buyer
 
 
@@ -46,11 +57,14 @@ def _reply(audit_id: int, honest: bool) -> VerifyResult:
 
 
 def test_verifier_is_never_the_node_or_its_operator(runtime):
-    a, a2 = _node(runtime, "acme"), _node(runtime, "acme")
+    a, a2 = _node(runtime, "acme"), _node(runtime, "acme", passes=5)
     audit, _, _ = _served_and_audited(runtime, a)
     with runtime.session() as s:
         assert assign_verifier(s, s.get(Audit, audit.id), runtime.settings) is None  # only acme's nodes
-    b = _node(runtime, "other")
+    _node(runtime, "newcomer")  # has not passed its own audits: may not judge anyone yet
+    with runtime.session() as s:
+        assert assign_verifier(s, s.get(Audit, audit.id), runtime.settings) is None
+    b = _node(runtime, "other", passes=5)
     with runtime.session() as s:
         verifier, frame = assign_verifier(s, s.get(Audit, audit.id), runtime.settings)
     assert verifier == b.public_key_hex and frame["claimed_ids"] == IDS and frame["type"] == "verify"
@@ -63,14 +77,15 @@ def test_established_nodes_are_audited_at_a_low_rate_and_failovers_not_at_all(ru
     with runtime.session() as s:
         req, n = s.get(InferenceRequest, rid), s.get(Node, node.public_key_hex)
         n.jobs, n.audits_passed = 500, 400
-        assert maybe_select(s, req, n, IDS, LPS, "length", u=0.5) is None  # rate ~ 0.05 now
-        assert maybe_select(s, req, n, IDS, LPS, "length", u=0.01) is not None
+        n.session_jobs = 1000
+        assert maybe_select(s, req, n, IDS, LPS, "length", runtime.settings, u=0.5) is None  # rate ~ 0.05 now
+        assert maybe_select(s, req, n, IDS, LPS, "length", runtime.settings, u=0.01) is not None
         req.payload = {**req.payload, "segments": [{"node_id": "z"}]}
-        assert maybe_select(s, req, n, IDS, LPS, "length", u=0.0) is None
+        assert maybe_select(s, req, n, IDS, LPS, "length", runtime.settings, u=0.0) is None
 
 
 def test_pass_raises_reputation_and_pays_the_verifier(runtime):
-    node, verifier = _node(runtime, "a"), _node(runtime, "b")
+    node, verifier = _node(runtime, "a"), _node(runtime, "b", passes=5)
     audit, _, _ = _served_and_audited(runtime, node)
     with runtime.session() as s:
         assign_verifier(s, s.get(Audit, audit.id), runtime.settings)
@@ -85,7 +100,7 @@ def test_pass_raises_reputation_and_pays_the_verifier(runtime):
 
 
 def test_failures_refund_the_buyer_slash_stake_and_ban_on_the_third(runtime):
-    node, verifier = _node(runtime, "a"), _node(runtime, "b")
+    node, verifier = _node(runtime, "a"), _node(runtime, "ops", trusted=True)  # a trusted verdict is final
     with runtime.session() as s:
         led = Ledger(s)
         stake_id = led.open_account(AccountKind.SELLER_STAKE, ref=f"node:{node.public_key_hex}").id
@@ -118,7 +133,7 @@ def test_a_failed_verdict_before_settlement_voids_the_job(runtime, acknowledged)
     from coordinator.models import RequestStatus
     from coordinator.settlement import accept_receipt
 
-    node, verifier = _node(runtime, "a"), _node(runtime, "b")
+    node, verifier = _node(runtime, "a"), _node(runtime, "ops", trusted=True)
     with runtime.session() as s:
         led = Ledger(s)
         stake_id = led.open_account(AccountKind.SELLER_STAKE, ref=f"node:{node.public_key_hex}").id
@@ -130,7 +145,7 @@ def test_a_failed_verdict_before_settlement_voids_the_job(runtime, acknowledged)
         if acknowledged:
             acknowledge(s, rid, len(IDS), Delivery.COMPLETE)
         audit = maybe_select(s, s.get(InferenceRequest, rid), s.get(Node, node.public_key_hex), IDS, LPS,
-                             "length", u=0.0)
+                             "length", runtime.settings, u=0.0)
     with runtime.session() as s:
         assert s.get(InferenceRequest, rid).status == RequestStatus.SETTLING  # not paid yet
         assign_verifier(s, s.get(Audit, audit.id), runtime.settings)
@@ -146,3 +161,133 @@ def test_a_failed_verdict_before_settlement_voids_the_job(runtime, acknowledged)
         assert Ledger(s).balance(buyer) == 10**9  # nothing charged, ever
         assert Ledger(s).balance(s.get(Node, node.public_key_hex).earnings_account_id) == 0
         assert total_balance(s) == 0
+
+
+# ---------------------------------------------------------------- verdicts a cheater cannot abuse
+def _assign(rt, audit_id: int) -> str | None:
+    with rt.session() as s:
+        got = assign_verifier(s, s.get(Audit, audit_id), rt.settings)
+    return got[0] if got else None
+
+
+def _verdict(rt, audit_id: int, verifier: Identity, honest: bool) -> Audit:
+    with rt.session() as s:
+        return apply_result(s, _reply(audit_id, honest), verifier.public_key_hex, rt.settings)
+
+
+def _state(rt, node: Identity) -> tuple:
+    with rt.session() as s:
+        n = s.get(Node, node.public_key_hex)
+        return n.audits_passed, n.audits_failed, round(n.reputation, 6), n.banned
+
+
+def test_a_hostile_verifier_alone_cannot_penalise_an_honest_node(runtime):
+    """The cheater is the only other operator online: its false failing verdict waits for a
+    second opinion that never comes, and the audit expires unjudged — nothing moves."""
+    honest = _node(runtime, "honest", stake=10**9)
+    cheat = _node(runtime, "cheat", passes=5)
+    audit, rid, buyer = _served_and_audited(runtime, honest)
+    before = _state(runtime, honest)
+    assert _assign(runtime, audit.id) == cheat.public_key_hex
+    first = _verdict(runtime, audit.id, cheat, honest=False)  # a lie
+    assert first.status == AuditStatus.PENDING and first.evidence["first"]["verifier_id"] == cheat.public_key_hex
+    assert _state(runtime, honest) == before
+    assert _assign(runtime, audit.id) is None  # nobody independent of both is around
+    runtime.settings.audit_expiry_s = 0.001
+    assert runtime.store.sweep()["audits_expired"] == [audit.id]
+    with runtime.session() as s:
+        assert s.get(Audit, audit.id).status == AuditStatus.EXPIRED
+        assert Ledger(s).balance(buyer) < 10**9  # the buyer paid for the job normally
+        assert total_balance(s) == 0
+    assert _state(runtime, honest) == before
+
+
+def test_a_confirmation_that_contradicts_the_first_verifier_costs_it_reputation_and_stake(runtime):
+    honest = _node(runtime, "honest")
+    cheat = _node(runtime, "cheat", passes=5, stake=10**9)
+    audit, _, _ = _served_and_audited(runtime, honest)
+    _assign(runtime, audit.id)
+    _verdict(runtime, audit.id, cheat, honest=False)
+    ops = _node(runtime, "ops", trusted=True)  # the operator's verifier comes online
+    _node(runtime, "other", passes=5)  # a qualified third party is there too: the trusted one goes first
+    assert _assign(runtime, audit.id) == ops.public_key_hex
+    done = _verdict(runtime, audit.id, ops, honest=True)
+    assert done.status == AuditStatus.PASSED
+    assert _state(runtime, honest)[:2] == (1, 0)
+    wrong = done.consequences["first_verifier"]
+    assert wrong["node_id"] == cheat.public_key_hex and wrong["slashed_nano_usd"] == runtime.settings.min_slash_nano_usd
+    with runtime.session() as s:
+        c = s.get(Node, cheat.public_key_hex)
+        assert c.verdicts_overturned == 1 and c.reputation < runtime.settings.verifier_min_reputation
+        assert total_balance(s) == 0
+    # no longer qualified: the next audit is not sent to it
+    audit2, _, _ = _served_and_audited(runtime, honest)
+    assert _assign(runtime, audit2.id) != cheat.public_key_hex
+
+
+def test_two_independent_failing_verdicts_penalise_with_a_deterring_slash(runtime):
+    from scheduler.audit import deterrent_slash
+
+    cheat = _node(runtime, "cheat", stake=10**12)
+    v1, v2 = _node(runtime, "v1", passes=5), _node(runtime, "v2", passes=5)
+    audit, rid, buyer = _served_and_audited(runtime, cheat)
+    first = _assign(runtime, audit.id)
+    _verdict(runtime, audit.id, v1 if first == v1.public_key_hex else v2, honest=False)
+    second = _assign(runtime, audit.id)
+    assert second not in (None, first)
+    done = _verdict(runtime, audit.id, v1 if second == v1.public_key_hex else v2, honest=False)
+    assert done.status == AuditStatus.FAILED and done.consequences["buyer_made_whole"]
+    with runtime.session() as s:
+        cost = s.get(InferenceRequest, rid).cost
+        assert Ledger(s).balance(buyer) == 10**9
+    # the slash: rate 1.0 for a new node's job -> 3x the gain in expectation at p = 0.99
+    assert done.consequences["slash_wanted_nano_usd"] == deterrent_slash(
+        cost, 1.0, floor=runtime.settings.min_slash_nano_usd)
+    c = done.consequences  # the stake also covers what the node's earnings could not refund
+    assert c["slashed_nano_usd"] == c["slash_wanted_nano_usd"] + c["refunded_nano_usd"] - c["clawed_back_nano_usd"]
+    assert _state(runtime, cheat)[1] == 1
+
+
+def test_when_a_verifier_is_banned_the_passes_it_gave_are_judged_again(runtime):
+    accomplice = _node(runtime, "acc")
+    crook = _node(runtime, "crook", passes=5, stake=10**9)
+    audit, _, _ = _served_and_audited(runtime, accomplice)
+    assert _assign(runtime, audit.id) == crook.public_key_hex
+    assert _verdict(runtime, audit.id, crook, honest=True).status == AuditStatus.PASSED
+    assert _state(runtime, accomplice)[0] == 1
+    ops = _node(runtime, "ops", trusted=True)
+    for _ in range(3):  # the crook itself is caught three times and banned
+        a, _, _ = _served_and_audited(runtime, crook)
+        assert _assign(runtime, a.id) == ops.public_key_hex
+        last = _verdict(runtime, a.id, ops, honest=False)
+    assert last.consequences["banned"] and last.consequences["verdicts_rerun"] == [audit.id]
+    with runtime.session() as s:
+        again = s.get(Audit, audit.id)
+        assert again.status == AuditStatus.PENDING and again.evidence["superseded"]["verifier_id"] == crook.public_key_hex
+    assert _state(runtime, accomplice)[0] == 0
+    assert _assign(runtime, audit.id) == ops.public_key_hex  # judged again, by someone else
+
+
+def test_a_banned_nodes_stake_cannot_be_unbonded(client, runtime):
+    from protocol import UnbondRequest
+    from tests.coordinator.test_node_identity import post
+
+    runtime.settings.challenge_window_s = 0
+    node = _node(runtime, "x", stake=10**9)
+    with runtime.session() as s:
+        s.get(Node, node.public_key_hex).banned = True
+    r = post(client, "/v1/nodes/me/unbond",
+             UnbondRequest(node_id=node.public_key_hex, **fresh_stamp(), amount=1, idempotency_key="u").sign(node))
+    assert r.status_code == 409 and r.json()["error"]["code"] == "stake_frozen" and "banned" in r.text
+
+
+def test_stake_is_frozen_while_an_audit_is_open(client, runtime):
+    from protocol import UnbondRequest
+    from tests.coordinator.test_node_identity import post
+
+    runtime.settings.challenge_window_s = 0
+    node = _node(runtime, "x", stake=10**9)
+    _served_and_audited(runtime, node)
+    r = post(client, "/v1/nodes/me/unbond",
+             UnbondRequest(node_id=node.public_key_hex, **fresh_stamp(), amount=1, idempotency_key="u").sign(node))
+    assert r.status_code == 409 and "not judged yet" in r.text

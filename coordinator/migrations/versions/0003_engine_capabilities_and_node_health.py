@@ -2,7 +2,8 @@
 
 What each offer's engine can do (token ids, log-probs, verifying; its quantisation),
 operator-run verifiers, the live work channel per node, the node's recent error rate, and
-audits that expire when no capable verifier answers.
+audits that expire when no capable verifier answers, the operator's trusted verifiers, jobs
+since the last (re)connect, and overturned verdicts.
 Existing rows get the old behaviour (built-in engine: all capabilities).
 
 Revision ID: 0003
@@ -34,11 +35,17 @@ def upgrade() -> None:
         batch_op.add_column(sa.Column('channel_id', sqlmodel.sql.sqltypes.AutoString(length=32), nullable=True))
         batch_op.add_column(sa.Column('error_rate', sa.Float(), nullable=False, server_default='0'))
         batch_op.add_column(sa.Column('excluded_reason', sqlmodel.sql.sqltypes.AutoString(length=200), nullable=True))
+        batch_op.add_column(sa.Column('trusted', sa.Boolean(), nullable=False, server_default=sa.false()))
+        batch_op.add_column(sa.Column('session_jobs', sa.Integer(), nullable=False, server_default='0'))
+        batch_op.add_column(sa.Column('verdicts_overturned', sa.Integer(), nullable=False, server_default='0'))
 
 
 
 def downgrade() -> None:
     with op.batch_alter_table('nodes', schema=None) as batch_op:
+        batch_op.drop_column('verdicts_overturned')
+        batch_op.drop_column('session_jobs')
+        batch_op.drop_column('trusted')
         batch_op.drop_column('excluded_reason')
         batch_op.drop_column('error_rate')
         batch_op.drop_column('channel_id')
