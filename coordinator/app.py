@@ -9,7 +9,8 @@ from starlette.concurrency import run_in_threadpool
 
 from coordinator import metrics
 
-from coordinator.errors import install_error_handlers
+from coordinator.body_limit import BodyLimit
+from coordinator.errors import install_error_handlers, install_openapi_errors
 from coordinator.routes import accounts, audits, dashboard, nodes, openai_api, requests, seller
 from coordinator.runtime import Runtime
 from coordinator.settings import CoordinatorSettings, get_settings
@@ -34,7 +35,9 @@ def create_app(settings: CoordinatorSettings | None = None, runtime: Runtime | N
 
     app = FastAPI(title="Agora coordinator", version="0.1.0", lifespan=lifespan)
     app.state.settings = settings
+    app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
     install_error_handlers(app)
+    install_openapi_errors(app)
     app.include_router(openai_api.router)
     app.include_router(nodes.router)
     app.include_router(accounts.router)

@@ -39,6 +39,7 @@ class Subscription:
         self.queue: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
         self.loop = asyncio.get_running_loop()
         self.closed = False
+        self.on_close = None  # called once (in a worker thread) when the subscription closes
 
     def _deliver(self, message: dict[str, Any]) -> None:
         self.loop.call_soon_threadsafe(self.queue.put_nowait, message)
@@ -60,6 +61,8 @@ class Subscription:
         if not self.closed:
             self.closed = True
             self.bus._remove(self)
+            if self.on_close is not None:
+                self.loop.run_in_executor(None, self.on_close)
 
 
 class Bus(abc.ABC):

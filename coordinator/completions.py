@@ -235,13 +235,21 @@ async def handle(rt: Runtime, account: Account, body: ChatCompletionRequest | Co
         prior = await run_in_threadpool(_find)
         if prior is not None:
             return _replay(prior, body, kind)
+    # Rate limits first: refusing costs a Redis round trip, nothing more.
+    await run_in_threadpool(rt.limiter.buyer_request, account.id,
+                            body.prompt_bytes() + (body.requested_max_tokens() or rt.settings.default_max_tokens))
+    rid = new_request_id()
+    if not await run_in_threadpool(rt.limiter.acquire, account.id, rid):
+        metrics.REQUESTS.labels(outcome="429").inc()
+        raise rt.limiter.concurrency_refusal()
     # Listen before the request exists: nothing published for it can be missed, and a
     # relay that is down refuses the request before any money is held.
-    rid = new_request_id()
     sub = rt.bus.subscribe(f"req:{rid}")
+    sub.on_close = lambda: rt.limiter.release(account.id, rid)  # the concurrency slot
     try:
         await sub.__aenter__()
     except BusUnavailable as exc:
+        await run_in_threadpool(rt.limiter.release, account.id, rid)
         metrics.REQUESTS.labels(outcome="503").inc()
         raise Unavailable("the market's relay is reconnecting; retry shortly") from exc
 

@@ -106,6 +106,46 @@ class UpstreamFailed(APIError):
     code = "node_failed"
 
 
+ERROR_STATUSES = {
+    400: "invalid request (the message says which parameter)", 401: "missing or wrong API key or node signature",
+    402: "balance (or a node's stake) short of what the request needs", 403: "banned, or not allowed",
+    404: "no such model, request, node or account", 409: "idempotency key reused or still in progress, or "
+    "stake frozen", 413: "request body over the size limit", 429: "rate limit reached (see Retry-After)",
+    502: "the node failed and no other could continue", 503: "no capacity, or the market cannot place or relay work "
+    "right now (see Retry-After)", 504: "the request did not finish in time",
+}
+
+
+def install_openapi_errors(app: FastAPI) -> None:
+    """Declare every status the API answers, with OpenAI's error body, in the OpenAPI
+    document (validation errors are 400 here, not FastAPI's 422)."""
+
+    def openapi():
+        if app.openapi_schema:
+            return app.openapi_schema
+        from fastapi.openapi.utils import get_openapi
+
+        schema = get_openapi(title=app.title, version=app.version, routes=app.routes)
+        comps = schema.setdefault("components", {}).setdefault("schemas", {})
+        comps["Error"] = {"type": "object", "required": ["error"], "properties": {"error": {
+            "type": "object", "required": ["message", "type"], "properties": {
+                "message": {"type": "string"}, "type": {"type": "string"},
+                "param": {"type": ["string", "null"]}, "code": {"type": ["string", "null"]}}}}}
+        ref = {"content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}}
+        for ops in schema.get("paths", {}).values():
+            for op in ops.values():
+                responses = op.setdefault("responses", {})
+                responses.pop("422", None)
+                for status, what in ERROR_STATUSES.items():
+                    responses.setdefault(str(status), {"description": what, **ref})
+        for name in ("HTTPValidationError", "ValidationError"):
+            comps.pop(name, None)
+        app.openapi_schema = schema
+        return schema
+
+    app.openapi = openapi
+
+
 def _json(exc: APIError) -> JSONResponse:
     return JSONResponse(exc.body(), status_code=exc.status_code, headers=exc.headers)
 

@@ -18,6 +18,7 @@ from sqlmodel import Session
 
 from coordinator.bus import Bus, make_bus
 from coordinator.db import make_engine, session_scope
+from coordinator.ratelimit import RateLimiter
 from coordinator.settings import CoordinatorSettings
 from pricing.stake import StakePolicy
 from scheduler import celery_app as celery_module
@@ -43,6 +44,7 @@ class Runtime:
                                         unbonding_delay=timedelta(seconds=settings.unbonding_delay_s))
 
         self.store = SqlDispatchStore(self)
+        self.limiter = RateLimiter(settings)
         set_store(self.store)
 
     @contextmanager

@@ -8,6 +8,17 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 MAX_TOKENS_CAP = 1_000_000
 MAX_STOP = 4
+SEED_MAX = 2**63 - 1  # the engines seed a 64-bit generator
+
+
+def _utf8(value: str, what: str) -> str:
+    """Text must be valid Unicode: JSON can smuggle in lone surrogates (\ud800) that no
+    UTF-8 encoder (nor any tokenizer) accepts."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError(f"{what} contains an unpaired UTF-16 surrogate; send valid Unicode text") from None
+    return value
 
 
 class RoutingPrefs(BaseModel):
@@ -20,6 +31,12 @@ class RoutingPrefs(BaseModel):
     region: str | None = Field(default=None, max_length=64)
     max_ttft_ms: float | None = Field(default=None, gt=0)
     min_tokens_per_s: float | None = Field(default=None, gt=0)
+
+    @field_validator("region")
+    @classmethod
+    def _region(cls, v):
+        return None if v is None else _utf8(v, "routing.region")
+
     allow_unverified: bool = Field(default=False, description="accept nodes whose work cannot be audited "
                                    "(engines without token ids or log-probs), where the operator allows them")
 
@@ -37,12 +54,17 @@ class _Common(BaseModel):
     temperature: float = Field(default=1.0, ge=0.0, le=2.0)
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
     top_k: int = Field(default=0, ge=0, le=100_000)
-    seed: int | None = None
+    seed: int | None = Field(default=None, ge=0, le=SEED_MAX)
     stop: str | list[str] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
     n: int = Field(default=1, ge=1, le=1)
     routing: RoutingPrefs | None = None
+
+    @field_validator("model")
+    @classmethod
+    def _model(cls, v):
+        return _utf8(v, "model")
 
     @field_validator("stop")
     @classmethod
@@ -54,7 +76,7 @@ class _Common(BaseModel):
             raise ValueError(f"at most {MAX_STOP} stop sequences")
         if any(not s for s in stops):
             raise ValueError("stop sequences must be non-empty")
-        return stops
+        return [_utf8(s, "a stop sequence") for s in stops]
 
     def requested_max_tokens(self) -> int | None:
         return self.max_completion_tokens or self.max_tokens
@@ -80,12 +102,12 @@ class ChatMessage(BaseModel):
         if self.content is None:
             return ""
         if isinstance(self.content, str):
-            return self.content
+            return _utf8(self.content, "message content")
         parts = []
         for part in self.content:
             if part.get("type") != "text" or not isinstance(part.get("text"), str):
                 raise ValueError("only text content parts are supported")
-            parts.append(part["text"])
+            parts.append(_utf8(part["text"], "message content"))
         return "".join(parts)
 
 
@@ -118,7 +140,9 @@ class CompletionRequest(_Common):
             v = v[0]
         if not isinstance(v, str):
             raise ValueError("prompt must be a string")
-        return v
+        if not v:
+            raise ValueError("prompt must not be empty")
+        return _utf8(v, "prompt")
 
     def prompt_bytes(self) -> int:
         return len(self.prompt.encode()) + 2

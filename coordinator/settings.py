@@ -41,6 +41,14 @@ class CoordinatorSettings(BaseSettings):
     heartbeat_timeout_s: float = 20.0  # nodes silent for longer are offline
 
     # Requests
+    max_body_bytes: int = Field(default=2 * 2**20, ge=1024, description="larger request bodies are refused (413) "
+                                "before they are read")
+    rate_limit_requests_per_min: int = Field(default=600, ge=0, description="per API key; 0: no limit")
+    rate_limit_tokens_per_min: int = Field(default=4_000_000, ge=0, description="per API key: prompt bytes + "
+                                           "max_tokens of its requests; 0: no limit")
+    rate_limit_concurrent: int = Field(default=64, ge=0, description="requests of one API key in flight at once")
+    node_rate_limit_per_min: int = Field(default=240, ge=0, description="signed messages per node identity")
+    registration_rate_limit_per_min: int = Field(default=60, ge=0, description="node registrations per client address")
     default_max_tokens: int = 256
     assign_timeout_s: float = 30.0  # a request not assigned by then fails with 503
     first_token_timeout_s: float = 60.0  # assigned -> first token (prefill of a long prompt included)

@@ -11,8 +11,8 @@ from coordinator.audits import economics
 from coordinator.auth import require_admin
 from coordinator.errors import NotFound
 from coordinator.models import Audit, AuditStatus, Node
-from coordinator.routes.deps import runtime
-from coordinator.routes.seller import authenticate, stake_account
+from coordinator.routes.deps import runtime, verify_signed
+from coordinator.routes.seller import stake_account
 from coordinator.runtime import Runtime
 from protocol import AccountQuery
 from pricing.ledger import Ledger
@@ -50,7 +50,7 @@ async def my_audits(q: AccountQuery, rt: Runtime = Depends(runtime)):
     """A seller's own audits (pending, awaiting a second opinion, passed, failed, expired),
     with both log-prob vectors as evidence, and the first verdict where one was confirmed."""
 
-    await run_in_threadpool(authenticate, rt, q)
+    await run_in_threadpool(verify_signed, rt, q)
 
 
     def _do():

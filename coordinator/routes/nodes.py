@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Depends, WebSocket
+from fastapi import APIRouter, Depends, Request, WebSocket
 from sqlmodel import select
 from starlette.concurrency import run_in_threadpool
 
 from coordinator import node_registry
 from coordinator.models import Node, NodeOffer, NodeOfferPublic, NodePublic
 from coordinator.routability import reasons
-from coordinator.routes.deps import runtime
+from coordinator.routes.deps import runtime, verify_signed
 from coordinator.runtime import Runtime
 from coordinator.work_channel import Channel
 from protocol import Heartbeat, Registration
@@ -18,10 +18,13 @@ router = APIRouter(prefix="/v1/nodes", tags=["nodes"])
 
 
 @router.post("/register")
-async def register(reg: Registration, rt: Runtime = Depends(runtime)):
+async def register(reg: Registration, request: Request, rt: Runtime = Depends(runtime)):
+    await run_in_threadpool(rt.limiter.registration, request.client.host if request.client else "unknown")
+    await run_in_threadpool(verify_signed, rt, reg, must_exist=False)
+
     def _do():
         with rt.session() as s:
-            node = node_registry.register(s, reg, rt.settings)
+            node = node_registry.register(s, reg, rt.settings, verified=True)
             return {"node_id": node.id, "heartbeat_interval_s": rt.settings.heartbeat_interval_s,
                     "signature_window_s": rt.settings.signature_window_s}
 
@@ -30,9 +33,11 @@ async def register(reg: Registration, rt: Runtime = Depends(runtime)):
 
 @router.post("/heartbeat")
 async def heartbeat(hb: Heartbeat, rt: Runtime = Depends(runtime)):
+    await run_in_threadpool(verify_signed, rt, hb)
+
     def _do():
         with rt.session() as s:
-            node_registry.heartbeat(s, hb, rt.settings)
+            node_registry.heartbeat(s, hb, rt.settings, verified=True)
         return {"ok": True}
 
     return await run_in_threadpool(_do)

@@ -11,13 +11,12 @@ from sqlalchemy import func
 from sqlmodel import col, select
 from starlette.concurrency import run_in_threadpool
 
-from coordinator.errors import Conflict, InsufficientBalance, NotFound
+from coordinator.errors import Conflict, InsufficientBalance
 from coordinator.models import Audit, AuditStatus, InferenceRequest, Node
 from coordinator.models.account import utcnow
-from coordinator.node_registry import check_signed
-from coordinator.routes.deps import runtime
+from coordinator.routes.deps import runtime, verify_signed
 from coordinator.runtime import Runtime
-from protocol import AccountQuery, PayoutRequest, Signed, UnbondRequest
+from protocol import AccountQuery, PayoutRequest, UnbondRequest
 from pricing.errors import IdempotencyConflict, InsufficientFunds
 from pricing.ledger import AccountKind, Ledger, LedgerTransfer
 from pricing.ledger_models import LedgerIdempotency
@@ -25,17 +24,6 @@ from pricing.stake import Stake
 from pricing.statement import statement
 
 router = APIRouter(prefix="/v1/nodes/me", tags=["sellers"])
-
-
-def authenticate(rt: Runtime, msg: Signed) -> None:
-    """Check the signature, timestamp and nonce of a node's message and record the nonce, in
-    a transaction of its own that commits even if the request is then refused (a 402, say):
-    the same signed bytes can never be replayed later. Call it before opening the request's
-    own session."""
-    with rt.session() as own:
-        if own.get(Node, msg.node_id) is None:
-            raise NotFound("unknown node: register first")
-        check_signed(own, msg, rt.settings)
 
 
 def stake_frozen_because(s, node: Node, settings) -> str | None:
@@ -72,7 +60,7 @@ def in_challenge_window(s, earnings_account_id: int, window_s: float) -> int:
 
 @router.post("/account")
 async def my_account(q: AccountQuery, rt: Runtime = Depends(runtime)):
-    await run_in_threadpool(authenticate, rt, q)
+    await run_in_threadpool(verify_signed, rt, q)
 
     def _do():
         with rt.session() as s:
@@ -97,7 +85,7 @@ async def my_account(q: AccountQuery, rt: Runtime = Depends(runtime)):
 
 @router.post("/payouts")
 async def request_payout(req: PayoutRequest, rt: Runtime = Depends(runtime)):
-    await run_in_threadpool(authenticate, rt, req)
+    await run_in_threadpool(verify_signed, rt, req)
 
     def _do():
         with rt.session() as s:
@@ -125,7 +113,7 @@ async def request_payout(req: PayoutRequest, rt: Runtime = Depends(runtime)):
 
 @router.post("/unbond")
 async def unbond(req: UnbondRequest, rt: Runtime = Depends(runtime)):
-    await run_in_threadpool(authenticate, rt, req)
+    await run_in_threadpool(verify_signed, rt, req)
 
     def _do():
         with rt.session() as s:

@@ -1,0 +1,62 @@
+"""Refuse oversized request bodies before they cost anything.
+
+A body whose Content-Length is over the limit is answered 413 at once, without reading it;
+a chunked body is read here up to the limit and refused the moment it passes it. Either
+way no JSON parsing, no database and no node ever sees it, so one huge request does not
+slow anyone else down. The answer is OpenAI's error body.
+"""
+
+from __future__ import annotations
+
+import json
+
+from coordinator.errors import APIError
+
+
+class BodyTooLarge(APIError):
+    status_code = 413
+    type = "invalid_request_error"
+    code = "request_too_large"
+
+
+class BodyLimit:
+    """ASGI middleware: at most `max_bytes` of request body per HTTP request."""
+
+    def __init__(self, app, max_bytes: int):
+        self.app, self.max_bytes = app, max_bytes
+
+    def _message(self) -> str:
+        return f"the request body is larger than this market's limit of {self.max_bytes} bytes"
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        length = dict(scope.get("headers") or ()).get(b"content-length")
+        if length is not None and length.isdigit():
+            if int(length) > self.max_bytes:
+                return await self._refuse(send)
+            return await self.app(scope, receive, send)
+        # No length given (chunked): read it here, up to the limit, then hand it on.
+        messages, seen = [], 0
+        while True:
+            message = await receive()
+            messages.append(message)
+            if message["type"] != "http.request":
+                break
+            seen += len(message.get("body", b""))
+            if seen > self.max_bytes:
+                return await self._refuse(send)
+            if not message.get("more_body"):
+                break
+
+        async def replay():
+            return messages.pop(0) if messages else await receive()
+
+        return await self.app(scope, replay, send)
+
+    async def _refuse(self, send) -> None:
+        body = json.dumps(BodyTooLarge(self._message()).body()).encode()
+        await send({"type": "http.response.start", "status": 413,
+                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+                                (b"connection", b"close")]})
+        await send({"type": "http.response.body", "body": body})
