@@ -5,6 +5,8 @@ newest work channel."""
 
 from __future__ import annotations
 
+import time
+
 import pytest
 
 from coordinator.account_service import create_account
@@ -141,4 +143,7 @@ def test_the_newest_work_channel_wins_and_closing_an_old_one_unroutes_nothing(cl
                 pass
             assert frame == {"type": "refused", "reason": "superseded by a newer work channel of this node"}
             assert _routable(runtime) == {me.public_key_hex}
+        deadline = time.monotonic() + 5  # the server notices the close on its own thread
+        while _routable(runtime) and time.monotonic() < deadline:
+            time.sleep(0.02)
         assert _routable(runtime) == set()  # the newest one closed: now it is gone
