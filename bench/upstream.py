@@ -122,7 +122,7 @@ class Upstream:
         self.backend, self.model, self.mode = backend, model, mode
 
     # ---------------------------------------------------------------- routes
-    async def handle(self, method: str, path: str, body: bytes, out: "Responder") -> None:
+    async def handle(self, method: str, path: str, body: bytes, out: Responder) -> None:
         path = path.split("?", 1)[0].rstrip("/")
         try:
             if path in ("/v1/models", "/models") and method == "GET":
@@ -153,7 +153,7 @@ class Upstream:
             entry["dtype"] = self.backend.dtype
         return {"object": "list", "data": [entry]}
 
-    async def complete(self, req: dict, chat: bool, out: "Responder") -> None:
+    async def complete(self, req: dict, chat: bool, out: Responder) -> None:
         if req.get("model", self.model) != self.model:
             raise HTTPError(404, f"The model `{req.get('model')}` does not exist.")
         ids, prompt_text = self._prompt(req, chat)

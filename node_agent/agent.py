@@ -25,12 +25,12 @@ from node_agent.engines.base import Engine, GenerationRequest, SamplingParams, T
 from node_agent.engines.throttle import ThrottledEngine
 from node_agent.errors import CoordinatorRejected, EngineError
 from node_agent.identity import Identity
-from protocol.commitment import NO_LOGPROB
+from node_agent.settings import NodeSettings
 from protocol import (
     Assignment, ChannelHello, Done, Heartbeat, ModelOffer, Receipt, Registration, TokenChunk,
     TokenCommitment, VerifyJob, VerifyResult, WorkError, fresh_stamp, quantize_logprob,
 )
-from node_agent.settings import NodeSettings
+from protocol.commitment import NO_LOGPROB
 
 log = logging.getLogger("agora.node")
 _ABSENT_DTYPES = (None, "", "auto", "remote", "unknown")

@@ -45,7 +45,7 @@ class GenerationRequest:
 
     @classmethod
     def continuing(cls, request_id: str, prompt_ids: list[int], sampling: SamplingParams,
-                   prefix_ids: list[int], delivered: int) -> "GenerationRequest":
+                   prefix_ids: list[int], delivered: int) -> GenerationRequest:
         """After `delivered` tokens (which count against `sampling.max_tokens`) whose text
         this engine tokenised as `prefix_ids`: max_tokens is shifted by the difference so
         the budget left is max_tokens - delivered whatever len(prefix_ids) is."""
@@ -97,7 +97,7 @@ class Engine(abc.ABC):
     async def score(self, prompt_ids: list[int], completion_ids: list[int]) -> list[float]:
         """Teacher-forced log-probability of each completion token given what precedes it."""
 
-    async def rescore(self, prompt_ids: list[int], claimed_ids: list[int], sampling) -> "Rescore":
+    async def rescore(self, prompt_ids: list[int], claimed_ids: list[int], sampling) -> Rescore:
         """A verifier's statistics (`node_agent.rescoring.Rescore`) for another node's claimed
         tokens after `prompt_ids` under `sampling`; engines that can score override it."""
         raise EngineError(f"{type(self).__name__} cannot verify")

@@ -3,6 +3,10 @@ input is a clear error, and the adversary modes the CLI knows are the test tool'
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import pytest
 
 from node_agent import adversarial
@@ -60,11 +64,7 @@ def test_node_bench_command_prints_the_figures(tmp_path, monkeypatch, capsys):
         main(["bench", "--model", "tiny", "--batch-sizes", "1,x"])
 
 
-def _agora(*argv: str, home) -> "subprocess.CompletedProcess":
-    import os
-    import subprocess
-    import sys
-
+def _agora(*argv: str, home) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if not k.startswith("AGORA_")}
     return subprocess.run([sys.executable, "-m", "agora", *argv], capture_output=True, text=True, timeout=120,
                           env=dict(env, AGORA_HOME=str(home)), stdin=subprocess.DEVNULL)

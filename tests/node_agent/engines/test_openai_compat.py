@@ -156,7 +156,7 @@ def test_a_text_prefix_continues_and_spends_the_delivered_budget(ups, local):
 def test_rescore_through_echo_agrees_with_the_builtin_engine(ups, local, tokenizer, sampling):
     prompt_text = "Once upon a time"
     sp = SamplingParams(max_tokens=24, seed=3, **sampling)
-    ref = run(collect(local, local.encode(prompt_text), **{**sp.__dict__}))
+    ref = run(collect(local, local.encode(prompt_text), **sp.__dict__))
     claimed = [e.token_id for e in ref]
 
     async def go():
