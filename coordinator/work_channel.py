@@ -93,7 +93,9 @@ class Channel:
                     pump.cancel()
                     pinger.cancel()
         finally:
-            await run_in_threadpool(self._disconnected)
+            # Not awaited: it must run even when this task is being cancelled (server
+            # shutdown, a test client closing), where any further await would be skipped.
+            asyncio.get_running_loop().run_in_executor(None, self._disconnected)
 
     # ------------------------------------------------------------------ setup
     def _authenticate(self, hello: ChannelHello) -> None:
