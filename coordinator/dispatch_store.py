@@ -36,6 +36,7 @@ from scheduler.routing import Decision, NodeState, PendingRequest
 
 log = logging.getLogger(__name__)
 ACTIVE = (RequestStatus.ASSIGNED, RequestStatus.RUNNING)
+ABANDON_GRACE_S = 15.0  # past the buyer handler's own assignment timeout: its hold is released
 
 
 class _Runtime(Protocol):
@@ -208,6 +209,14 @@ class SqlDispatchStore:
                 InferenceRequest.status.in_(ACTIVE + (RequestStatus.QUEUED,)),  # type: ignore[attr-defined]
                 InferenceRequest.created_at < utcnow() - timedelta(seconds=settings.request_ttl_s))).all()
                 if fail_request(s, r.id, f"not finished within {settings.request_ttl_s:.0f}s")]
+            # Never placed: its buyer's handler gives up after assign_timeout_s; if that handler
+            # died with its API process, nobody would, and the hold would wait for the TTL.
+            abandoned_before = utcnow() - timedelta(seconds=settings.assign_timeout_s + ABANDON_GRACE_S)
+            overdue += [(r.id, None) for r in s.exec(select(InferenceRequest).where(
+                InferenceRequest.status == RequestStatus.QUEUED, InferenceRequest.created_at < abandoned_before,
+                col(InferenceRequest.node_id).is_(None)).limit(1000)).all()
+                if not r.payload.get("segments")
+                and fail_request(s, r.id, f"no node took it within {settings.assign_timeout_s:.0f}s")]
             audits_expired = expire_stale(s, settings)
             audits_due = [a.id for a in due_for_dispatch(s)]
             pruned = prune_nonces(s, settings)

@@ -171,3 +171,29 @@ def test_requests_with_different_limits_share_capacity_without_double_booking():
     assert list(d.assignments.values()).count("audited") <= 1
     assert "audited" in d.assignments.values()
     assert d.assignments["open"] in ("unverified", "dear-in", "audited")
+
+
+def test_a_request_never_placed_whose_handler_died_is_released_within_a_minute(rt):
+    """The API process that admitted it died: nobody waits for it any more. The sweep voids
+    its hold once the handler's own assignment timeout (plus a grace) has passed."""
+    from datetime import timedelta
+
+    from sqlalchemy import update
+
+    from coordinator.models import InferenceRequest
+    from coordinator.models.account import utcnow
+    from pricing.ledger import Ledger
+
+    node_id = _node(rt)
+    rids, buyer = _queue(rt, 1)
+    with rt.session() as s:  # its only node went away before any dispatch: it stays queued
+        s.get(Node, node_id).channel_connected = False
+    assert tasks.sweep.apply().get()["overdue_failed"] == []
+    with rt.session() as s:
+        s.exec(update(InferenceRequest).values(created_at=utcnow() - timedelta(
+            seconds=rt.settings.assign_timeout_s + 20)))
+    assert tasks.sweep.apply().get()["overdue_failed"] == rids
+    assert _status(rt, rids[0]) == RequestStatus.FAILED
+    with rt.session() as s:
+        assert Ledger(s).balance(buyer) == 10**9 and Ledger(s).held(buyer) == 0
+    assert rt.settings.assign_timeout_s + 20 <= 60
