@@ -289,6 +289,7 @@ def _main(argv=None) -> None:
     import json
     import sys
     import time
+    from pathlib import Path
 
     ap = argparse.ArgumentParser(description="Run a JSON batch of generate/rescore jobs on vLLM.")
     ap.add_argument("--model", required=True, help="model folder or tiny preset (tiny, tiny-20m@seed=7)")
@@ -301,7 +302,7 @@ def _main(argv=None) -> None:
     args = ap.parse_args(argv)
     from node_agent.tiny_model import resolve_model
 
-    jobs = json.loads(open(args.jobs).read())
+    jobs = json.loads(Path(args.jobs).read_text())
 
     async def main() -> dict:
         t0 = time.perf_counter()
@@ -320,8 +321,7 @@ def _main(argv=None) -> None:
                 "load_s": t1 - t0, "run_s": t2 - t1}
 
     out = asyncio.run(main())
-    with open(args.out, "w") as f:
-        json.dump(out, f)
+    Path(args.out).write_text(json.dumps(out))
     print(f"vllm batch: {len(jobs)} jobs, dtype {out['dtype']}, {out['run_s']:.1f} s", file=sys.stderr)
 
 

@@ -96,7 +96,7 @@ def vllm_run(tmp_path_factory):
     env["PYTHONPATH"] = str(ROOT)
     proc = subprocess.run([str(VLLM_PYTHON), "-m", "node_agent.engines.vllm_engine", "--model", "tiny",
                            "--dtype", "auto", "--jobs", str(d / "jobs.json"), "--out", str(d / "out.json")],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600, check=False)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     out = json.loads((d / "out.json").read_text())
     errors = [r["error"] for r in out["results"] if "error" in r]
