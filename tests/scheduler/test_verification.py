@@ -151,9 +151,130 @@ def test_bench_verify_runs_end_to_end(capsys):
 
     threads = torch.get_num_threads()
     try:
-        out = bench.main(["--quick", "--honest-jobs", "16", "--adv-jobs", "6"])
+        out = bench.main(["--quick", "--honest-jobs", "16", "--adv-jobs", "6", "--no-cross-engine"])
     finally:
         torch.set_num_threads(threads)
     last = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert last["detection_rate_min"] == out["detection_rate_min"] == 1.0
     assert last["false_positive_rate"] == 0.0 and last["verify_cost_fraction"] <= 0.05
+    # The cross-engine section says why it did not run, its figures null (never made up).
+    assert last["cross_engine_false_positive_rate"] is None and last["cross_engine_audits"] == 0
+    assert "--no-cross-engine" in last["cross_engine"]["skipped"]
+    assert last["int8_declared_false_positive_rate"] == 0.0 and last["int8_declared_audits"] > 0
+
+
+# ---------------------------------------------------------------- calibrated tolerances on real engines
+def test_int8_allowance_applies_only_when_int8_is_declared():
+    from scheduler.verification import QUANT_TOLERANCES
+
+    plain = tolerance_for("bfloat16", "float32")
+    q = QUANT_TOLERANCES["int8"]
+    assert tolerance_for("bfloat16", "float32", node_quantization="int8").mean_abs_delta == pytest.approx(
+        plain.mean_abs_delta + q.mean_abs_delta)
+    assert tolerance_for("bfloat16", "float32", node_quantization="INT8") == tolerance_for(
+        "bfloat16", "float32", node_quantization="int8")
+    # Uncalibrated quantisations get nothing extra (another model, audited by its own weights).
+    assert tolerance_for("bfloat16", "float32", node_quantization="awq") == plain
+    assert tolerance_for("bfloat16", "float32", node_quantization=None) == plain
+
+
+_SAMPLINGS = ({"temperature": 0.0}, {"temperature": 1.0, "top_p": 0.9}, {"temperature": 0.7, "top_k": 40},
+              {"temperature": 1.0})
+
+
+def _engine_jobs(engine, n: int = 12, seed: int = 0) -> list[dict]:
+    """n honest-as-served jobs of 32 tokens from a started-here engine, mixed samplings."""
+    import asyncio
+    import random
+
+    from node_agent.engines.base import GenerationRequest, SamplingParams
+    from node_agent.tiny_model import _CORPUS
+
+    rng = random.Random(seed)
+    corpus = engine.encode(_CORPUS)
+    specs = []
+    for i in range(n):
+        plen = rng.randint(8, 40)
+        start = rng.randrange(0, len(corpus) - plen)
+        specs.append((corpus[start:start + plen],
+                      SamplingParams(max_tokens=32, seed=rng.randrange(1 << 30), **_SAMPLINGS[i % len(_SAMPLINGS)])))
+
+    async def main():
+        await engine.start()
+        try:
+            async def one(i, prompt, sp):
+                evs = [ev async for ev in engine.generate(GenerationRequest(f"t{i}", prompt, sp))]
+                return dict(prompt=prompt, sampling=sp, ids=[e.token_id for e in evs],
+                            lps=[round(e.logprob * 1e4) / 1e4 for e in evs], finish=evs[-1].finish_reason)
+            return await asyncio.gather(*(one(i, p, s) for i, (p, s) in enumerate(specs)))
+        finally:
+            await engine.close()
+
+    return asyncio.run(main())
+
+
+def _topk_rescore(model, job, k: int = 20):
+    """What a vLLM verifier computes: only the top-k log-probs (plus the claimed token's)."""
+    import torch
+
+    from node_agent.rescoring import rescore_topk
+
+    prompt, ids = job["prompt"], job["ids"]
+    logp = torch.log_softmax(model.forward_full(prompt + ids)[len(prompt) - 1:-1].float(), -1)
+    top = []
+    for i, cid in enumerate(ids):
+        vals, idx = torch.topk(logp[i], k)
+        d = {int(t): float(v) for t, v in zip(idx, vals)}
+        d[int(cid)] = float(logp[i, cid])
+        top.append(d)
+    return rescore_topk(ids, top, job["sampling"], model.cfg.vocab_size)
+
+
+def _judge(jobs, rescore, node_dtype, verifier_dtype, node_quantization=None):
+    return [verify_rescored(j["ids"], j["lps"], rescore(j), j["sampling"], model="tiny", node_dtype=node_dtype,
+                            verifier_dtype=verifier_dtype, node_quantization=node_quantization,
+                            finish_reason=j["finish"], eos_ids=(0, 2), receipt_tokens=len(j["ids"]))
+            for j in jobs]
+
+
+@pytest.fixture(scope="module")
+def verifiers():
+    import torch
+
+    from node_agent.engines.builtin.model import LlamaModel
+    from node_agent.tiny_model import resolve_model
+
+    folder = resolve_model("tiny")
+    return {"float32": LlamaModel(folder, dtype=torch.float32), "bfloat16": LlamaModel(folder, dtype=torch.bfloat16)}
+
+
+def test_honest_cross_dtype_evidence_passes_full_and_top_k_rescoring(verifiers):
+    from node_agent.engines.builtin import load_builtin_engine
+    from node_agent.rescoring import rescore_with_model
+
+    for node_dtype, seed in (("bfloat16", 1), ("float32", 2)):
+        jobs = _engine_jobs(load_builtin_engine("tiny", dtype=node_dtype, max_batch=8), seed=seed)
+        for vd, model in verifiers.items():
+            full = _judge(jobs, lambda j, m=model: rescore_with_model(m, j["prompt"], j["ids"], j["sampling"]),
+                          node_dtype, vd)
+            topk = _judge(jobs, lambda j, m=model: _topk_rescore(m, j), node_dtype, vd)
+            for v in full + topk:
+                assert v.passed, (node_dtype, vd, v.reasons, v.as_dict())
+
+
+def test_declared_int8_passes_while_int4_and_another_model_fail(verifiers):
+    from node_agent.adversarial import make_adversarial_engine
+    from node_agent.rescoring import rescore_with_model
+
+    ref = verifiers["float32"]
+    full = lambda j: rescore_with_model(ref, j["prompt"], j["ids"], j["sampling"])
+    int8 = _engine_jobs(make_adversarial_engine("int8", "tiny", max_batch=8), seed=3)
+    assert all(v.passed for v in _judge(int8, full, "float32", "float32", node_quantization="int8"))
+    int4 = _engine_jobs(make_adversarial_engine("int4", "tiny", max_batch=8), seed=4)
+    # int4 weights get no pass by declaring int8 on top of the loosest dtype, nor as int4.
+    for q in ("int8", "int4"):
+        verdicts = _judge(int4, full, "bfloat16", "float32", node_quantization=q)
+        assert sum(not v.passed for v in verdicts) >= len(verdicts) - 1, [v.reasons for v in verdicts]
+    other = _engine_jobs(make_adversarial_engine("other_model", "tiny", max_batch=8), seed=5)
+    for v in _judge(other, lambda j: _topk_rescore(ref, j), "bfloat16", "float32", node_quantization="int8"):
+        assert not v.passed and {"logprob_mismatch", "unlikely_tokens"} & set(v.reasons)
