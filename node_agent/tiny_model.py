@@ -16,6 +16,7 @@ existing folder path to itself.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -34,6 +35,11 @@ PRESETS: dict[str, dict] = {
     # ~100M parameters.
     "tiny-100m": dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, num_key_value_heads=4,
                       intermediate_size=2816),
+    # ~1B parameters (Llama-3.2-1B-shaped: head_dim 128, 4 query heads per KV head), for GPU
+    # benchmarks. Stored in bfloat16 (2 GB), each tensor drawn from its own seeded generator in
+    # parallel threads: seconds to generate, where one serial generator would take a minute.
+    "tiny-1b": dict(hidden_size=2048, num_hidden_layers=16, num_attention_heads=16, num_key_value_heads=4,
+                    intermediate_size=8192, dtype="bfloat16", parallel=True),
 }
 
 VOCAB_SIZE = 512
@@ -114,7 +120,7 @@ def model_config(preset: str) -> dict:
         "bos_token_id": 0,
         "eos_token_id": 2,
         "pad_token_id": 0,
-        "torch_dtype": "float32",
+        "torch_dtype": p.get("dtype", "float32"),
         "initializer_range": 0.02,
     }
 
@@ -136,37 +142,63 @@ def _train_tokenizer():
     return tok
 
 
-def _weights(config: dict, seed: int) -> dict:
-    """Seeded weights; a generator on CPU in float32 makes them platform-independent."""
+def _weights(config: dict, seed: int, parallel: bool = False) -> dict:
+    """Seeded weights; a generator on CPU in float32 makes them platform-independent.
+
+    Serial (the small presets, whose bytes must not change): one generator draws every tensor
+    in order. `parallel`: each tensor from its own generator, seeded from `seed` and the
+    tensor's name, drawn in a thread pool (torch releases the GIL) and cast to the config's
+    `torch_dtype` as it is made, so a 1B model takes seconds and no float32 copy of it exists."""
     import torch
 
-    g = torch.Generator().manual_seed(seed)
     d, f = config["hidden_size"], config["intermediate_size"]
     hd = config["head_dim"]
     nq, nkv = config["num_attention_heads"], config["num_key_value_heads"]
+    dtype = getattr(torch, config.get("torch_dtype", "float32"))
+    serial = torch.Generator().manual_seed(seed)
 
-    def normal(shape, std):
-        return (torch.randn(shape, generator=g, dtype=torch.float32) * std).contiguous()
+    def normal(shape, std, name=""):
+        if parallel:
+            digest = hashlib.sha256(f"{seed}:{name}".encode()).digest()
+            g = torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") >> 1)
+        else:
+            g = serial
+        return (torch.randn(shape, generator=g, dtype=torch.float32) * std).to(dtype).contiguous()
 
     # Logit std ~ emb_std * sqrt(d): about 3.5 gives a peaked but not one-hot distribution.
     emb_std = 3.5 / d**0.5
     lin_std = 1.0 / d**0.5
-    w: dict = {}
-    emb = normal((config["vocab_size"], d), emb_std)
-    emb[: len(SPECIAL_TOKENS)] *= 0.05  # special tokens are rarely predicted
-    w["model.embed_tokens.weight"] = emb
+    # (name, shape, std) in the serial generator's draw order
+    specs = [("model.embed_tokens.weight", (config["vocab_size"], d), emb_std)]
     for i in range(config["num_hidden_layers"]):
         p = f"model.layers.{i}."
-        w[p + "input_layernorm.weight"] = torch.ones(d)
-        w[p + "post_attention_layernorm.weight"] = torch.ones(d)
-        w[p + "self_attn.q_proj.weight"] = normal((nq * hd, d), lin_std * 2.0)
-        w[p + "self_attn.k_proj.weight"] = normal((nkv * hd, d), lin_std * 2.0)
-        w[p + "self_attn.v_proj.weight"] = normal((nkv * hd, d), lin_std)
-        w[p + "self_attn.o_proj.weight"] = normal((d, nq * hd), lin_std)
-        w[p + "mlp.gate_proj.weight"] = normal((f, d), lin_std)
-        w[p + "mlp.up_proj.weight"] = normal((f, d), lin_std)
-        w[p + "mlp.down_proj.weight"] = normal((d, f), 1.0 / f**0.5)
-    w["model.norm.weight"] = torch.ones(d)
+        specs += [
+            (p + "self_attn.q_proj.weight", (nq * hd, d), lin_std * 2.0),
+            (p + "self_attn.k_proj.weight", (nkv * hd, d), lin_std * 2.0),
+            (p + "self_attn.v_proj.weight", (nkv * hd, d), lin_std),
+            (p + "self_attn.o_proj.weight", (d, nq * hd), lin_std),
+            (p + "mlp.gate_proj.weight", (f, d), lin_std),
+            (p + "mlp.up_proj.weight", (f, d), lin_std),
+            (p + "mlp.down_proj.weight", (d, f), 1.0 / f**0.5),
+        ]
+    if parallel:
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(max(1, min(16, os.cpu_count() or 1))) as pool:
+            made = dict(zip([n for n, _, _ in specs], pool.map(lambda s: normal(s[1], s[2], s[0]), specs)))
+    else:
+        made = {n: normal(shape, std) for n, shape, std in specs}
+    emb = made["model.embed_tokens.weight"]
+    emb[: len(SPECIAL_TOKENS)] *= 0.05  # special tokens are rarely predicted
+    w: dict = {"model.embed_tokens.weight": emb}
+    for i in range(config["num_hidden_layers"]):
+        p = f"model.layers.{i}."
+        w[p + "input_layernorm.weight"] = torch.ones(d, dtype=dtype)
+        w[p + "post_attention_layernorm.weight"] = torch.ones(d, dtype=dtype)
+        for n in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj",
+                  "mlp.up_proj", "mlp.down_proj"):
+            w[p + n + ".weight"] = made[p + n + ".weight"]
+    w["model.norm.weight"] = torch.ones(d, dtype=dtype)
     return w
 
 
@@ -183,7 +215,9 @@ def generate_tiny_model(out_dir: str | os.PathLike, preset: str = "tiny", seed: 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     config = model_config(preset)
-    save_file(_weights(config, seed), str(out / "model.safetensors"), metadata={"format": "pt"})
+    weights = _weights(config, seed, parallel=PRESETS[preset].get("parallel", False))
+    save_file(weights, str(out / "model.safetensors"), metadata={"format": "pt"})
+    del weights
     _write_json(out / "config.json", config)
     tok = _train_tokenizer()
     tok.save(str(out / "tokenizer.json"))

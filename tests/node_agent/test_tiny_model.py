@@ -82,3 +82,38 @@ def test_resolve_model(tmp_path):
 def test_resolve_model_default_cache_dir(tmp_path, monkeypatch):
     monkeypatch.setenv("AGORA_HOME", str(tmp_path))
     assert resolve_model("tiny").parent == tmp_path / "models"
+
+
+def test_one_billion_preset_is_llama_shaped():
+    c = model_config("tiny-1b")
+    d, f, L = c["hidden_size"], c["intermediate_size"], c["num_hidden_layers"]
+    kv = c["num_key_value_heads"] * c["head_dim"]
+    size = L * (2 * d * d + 2 * d * kv + 3 * d * f) + c["vocab_size"] * d
+    assert 0.9e9 < size < 1.1e9
+    assert c["head_dim"] == 128 and c["num_attention_heads"] // c["num_key_value_heads"] == 4  # GQA
+    assert c["torch_dtype"] == "bfloat16"
+    assert all(model_config(p)["torch_dtype"] == "float32" for p in ("tiny", "tiny-20m", "tiny-100m"))
+
+
+def test_parallel_generation_is_deterministic(tmp_path, monkeypatch):
+    """The 1B preset's scheme (a generator per tensor, drawn in threads, stored in bfloat16) on
+    a small shape: same bytes whatever the thread count, another seed other weights."""
+    torch = pytest.importorskip("torch")
+    from safetensors.torch import load_file
+
+    import node_agent.tiny_model as tm
+
+    small = dict(PRESETS["tiny"], dtype="bfloat16", parallel=True)
+    monkeypatch.setitem(tm.PRESETS, "tiny-par", small)
+    a = generate_tiny_model(tmp_path / "a", "tiny-par", seed=0)
+    monkeypatch.setattr(tm.os, "cpu_count", lambda: 1)
+    b = generate_tiny_model(tmp_path / "b", "tiny-par", seed=0)
+    c = generate_tiny_model(tmp_path / "c", "tiny-par", seed=1)
+    assert digest(a / "model.safetensors") == digest(b / "model.safetensors")
+    assert digest(a / "model.safetensors") != digest(c / "model.safetensors")
+    w = load_file(str(a / "model.safetensors"))
+    assert {t.dtype for t in w.values()} == {torch.bfloat16}
+    q = w["model.layers.0.self_attn.q_proj.weight"].float()
+    k = w["model.layers.0.self_attn.k_proj.weight"].float()
+    assert q.shape == (128, 128) and abs(float(q.std()) - 2 / 128**0.5) < 0.02
+    assert not torch.equal(q[:64], k)  # every tensor has its own stream

@@ -258,3 +258,33 @@ def test_engine_crash_surfaces_as_engine_error(engine, monkeypatch):
         asyncio.run(run())
     monkeypatch.undo()
     assert len(asyncio.run(collect(engine, prompts(engine, 1)[0], max_tokens=4, ignore_eos=True))) == 4
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="no CUDA device"))])
+def test_bfloat16_torch_path_agrees_with_transformers(tiny_dir, device):
+    """bfloat16 takes the torch attention path (the one CUDA uses): a batch of requests gives
+    tokens that transformers, teacher-forced in bfloat16, ranks first, with log-probs close to
+    its own (greedy sequences of the two may part at a near-tie, so they are not compared)."""
+    eng = BuiltinEngine(tiny_dir, device=device, dtype="bfloat16", max_batch=4, max_seq_len=256)
+    assert eng.model.kernels is None and eng.bench_key.endswith("-torch")
+    asyncio.run(eng.start())
+    ps = prompts(eng, 4)
+
+    async def batch():
+        return await asyncio.gather(*(collect(eng, p, f"r{i}", max_tokens=16, ignore_eos=True)
+                                      for i, p in enumerate(ps)))
+
+    try:
+        results = asyncio.run(batch())
+    finally:
+        asyncio.run(eng.close())
+    model = transformers.AutoModelForCausalLM.from_pretrained(tiny_dir, dtype=torch.bfloat16).to(device).eval()
+    for p, evs in zip(ps, results):
+        toks = torch.tensor([e.token_id for e in evs])
+        with torch.inference_mode():
+            logits = model(torch.tensor([p + toks.tolist()], device=device)).logits[0].float().cpu()
+        lp = torch.log_softmax(logits, -1)[len(p) - 1 : -1]
+        assert len(evs) == 16
+        assert float((lp.argmax(-1) == toks).float().mean()) >= 0.8
+        assert float((lp.gather(1, toks[:, None])[:, 0] - torch.tensor([e.logprob for e in evs])).abs().mean()) < 0.1
