@@ -86,6 +86,7 @@ def admit(
     settings: CoordinatorSettings,
     idempotency_key: str | None = None,
     request_id: str | None = None,
+    replica_id: str | None = None,
 ) -> Admitted:
     prefs = body.routing
     offers, known = live_offers(session, body.model, settings, allow_unverified=bool(prefs and prefs.allow_unverified))
@@ -142,6 +143,7 @@ def admit(
         max_tokens=max_tokens,
         hold_amount=hold_amount,
         idempotency_key=idempotency_key,
+        replica_id=replica_id,
     )
     session.add(request)
     try:

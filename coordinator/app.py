@@ -2,18 +2,45 @@
 
 from __future__ import annotations
 
+import asyncio
+import logging
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Response
 from starlette.concurrency import run_in_threadpool
 
-from coordinator import metrics
+from coordinator import metrics, replicas
 
 from coordinator.body_limit import BodyLimit
 from coordinator.errors import install_error_handlers, install_openapi_errors
 from coordinator.routes import accounts, audits, dashboard, nodes, openai_api, requests, seller
 from coordinator.runtime import Runtime
 from coordinator.settings import CoordinatorSettings, get_settings
+
+log = logging.getLogger(__name__)
+
+
+async def _replica_beat(rt: Runtime) -> None:
+    """This API process is alive (coordinator/replicas.py): its buyers' requests are its own."""
+    while True:
+        try:
+            await run_in_threadpool(_beat_once, rt)
+        except Exception:  # noqa: BLE001 - a database hiccup: the next beat tries again
+            log.warning("replica heartbeat failed", exc_info=True)
+        await asyncio.sleep(replicas.REPLICA_BEAT_S)
+
+
+def _beat_once(rt: Runtime) -> None:
+    with rt.session() as s:
+        replicas.beat(s, rt.replica_id)
+
+
+def _replica_leave(rt: Runtime) -> None:
+    try:
+        with rt.session() as s:
+            replicas.leave(s, rt.replica_id)
+    except Exception:  # noqa: BLE001 - shutting down: the sweep forgets it later anyway
+        log.warning("could not deregister replica %s", rt.replica_id)
 
 
 def create_app(settings: CoordinatorSettings | None = None, runtime: Runtime | None = None) -> FastAPI:
@@ -26,9 +53,12 @@ def create_app(settings: CoordinatorSettings | None = None, runtime: Runtime | N
         app.state.settings = settings
         if settings.in_process_worker:
             rt.start_in_process_worker()
+        beating = asyncio.create_task(_replica_beat(rt))
         try:
             yield
         finally:
+            beating.cancel()
+            await run_in_threadpool(_replica_leave, rt)
             await rt.bus.close()
             if runtime is None:
                 rt.stop()

@@ -259,7 +259,8 @@ async def handle(rt: Runtime, account: Account, body: ChatCompletionRequest | Co
                 prior = find_keyed(s, account, idempotency_key)
                 if prior is not None:
                     return prior, True
-            return admit(s, account, body, kind, rt.settings, idempotency_key, request_id=rid).request, False
+            return admit(s, account, body, kind, rt.settings, idempotency_key, request_id=rid,
+                         replica_id=rt.replica_id).request, False
 
     try:
         request, replayed = await run_in_threadpool(_admit)

@@ -25,6 +25,7 @@ from coordinator.delivery import Delivery, acknowledge, unacknowledged
 from coordinator.models import InferenceRequest, Node, NodeOffer, RequestStatus
 from coordinator.models.account import utcnow
 from coordinator.node_registry import is_live, mark_silent_offline, prune_nonces
+from coordinator.replicas import dead_replicas, end_orphans
 from coordinator.routability import candidates
 from coordinator.settlement import AwaitingDelivery, Settled, fail_request, settle_accepted_batch
 from pricing.ledger import Ledger, expire_holds, prune_idempotency
@@ -217,6 +218,8 @@ class SqlDispatchStore:
                 col(InferenceRequest.node_id).is_(None)).limit(1000)).all()
                 if not r.payload.get("segments")
                 and fail_request(s, r.id, f"no node took it within {settings.assign_timeout_s:.0f}s")]
+            orphans = end_orphans(s, dead_replicas(s))  # a dead API process took its buyers with it
+            overdue += orphans["failed"]
             audits_expired = expire_stale(s, settings)
             audits_due = [a.id for a in due_for_dispatch(s)]
             pruned = prune_nonces(s, settings)
@@ -239,5 +242,6 @@ class SqlDispatchStore:
                                                     "message": "the request did not finish in time; nothing was charged"})
         return {"offline": offline, "requeued": requeued, "nonces_pruned": pruned, "holds_expired": expired,
                 "idempotency_keys_pruned": keys_pruned,
-                "settle_resent": unsettled, "unacked": unacked, "overdue_failed": [rid for rid, _ in overdue],
+                "settle_resent": unsettled, "unacked": unacked + orphans["unacked"],
+                "overdue_failed": [rid for rid, _ in overdue],
                 "audits_sent": audits_sent, "audits_expired": audits_expired, "canaries": canaries, "unbonded": unbonded}

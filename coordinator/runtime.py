@@ -19,6 +19,7 @@ from sqlmodel import Session
 from coordinator.bus import Bus, make_bus
 from coordinator.db import make_engine, session_scope
 from coordinator.ratelimit import RateLimiter
+from coordinator.replicas import new_replica_id
 from coordinator.settings import CoordinatorSettings
 from pricing.stake import StakePolicy
 from scheduler import celery_app as celery_module
@@ -32,6 +33,7 @@ DISPATCH_FLAG = "dispatch-pending"
 class Runtime:
     def __init__(self, settings: CoordinatorSettings, engine: Engine | None = None, bus: Bus | None = None):
         self.settings = settings
+        self.replica_id = new_replica_id()  # this process, as an API replica (coordinator/replicas.py)
         self.engine = engine or make_engine(settings.effective_database_url)
         self.bus = bus or make_bus(settings.redis_url, settings.redis_prefix)
         self.celery = celery_module.configure(settings.broker_url, queue=settings.celery_queue)

@@ -95,8 +95,8 @@ def _judge(audit: Audit, req: InferenceRequest, result: VerifyResult, verifier_o
     claimed, sampling = audit.claimed, req.payload["sampling"]
     return verify_rescored(
         claimed["ids"], [q / LOGPROB_SCALE for q in claimed["logprobs_q"]], result.rescore, sampling,
-        model=req.model, node_dtype=claimed.get("quantization") or claimed.get("dtype"),
-        verifier_dtype=(verifier_offer.quantization or verifier_offer.dtype) if verifier_offer else "float32",
+        model=req.model, node_dtype=claimed.get("dtype"), node_quantization=claimed.get("quantization"),
+        verifier_dtype=verifier_offer.dtype if verifier_offer else "float32",
         finish_reason=claimed.get("finish_reason"), eos_ids=result.rescore.get("meta", {}).get("eos_ids", ()),
         has_stop_strings=bool(sampling.get("stop")), receipt_tokens=len(claimed["ids"]))
 

@@ -4,6 +4,7 @@
 from coordinator.models.account import Account, AccountPublic, ApiKey
 from coordinator.models.audit import Audit, AuditStatus
 from coordinator.models.node import Node, NodeNonce, NodeOffer, NodeOfferPublic, NodePublic
+from coordinator.models.replica import ApiReplica
 from coordinator.models.request import InferenceRequest, ReceiptRecord, RequestStatus
 
 import pricing.ledger  # noqa: F401,E402  (ledger tables share the metadata)
@@ -12,6 +13,7 @@ __all__ = [
     "Account",
     "AccountPublic",
     "ApiKey",
+    "ApiReplica",
     "Audit",
     "AuditStatus",
     "InferenceRequest",

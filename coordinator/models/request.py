@@ -57,6 +57,7 @@ class InferenceRequest(SQLModel, table=True):
     # waits for it and charges only these tokens.
     delivered_tokens: int | None = None
     delivery: str | None = Field(default=None, max_length=16)
+    replica_id: str | None = Field(default=None, max_length=32, index=True)  # the API process serving the buyer
     finish_reason: str | None = None
     error: str | None = None
     created_at: datetime = Field(default_factory=utcnow, index=True)

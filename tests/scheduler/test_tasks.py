@@ -197,3 +197,42 @@ def test_a_request_never_placed_whose_handler_died_is_released_within_a_minute(r
     with rt.session() as s:
         assert Ledger(s).balance(buyer) == 10**9 and Ledger(s).held(buyer) == 0
     assert rt.settings.assign_timeout_s + 20 <= 60
+
+
+def test_the_requests_of_a_dead_api_replica_are_ended_at_once(rt):
+    """kill -9 of the API process serving some buyers: their handlers are gone. The sweep
+    sees the replica stop beating and ends its requests: unplaced and running ones unpaid,
+    receipts waiting for a delivery acknowledgement settled as undelivered."""
+    from datetime import timedelta
+
+    from coordinator import replicas
+    from coordinator.models import ApiReplica
+    from coordinator.settlement import Relayed, accept_receipt
+    from protocol import Receipt, commitment_of
+
+    node_id = _node(rt, concurrency=8)
+    with rt.session() as s:
+        replicas.beat(s, "api_dead")
+        replicas.beat(s, rt.replica_id)
+        acct, _ = create_account(s, "b", 10**9)
+        body = ChatCompletionRequest(model="tiny", messages=[{"role": "user", "content": "x"}], max_tokens=4)
+        mine = admit(s, acct, body, "chat", rt.settings, replica_id=rt.replica_id).request.id
+        theirs = [admit(s, acct, body, "chat", rt.settings, replica_id="api_dead").request.id for _ in range(2)]
+    tasks.dispatch.apply(kwargs={"window_ms": 0})
+    ids, lps = [3, 4], [-10, -20]
+    receipt = Receipt(node_id=node_id, **fresh_stamp(), request_id=theirs[1], model="tiny", prompt_tokens=3,
+                      completion_tokens=2, commitment=commitment_of(theirs[1], ids, lps),
+                      finish_reason="stop").sign(_IDENTITIES[node_id])
+    with rt.session() as s:
+        accept_receipt(s, receipt, node_id, Relayed(2, commitment_of(theirs[1], ids, lps)), rt.settings)
+    assert tasks.sweep.apply().get()["overdue_failed"] == []  # it beat a moment ago
+    with rt.session() as s:
+        s.get(ApiReplica, "api_dead").last_seen = utcnow() - timedelta(seconds=60)
+        s.get(ApiReplica, rt.replica_id).last_seen = utcnow()
+    report = tasks.sweep.apply().get()
+    assert report["overdue_failed"] == [theirs[0]] and report["unacked"] == [theirs[1]]
+    assert _status(rt, theirs[0]) == RequestStatus.FAILED
+    assert _status(rt, mine) in (RequestStatus.ASSIGNED, RequestStatus.QUEUED)  # a live replica's: untouched
+    with rt.session() as s:
+        assert s.get(ApiReplica, "api_dead") is None
+        assert s.get(InferenceRequest, theirs[1]).delivery == "unacked"
