@@ -156,7 +156,11 @@ def install_error_handlers(app: FastAPI) -> None:
         return _json(exc)
 
     @app.exception_handler(RequestValidationError)
-    async def _validation(_: Request, exc: RequestValidationError):
+    async def _validation(request: Request, exc: RequestValidationError):
+        if request.url.path.endswith("completions"):  # a buyer's request, refused: count it like the others
+            from coordinator import metrics
+
+            metrics.REQUESTS.labels(outcome="400").inc()
         errors = exc.errors()
         first = errors[0] if errors else {}
         loc = [str(p) for p in first.get("loc", ()) if p not in ("body",)]

@@ -245,6 +245,11 @@ class NodeAgent:
             asyncio.create_task(self._verify(job))
         elif kind == "ping":
             asyncio.create_task(self._send_raw({"type": "pong", "t": frame.get("t")}))
+        elif kind == "notice":  # the market tells the seller something it must act on
+            level = logging.ERROR if frame.get("level") == "error" else logging.WARNING
+            log.log(level, "coordinator: %s", frame.get("message", ""))
+        elif kind == "refused":
+            log.error("coordinator closed the work channel: %s", frame.get("reason", ""))
 
     async def _send(self, frame) -> None:
         await self._send_raw(frame.model_dump_json())

@@ -51,7 +51,7 @@ class NodeSettings(BaseSettings):
     benchmark: bool = True
     advertised_tokens_per_s: float | None = None  # skip the benchmark and claim this
     heartbeat_interval_s: float = 5.0
-    reconnect_max_s: float = 10.0
+    reconnect_max_s: float = 5.0  # a restarted coordinator sees the node back within seconds
     torch_threads: int | None = None
     adversary: str | None = Field(default=None, description="TEST TOOL: cheat in this mode (see --adversary)")
     throttle_tokens_per_s: float | None = Field(default=None, gt=0, description="cap per stream")
