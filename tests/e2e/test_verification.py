@@ -33,7 +33,9 @@ def _audits(m, node_id: str) -> list[dict]:
 @pytest.mark.parametrize("mode", ["other_model", "smaller_model", "int4", "random", "random_plausible",
                                   "random_oracle", "truncate"])
 def test_cheating_node_is_caught_slashed_refunded_and_banned(tmp_path, mode):
-    with embedded_market(tmp_path, AGORA_ADMIN_TOKEN="admin-e2e") as m:
+    # canaries off: here the buyers' own jobs must catch the cheat (a canary on connect
+    # would catch it before any buyer is served, tests/coordinator/test_canary.py)
+    with embedded_market(tmp_path, AGORA_ADMIN_TOKEN="admin-e2e", AGORA_CANARY_INTERVAL_S="0") as m:
         ids = {name: _keyed_node(m, name) for name in ("cheat", "honest", "verifier")}
         m.start_node("cheat", price_in="0.01", price_out="0.02", extra=("--operator", "carol", "--adversary", mode))
         m.start_node("honest", price_in="0.10", price_out="0.20",
