@@ -10,6 +10,9 @@
   one node alone can never penalise another.
 - When a node is banned, the passes it gave others are re-run by other verifiers (a
   cheater's verdicts are worth nothing), and confirmations it set off start over.
+- Passing audits also add to the node's evidence across audits (`scheduler.evidence`):
+  int8 weights served as bf16 pass most single audits but not a run of them; when that
+  evidence crosses its threshold the audit at hand fails like any other.
 
 Locks: audit, request, then node rows in id order, then ledger rows (settlement's order).
 """
@@ -29,7 +32,10 @@ from pricing.ledger import Ledger
 from pricing.money import request_cost
 from protocol import LOGPROB_SCALE, VerifyResult
 from scheduler.audit import deterrent_slash, update_reputation
-from scheduler.verification import verify_rescored
+from scheduler.evidence import PrecisionEvidence
+from scheduler.verification import noise_scale_for, verify_rescored
+
+PRECISION = PrecisionEvidence()
 
 
 def apply_result(session: Session, result: VerifyResult, verifier_id: str,
@@ -58,19 +64,29 @@ def apply_result(session: Session, result: VerifyResult, verifier_id: str,
     evidence = {"claimed_logprobs": [q / LOGPROB_SCALE for q in audit.claimed["logprobs_q"]],
                 "reference": result.rescore}
     paid = _pay_verifier(session, audit, req, verifier_id, verifier_offer, round_=2 if first else 1)
-    if not verdict.passed and not first and not (verifier is not None and is_trusted(verifier, settings)):
-        # A single ordinary verifier's failing verdict: ask another before anything moves.
+    precision = _precision_evidence(node, audit, req, result, verifier_offer) if verdict.passed else None
+    failed = not verdict.passed or (precision or {}).get("alarm", False)
+    if failed and not first and not (verifier is not None and is_trusted(verifier, settings)):
+        # A single ordinary verifier's failing verdict (or the evidence alarm its reference set
+        # off): ask another before anything moves.
+        if precision:
+            node.precision_cusum = precision["before"]
+            session.add(node)
         audit.evidence = {"first": {"verifier_id": verifier_id, "operator": verifier.operator or verifier_id,
-                                    "verdict": verdict.as_dict(), **evidence, "verifier_paid_nano_usd": paid}}
+                                    "verdict": {**verdict.as_dict(), "precision_evidence": precision},
+                                    **evidence, "verifier_paid_nano_usd": paid}}
         audit.status, audit.verifier_id, audit.sent_at = AuditStatus.PENDING, None, None
         session.add(audit)
         return audit
-    audit.verdict = verdict.as_dict()
+    audit.verdict = {**verdict.as_dict(), **({"precision_evidence": precision} if precision else {})}
+    if precision and precision["alarm"]:
+        audit.verdict["passed"] = False
+        audit.verdict["reasons"] = [*audit.verdict.get("reasons", []), "precision_evidence"]
     audit.evidence = {**evidence, **({"first": first} if first else {})}
-    audit.status = AuditStatus.PASSED if verdict.passed else AuditStatus.FAILED
+    audit.status = AuditStatus.FAILED if failed else AuditStatus.PASSED
     audit.resolved_at = utcnow()
-    consequences = _count(session, node, verdict.passed, settings)
-    if not verdict.passed:
+    consequences = _count(session, node, not failed, settings)
+    if failed:
         if req.status == RequestStatus.SETTLING:
             # Not paid yet: void it, so the buyer is never charged for the job (nor the node
             # paid); a settle task that runs later finds it finished and moves nothing.
@@ -89,6 +105,25 @@ def apply_result(session: Session, result: VerifyResult, verifier_id: str,
     if node.banned:
         consequences["verdicts_rerun"] = rerun_verdicts_of(session, node)
     return audit
+
+
+def _precision_evidence(node: Node, audit: Audit, req: InferenceRequest, result: VerifyResult,
+                        verifier_offer: NodeOffer | None) -> dict | None:
+    """Add this audit's evidence that the node serves int8 as the bf16 it declares; an alarm
+    (the CUSUM across its audits crossed the threshold) fails the audit and resets it."""
+    claimed = audit.claimed
+    if not PRECISION.applies(claimed.get("dtype"), claimed.get("quantization"),
+                             verifier_offer.dtype if verifier_offer else "float32"):
+        return None
+    llr = PRECISION.audit_llr([q / LOGPROB_SCALE for q in claimed["logprobs_q"]], result.rescore["logprob"],
+                              noise_scale_for(req.model))
+    before = node.precision_cusum
+    node.precision_cusum, alarm = PRECISION.update(before, llr)
+    out = {"llr": round(llr, 4), "cusum": round(node.precision_cusum, 4), "threshold": PRECISION.threshold,
+           "alarm": alarm, "before": before}
+    if alarm:
+        node.precision_cusum = 0.0
+    return out
 
 
 def _judge(audit: Audit, req: InferenceRequest, result: VerifyResult, verifier_offer: NodeOffer | None):

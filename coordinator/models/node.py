@@ -46,6 +46,7 @@ class Node(NodeBase, table=True):
     trusted: bool = False  # the operator's own verifier: its verdicts need no confirmation
     session_jobs: int = 0  # jobs since its agent last (re)connected (a restart may swap the model)
     verdicts_overturned: int = 0  # its failing verdicts a confirmation contradicted
+    precision_cusum: float = 0.0  # evidence across audits that it serves int8 as bf16 (scheduler.evidence)
 
 
 class NodePublic(NodeBase):

@@ -6,7 +6,7 @@ import pytest
 
 from coordinator.audits import assign_verifier, maybe_select
 from coordinator.verdicts import apply_result
-from coordinator.models import Account, Audit, AuditStatus, InferenceRequest, Node
+from coordinator.models import Account, Audit, AuditStatus, InferenceRequest, Node, NodeOffer
 from coordinator.settlement import Relayed, settle
 from node_agent.identity import Identity
 from protocol import ModelOffer, Registration, VerifyResult, commitment_of, fresh_stamp
@@ -291,3 +291,38 @@ def test_stake_is_frozen_while_an_audit_is_open(client, runtime):
     r = post(client, "/v1/nodes/me/unbond",
              UnbondRequest(node_id=node.public_key_hex, **fresh_stamp(), amount=1, idempotency_key="u").sign(node))
     assert r.status_code == 409 and "not judged yet" in r.text
+
+
+def test_evidence_across_audits_catches_int8_served_as_bf16_and_needs_a_second_opinion(runtime):
+    """Each audit of a node declaring bf16 passes on its own, but its per-token differences
+    look like int8 weights: the evidence adds up across audits until the audit at hand fails.
+    An ordinary verifier's alarm waits for a second opinion, like any failing verdict."""
+    from scheduler.evidence import THRESHOLD
+
+    node = _node(runtime, "int8", stake=10**10)
+    with runtime.session() as s:
+        s.exec(NodeOffer.__table__.update().where(NodeOffer.node_id == node.public_key_hex).values(dtype="bfloat16"))
+    ops = _node(runtime, "ops", trusted=True)
+    # claimed log-probs off the reference by ~0.35 nats a token: inside the bf16 allowance,
+    # in the bins where int8 weights land
+    shifted = [q / 10_000 + (0.35 if i % 2 else -0.35) for i, q in enumerate(LPS)]
+
+    def reply(aid):
+        r = _reply(aid, True)
+        r.rescore["logprob"] = shifted
+        return r
+
+    outcomes = []
+    for _ in range(20):
+        audit, _, _ = _served_and_audited(runtime, node)
+        assert _assign(runtime, audit.id) == ops.public_key_hex
+        with runtime.session() as s:
+            done = apply_result(s, reply(audit.id), ops.public_key_hex, runtime.settings)
+        outcomes.append(done.status)
+        if done.status == AuditStatus.FAILED:
+            assert "precision_evidence" in done.verdict["reasons"]
+            assert done.verdict["precision_evidence"]["cusum"] > THRESHOLD
+            break
+    assert outcomes[-1] == AuditStatus.FAILED and AuditStatus.PASSED in outcomes
+    with runtime.session() as s:
+        assert s.get(Node, node.public_key_hex).precision_cusum == 0  # reset after the alarm
