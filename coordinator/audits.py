@@ -60,7 +60,7 @@ def is_trusted(node: Node, settings: CoordinatorSettings) -> bool:
 
 def maybe_select(session: Session, req: InferenceRequest, node: Node, token_ids: list[int],
                  logprobs_q: list[int], finish_reason: str, settings: CoordinatorSettings, *,
-                 u: float | None = None) -> Audit | None:
+                 u: float | None = None, prompt_tokens: int | None = None) -> Audit | None:
     """Count the job and, with the node's audit rate, keep it for an audit (the rate at
     the time of the job is kept with it: it sizes the slash if the job was a cheat)."""
     rate = audit_rate(node, settings)
@@ -76,7 +76,7 @@ def maybe_select(session: Session, req: InferenceRequest, node: Node, token_ids:
     audit = Audit(request_id=req.id, node_id=node.id, claimed={
         "ids": list(token_ids), "logprobs_q": list(logprobs_q), "finish_reason": finish_reason,
         "dtype": offer.dtype if offer else "float32", "quantization": offer.quantization if offer else None,
-        "rate": 1.0 if canary else rate})
+        "rate": 1.0 if canary else rate, "prompt_tokens": prompt_tokens})
     session.add(audit)
     session.flush()
     return audit

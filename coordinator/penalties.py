@@ -2,7 +2,7 @@
 ledger, idempotent per audit).
 
 A failed audit refunds the buyer what the job cost it (from the node's earnings first, then
-its stake) and slashes `slash` more of stake to the platform — sized by the caller with
+its stake, then — for the platform's fee, if those fell short — from the platform's fees) and slashes `slash` more of stake to the platform — sized by the caller with
 `scheduler.audit.deterrent_slash` so cheating loses `slash_margin` times its gain at the
 node's audit rate. A verifier whose failing verdict a confirmation contradicts loses
 reputation and `min_slash_nano_usd` of stake.
@@ -46,8 +46,13 @@ def penalise(session: Session, req: InferenceRequest, node: Node, slash: int) ->
         result = Stake(ledger).slash(stake_id, take, to=[(buyer, from_stake)] if from_stake else [],
                                      idempotency_key=f"slash:{req.id}", reason=req.id, allow_partial=True)
         take, from_stake = result.slashed, result.to_buyers
-    return {"refunded_nano_usd": clawed + from_stake, "clawed_back_nano_usd": clawed, "slashed_nano_usd": take,
-            "slash_wanted_nano_usd": slash, "buyer_made_whole": clawed + from_stake == cost}
+    from_fees = 0
+    if cost - clawed - from_stake > 0:  # what the seller could not cover is the platform's fee on it: back too
+        from_fees = ledger.refund_fee(buyer, cost - clawed - from_stake, idempotency_key=f"fee-refund:{req.id}",
+                                      request_ref=req.id)
+    refunded = clawed + from_stake + from_fees
+    return {"refunded_nano_usd": refunded, "clawed_back_nano_usd": clawed, "slashed_nano_usd": take,
+            "fee_refunded_nano_usd": from_fees, "slash_wanted_nano_usd": slash, "buyer_made_whole": refunded == cost}
 
 
 def punish_false_verdict(session: Session, verifier: Node, audit: Audit, settings: CoordinatorSettings) -> dict:

@@ -126,8 +126,22 @@ def _precision_evidence(node: Node, audit: Audit, req: InferenceRequest, result:
     return out
 
 
+PROMPT_TOKEN_SLACK = 2  # engines of one model may differ by a special token or two
+
+
 def _judge(audit: Audit, req: InferenceRequest, result: VerifyResult, verifier_offer: NodeOffer | None):
     claimed, sampling = audit.claimed, req.payload["sampling"]
+    verdict = _rescored(claimed, sampling, req, result, verifier_offer)
+    counted = (result.rescore.get("meta") or {}).get("prompt_tokens")
+    billed = claimed.get("prompt_tokens")
+    if counted is not None and billed is not None and billed > int(counted) + PROMPT_TOKEN_SLACK:
+        verdict.passed = False  # the node billed more prompt tokens than the prompt has
+        verdict.reasons.append("prompt_overbilled")
+        verdict.limits["prompt_tokens"] = {"billed": billed, "counted": int(counted)}
+    return verdict
+
+
+def _rescored(claimed, sampling, req: InferenceRequest, result: VerifyResult, verifier_offer: NodeOffer | None):
     return verify_rescored(
         claimed["ids"], [q / LOGPROB_SCALE for q in claimed["logprobs_q"]], result.rescore, sampling,
         model=req.model, node_dtype=claimed.get("dtype"), node_quantization=claimed.get("quantization"),

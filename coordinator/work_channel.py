@@ -303,7 +303,7 @@ class Channel:
             if accepted.fresh:
                 audit = maybe_select(s, s.get(InferenceRequest, done.request_id), s.get(Node, self.node_id),
                                      st.token_ids if st.auditable else [], st.logprobs, done.receipt.finish_reason,
-                                     self.rt.settings)
+                                     self.rt.settings, prompt_tokens=done.receipt.prompt_tokens)
                 accepted.audit_id = audit.id if audit else None
             return accepted
 

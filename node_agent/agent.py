@@ -314,6 +314,9 @@ class NodeAgent:
     def _cheat_receipt(self, receipt: Receipt) -> Receipt:
         """TEST TOOL (--adversary): dishonest receipts, to prove the coordinator refuses them."""
         mode = self.settings.adversary
+        if mode == "overbill_prompt":  # the prompt count is the node's own: claim three times it
+            receipt.prompt_tokens = receipt.prompt_tokens * 3 + 5
+            return receipt.sign(self.identity)
         if mode == "inflate_tokens":
             receipt.completion_tokens = int(receipt.completion_tokens * 1.5) + 1
             return receipt.sign(self.identity)
@@ -331,9 +334,12 @@ class NodeAgent:
         engine = core_engine(self.engine)
         try:
             text = engine.render_chat(job.messages or []) if job.kind == "chat" else (job.prompt or "")
-            result = await engine.rescore(engine.encode(text), job.claimed_ids, job.sampling)
+            prompt_ids = engine.encode(text)
+            result = await engine.rescore(prompt_ids, job.claimed_ids, job.sampling)
             reply = result.to_dict()
             reply["meta"]["eos_ids"] = sorted(int(t) for t in getattr(engine, "eos_ids", ()) or ())
+            if getattr(engine, "encodes_exactly", True):  # the prompt re-counted: over-billing shows
+                reply["meta"]["prompt_tokens"] = len(prompt_ids)
             frame = VerifyResult(audit_id=job.audit_id, rescore=reply)
         except Exception as exc:  # this engine cannot verify (or the job is bad): say so
             frame = VerifyResult(audit_id=job.audit_id, error=f"{type(exc).__name__}: {exc}")

@@ -54,7 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--adversary", metavar="MODE",
                    help="TEST TOOL ONLY: make this node cheat, to exercise verification. Engine modes: "
                         "other_model, smaller_model, int4, int8, random, random_plausible, random_oracle, "
-                        "truncate; agent modes: inflate_tokens, replay_receipt, overclaim_tps")
+                        "truncate; agent modes: inflate_tokens, replay_receipt, overclaim_tps, overbill_prompt")
     return p
 
 
@@ -102,7 +102,7 @@ def settings_from(args: argparse.Namespace) -> NodeSettings:
 
 ENGINE_MODES = ("other_model", "smaller_model", "int4", "int8", "random", "random_plausible",
                 "random_oracle", "truncate")  # node_agent.adversarial (imported only when used)
-AGENT_MODES = ("inflate_tokens", "replay_receipt", "overclaim_tps")
+AGENT_MODES = ("inflate_tokens", "replay_receipt", "overclaim_tps", "overbill_prompt")
 
 
 def load_engine(settings: NodeSettings):

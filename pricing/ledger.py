@@ -303,6 +303,33 @@ class Ledger:
         params = {"from": earnings_account_id, "to": buyer_account_id, "amount": amount, "ref": request_ref}
         return self._once(idempotency_key, "clawback", params, op)["balance"]
 
+    def refund_fee(self, buyer_account_id: int, amount: int, *, idempotency_key: str,
+                   request_ref: str | None = None) -> int:
+        """The platform pays a buyer back what a fraudulent job cost it beyond what the seller's
+        earnings and stake could cover (the platform's own fee on it, at most): from the fees
+        it holds (any shard), the rest from EXTERNAL (the operator's money). Returns the amount."""
+        if amount < 0:
+            raise LedgerError("amount must be >= 0")
+
+        def op():
+            shards = self.s.exec(select(LedgerAccount.id).where(LedgerAccount.kind == AccountKind.PLATFORM_FEES)).all()
+            external = self._sys(AccountKind.EXTERNAL, 0)
+            accts = self._lock([*shards, external, buyer_account_id])
+            if accts[buyer_account_id].kind != AccountKind.BUYER:
+                raise WrongAccountKind("fee refunds go to buyer accounts")
+            left = amount
+            for shard in sorted(shards, key=lambda i: -accts[i].balance):
+                take = min(left, accts[shard].balance)
+                if take <= 0:
+                    break
+                self._move(accts, shard, buyer_account_id, take, "fee_refund", request_ref=request_ref)
+                left -= take
+            self._move(accts, external, buyer_account_id, left, "fee_refund", request_ref=request_ref)
+            return {"refunded": amount}
+
+        params = {"to": buyer_account_id, "amount": amount, "ref": request_ref}
+        return self._once(idempotency_key, "fee_refund", params, op)["refunded"]
+
     def pay_from_platform(self, account_id: int, amount: int, *, idempotency_key: str, kind: str = "verify",
                           request_ref: str | None = None) -> int:
         """PLATFORM_FEES -> a seller's earnings (e.g. a verifier's fee for an audit), at most

@@ -44,7 +44,7 @@ def _served_and_audited(rt, node: Identity) -> tuple[Audit, str, int]:
         settle(s, _receipt(node, rid, IDS, LPS), node.public_key_hex, Relayed(4, commitment_of(rid, IDS, LPS)),
                rt.settings)
         req, n = s.get(InferenceRequest, rid), s.get(Node, node.public_key_hex)
-        audit = maybe_select(s, req, n, IDS, LPS, "length", rt.settings, u=0.0)
+        audit = maybe_select(s, req, n, IDS, LPS, "length", rt.settings, u=0.0, prompt_tokens=7)
     return audit, rid, buyer
 
 
@@ -326,3 +326,18 @@ def test_evidence_across_audits_catches_int8_served_as_bf16_and_needs_a_second_o
     assert outcomes[-1] == AuditStatus.FAILED and AuditStatus.PASSED in outcomes
     with runtime.session() as s:
         assert s.get(Node, node.public_key_hex).precision_cusum == 0  # reset after the alarm
+
+
+def test_a_node_that_overbills_prompt_tokens_fails_its_audit(runtime):
+    """The prompt count is the node's own (its tokenizer): the verifier counts the prompt
+    again, and a receipt that billed more than that fails."""
+    node, ops = _node(runtime, "a", stake=10**9), _node(runtime, "ops", trusted=True)
+    for counted, status in ((7, AuditStatus.PASSED), (3, AuditStatus.FAILED)):
+        audit, _, _ = _served_and_audited(runtime, node)  # its receipt billed 7 prompt tokens
+        _assign(runtime, audit.id)
+        r = _reply(audit.id, True)
+        r.rescore["meta"]["prompt_tokens"] = counted
+        with runtime.session() as s:
+            done = apply_result(s, r, ops.public_key_hex, runtime.settings)
+        assert done.status == status
+    assert "prompt_overbilled" in done.verdict["reasons"] and done.consequences["buyer_made_whole"]
