@@ -7,12 +7,14 @@ import logging
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Response
+from sqlmodel import select
 from starlette.concurrency import run_in_threadpool
 
 from coordinator import metrics, replicas
 
 from coordinator.body_limit import BodyLimit
-from coordinator.errors import install_error_handlers, install_openapi_errors
+from coordinator.bus import BusUnavailable
+from coordinator.errors import Unavailable, install_error_handlers, install_openapi_errors
 from coordinator.routes import accounts, audits, dashboard, nodes, openai_api, requests, seller
 from coordinator.runtime import Runtime
 from coordinator.settings import CoordinatorSettings, get_settings
@@ -78,7 +80,28 @@ def create_app(settings: CoordinatorSettings | None = None, runtime: Runtime | N
 
     @app.get("/healthz", tags=["ops"])
     async def healthz():
+        """Liveness: the process answers."""
         return {"ok": True}
+
+    @app.get("/readyz", tags=["ops"])
+    async def readyz():
+        """Readiness: the database answers and the relay bus is connected (else 503, and a
+        balancer sends buyers to another replica)."""
+        rt = app.state.runtime
+
+        def _db() -> None:
+            with rt.session() as s:
+                s.exec(select(1)).one()
+
+        try:
+            await run_in_threadpool(_db)
+        except Exception as exc:  # noqa: BLE001 - any failure means not ready
+            raise Unavailable(f"database unreachable: {type(exc).__name__}") from exc
+        try:
+            await rt.bus.ensure_connected()
+        except BusUnavailable as exc:
+            raise Unavailable(f"relay bus unreachable: {exc}") from exc
+        return {"ok": True, "replica": rt.replica_id}
 
     @app.get("/metrics", tags=["ops"], include_in_schema=False)
     async def prometheus_metrics():

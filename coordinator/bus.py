@@ -93,6 +93,10 @@ class Bus(abc.ABC):
     def healthy(self) -> bool:
         return True
 
+    async def ensure_connected(self) -> None:
+        """Raise BusUnavailable unless messages can flow now."""
+        return None
+
     async def close(self) -> None:
         return None
 
@@ -179,20 +183,25 @@ class RedisBus(Bus):
     def healthy(self) -> bool:
         return self._up
 
+    async def ensure_connected(self) -> None:
+        await self._start()
+
     # ------------------------------------------------------------ connection
     async def _start(self) -> None:
         loop = asyncio.get_running_loop()
         if self._loop is not loop:  # first use, or a new event loop (tests)
             self._loop, self._lock, self._pubsub, self._up = loop, asyncio.Lock(), None, False
             self._reader = None
-        if not self._up and (self._reader is None or self._reader.done()):
+        if not self._up:  # not waiting for the reader's backoff: a caller wants it now
             async with self._lock:
                 if not self._up:
-                    await self._connect()
+                    was_lost = self._reader is not None
+                    await self._connect()  # raises BusUnavailable while Redis is down
+                    if was_lost:
+                        log.warning("relay bus: reconnected to Redis; %d channels resubscribed", len(self._subs))
+                        self._fan_out_all(BUS_RESTORED)
         if self._reader is None or self._reader.done():
             self._reader = loop.create_task(self._read_loop())
-        if not self._up:
-            raise BusUnavailable("relay bus is reconnecting")
 
     async def _connect(self) -> None:
         """A fresh pub/sub connection subscribed to every wanted channel (lock held)."""
