@@ -132,9 +132,12 @@ def install_openapi_errors(app: FastAPI) -> None:
                 "message": {"type": "string"}, "type": {"type": "string"},
                 "param": {"type": ["string", "null"]}, "code": {"type": ["string", "null"]}}}}}
         ref = {"content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}}
-        for ops in schema.get("paths", {}).values():
+        for path, ops in schema.get("paths", {}).items():
             for op in ops.values():
                 responses = op.setdefault("responses", {})
+                if path.endswith("/completions") and "200" in responses:  # `stream: true` answers SSE
+                    responses["200"].setdefault("content", {})["text/event-stream"] = {
+                        "schema": {"type": "string", "description": "server-sent events: chunks, then [DONE]"}}
                 responses.pop("422", None)
                 for status, what in ERROR_STATUSES.items():
                     responses.setdefault(str(status), {"description": what, **ref})

@@ -61,6 +61,10 @@ AGENT_MODES: dict[str, AgentMode] = {
         "overclaim_tps", "advertises factor x its benchmarked tokens_per_s at registration", 3.0,
         "coordinator's own EWMA of relayed tok/s and canary requests (claim ratio)",
     ),
+    "overbill_prompt": AgentMode(
+        "overbill_prompt", "receipt claims factor x the prompt tokens its tokenizer counted (plus 5)", 3.0,
+        "the verifier counts the prompt again in every audit (prompt_overbilled)",
+    ),
 }
 
 

@@ -11,13 +11,14 @@ from pydantic import BaseModel, Field, model_validator
 from protocol.signing import Signed
 
 PROTOCOL_VERSION = 1
+INT64_MAX = 2**63 - 1  # integers on the wire fit a database BIGINT
 
 
 # ---------------------------------------------------------------- registration
 class ModelOffer(BaseModel):
     model: str = Field(min_length=1, max_length=200)
-    price_in: int = Field(ge=0, description="nano-dollars per million prompt tokens")
-    price_out: int = Field(ge=0, description="nano-dollars per million completion tokens")
+    price_in: int = Field(ge=0, le=INT64_MAX, description="nano-dollars per million prompt tokens")
+    price_out: int = Field(ge=0, le=INT64_MAX, description="nano-dollars per million completion tokens")
     tokens_per_s: float = Field(gt=0, description="benchmarked decode tok/s at full batch")
     tokens_per_s_b1: float | None = Field(default=None, gt=0, description="decode tok/s at batch 1")
     ttft_ms: float | None = Field(default=None, ge=0)
@@ -57,13 +58,13 @@ class AccountQuery(Signed):
     """A node asks for its own earnings, stake and statement."""
 
     limit: int = Field(default=50, ge=1, le=500)
-    before: int | None = None
+    before: int | None = Field(default=None, ge=1, le=INT64_MAX)
 
 
 class PayoutRequest(Signed):
     """Move `amount` of the node's earnings out of the market (to its operator)."""
 
-    amount: int = Field(gt=0)
+    amount: int = Field(gt=0, le=INT64_MAX)
     idempotency_key: str = Field(min_length=1, max_length=120)
     destination: str | None = Field(default=None, max_length=64)
 
@@ -71,7 +72,7 @@ class PayoutRequest(Signed):
 class UnbondRequest(Signed):
     """Start withdrawing `amount` of stake; it is paid after the unbonding delay."""
 
-    amount: int = Field(gt=0)
+    amount: int = Field(gt=0, le=INT64_MAX)
     idempotency_key: str = Field(min_length=1, max_length=120)
 
 
@@ -112,7 +113,7 @@ class TokenChunk(BaseModel):
 
     type: Literal["tokens"] = "tokens"
     request_id: str
-    start: int = Field(ge=0, description="index of the first token in this chunk")
+    start: int = Field(ge=0, le=INT64_MAX, description="index of the first token in this chunk")
     token_ids: list[Annotated[int, Field(ge=0, lt=2**32)]] | None = None
     logprobs: list[Annotated[int, Field(ge=-(2**31), lt=2**31)]] | None = Field(
         default=None, description="round(logprob * LOGPROB_SCALE) per token")
@@ -137,8 +138,8 @@ class TokenChunk(BaseModel):
 class Receipt(Signed):
     request_id: str
     model: str
-    prompt_tokens: int = Field(ge=0)
-    completion_tokens: int = Field(ge=0)
+    prompt_tokens: int = Field(ge=0, le=INT64_MAX)
+    completion_tokens: int = Field(ge=0, le=INT64_MAX)
     commitment: str = Field(description="hex hash chain over (token id, log-prob) pairs")
     finish_reason: str
 

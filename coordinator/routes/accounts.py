@@ -35,7 +35,7 @@ async def my_account(account: Account = Depends(current_account), rt: Runtime = 
 
 
 @router.get("/v1/account/statement")
-async def my_statement(limit: int = Query(50, ge=1, le=500), before: int | None = Query(None, ge=1),
+async def my_statement(limit: int = Query(50, ge=1, le=500), before: int | None = Query(None, ge=1, le=2**63 - 1),
                        account: Account = Depends(current_account), rt: Runtime = Depends(runtime)):
     """The buyer's transfers, newest first, each with its request id (paged: pass
     `next_cursor` as `before`)."""
@@ -76,7 +76,7 @@ async def record_stake(node_id: str, body: StakeDeposit, rt: Runtime = Depends(r
 
 class AccountCreate(BaseModel):
     name: str = Field(default="buyer", max_length=100)
-    credit_nano_usd: int = Field(default=0, ge=0)
+    credit_nano_usd: int = Field(default=0, ge=0, le=10**18)
 
 
 class DepositCreate(BaseModel):
