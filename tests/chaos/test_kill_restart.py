@@ -13,14 +13,13 @@ import os
 import signal
 import threading
 import time
-import uuid
 
 import httpx
 import openai
 import pytest
 import sqlalchemy as sa
 
-from tests.chaos.oracle import charged_text, greedy_token_texts
+from tests.chaos.oracle import charged_text, greedy_token_texts, production_env
 from tests.e2e.market import Market, settled_balance
 
 pytestmark = [pytest.mark.slow, pytest.mark.postgres]
@@ -33,13 +32,8 @@ RECOVERY_S = 10.0
 
 
 def _env(home, pg_url: str, redis_url: str) -> dict[str, str]:
-    tag = uuid.uuid4().hex[:8]
-    return {**{k: v for k, v in os.environ.items() if not k.startswith("AGORA_")},
-            "AGORA_HOME": str(home), "AGORA_DATABASE_URL": pg_url, "AGORA_BROKER_URL": redis_url,
-            "AGORA_REDIS_URL": redis_url, "AGORA_CELERY_QUEUE": f"agora-chaos-{tag}",
-            "AGORA_NODE_HEARTBEAT_INTERVAL_S": "1", "AGORA_HEARTBEAT_TIMEOUT_S": "4",
-            "AGORA_ASSIGN_TIMEOUT_S": "10", "AGORA_TOKEN_TIMEOUT_S": "5", "AGORA_FIRST_TOKEN_TIMEOUT_S": "8",
-            "AGORA_DELIVERY_ACK_TIMEOUT_S": "15", "AGORA_MIN_STAKE_NANO_USD": "0", "AGORA_CANARY_INTERVAL_S": "0"}
+    return production_env(home, pg_url, redis_url, heartbeat_timeout_s="4", assign_timeout_s="10", token_timeout_s="5",
+                          first_token_timeout_s="8", delivery_ack_timeout_s="15", canary_interval_s="0")
 
 
 class Load(threading.Thread):
