@@ -152,7 +152,7 @@ class RequestStream:
             log.warning("request %s: node %s stalled; failing over after %d tokens", self.rid, node_id[:12], count)
             await self.rt.bus.publish(f"node:{node_id}", {"type": "cancel", "request_id": self.rid})
             await self.rt.bus.publish(f"req:{self.rid}", {"type": "failover", "node_id": node_id, "tokens": count})
-            await run_in_threadpool(self.rt.trigger_dispatch)
+            await run_in_threadpool(self.rt.kick_dispatch)
 
     async def _give_up(self) -> bool:
         def _fail() -> bool:

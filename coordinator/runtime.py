@@ -16,7 +16,7 @@ from datetime import timedelta
 from sqlalchemy.engine import Engine
 from sqlmodel import Session
 
-from coordinator.bus import Bus, make_bus
+from coordinator.bus import Bus, BusUnavailable, make_bus
 from coordinator.db import make_engine, session_scope
 from coordinator.ratelimit import RateLimiter
 from coordinator.replicas import new_replica_id
@@ -55,13 +55,29 @@ class Runtime:
             yield session
 
     def trigger_dispatch(self) -> None:
-        """Ask for a dispatch round unless one is already pending (micro-batching)."""
+        """Ask for a dispatch round unless one is already pending (micro-batching). Raises
+        BusUnavailable when neither the relay nor the broker can take it (the caller then
+        refuses the work it cannot place, with a 503)."""
         if self.bus.set_flag(DISPATCH_FLAG, ttl_s=1.0):
+            from kombu.exceptions import OperationalError
+
             from scheduler.tasks import dispatch
 
-            dispatch.apply_async(
-                kwargs={"window_ms": self.settings.dispatch_window_ms, "policy": self.settings.routing_policy}
-            )
+            try:
+                dispatch.apply_async(
+                    kwargs={"window_ms": self.settings.dispatch_window_ms, "policy": self.settings.routing_policy}
+                )
+            except OperationalError as exc:
+                self.bus.clear_flag(DISPATCH_FLAG)
+                raise BusUnavailable(f"the broker cannot take the dispatch task: {exc}") from exc
+
+    def kick_dispatch(self) -> None:
+        """`trigger_dispatch` where nobody waits on it (capacity freed, a node connected): if
+        the relay or broker is down, the sweep dispatches what is queued once they are back."""
+        try:
+            self.trigger_dispatch()
+        except BusUnavailable as exc:
+            log.debug("dispatch not triggered: %s", exc)
 
     def enqueue_settle(self, request_id: str) -> None:
         from scheduler.tasks import settle

@@ -84,7 +84,7 @@ class Channel:
                 await self.rt.bus.publish(f"node:{self.node_id}", {"type": "superseded", "channel_id": self.channel_id})
                 for frame in await run_in_threadpool(self._pending_assignments):
                     await self._send_assignment(frame)
-                self.rt.trigger_dispatch()
+                self.rt.kick_dispatch()
                 pump = asyncio.create_task(self._pump(sub))
                 pinger = asyncio.create_task(self._ping_loop())
                 try:
@@ -139,7 +139,7 @@ class Channel:
         for rid, count in moved:
             self.rt.bus.publish_sync(f"req:{rid}", {"type": "failover", "node_id": self.node_id, "tokens": count})
         if moved:
-            self.rt.trigger_dispatch()
+            self.rt.kick_dispatch()
 
     async def _close(self, code: int, reason: str) -> None:
         try:
@@ -277,7 +277,7 @@ class Channel:
             if await run_in_threadpool(self._fail, rid, f"receipt rejected: {message}"):
                 await self.rt.bus.publish(f"req:{rid}", {"type": "error", "status": 502, "code": "bad_receipt",
                                                          "message": "the node's receipt was rejected"})
-            self.rt.trigger_dispatch()
+            self.rt.kick_dispatch()
             return
         if accepted.fresh:
             # The buyer's handler learns the end and what its charge depends on; it writes the
@@ -289,7 +289,7 @@ class Channel:
                 await self.rt.bus.publish(f"req:{rid}", {
                     "type": "done", "node_id": self.node_id, "finish_reason": done.receipt.finish_reason,
                     "relayed": st.count, "quote": accepted.quote.to_dict()})
-                self.rt.trigger_dispatch()  # the node has a free slot again
+                self.rt.kick_dispatch()  # the node has a free slot again
             except BusUnavailable as exc:  # the buyer's handler has seen the bus drop and ended
                 log.warning("request %s: receipt stored, but the relay is down: %s", rid, exc)
         if accepted.audit_id is not None:
@@ -341,7 +341,7 @@ class Channel:
             if await run_in_threadpool(self._fail, err.request_id, reason):
                 await self.rt.bus.publish(f"req:{err.request_id}", {
                     "type": "error", "status": 400, "code": err.code, "message": err.message})
-                self.rt.trigger_dispatch()
+                self.rt.kick_dispatch()
             return
         # The node failed: the request continues on another node after what was delivered.
         outcome = await run_in_threadpool(self._fail_over, err.request_id, st, reason)
@@ -356,4 +356,4 @@ class Channel:
         if outcome.excluded:
             await self.rt.bus.publish(f"node:{self.node_id}", {"type": "notice", "level": "error",
                                                                "message": outcome.excluded})
-        self.rt.trigger_dispatch()
+        self.rt.kick_dispatch()

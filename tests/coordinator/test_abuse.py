@@ -134,3 +134,42 @@ def test_the_openapi_document_declares_every_status_with_the_error_body(client):
             assert "422" not in codes, (path, method)
             assert {"400", "401", "404", "409", "413", "429", "503"} <= codes, (path, method)
             assert op["responses"]["429"]["content"]["application/json"]["schema"] == {"$ref": "#/components/schemas/Error"}
+
+
+def test_a_broker_that_cannot_take_work_is_a_503_and_nothing_is_held(client, runtime, key):
+    """The relay is up but the broker refuses the dispatch task: the request is not left
+    admitted with its money held; the buyer gets a 503 with Retry-After."""
+    from kombu.exceptions import OperationalError
+
+    from coordinator.models import InferenceRequest, RequestStatus
+    from sqlmodel import select
+    from tests.coordinator.test_routability import _seller
+
+    _seller(client, runtime)
+    import scheduler.tasks
+
+    def refuse(*a, **kw):
+        raise OperationalError("broker down")
+
+    original = scheduler.tasks.dispatch.apply_async
+    scheduler.tasks.dispatch.apply_async = refuse
+    try:
+        r = _chat(client, key, max_tokens=8)
+    finally:
+        scheduler.tasks.dispatch.apply_async = original
+    assert r.status_code == 503 and r.headers["retry-after"] and r.json()["error"]["code"] == "market_unavailable"
+    import time
+
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:  # the hold is released in the background at once
+        with runtime.session() as s:
+            reqs = s.exec(select(InferenceRequest)).all()
+            if reqs and all(q.status == RequestStatus.CANCELLED for q in reqs):
+                break
+        time.sleep(0.05)
+    with runtime.session() as s:
+        from coordinator.models import Account
+        from pricing.ledger import Ledger
+
+        acct = s.exec(select(Account).where(Account.name == "buyer")).one()
+        assert Ledger(s).held(acct.ledger_account_id) == 0
