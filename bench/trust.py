@@ -145,3 +145,24 @@ def hostile(n_jobs: int = 30) -> dict:
         finally:
             rt.stop()
             engine.dispose()
+
+
+def section(model: str, quick: bool, population, detection_prob: float) -> dict:
+    """Every trust figure for bench/verify.py. `population(mode, seed_base, n)` gives (jobs,
+    reference log-prob vectors) for "honest" bf16 or "int8" served as bf16. The precision
+    evidence is calibrated on request seeds 9000.. and measured on 12000.. (other prompts,
+    other sampling seeds)."""
+    import sys
+
+    n = 100 if quick else 400
+    out = precision(population("honest", 9000, n), population("int8", 9000, n), population("honest", 12000, n),
+                    population("int8", 12000, n), model)
+    out.update(swap(detection_prob))
+    out.update(economics(detection_prob))
+    out.update(hostile(12 if quick else 30))
+    print(f"int8 served as bf16: caught within {out['int8_as_bf16_jobs_to_detect']:.0f} audited jobs (p99), "
+          f"false alarms {out['precision_false_alarms_per_audit']:.2e} per honest audit; swap caught within "
+          f"{out['swap_jobs_to_detect']:.0f} jobs (p99; {out['swap_jobs_to_detect_without_canary']:.0f} without the "
+          f"canary); hostile verifier: {out['hostile_verifier_false_penalties']} false penalties in "
+          f"{out['hostile_verifier_jobs']} lies; cheating EV ratio >= {out['cheat_ev_ratio_min']:.2f}", file=sys.stderr)
+    return out

@@ -342,34 +342,6 @@ def int8_declared(model: str, quick: bool, split: str, probe, verifiers: dict, e
                 int8_declared=dict(reasons=reasons, cells=summary, request_seeds=f"{seed}..{seed + 5}"))
 
 
-def trust_section(model: str, quick: bool, probe, verifier, detection_prob: float) -> dict:
-    """Evidence across audits (int8 served as bf16), checkpoint swaps, hostile verifiers and
-    the economics of cheating (bench/trust.py). The precision evidence is calibrated on
-    request seeds 9000.. and measured on 12000.. (other prompts, other sampling seeds)."""
-    n = 100 if quick else 400
-
-    def population(mode: str, base: int):
-        jobs = []
-        for i in range(2):
-            eng = (load_builtin_engine(model, dtype="bfloat16", max_batch=32) if mode == "honest" else
-                   make_adversarial_engine("int8", model, dtype="bfloat16", max_batch=32, seed=i))
-            jobs += generate(eng, make_specs(probe, n // 2, base + 17 * i))[0]
-        refs = [rescore_with_model(verifier, j["prompt"], j["ids"], j["sampling"]).logprob.tolist() for j in jobs]
-        return jobs, refs
-
-    out = trust.precision(population("honest", 9000), population("int8", 9000), population("honest", 12000),
-                          population("int8", 12000), model)
-    out.update(trust.swap(detection_prob))
-    out.update(trust.economics(detection_prob))
-    out.update(trust.hostile(12 if quick else 30))
-    print(f"int8 served as bf16: caught within {out['int8_as_bf16_jobs_to_detect']:.0f} audited jobs (p99), "
-          f"false alarms {out['precision_false_alarms_per_audit']:.2e} per honest audit; swap caught within "
-          f"{out['swap_jobs_to_detect']:.0f} jobs (p99; {out['swap_jobs_to_detect_without_canary']:.0f} without the "
-          f"canary); hostile verifier: {out['hostile_verifier_false_penalties']} false penalties in "
-          f"{out['hostile_verifier_jobs']} lies; cheating EV ratio >= {out['cheat_ev_ratio_min']:.2f}", file=sys.stderr)
-    return out
-
-
 def _finite(x):
     """JSON has no Infinity: an unbounded figure (never detected) becomes null."""
     if isinstance(x, dict):
@@ -448,7 +420,17 @@ def main(argv=None) -> dict:
               file=sys.stderr)
 
     int8 = int8_declared(model, quick, args.split, probe, verifiers, eos)
-    trust_figures = trust_section(model, quick, probe, verifiers["float32"],
+    def population(mode: str, base: int, n: int):  # (jobs, fp32 reference log-probs), bf16 honest or int8
+        jobs = []
+        for i in range(2):
+            eng = (load_builtin_engine(model, dtype="bfloat16", max_batch=32) if mode == "honest" else
+                   make_adversarial_engine("int8", model, dtype="bfloat16", max_batch=32, seed=i))
+            jobs += generate(eng, make_specs(probe, n // 2, base + 17 * i))[0]
+        refs = [rescore_with_model(verifiers["float32"], j["prompt"], j["ids"], j["sampling"]).logprob.tolist()
+                for j in jobs]
+        return jobs, refs
+
+    trust_figures = trust.section(model, quick, population,
                                   min(m["detection_rate"] for k, m in modes.items() if k != "int8"))
     cross_result = cross.finish(verifiers, eos)  # before the cost timings: vLLM shares the cores
     calib = "calibrate" if args.split == "calibrate" else "measure (out of sample)"

@@ -47,3 +47,26 @@ def production_env(home, pg_url: str, redis_url: str, **settings: str) -> dict[s
                 "AGORA_NODE_HEARTBEAT_INTERVAL_S": "1", "AGORA_MIN_STAKE_NANO_USD": "0"})
     env.update({f"AGORA_{k.upper()}": v for k, v in settings.items()})
     return env
+
+
+def assert_books_closed(pg_url: str, settle_within_s: float = 60.0) -> None:
+    """The ledger sums to zero, every hold resolves (settled or voided) within the bound, and
+    no request was held twice."""
+    import time
+
+    import sqlalchemy as sa
+
+    engine = sa.create_engine(pg_url)
+    try:
+        with engine.connect() as conn:
+            assert conn.execute(sa.text("SELECT SUM(balance) FROM ledger_accounts")).scalar() == 0
+            deadline = time.monotonic() + settle_within_s
+            while conn.execute(sa.text("SELECT COUNT(*) FROM ledger_holds WHERE state = 'PENDING'")).scalar():
+                assert time.monotonic() < deadline, f"a hold is still pending {settle_within_s:.0f}s later"
+                time.sleep(0.5)
+                conn.rollback()
+            assert conn.execute(sa.text(
+                "SELECT COUNT(*) FROM (SELECT request_ref FROM ledger_transfers WHERE kind = 'hold' "
+                "GROUP BY request_ref HAVING COUNT(*) > 1) d")).scalar() == 0  # one hold, one charge per request
+    finally:
+        engine.dispose()
