@@ -64,6 +64,9 @@ def test_prefill_kernel_matches_sdpa(heads, kvh, hd):
     n = sum(lengths)
     q, k, v = torch.randn(n, heads, hd), torch.randn(n, kvh, hd), torch.randn(n, kvh, hd)
     out = kernels.prefill_attention(q, k, v, lengths, 1 / math.sqrt(hd))
+    if out is None:  # the kernel declines without AVX-512 and the engine's torch path serves
+        assert "avx512f" not in open("/proc/cpuinfo").read()
+        pytest.skip("the prefill kernel needs AVX-512, which this CPU lacks")
     a = 0
     for length in lengths:
         t = lambda x: x[None, a:a + length].transpose(1, 2)  # noqa: E731
