@@ -59,24 +59,36 @@ def is_trusted(node: Node, settings: CoordinatorSettings) -> bool:
 
 
 def maybe_select(session: Session, req: InferenceRequest, node: Node, token_ids: list[int],
-                 logprobs_q: list[int], finish_reason: str, settings: CoordinatorSettings, *,
+                 logprobs_q: list[int], finish_reason: str | None, settings: CoordinatorSettings, *,
                  u: float | None = None, prompt_tokens: int | None = None) -> Audit | None:
     """Count the job and, with the node's audit rate, keep it for an audit (the rate at
-    the time of the job is kept with it: it sizes the slash if the job was a cheat)."""
+    the time of the job is kept with it: it sizes the slash if the job was a cheat).
+
+    After a failover every node's part of the stream is a job of its own: the part of a
+    node that stalled or failed is offered here as it leaves (`failover.fail_over`, before
+    the segment is recorded; `finish_reason` None), the last node's when its receipt is in.
+    Its verifier rescores it after the earlier parts (`prefix_ids`), which are not its to
+    answer for. A continuation made from text (an engine without token ids) cannot be
+    re-scored exactly and is not audited."""
     rate = audit_rate(node, settings)
     node.jobs += 1
     node.session_jobs += 1
     session.add(node)
-    if req.payload.get("segments") or not token_ids:  # failed-over jobs mix several nodes' tokens
+    segments = req.payload.get("segments", [])
+    prefix = list(req.payload.get("prefix_token_ids", [])) if segments else []
+    if not token_ids or len(logprobs_q) != len(token_ids) or (
+            segments and (not req.payload.get("prefix_exact", True)
+                          or len(prefix) != sum(int(sg["tokens"]) for sg in segments))):
         return None
     canary = bool(req.payload.get("canary"))  # the coordinator's own test purchase: always checked
     if not canary and not (_rng.random() if u is None else u) < rate:
         return None
     offer = session.exec(select(NodeOffer).where(NodeOffer.node_id == node.id, NodeOffer.model == req.model)).first()
-    audit = Audit(request_id=req.id, node_id=node.id, claimed={
+    audit = Audit(request_id=req.id, node_id=node.id, segment=len(segments), claimed={
         "ids": list(token_ids), "logprobs_q": list(logprobs_q), "finish_reason": finish_reason,
         "dtype": offer.dtype if offer else "float32", "quantization": offer.quantization if offer else None,
-        "rate": 1.0 if canary else rate, "prompt_tokens": prompt_tokens})
+        "rate": 1.0 if canary else rate, "prompt_tokens": prompt_tokens, "prefix_ids": prefix,
+        "price_in": req.price_in or 0, "price_out": req.price_out or 0})
     session.add(audit)
     session.flush()
     return audit
@@ -86,7 +98,8 @@ def assign_verifier(session: Session, audit: Audit, settings: CoordinatorSetting
     """Choose a verifier and build its job: a node of another operator serving the model, that
     has earned the right to judge (`VerifierPolicy`) or is the operator's own. A confirmation
     (a second opinion on a failing verdict) also excludes the first verifier's operator, and
-    goes to a trusted verifier where one is live."""
+    goes to a trusted verifier where one is live; so does a seller's appeal
+    (`reverification.py`), which excludes every verifier (and operator) that judged it."""
     req = session.get(InferenceRequest, audit.request_id)
     audited = session.get(Node, audit.node_id)
     rows = session.exec(select(NodeOffer, Node).join(Node, Node.id == NodeOffer.node_id)
@@ -100,16 +113,19 @@ def assign_verifier(session: Session, audit: Audit, settings: CoordinatorSetting
                                     trusted=is_trusted(n, settings))
                   for o, n in rows]
     first = (audit.evidence or {}).get("first")
+    appeal = (audit.evidence or {}).get("reverify")  # a seller's appeal: none of the verifiers so far
     exclude = [first["operator"], first["verifier_id"]] if first else []
+    exclude += appeal["exclude"] if appeal else []
     verifier = select_verifier(audited.id, audited.operator or audited.id, req.model, candidates,
                                rng=random.Random(_rng.random()), policy=verifier_policy(settings),
-                               exclude=exclude, prefer_trusted=bool(first))
+                               exclude=exclude, prefer_trusted=bool(first or appeal))
     if verifier is None:
         return None
     audit.verifier_id, audit.status, audit.sent_at = verifier, AuditStatus.SENT, utcnow()
     session.add(audit)
     job = VerifyJob(audit_id=audit.id, model=req.model, kind=req.kind, messages=req.payload.get("messages"),
-                    prompt=req.payload.get("prompt"), claimed_ids=audit.claimed["ids"],
+                    prompt=req.payload.get("prompt"),
+                    claimed_ids=list(audit.claimed.get("prefix_ids", [])) + list(audit.claimed["ids"]),
                     sampling=Sampling(**req.payload["sampling"]))
     return verifier, job.model_dump()
 

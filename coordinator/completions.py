@@ -72,6 +72,7 @@ class RequestStream:
         without them) and the text."""
         self.segment_count = 0
         self.segment_ids: list[int] | None = []
+        self.segment_logprobs: list[int] | None = []  # None once a chunk came without them
         self.segment_text = ""
 
     @property
@@ -135,6 +136,10 @@ class RequestStream:
                     self.segment_ids = None
                 else:
                     self.segment_ids.extend(msg["token_ids"])
+                if msg.get("logprobs") is None or self.segment_logprobs is None:
+                    self.segment_logprobs = None
+                else:
+                    self.segment_logprobs.extend(msg["logprobs"])
             elif kind == "done" and msg.get("relayed", self.segment_count) != self.segment_count:
                 raise self._broken(f"{msg['relayed'] - self.segment_count} final tokens never arrived")
             return msg
@@ -142,13 +147,17 @@ class RequestStream:
     async def _fail_over(self, timeout_s: float) -> None:
         node_id, count, text = self.node_id, self.segment_count, self.segment_text
         ids = None if self.segment_ids is None else list(self.segment_ids)
+        lps = None if self.segment_logprobs is None else list(self.segment_logprobs)
 
-        def _do() -> bool:
+        def _do():
             with self.rt.session() as s:
-                return fail_over(s, self.rid, node_id, ids, count=count, text=text,
+                return fail_over(s, self.rid, node_id, ids, count=count, text=text, logprobs=lps,
                                  reason=f"no token for {timeout_s:.0f}s", settings=self.rt.settings)
 
-        if await run_in_threadpool(_do):
+        outcome = await run_in_threadpool(_do)
+        if outcome.audit_id is not None:  # the stalled node's part of the stream is audited too
+            await run_in_threadpool(self.rt.dispatch_audit, outcome.audit_id)
+        if outcome:
             log.warning("request %s: node %s stalled; failing over after %d tokens", self.rid, node_id[:12], count)
             await self.rt.bus.publish(f"node:{node_id}", {"type": "cancel", "request_id": self.rid})
             await self.rt.bus.publish(f"req:{self.rid}", {"type": "failover", "node_id": node_id, "tokens": count})

@@ -98,9 +98,25 @@ class Quote:
 
 
 def quote_of(req: InferenceRequest, prompt_tokens: int, last_relayed: int) -> Quote:
-    segs = [(int(s["price_in"]), int(s["price_out"]), int(s["tokens"])) for s in req.payload.get("segments", [])]
-    segs.append((req.price_in or 0, req.price_out or 0, last_relayed))
+    """A segment whose audit failed before the request was paid (`voided`; the last node's:
+    `final_voided`) is priced at zero: neither the buyer nor its node pays or earns for it."""
+    segs = [(0, 0, int(s["tokens"])) if s.get("voided") else (int(s["price_in"]), int(s["price_out"]), int(s["tokens"]))
+            for s in req.payload.get("segments", [])]
+    segs.append((0, 0, last_relayed) if req.payload.get("final_voided") else
+                (req.price_in or 0, req.price_out or 0, last_relayed))
     return Quote(prompt_tokens, tuple(segs), req.hold_amount)
+
+
+def void_segment(req: InferenceRequest, index: int) -> None:
+    """Price segment `index` of a request not yet paid at zero (its audit failed)."""
+    payload = dict(req.payload)
+    segments = [dict(s) for s in payload.get("segments", [])]
+    if index < len(segments):
+        segments[index]["voided"] = True
+        payload["segments"] = segments
+    else:
+        payload["final_voided"] = True
+    req.payload = payload
 
 
 def acknowledge(session: Session, request_id: str, delivered: int, delivery: Delivery) -> bool:

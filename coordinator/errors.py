@@ -110,7 +110,7 @@ ERROR_STATUSES = {
     400: "invalid request (the message says which parameter)", 401: "missing or wrong API key or node signature",
     402: "balance (or a node's stake) short of what the request needs", 403: "banned, or not allowed",
     404: "no such model, request, node or account", 409: "idempotency key reused or still in progress, or "
-    "stake frozen", 413: "request body over the size limit", 429: "rate limit reached (see Retry-After)",
+    "stake frozen, or an audit that cannot be appealed", 413: "request body over the size limit", 429: "rate limit reached (see Retry-After)",
     502: "the node failed and no other could continue", 503: "no capacity, or the market cannot place or relay work "
     "right now (see Retry-After)", 504: "the request did not finish in time",
 }

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 from sqlmodel import Session
 
+from coordinator.audits import maybe_select
 from coordinator.models import InferenceRequest, Node, RequestStatus
 from coordinator.node_registry import record_failure
 from coordinator.settings import CoordinatorSettings
@@ -30,6 +31,7 @@ class FailedOver:
     moved: bool  # back in the queue, to continue on another node
     excluded: str | None = None  # the failed node was taken out of routing (tell it why)
     failed: bool = False  # not moved: the request was ended here, unpaid (tell the buyer)
+    audit_id: int | None = None  # the failed node's segment was kept for an audit: dispatch it
 
     def __bool__(self) -> bool:
         return self.moved
@@ -37,11 +39,13 @@ class FailedOver:
 
 def fail_over(session: Session, request_id: str, node_id: str, delivered_ids: list[int] | None, *,
               count: int | None = None, text: str = "", reason: str | None = None,
-              settings: CoordinatorSettings | None = None) -> FailedOver:
+              settings: CoordinatorSettings | None = None, logprobs: list[int] | None = None) -> FailedOver:
     """Requeue `request_id` after `node_id` failed having delivered `count` tokens
-    (default `len(delivered_ids)`): their ids (None when its engine could not name them)
-    and their text. The next node continues after them: from the ids when every segment so
-    far had ids (exact), else from the text.
+    (default `len(delivered_ids)`): their ids (None when its engine could not name them),
+    their log-probs (None when unknown) and their text. The next node continues after them:
+    from the ids when every segment so far had ids (exact), else from the text. The
+    segment is paid, so it is a job like any other: audited at the node's rate
+    (`audits.maybe_select`) — cheating on part of a stream, then stalling, is no way out.
 
     False (and nothing changed) if the request is no longer that node's to fail: it has
     finished, or another handler already failed it over.
@@ -62,6 +66,11 @@ def fail_over(session: Session, request_id: str, node_id: str, delivered_ids: li
         return FailedOver(False, excluded, failed=True)
     payload["failovers"] = payload.get("failovers", 0) + 1
     n = len(delivered_ids or []) if count is None else count
+    audit = None
+    if n and node is not None:
+        ids = list(delivered_ids or [])[:n] if delivered_ids is not None and len(delivered_ids) >= n else []
+        lps = list(logprobs or [])[:n] if logprobs is not None and len(logprobs) >= n else []
+        audit = maybe_select(session, req, node, ids, lps, None, settings or CoordinatorSettings())
     if n:  # a node that delivered nothing is owed nothing: no segment
         segments.append({"node_id": node_id, "price_in": req.price_in or 0, "price_out": req.price_out or 0,
                          "tokens": n, "prompt_charged": not segments})
@@ -73,4 +82,4 @@ def fail_over(session: Session, request_id: str, node_id: str, delivered_ids: li
     req.payload = payload
     req.status, req.node_id, req.price_in, req.price_out = RequestStatus.QUEUED, None, None, None
     session.add(req)
-    return FailedOver(True, excluded)
+    return FailedOver(True, excluded, audit_id=audit.id if audit else None)

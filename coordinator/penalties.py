@@ -21,18 +21,22 @@ from pricing.stake import Stake
 FALSE_VERDICT_FACTOR = 0.5  # reputation × this per overturned verdict (like a failed audit)
 
 
-def penalise(session: Session, req: InferenceRequest, node: Node, slash: int) -> dict:
-    """Refund the buyer what the job cost it, then slash `slash` of stake to the platform."""
+def penalise(session: Session, req: InferenceRequest, node: Node, slash: int, *, refund: int | None = None,
+             ref: str | None = None) -> dict:
+    """Refund the buyer what the job cost it (`refund`, default the request's cost; a
+    failed-over request's failed segment: what was paid for that segment), then slash
+    `slash` of stake to the platform. `ref` keys the transfers (default the request id)."""
     ledger = Ledger(session)
     buyer = session.get(Account, req.account_id).ledger_account_id
-    cost = req.cost or 0
+    cost = (req.cost or 0) if refund is None else refund
+    ref = ref or req.id
     clawed = 0
     for _ in range(3):  # a payout may land between reading the balance and locking it
         clawed = min(cost, ledger.balance(node.earnings_account_id))
         if not clawed:
             break
         try:
-            ledger.clawback(node.earnings_account_id, buyer, clawed, idempotency_key=f"clawback:{req.id}:{clawed}",
+            ledger.clawback(node.earnings_account_id, buyer, clawed, idempotency_key=f"clawback:{ref}:{clawed}",
                             request_ref=req.id)
             break
         except InsufficientFunds:
@@ -44,11 +48,11 @@ def penalise(session: Session, req: InferenceRequest, node: Node, slash: int) ->
     if take > 0:
         from_stake = min(owed, take)
         result = Stake(ledger).slash(stake_id, take, to=[(buyer, from_stake)] if from_stake else [],
-                                     idempotency_key=f"slash:{req.id}", reason=req.id, allow_partial=True)
+                                     idempotency_key=f"slash:{ref}", reason=req.id, allow_partial=True)
         take, from_stake = result.slashed, result.to_buyers
     from_fees = 0
     if cost - clawed - from_stake > 0:  # what the seller could not cover is the platform's fee on it: back too
-        from_fees = ledger.refund_fee(buyer, cost - clawed - from_stake, idempotency_key=f"fee-refund:{req.id}",
+        from_fees = ledger.refund_fee(buyer, cost - clawed - from_stake, idempotency_key=f"fee-refund:{ref}",
                                       request_ref=req.id)
     refunded = clawed + from_stake + from_fees
     return {"refunded_nano_usd": refunded, "clawed_back_nano_usd": clawed, "slashed_nano_usd": take,

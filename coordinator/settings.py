@@ -107,6 +107,8 @@ class CoordinatorSettings(BaseSettings):
                                   "as measured by bench/verify.py")
     challenge_window_s: float = Field(default=3600, ge=0, description="earnings this recent cannot be paid "
                                       "out: a failed audit may still claw them back")
+    reverify_window_s: float = Field(default=7 * 86400, ge=0, description="a seller may appeal a failed audit "
+                                     "(a re-verification by other verifiers) this long after the verdict")
     canary_interval_s: float = Field(default=900, ge=0, description="a canary per node this often; 0: none")
     audit_expiry_s: float = Field(default=600, gt=0, description="an audit no capable verifier has answered by "
                                   "then expires (counted, never judged)")

@@ -142,6 +142,11 @@ def _charge(session: Session, req: InferenceRequest, fee_bps: int) -> _Charge:
     return _Charge(record, relayed, node, prompt, delivered, parts, subsidy)
 
 
+def charged_parts(session: Session, req: InferenceRequest, fee_bps: int) -> list[int]:
+    """What the buyer paid for each segment of a COMPLETED request (stream order)."""
+    return [gross for _, gross in _charge(session, req, fee_bps).parts]
+
+
 def _complete(session: Session, req: InferenceRequest, ch: _Charge, offer: NodeOffer | None = None) -> Settled:
     record_success(ch.node)
     req.status = RequestStatus.COMPLETED

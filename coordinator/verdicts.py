@@ -10,6 +10,10 @@
   one node alone can never penalise another.
 - When a node is banned, the passes it gave others are re-run by other verifiers (a
   cheater's verdicts are worth nothing), and confirmations it set off start over.
+- After a failover each node's segment is audited on its own (`audits.maybe_select`): the
+  verifier rescores it after the earlier segments, and only its own part is judged. A failed
+  segment is priced at zero if the request is not paid yet (`delivery.void_segment`), else
+  the buyer gets back what it paid for that segment; the other nodes' segments stand.
 - Passing audits also add to the node's evidence across audits (`scheduler.evidence`):
   int8 weights served as bf16 pass most single audits but not a run of them; when that
   evidence crosses its threshold the audit at hand fails like any other.
@@ -21,15 +25,16 @@ from __future__ import annotations
 
 from sqlmodel import Session, col, select
 
+from coordinator import reverification
 from coordinator.audits import REPUTATION, audit_rate, is_trusted
 from coordinator.models import Audit, AuditStatus, InferenceRequest, Node, NodeOffer, ReceiptRecord, RequestStatus
 from coordinator.models.account import utcnow
-from coordinator.delivery import quote_of
+from coordinator.delivery import quote_of, void_segment
 from coordinator.penalties import penalise, punish_false_verdict
 from coordinator.settings import CoordinatorSettings
-from coordinator.settlement import fail_request
+from coordinator.settlement import charged_parts, fail_request
 from pricing.ledger import Ledger
-from pricing.money import request_cost
+from pricing.money import fee_of, request_cost
 from protocol import LOGPROB_SCALE, VerifyResult
 from scheduler.audit import deterrent_slash, update_reputation
 from scheduler.evidence import PrecisionEvidence
@@ -49,6 +54,7 @@ def apply_result(session: Session, result: VerifyResult, verifier_id: str,
         session.add(audit)
         return audit
     req = session.get(InferenceRequest, audit.request_id, with_for_update=True, populate_existing=True)
+    result = _own_part(result, len(audit.claimed.get("prefix_ids") or []))
     verifier_offer = session.exec(select(NodeOffer).where(NodeOffer.node_id == verifier_id,
                                                           NodeOffer.model == req.model)).first()
     try:
@@ -59,11 +65,18 @@ def apply_result(session: Session, result: VerifyResult, verifier_id: str,
         session.add(audit)
         return audit
     first = (audit.evidence or {}).get("first")
-    nodes = _lock_nodes(session, {audit.node_id, verifier_id, *([first["verifier_id"]] if first else [])})
+    appeal = (audit.evidence or {}).get("reverify")
+    nodes = _lock_nodes(session, {audit.node_id, verifier_id, *([first["verifier_id"]] if first else []),
+                                  *(appeal["failing_verifiers"] if appeal else [])})
     node, verifier = nodes[audit.node_id], nodes.get(verifier_id)
     evidence = {"claimed_logprobs": [q / LOGPROB_SCALE for q in audit.claimed["logprobs_q"]],
                 "reference": result.rescore}
-    paid = _pay_verifier(session, audit, req, verifier_id, verifier_offer, round_=2 if first else 1)
+    round_ = 3 + len(appeal["passes"]) if appeal else 2 if first else 1
+    paid = _pay_verifier(session, audit, req, verifier_id, verifier_offer, round_=round_)
+    if appeal and verifier is not None:  # the seller's appeal of a failed audit (`reverification.py`)
+        reverification.on_verdict(session, audit, {**verdict.as_dict(), "verifier_paid_nano_usd": paid}, verifier,
+                                  is_trusted(verifier, settings), nodes, settings)
+        return audit
     precision = _precision_evidence(node, audit, req, result, verifier_offer) if verdict.passed else None
     failed = not verdict.passed or (precision or {}).get("alarm", False)
     if failed and not first and not (verifier is not None and is_trusted(verifier, settings)):
@@ -87,14 +100,23 @@ def apply_result(session: Session, result: VerifyResult, verifier_id: str,
     audit.resolved_at = utcnow()
     consequences = _count(session, node, not failed, settings)
     if failed:
-        if req.status == RequestStatus.SETTLING:
-            # Not paid yet: void it, so the buyer is never charged for the job (nor the node
-            # paid); a settle task that runs later finds it finished and moves nothing.
-            fail_request(session, req.id, f"audit {audit.id} failed")
-        value = _job_value(session, req)
+        if not req.payload.get("segments"):  # one node served it all
+            voided = req.status == RequestStatus.SETTLING
+            if voided:
+                # Not paid yet: void it, so the buyer is never charged for the job (nor the node
+                # paid); a settle task that runs later finds it finished and moves nothing.
+                fail_request(session, req.id, f"audit {audit.id} failed")
+            refund, value, ref = req.cost or 0, _job_value(session, req), req.id
+        else:
+            voided = not req.status.finished
+            refund, value, ref = _fail_segment(session, req, audit, settings), _segment_value(audit), \
+                f"{req.id}:s{audit.segment}"
+            consequences["segment"] = audit.segment
+        if voided:  # the node's pay for the job, never paid: owed back if an appeal overturns this
+            consequences["voided_pay_nano_usd"] = value - fee_of(value, settings.platform_fee_bps)
         slash = deterrent_slash(value, float(audit.claimed.get("rate", 1.0)), detection_prob=settings.detection_prob,
                                 margin=settings.slash_margin, floor=settings.min_slash_nano_usd)
-        consequences.update(penalise(session, req, node, slash))
+        consequences.update(penalise(session, req, node, slash, refund=refund, ref=ref))
     elif first:  # the confirmation contradicts the first verifier
         wrong = nodes.get(first["verifier_id"])
         if wrong is not None:
@@ -134,7 +156,8 @@ def _judge(audit: Audit, req: InferenceRequest, result: VerifyResult, verifier_o
     verdict = _rescored(claimed, sampling, req, result, verifier_offer)
     counted = (result.rescore.get("meta") or {}).get("prompt_tokens")
     billed = claimed.get("prompt_tokens")
-    if counted is not None and billed is not None and billed > int(counted) + PROMPT_TOKEN_SLACK:
+    prefix = len(claimed.get("prefix_ids") or [])  # a continuing node's prompt holds the earlier segments
+    if counted is not None and billed is not None and billed > int(counted) + prefix + PROMPT_TOKEN_SLACK:
         verdict.passed = False  # the node billed more prompt tokens than the prompt has
         verdict.reasons.append("prompt_overbilled")
         verdict.limits["prompt_tokens"] = {"billed": billed, "counted": int(counted)}
@@ -147,7 +170,12 @@ def _rescored(claimed, sampling, req: InferenceRequest, result: VerifyResult, ve
         model=req.model, node_dtype=claimed.get("dtype"), node_quantization=claimed.get("quantization"),
         verifier_dtype=verifier_offer.dtype if verifier_offer else "float32",
         finish_reason=claimed.get("finish_reason"), eos_ids=result.rescore.get("meta", {}).get("eos_ids", ()),
-        has_stop_strings=bool(sampling.get("stop")), receipt_tokens=len(claimed["ids"]))
+        has_stop_strings=bool(sampling.get("stop")), receipt_tokens=len(claimed["ids"]),
+        max_tokens=_segment_max_tokens(sampling.get("max_tokens"), len(claimed.get("prefix_ids") or [])))
+
+
+def _segment_max_tokens(max_tokens: int | None, prefix: int) -> int | None:
+    return None if max_tokens is None else max(0, int(max_tokens) - prefix)
 
 
 def _lock_nodes(session: Session, ids: set[str]) -> dict[str, Node]:
@@ -198,6 +226,34 @@ def rerun_verdicts_of(session: Session, banned: Node) -> list[int]:
     return rerun
 
 
+def _own_part(result: VerifyResult, prefix: int) -> VerifyResult:
+    """The verifier rescored the earlier segments too (the context of this one): keep the
+    per-token arrays of the audited segment only."""
+    if not prefix:
+        return result
+    rescore = {k: (v[prefix:] if isinstance(v, list) else v) for k, v in result.rescore.items()}
+    return result.model_copy(update={"rescore": rescore})
+
+
+def _fail_segment(session: Session, req: InferenceRequest, audit: Audit, settings: CoordinatorSettings) -> int:
+    """A failed segment of a failed-over request: priced at zero while the request is not
+    paid; once paid, what the buyer paid for it is the refund. Other segments stand."""
+    if req.status == RequestStatus.COMPLETED:
+        parts = charged_parts(session, req, settings.platform_fee_bps)
+        return parts[audit.segment] if audit.segment < len(parts) else 0
+    if not req.status.finished:
+        void_segment(req, audit.segment)
+        session.add(req)
+    return 0
+
+
+def _segment_value(audit: Audit) -> int:
+    """What a segment is worth at its node's locked price (charged or not): sizes the slash."""
+    c = audit.claimed
+    prompt = (c.get("prompt_tokens") or 0) if audit.segment == 0 else 0
+    return request_cost(prompt, len(c["ids"]), int(c.get("price_in") or 0), int(c.get("price_out") or 0))
+
+
 def _job_value(session: Session, req: InferenceRequest) -> int:
     """What the audited job is worth at the node's price (charged or not): sizes the slash."""
     if req.cost is not None:
@@ -213,7 +269,8 @@ def _pay_verifier(session: Session, audit: Audit, req: InferenceRequest, verifie
                   offer: NodeOffer | None, round_: int) -> int:
     """The verifier's prefill (prompt + claimed tokens) at its own input price, from fees."""
     verifier = session.get(Node, verifier_id)
-    tokens = (req.prompt_tokens or req.prompt_tokens_est or 0) + len(audit.claimed["ids"])
+    tokens = (req.prompt_tokens or req.prompt_tokens_est or 0) + len(audit.claimed.get("prefix_ids") or []) \
+        + len(audit.claimed["ids"])
     fee = request_cost(tokens, 0, offer.price_in if offer else 0, 0)
     if verifier is None or fee == 0:
         return 0

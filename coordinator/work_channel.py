@@ -126,12 +126,16 @@ class Channel:
         """This connection is gone: its unfinished requests continue on other nodes (they
         cannot continue on another connection of the node: their tokens were counted here).
         The node stays connected if a newer channel of it is open."""
-        moved = []
+        moved, audits = [], []
         with self.rt.session() as s:
             for rid, st in list(self.streams.items()):
-                if fail_over(s, rid, self.node_id, st.token_ids if st.ids_known else None, count=st.count,
-                             text=st.text, reason="work channel lost", settings=self.rt.settings):
+                outcome = fail_over(s, rid, self.node_id, st.token_ids if st.ids_known else None, count=st.count,
+                                    text=st.text, reason="work channel lost", settings=self.rt.settings,
+                                    logprobs=st.logprobs if st.auditable else None)
+                if outcome:
                     moved.append((rid, st.count))
+                if outcome.audit_id is not None:
+                    audits.append(outcome.audit_id)
             node = s.get(Node, self.node_id, with_for_update=True) if self.node_id else None
             if node is not None and node.channel_id in (None, self.channel_id):
                 node.channel_connected = False
@@ -140,6 +144,11 @@ class Channel:
             self.rt.bus.publish_sync(f"req:{rid}", {"type": "failover", "node_id": self.node_id, "tokens": count})
         if moved:
             self.rt.kick_dispatch()
+        for audit_id in audits:  # the sweep resends what cannot be sent now
+            try:
+                self.rt.dispatch_audit(audit_id)
+            except Exception as exc:  # noqa: BLE001
+                log.warning("audit %s not dispatched yet: %s", audit_id, exc)
 
     async def _close(self, code: int, reason: str) -> None:
         try:
@@ -250,7 +259,7 @@ class Channel:
         try:
             await self.rt.bus.publish(f"req:{chunk.request_id}", {
                 "type": "tokens", "node_id": self.node_id, "text": chunk.text, "start": chunk.start, "count": n,
-                "token_ids": chunk.token_ids})
+                "token_ids": chunk.token_ids, "logprobs": chunk.logprobs})
         except BusUnavailable:
             # Relayed from the node but lost on the way: the node is paid for it, the buyer's
             # handler sees the gap (or the bus drop) and charges the buyer only what it got.
@@ -330,7 +339,8 @@ class Channel:
     def _fail_over(self, rid: str, st: _Stream, reason: str):
         with self.rt.session() as s:
             return fail_over(s, rid, self.node_id, st.token_ids if st.ids_known else None, count=st.count,
-                             text=st.text, reason=reason, settings=self.rt.settings)
+                             text=st.text, reason=reason, settings=self.rt.settings,
+                             logprobs=st.logprobs if st.auditable else None)
 
     async def _on_error(self, err: WorkError) -> None:
         st = self.streams.pop(err.request_id, None)
@@ -353,6 +363,8 @@ class Channel:
         elif outcome.failed or await run_in_threadpool(self._fail, err.request_id, reason):
             await self.rt.bus.publish(f"req:{err.request_id}", {
                 "type": "error", "status": 502, "code": err.code, "message": err.message})
+        if outcome.audit_id is not None:
+            await run_in_threadpool(self.rt.dispatch_audit, outcome.audit_id)
         if outcome.excluded:
             await self.rt.bus.publish(f"node:{self.node_id}", {"type": "notice", "level": "error",
                                                                "message": outcome.excluded})

@@ -14,6 +14,9 @@ Engines that cheat in the ways an open market invites, so tests, the simulator a
   cannot see it; the likelihood of the tokens can).
 - `truncate`: stops after part of the requested tokens, ends with an end-of-sequence token
   claimed at an honest-looking log-prob and finish "stop".
+- `cheat_then_stall`: streams honest-looking random tokens for half the requested tokens,
+  then stalls (never finishes, keeps the connection): the coordinator fails the request over
+  to another node and pays this one for its segment, so the segment must be audited.
 
 Agent-level modes (the node agent wires them; they change receipts and adverts, not tokens)
 are plain data in `AGENT_MODES`: inflated token counts, replayed receipts, over-claimed
@@ -25,6 +28,7 @@ files or the model cache.
 
 from __future__ import annotations
 
+import asyncio
 import random
 from dataclasses import dataclass
 from typing import AsyncIterator
@@ -33,9 +37,10 @@ import torch
 
 from node_agent.engines.base import Engine, GenerationRequest, TokenEvent
 
+STREAM_MODES = ("cheat_then_stall",)  # never finish a job: exercised through the market, not the bench
 ENGINE_MODES = ("other_model", "smaller_model", "int4", "int8", "random", "random_plausible",
-                "random_oracle", "truncate")
-DETECTION_TARGETS = tuple(m for m in ENGINE_MODES if m != "int8")
+                "random_oracle", "truncate") + STREAM_MODES
+DETECTION_TARGETS = tuple(m for m in ENGINE_MODES if m != "int8" and m not in STREAM_MODES)
 
 
 @dataclass(frozen=True)
@@ -189,6 +194,35 @@ class TruncatingEngine(_Wrapper):
         yield TokenEvent(self.eos_id, self.eos_logprob, "", "stop")
 
 
+class StallingEngine(_Wrapper):
+    """TEST TOOL: passes through the first `keep_fraction` of max_tokens, then stalls until
+    cancelled (a node that goes silent mid-stream, keeping its connection). The node's own
+    start-up benchmark is left alone."""
+
+    def __init__(self, inner: Engine, keep_fraction: float = 0.5, model_name: str | None = None):
+        super().__init__(inner, model_name)
+        self.keep_fraction = keep_fraction
+
+    async def generate(self, request: GenerationRequest) -> AsyncIterator[TokenEvent]:
+        agen = self.inner.generate(request)
+        if request.request_id.startswith("bench-"):  # its own speed benchmark runs through
+            async for ev in agen:
+                yield ev
+            return
+        keep = max(int(request.sampling.max_tokens * self.keep_fraction), 1)
+        try:
+            emitted = 0
+            async for ev in agen:
+                if emitted >= keep:
+                    break
+                yield ev if not ev.finish_reason else TokenEvent(ev.token_id, ev.logprob, ev.text, None)
+                emitted += 1
+        finally:
+            await agen.aclose()
+        await asyncio.Event().wait()  # silent until the coordinator cancels the job
+        yield TokenEvent(0, 0.0, "", "stop")  # never reached
+
+
 # ---------------------------------------------------------------- factories
 def make_adversarial_engine(mode: str, model: str = "tiny", *, dtype: str = "float32", max_batch: int = 32,
                             seed: int = 0, cache_dir=None, **kw) -> Engine:
@@ -214,6 +248,8 @@ def make_adversarial_engine(mode: str, model: str = "tiny", *, dtype: str = "flo
     if mode.startswith("random"):
         claim = {"random": "random", "random_plausible": "plausible", "random_oracle": "oracle"}[mode]
         return RandomTokenEngine(honest, claim=claim, seed=seed)
+    if mode == "cheat_then_stall":
+        return StallingEngine(RandomTokenEngine(honest, claim="plausible", seed=seed), kw.get("keep_fraction", 0.5))
     if mode == "truncate":
         eos = min(honest.eos_ids) if honest.eos_ids else 2
         return TruncatingEngine(honest, eos_id=eos, keep_fraction=kw.get("keep_fraction", 0.5))

@@ -36,7 +36,11 @@ def build_parser() -> argparse.ArgumentParser:
     unbond = sub.add_parser("unbond", help="start withdrawing stake (paid after the unbonding delay)")
     unbond.add_argument("--amount", type=int, required=True, help="nano-USD")
     unbond.add_argument("--idempotency-key", required=True)
-    for q in (account, payout, unbond):
+    audits = sub.add_parser("audits", help="this node's audits, with the evidence of each verdict")
+    audits.add_argument("--limit", type=int, default=50)
+    reverify = sub.add_parser("reverify", help="appeal a failed audit: other verifiers judge the job again")
+    reverify.add_argument("--audit", type=int, required=True, dest="audit_id", help="the failed audit's id")
+    for q in (account, payout, unbond, audits, reverify):
         q.add_argument("--coordinator")
         q.add_argument("--key", dest="key_path")
     for q in (p, bench):
@@ -101,7 +105,7 @@ def settings_from(args: argparse.Namespace) -> NodeSettings:
 
 
 ENGINE_MODES = ("other_model", "smaller_model", "int4", "int8", "random", "random_plausible",
-                "random_oracle", "truncate")  # node_agent.adversarial (imported only when used)
+                "random_oracle", "truncate", "cheat_then_stall")  # node_agent.adversarial (imported only when used)
 AGENT_MODES = ("inflate_tokens", "replay_receipt", "overclaim_tps", "overbill_prompt")
 
 
@@ -198,12 +202,16 @@ def _money_command(args: argparse.Namespace, settings: NodeSettings) -> int:
     import httpx
 
     from node_agent.identity import Identity
-    from protocol import AccountQuery, PayoutRequest, UnbondRequest, fresh_stamp
+    from protocol import AccountQuery, PayoutRequest, ReverifyRequest, UnbondRequest, fresh_stamp
 
     me = Identity.load_or_create(settings.key_path)
     stamp = dict(node_id=me.public_key_hex, **fresh_stamp())
     if args.cmd == "account":
         path, msg = "/v1/nodes/me/account", AccountQuery(**stamp)
+    elif args.cmd == "audits":
+        path, msg = "/v1/nodes/me/audits", AccountQuery(**stamp, limit=args.limit)
+    elif args.cmd == "reverify":
+        path, msg = "/v1/nodes/me/audits/reverify", ReverifyRequest(**stamp, audit_id=args.audit_id)
     elif args.cmd == "payout":
         path, msg = "/v1/nodes/me/payouts", PayoutRequest(**stamp, amount=args.amount,
                                                           idempotency_key=args.idempotency_key)
@@ -248,7 +256,7 @@ def main(argv: list[str] | None = None) -> int:
 
         print(Identity.load_or_create(settings.key_path).public_key_hex)
         return 0
-    if args.cmd in ("account", "payout", "unbond"):
+    if args.cmd in ("account", "payout", "unbond", "audits", "reverify"):
         return _money_command(args, settings)
     if args.cmd == "bench":
         try:

@@ -308,27 +308,8 @@ class Ledger:
         """The platform pays a buyer back what a fraudulent job cost it beyond what the seller's
         earnings and stake could cover (the platform's own fee on it, at most): from the fees
         it holds (any shard), the rest from EXTERNAL (the operator's money). Returns the amount."""
-        if amount < 0:
-            raise LedgerError("amount must be >= 0")
-
-        def op():
-            shards = self.s.exec(select(LedgerAccount.id).where(LedgerAccount.kind == AccountKind.PLATFORM_FEES)).all()
-            external = self._sys(AccountKind.EXTERNAL, 0)
-            accts = self._lock([*shards, external, buyer_account_id])
-            if accts[buyer_account_id].kind != AccountKind.BUYER:
-                raise WrongAccountKind("fee refunds go to buyer accounts")
-            left = amount
-            for shard in sorted(shards, key=lambda i: -accts[i].balance):
-                take = min(left, accts[shard].balance)
-                if take <= 0:
-                    break
-                self._move(accts, shard, buyer_account_id, take, "fee_refund", request_ref=request_ref)
-                left -= take
-            self._move(accts, external, buyer_account_id, left, "fee_refund", request_ref=request_ref)
-            return {"refunded": amount}
-
-        params = {"to": buyer_account_id, "amount": amount, "ref": request_ref}
-        return self._once(idempotency_key, "fee_refund", params, op)["refunded"]
+        return self._platform_covers(buyer_account_id, AccountKind.BUYER, amount, "fee_refund",
+                                     idempotency_key=idempotency_key, request_ref=request_ref)
 
     def pay_from_platform(self, account_id: int, amount: int, *, idempotency_key: str, kind: str = "verify",
                           request_ref: str | None = None) -> int:
@@ -354,6 +335,40 @@ class Ledger:
 
         params = {"to": account_id, "amount": amount, "kind": kind, "ref": request_ref}
         return self._once(idempotency_key, "platform_pay", params, op)["paid"]
+
+
+    def compensate(self, earnings_account_id: int, amount: int, *, idempotency_key: str,
+                   request_ref: str | None = None) -> int:
+        """The platform makes a seller whole for a penalty that an appeal overturned (what was
+        clawed back and slashed, the pay for a job voided by the wrong verdict): from the fees
+        it holds, the rest from EXTERNAL (the operator's money). Returns the amount."""
+        return self._platform_covers(earnings_account_id, AccountKind.SELLER_EARNINGS, amount, "compensation",
+                                     idempotency_key=idempotency_key, request_ref=request_ref)
+
+    def _platform_covers(self, account_id: int, account_kind: AccountKind, amount: int, kind: str, *,
+                         idempotency_key: str, request_ref: str | None) -> int:
+        """PLATFORM_FEES (richest shard first), then EXTERNAL -> `account_id`, all of `amount`."""
+        if amount < 0:
+            raise LedgerError("amount must be >= 0")
+
+        def op():
+            shards = self.s.exec(select(LedgerAccount.id).where(LedgerAccount.kind == AccountKind.PLATFORM_FEES)).all()
+            external = self._sys(AccountKind.EXTERNAL, 0)
+            accts = self._lock([*shards, external, account_id])
+            if accts[account_id].kind != account_kind:
+                raise WrongAccountKind(f"{kind} goes to {account_kind.value} accounts")
+            left = amount
+            for shard in sorted(shards, key=lambda i: -accts[i].balance):
+                take = min(left, accts[shard].balance)
+                if take <= 0:
+                    break
+                self._move(accts, shard, account_id, take, kind, request_ref=request_ref)
+                left -= take
+            self._move(accts, external, account_id, left, kind, request_ref=request_ref)
+            return {"refunded": amount}
+
+        params = {"to": account_id, "amount": amount, "ref": request_ref}
+        return self._once(idempotency_key, kind, params, op)["refunded"]
 
 
 def expire_holds(session: Session, now: datetime | None = None, *, limit: int | None = None) -> list[int]:

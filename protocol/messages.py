@@ -76,6 +76,12 @@ class UnbondRequest(Signed):
     idempotency_key: str = Field(min_length=1, max_length=120)
 
 
+class ReverifyRequest(Signed):
+    """A seller appeals one of its failed audits: another verifier judges the job again."""
+
+    audit_id: int = Field(ge=1, le=INT64_MAX)
+
+
 # ---------------------------------------------------------------- work channel frames
 class Sampling(BaseModel):
     max_tokens: int = 16

@@ -7,7 +7,7 @@ import enum
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import JSON, Column
+from sqlalchemy import JSON, Column, UniqueConstraint
 from sqlmodel import Field, SQLModel
 
 from coordinator.models.account import utcnow
@@ -23,9 +23,13 @@ class AuditStatus(str, enum.Enum):
 
 class Audit(SQLModel, table=True):
     __tablename__ = "audits"
+    __table_args__ = (UniqueConstraint("request_id", "segment", name="uq_audits_request_segment"),)
 
     id: int | None = Field(default=None, primary_key=True)
-    request_id: str = Field(foreign_key="inference_requests.id", index=True, unique=True)
+    request_id: str = Field(foreign_key="inference_requests.id", index=True)
+    # Which part of the stream: 0 for a job one node served whole; after a failover, the
+    # index of the node's segment in stream order (each segment is audited at its node's rate).
+    segment: int = Field(default=0, sa_column_kwargs={"server_default": "0"})
     node_id: str = Field(index=True, max_length=64)
     verifier_id: str | None = Field(default=None, index=True, max_length=64)
     status: AuditStatus = Field(default=AuditStatus.PENDING, index=True)

@@ -7,21 +7,23 @@ from fastapi import APIRouter, Depends, Query
 from sqlmodel import select
 from starlette.concurrency import run_in_threadpool
 
+from coordinator import reverification
 from coordinator.audits import economics
 from coordinator.auth import require_admin
-from coordinator.errors import NotFound
+from coordinator.errors import Conflict, NotFound
 from coordinator.models import Audit, AuditStatus, Node
 from coordinator.routes.deps import runtime, verify_signed
 from coordinator.routes.seller import stake_account
 from coordinator.runtime import Runtime
-from protocol import AccountQuery
+from protocol import AccountQuery, ReverifyRequest
 from pricing.ledger import Ledger
 
 router = APIRouter(tags=["audits"])
 
 
 def _public(a: Audit, evidence: bool) -> dict:
-    out = {"id": a.id, "request_id": a.request_id, "node_id": a.node_id, "verifier_id": a.verifier_id,
+    out = {"id": a.id, "request_id": a.request_id, "segment": a.segment, "node_id": a.node_id,
+           "verifier_id": a.verifier_id,
            "status": a.status.value, "verdict": a.verdict, "consequences": a.consequences,
            "created_at": a.created_at, "resolved_at": a.resolved_at}
     if evidence:
@@ -64,6 +66,31 @@ async def my_audits(q: AccountQuery, rt: Runtime = Depends(runtime)):
                     "audits": [_public(a, True) for a in rows]}
 
     return await run_in_threadpool(_do)
+
+
+@router.post("/v1/nodes/me/audits/reverify")
+async def appeal_audit(q: ReverifyRequest, rt: Runtime = Depends(runtime)):
+    """A seller appeals one of its failed audits: other verifiers judge the job again (once per
+    audit, within `reverify_window_s`); see `coordinator/reverification.py` for what follows."""
+    await run_in_threadpool(verify_signed, rt, q)
+
+    def _do():
+        with rt.session() as s:
+            try:
+                audit = reverification.request(s, q.node_id, q.audit_id, rt.settings)
+            except reverification.AppealRefused as exc:
+                err = NotFound(str(exc)) if exc.status == 404 else Conflict(str(exc), code=exc.code)
+                raise err from exc
+            return audit.id
+
+    audit_id = await run_in_threadpool(_do)
+    sent = await run_in_threadpool(rt.dispatch_audit, audit_id)
+
+    def _view():
+        with rt.session() as s:
+            return {**_public(s.get(Audit, audit_id), True), "verifier_assigned": sent}
+
+    return await run_in_threadpool(_view)
 
 
 @router.get("/admin/nodes/{node_id}/economics", dependencies=[Depends(require_admin)])

@@ -31,6 +31,10 @@ async def get_request(request_id: str, account: Account = Depends(current_accoun
         "max_tokens": req.max_tokens, "hold_nano_usd": req.hold_amount, "cost_nano_usd": req.cost,
         "price_in": req.price_in, "price_out": req.price_out, "finish_reason": req.finish_reason,
         "failovers": req.payload.get("failovers", len(segments)), "error": req.error,
+        # the nodes that served it in stream order, after a failover: each one's tokens; a
+        # segment whose audit failed before payment is `voided` (not charged)
+        "segments": [{"node_id": sg["node_id"], "tokens": sg["tokens"], "voided": bool(sg.get("voided"))}
+                     for sg in segments],
         "delivery": req.delivery, "delivered_tokens": req.delivered_tokens,
         # from the ledger's own transfers: what was held, charged and given back
         "ledger": {"held_nano_usd": money.held, "charged_nano_usd": money.charged,

@@ -71,7 +71,7 @@ def test_verifier_is_never_the_node_or_its_operator(runtime):
     _ = a2
 
 
-def test_established_nodes_are_audited_at_a_low_rate_and_failovers_not_at_all(runtime):
+def test_established_nodes_are_audited_at_a_low_rate_segments_too(runtime):
     node = _node(runtime, "x")
     rid, _ = _request(runtime, node)
     with runtime.session() as s:
@@ -80,8 +80,10 @@ def test_established_nodes_are_audited_at_a_low_rate_and_failovers_not_at_all(ru
         n.session_jobs = 1000
         assert maybe_select(s, req, n, IDS, LPS, "length", runtime.settings, u=0.5) is None  # rate ~ 0.05 now
         assert maybe_select(s, req, n, IDS, LPS, "length", runtime.settings, u=0.01) is not None
-        req.payload = {**req.payload, "segments": [{"node_id": "z"}]}
-        assert maybe_select(s, req, n, IDS, LPS, "length", runtime.settings, u=0.0) is None
+        # after a failover the continuing node's part is a job of its own, rescored after the earlier one
+        req.payload = {**req.payload, "segments": [{"node_id": "z", "tokens": 2}], "prefix_token_ids": [3, 4]}
+        audit = maybe_select(s, req, n, IDS, LPS, "length", runtime.settings, u=0.0)
+        assert (audit.segment, audit.claimed["prefix_ids"]) == (1, [3, 4])
 
 
 def test_pass_raises_reputation_and_pays_the_verifier(runtime):

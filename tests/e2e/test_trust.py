@@ -87,3 +87,46 @@ def test_a_checkpoint_swapped_after_honest_work_is_caught_on_reconnect(tmp_path)
         assert caught, _audits(m, seller)
         sold_before_caught = [a for a in _audits(m, seller) if a["id"] > max(b["id"] for b in before)]
         assert len(sold_before_caught) <= 20
+
+
+def test_a_node_that_cheats_then_stalls_has_its_segment_audited_and_the_buyer_pays_only_the_honest_part(tmp_path):
+    """The stalled node's part of the stream is paid at failover, so it is audited like any
+    job: the cheated segment fails its audit and the buyer ends up paying only for the
+    tokens the honest node made."""
+    from pricing.money import request_cost
+
+    with embedded_market(tmp_path, AGORA_ADMIN_TOKEN="admin-e2e", AGORA_CANARY_INTERVAL_S="0",
+                         AGORA_TOKEN_TIMEOUT_S="2") as m:
+        staller = m.agora("node", "keygen", "--key", str(m.home / "staller.pem"))
+        m.start_node("staller", price_in="0.01", price_out="0.02", extra=("--operator", "x", "--adversary",
+                                                                           "cheat_then_stall"))
+        ops = _trusted_verifier(m)
+        m.wait_live("tiny", 2)
+        assert httpx.post(f"{m.base}/admin/nodes/{ops}/trust", headers=ADMIN).status_code == 200
+        credit = 10**9
+        key = m.agora("account", "create", "--credit", str(credit))
+        c = openai.OpenAI(base_url=m.base + "/v1", api_key=key, timeout=60)  # default retries, as buyers run it
+        stream = c.completions.create(model="tiny", prompt="a story about a market", max_tokens=16, temperature=0,
+                                      stream=True, stream_options={"include_usage": True},
+                                      extra_body={"routing": {"sort": "price"}})
+        chunks = list(stream)
+        rid = chunks[0].id
+        assert chunks[-1].usage.completion_tokens == 16  # one stream, across the failover
+        auth = {"Authorization": f"Bearer {key}"}
+        view = {}
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and view.get("status") != "completed":
+            view = httpx.get(f"{m.base}/v1/requests/{rid}", headers=auth).json()
+            time.sleep(0.3)
+        assert view["status"] == "completed" and view["node_id"] == ops, view
+        [seg] = view["segments"]
+        assert seg["node_id"] == staller and 0 < seg["tokens"] < 16, view
+        audits = _settled_audits(m, staller)
+        [bad] = [a for a in audits if a["request_id"] == rid]
+        assert bad["status"] == "failed" and bad["segment"] == 0, bad
+        assert bad["consequences"]["buyer_made_whole"], bad["consequences"]
+        honest_part = request_cost(0, 16 - seg["tokens"], view["price_in"], view["price_out"])
+        deadline = time.monotonic() + 20
+        while settled_balance(m.base, key) != credit - honest_part and time.monotonic() < deadline:
+            time.sleep(0.3)
+        assert settled_balance(m.base, key) == credit - honest_part

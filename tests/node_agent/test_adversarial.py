@@ -87,7 +87,7 @@ def test_each_adversarial_mode_is_caught(reference, mode):
 def test_int8_is_close_to_honest_and_modes_are_listed(reference):
     verdicts = _verdicts(_jobs(make_adversarial_engine("int8", "tiny", max_batch=8), 6), reference)
     assert np.mean([v.mean_abs_delta for v in verdicts]) < 0.3  # near bf16 noise: a measurement, not a target
-    assert set(DETECTION_TARGETS) | {"int8"} == set(ENGINE_MODES)
+    assert set(DETECTION_TARGETS) | {"int8", "cheat_then_stall"} == set(ENGINE_MODES)
     assert {"inflate_tokens", "replay_receipt", "overclaim_tps"} <= set(AGENT_MODES)
     with pytest.raises(ValueError):
         make_adversarial_engine("nonsense", "tiny")
