@@ -20,12 +20,12 @@ from pathlib import Path
 import numpy as np
 
 from scheduler.audit import AuditPolicy, NodeHistory, cheating_economics
-from scheduler.evidence import PrecisionEvidence, calibrate, jobs_to_alarm
+from scheduler.evidence import PrecisionEvidence, calibrate, jobs_to_alarm, token_z
 from scheduler.verification import noise_scale_for
 
 
 def _deltas(jobs, reference_lps, scale):
-    return [[(c - r) / scale for c, r in zip(j["lps"], ref)] for j, ref in zip(jobs, reference_lps)]
+    return [token_z(j["lps"], ref, scale) for j, ref in zip(jobs, reference_lps)]
 
 
 def precision(honest_cal, int8_cal, honest_meas, int8_meas, model: str, reps: int = 2000, lifetime: int = 5000,
