@@ -238,7 +238,7 @@ async def handle(rt: Runtime, account: Account, body: ChatCompletionRequest | Co
     started = time.monotonic()
     if idempotency_key:
         def _find():
-            with rt.session() as s:
+            with rt.read_session() as s:
                 return find_keyed(s, account, idempotency_key)
 
         prior = await run_in_threadpool(_find)

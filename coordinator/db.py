@@ -10,6 +10,9 @@ from sqlalchemy.engine import Engine
 from sqlmodel import Session, SQLModel, create_engine
 
 
+READ_ONLY = "agora_read_only"
+
+
 def make_engine(url: str) -> Engine:
     if url.startswith("sqlite"):
         engine = create_engine(
@@ -29,8 +32,9 @@ def make_engine(url: str) -> Engine:
         def _begin_immediate(conn):  # pragma: no cover - trivial
             # Take the write lock up front: a deferred transaction that reads, then writes
             # after another writer committed fails at once with "database is locked"
-            # instead of waiting its turn.
-            conn.exec_driver_sql("BEGIN IMMEDIATE")
+            # instead of waiting its turn. A read-only session (`read_scope`) takes none:
+            # in WAL mode it reads a snapshot while writers go on.
+            conn.exec_driver_sql("BEGIN" if conn.get_execution_options().get(READ_ONLY) else "BEGIN IMMEDIATE")
 
         return engine
     return create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=20)
@@ -53,6 +57,22 @@ def session_scope(engine: Engine) -> Iterator[Session]:
         except BaseException:
             session.rollback()
             raise
+
+
+def read_only(engine: Engine) -> Engine:
+    """The same engine (and pool), for `read_scope` sessions."""
+    return engine.execution_options(**{READ_ONLY: True})
+
+
+@contextmanager
+def read_scope(engine: Engine) -> Iterator[Session]:
+    """A session for reads only, on a `read_only(engine)`: on SQLite it takes no write lock
+    (its transaction is rolled back at the end; anything written in it is lost)."""
+    with Session(engine, expire_on_commit=False) as session:
+        try:
+            yield session
+        finally:
+            session.rollback()
 
 
 def retry_transient(fn, attempts: int = 5, first_delay_s: float = 0.05):

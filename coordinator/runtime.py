@@ -17,7 +17,7 @@ from sqlalchemy.engine import Engine
 from sqlmodel import Session
 
 from coordinator.bus import Bus, BusUnavailable, make_bus
-from coordinator.db import make_engine, session_scope
+from coordinator.db import make_engine, read_only, read_scope, session_scope
 from coordinator.ratelimit import RateLimiter
 from coordinator.replicas import new_replica_id
 from coordinator.settings import CoordinatorSettings
@@ -35,6 +35,7 @@ class Runtime:
         self.settings = settings
         self.replica_id = new_replica_id()  # this process, as an API replica (coordinator/replicas.py)
         self.engine = engine or make_engine(settings.effective_database_url)
+        self.read_engine = read_only(self.engine)
         self.bus = bus or make_bus(settings.redis_url, settings.redis_prefix)
         self.celery = celery_module.configure(settings.broker_url, queue=settings.celery_queue)
         self._worker = None
@@ -52,6 +53,12 @@ class Runtime:
     @contextmanager
     def session(self) -> Iterator[Session]:
         with session_scope(self.engine) as session:
+            yield session
+
+    @contextmanager
+    def read_session(self) -> Iterator[Session]:
+        """For reads only (auth, balances, listings): never waits for SQLite's write lock."""
+        with read_scope(self.read_engine) as session:
             yield session
 
     def trigger_dispatch(self) -> None:

@@ -65,6 +65,7 @@ class Channel:
         self.node_id = ""
         self.channel_id = secrets.token_hex(8)  # a node's newest channel wins (Node.channel_id)
         self.streams: dict[str, _Stream] = {}
+        self.tasks: set[asyncio.Task] = set()  # receipts, errors and verdicts being handled
         self.send_lock = asyncio.Lock()
 
     async def run(self) -> None:
@@ -213,12 +214,21 @@ class Channel:
             try:
                 if kind == "tokens":
                     await self._on_tokens(TokenChunk.model_validate(frame))
+                # A frame that needs the database is handled off the read loop: the next
+                # frame (another stream's tokens) never waits behind a receipt's transaction.
+                # The stream leaves `streams` here, so a disconnect cannot fail it over twice.
                 elif kind == "done":
-                    await self._on_done(Done.model_validate(frame))
+                    done = Done.model_validate(frame)
+                    st = self.streams.pop(done.request_id, None)
+                    if st is not None and done.receipt.request_id == done.request_id:
+                        self._background(self._on_done(done, st), kind)
                 elif kind == "error":
-                    await self._on_error(WorkError.model_validate(frame))
+                    err = WorkError.model_validate(frame)
+                    st = self.streams.pop(err.request_id, None)
+                    if st is not None:
+                        self._background(self._on_error(err, st), kind)
                 elif kind == "verify_result":
-                    await self._on_verify_result(VerifyResult.model_validate(frame))
+                    self._background(self._on_verify_result(VerifyResult.model_validate(frame)), kind)
                 elif kind == "pong" and isinstance(frame.get("t"), (int, float)):
                     rtt_ms = (time.monotonic() - frame["t"]) * 1000
                     if 0 <= rtt_ms < 60_000:
@@ -227,6 +237,17 @@ class Channel:
                 log.warning("node %s sent a malformed %s frame: %s", self.node_id[:12], kind, exc)
             except Exception:  # one bad frame (or a database hiccup) must not drop the channel
                 log.exception("node %s: handling a %s frame failed", self.node_id[:12], kind)
+
+    def _background(self, work, kind: str) -> None:
+        task = asyncio.create_task(work)
+        self.tasks.add(task)
+
+        def _done(t: asyncio.Task) -> None:
+            self.tasks.discard(t)
+            if not t.cancelled() and t.exception() is not None:
+                log.error("node %s: handling a %s frame failed", self.node_id[:12], kind, exc_info=t.exception())
+
+        task.add_done_callback(_done)
 
     async def _on_tokens(self, chunk: TokenChunk) -> None:
         st = self.streams.get(chunk.request_id)
@@ -267,11 +288,8 @@ class Channel:
                 log.warning("request %s: relay bus down; tokens from %d on are lost", chunk.request_id, chunk.start)
             st.lost += n
 
-    async def _on_done(self, done: Done) -> None:
+    async def _on_done(self, done: Done, st: _Stream) -> None:
         rid = done.request_id
-        st = self.streams.pop(rid, None)
-        if st is None or done.receipt.request_id != rid:
-            return
         relayed = Relayed(
             token_count=st.count, commitment=st.commitment.hex,
             seconds=(st.last_at - st.first_at) if st.first_at and st.last_at else 0.0,
@@ -342,10 +360,7 @@ class Channel:
                              text=st.text, reason=reason, settings=self.rt.settings,
                              logprobs=st.logprobs if st.auditable else None)
 
-    async def _on_error(self, err: WorkError) -> None:
-        st = self.streams.pop(err.request_id, None)
-        if st is None:
-            return
+    async def _on_error(self, err: WorkError, st: _Stream) -> None:
         reason = f"{err.code}: {err.message}"
         if err.code in BUYER_ERRORS:  # the request itself is wrong: no other node would do better
             if await run_in_threadpool(self._fail, err.request_id, reason):

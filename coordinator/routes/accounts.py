@@ -25,7 +25,7 @@ router = APIRouter(tags=["accounts"])
 @router.get("/v1/account")
 async def my_account(account: Account = Depends(current_account), rt: Runtime = Depends(runtime)) -> AccountPublic:
     def _do():
-        with rt.session() as s:
+        with rt.read_session() as s:
             led = Ledger(s)
             return AccountPublic(id=account.id, name=account.name,
                                  balance_nano_usd=led.balance(account.ledger_account_id),

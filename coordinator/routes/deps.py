@@ -22,7 +22,7 @@ async def current_account(request: Request) -> Account:
     key = bearer_token(request)
 
     def _lookup():
-        with rt.session() as s:
+        with rt.read_session() as s:
             return account_for_key(s, key)
 
     account = await run_in_threadpool(_lookup)

@@ -46,7 +46,7 @@ async def heartbeat(hb: Heartbeat, rt: Runtime = Depends(runtime)):
 @router.get("")
 async def list_nodes(rt: Runtime = Depends(runtime)) -> list[NodePublic]:
     def _do():
-        with rt.session() as s:
+        with rt.read_session() as s:
             nodes = s.exec(select(Node).order_by(Node.registered_at)).all()
             offers = s.exec(select(NodeOffer)).all()
             why = reasons(s, rt.settings, list(nodes))

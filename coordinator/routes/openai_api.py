@@ -38,7 +38,7 @@ async def list_models(rt: Runtime = Depends(runtime)):
     counted apart, and only where the operator routes to them."""
 
     def _load():
-        with rt.session() as s:
+        with rt.read_session() as s:
             known = s.exec(select(NodeOffer.model).distinct()).all()
             return known, candidates(s, rt.settings, allow_unverified=True)
 

@@ -17,7 +17,7 @@ router = APIRouter(prefix="/v1/requests", tags=["requests"])
 @router.get("/{request_id}")
 async def get_request(request_id: str, account: Account = Depends(current_account), rt: Runtime = Depends(runtime)):
     def _load():
-        with rt.session() as s:
+        with rt.read_session() as s:
             req = s.get(InferenceRequest, request_id)
             return req, (request_charges(s, request_id) if req is not None else None)
 
