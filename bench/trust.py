@@ -39,7 +39,7 @@ def precision(honest_cal, int8_cal, honest_meas, int8_meas, model: str, reps: in
     llr = lambda pop: np.array([ev.audit_llr(j["lps"], ref, scale) for j, ref in zip(*pop)])  # noqa: E731
     l0, l1 = llr(honest_meas), llr(int8_meas)
     rng = np.random.default_rng(seed)
-    det = np.array([jobs_to_alarm(rng.choice(l1, 200), ev.threshold) or 10**6 for _ in range(reps)])
+    det = _detections(ev, l1, rng, reps)
     lives = max(200, reps // 4)
     alarms = 0
     for _ in range(lives):  # an honest bf16 node's audits, one lifetime at a time (reset after each alarm)
@@ -147,9 +147,24 @@ def hostile(n_jobs: int = 30) -> dict:
             engine.dispose()
 
 
+def _detections(ev, llrs, rng, reps: int) -> np.ndarray:
+    """Audited jobs until the alarm, for `reps` cheaters drawn from these per-audit LLRs."""
+    return np.array([jobs_to_alarm(rng.choice(llrs, 200), ev.threshold) or 10**6 for _ in range(reps)])
+
+
+def held_out(pop, model: str, name: str, reps: int = 2000, seed: int = 1) -> dict:
+    """A tampering the evidence was not calibrated on (e.g. 1% weight noise served as bf16)."""
+    ev, scale = PrecisionEvidence(), noise_scale_for(model)
+    llrs = np.array([ev.audit_llr(j["lps"], ref, scale) for j, ref in zip(*pop)])
+    det = _detections(ev, llrs, np.random.default_rng(seed), reps)
+    return {f"{name}_as_bf16_jobs_to_detect": float(np.percentile(det, 99)),
+            f"{name}_as_bf16_detected_within_20": float(np.mean(det <= 20))}
+
+
 def section(model: str, quick: bool, population, detection_prob: float) -> dict:
     """Every trust figure for bench/verify.py. `population(mode, seed_base, n)` gives (jobs,
-    reference log-prob vectors) for "honest" bf16 or "int8" served as bf16. The precision
+    reference log-prob vectors) for "honest" bf16 or a tampered mode ("int8", "noise") served as
+    bf16. The precision
     evidence is calibrated on request seeds 9000.. and measured on 12000.. (other prompts,
     other sampling seeds)."""
     import sys
@@ -157,10 +172,12 @@ def section(model: str, quick: bool, population, detection_prob: float) -> dict:
     n = 100 if quick else 400
     out = precision(population("honest", 9000, n), population("int8", 9000, n), population("honest", 12000, n),
                     population("int8", 12000, n), model)
+    out.update(held_out(population("noise", 12000, n), model, "noise"))
     out.update(swap(detection_prob))
     out.update(economics(detection_prob))
     out.update(hostile(12 if quick else 30))
-    print(f"int8 served as bf16: caught within {out['int8_as_bf16_jobs_to_detect']:.0f} audited jobs (p99), "
+    print(f"int8 served as bf16: caught within {out['int8_as_bf16_jobs_to_detect']:.0f} audited jobs (p99; 1% weight "
+          f"noise, not calibrated on: {out['noise_as_bf16_jobs_to_detect']:.0f}), "
           f"false alarms {out['precision_false_alarms_per_audit']:.2e} per honest audit; swap caught within "
           f"{out['swap_jobs_to_detect']:.0f} jobs (p99; {out['swap_jobs_to_detect_without_canary']:.0f} without the "
           f"canary); hostile verifier: {out['hostile_verifier_false_penalties']} false penalties in "

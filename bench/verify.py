@@ -54,7 +54,7 @@ sys.path.insert(0, str(ROOT))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from node_agent.adversarial import DETECTION_TARGETS, make_adversarial_engine  # noqa: E402
+from node_agent.adversarial import DETECTION_TARGETS, PRECISION_MODES, make_adversarial_engine  # noqa: E402
 from node_agent.engines.base import GenerationRequest, SamplingParams  # noqa: E402
 from node_agent.engines.builtin import load_builtin_engine  # noqa: E402
 from node_agent.engines.builtin.model import LlamaModel  # noqa: E402
@@ -401,7 +401,7 @@ def main(argv=None) -> dict:
                 fp_reasons[r] = fp_reasons.get(r, 0) + 1
 
     modes = {}
-    for mi, mode in enumerate(DETECTION_TARGETS + ("int8",)):
+    for mi, mode in enumerate(DETECTION_TARGETS + PRECISION_MODES):
         eng = make_adversarial_engine(mode, model, max_batch=32, seed=mi)
         jobs, _ = generate(eng, make_specs(probe, n_adv, 500 + mi))
         # A cheater claims the loosest honest dtype (bfloat16) to get the widest tolerance.
@@ -420,18 +420,18 @@ def main(argv=None) -> dict:
               file=sys.stderr)
 
     int8 = int8_declared(model, quick, args.split, probe, verifiers, eos)
-    def population(mode: str, base: int, n: int):  # (jobs, fp32 reference log-probs), bf16 honest or int8
+    def population(mode: str, base: int, n: int):  # (jobs, fp32 reference log-probs): bf16 honest or tampered
         jobs = []
         for i in range(2):
             eng = (load_builtin_engine(model, dtype="bfloat16", max_batch=32) if mode == "honest" else
-                   make_adversarial_engine("int8", model, dtype="bfloat16", max_batch=32, seed=i))
+                   make_adversarial_engine(mode, model, dtype="bfloat16", max_batch=32, seed=i))
             jobs += generate(eng, make_specs(probe, n // 2, base + 17 * i))[0]
         refs = [rescore_with_model(verifiers["float32"], j["prompt"], j["ids"], j["sampling"]).logprob.tolist()
                 for j in jobs]
         return jobs, refs
 
     trust_figures = trust.section(model, quick, population,
-                                  min(m["detection_rate"] for k, m in modes.items() if k != "int8"))
+                                  min(m["detection_rate"] for k, m in modes.items() if k not in PRECISION_MODES))
     cross_result = cross.finish(verifiers, eos)  # before the cost timings: vLLM shares the cores
     calib = "calibrate" if args.split == "calibrate" else "measure (out of sample)"
     print(f"cross-engine / int8 request seeds: {args.split} split, base {CROSS_SEEDS[args.split]} ({calib}); the "
@@ -445,9 +445,9 @@ def main(argv=None) -> dict:
     rate = AuditPolicy().long_run_rate
     # Economics at the long-run rate: $2 per million output tokens, 256-token jobs, $100 stake.
     econ = cheating_economics(price_out=2_000_000_000, tokens_per_job=256, stake=100_000_000_000, audit_rate=rate,
-                              detection_prob=min(m["detection_rate"] for k, m in modes.items() if k != "int8"))
+                              detection_prob=min(m["detection_rate"] for k, m in modes.items() if k not in PRECISION_MODES))
     distinct = sum(len(v) for k, v in honest.items() if k.endswith("/vfloat32"))
-    targets = [m for m in modes if m != "int8"]
+    targets = [m for m in modes if m not in PRECISION_MODES]
     result = dict(
         model=model, quick=quick,
         detection_rate_min=min(modes[m]["detection_rate"] for m in targets),

@@ -5,6 +5,8 @@ Engines that cheat in the ways an open market invites, so tests, the simulator a
 
 - `other_model`: serves another model (another seed, or a smaller preset) under the
   claimed name; claims that model's own log-probs.
+- `noise`: the claimed model with 1% Gaussian noise (of each weight tensor's standard
+  deviation) added to its linear weights — a checkpoint someone "fine-tuned" or corrupted.
 - `int4` / `int8`: serves the claimed model with its linear weights quantised per group
   (round-to-nearest with a zero point), claims the quantised model's log-probs. int8 sits
   close to bf16's own rounding noise: it is a measurement, not a detection target.
@@ -38,9 +40,12 @@ import torch
 from node_agent.engines.base import Engine, GenerationRequest, TokenEvent
 
 STREAM_MODES = ("cheat_then_stall",)  # never finish a job: exercised through the market, not the bench
-ENGINE_MODES = ("other_model", "smaller_model", "int4", "int8", "random", "random_plausible",
+ENGINE_MODES = ("other_model", "smaller_model", "int4", "int8", "noise", "random", "random_plausible",
                 "random_oracle", "truncate") + STREAM_MODES
-DETECTION_TARGETS = tuple(m for m in ENGINE_MODES if m != "int8" and m not in STREAM_MODES)
+# Near bf16's own rounding noise: a node declaring bf16 passes single audits with these, and
+# the evidence across its audits (scheduler/evidence.py) is what catches it.
+PRECISION_MODES = ("int8", "noise")
+DETECTION_TARGETS = tuple(m for m in ENGINE_MODES if m not in PRECISION_MODES + STREAM_MODES)
 
 
 @dataclass(frozen=True)
@@ -91,6 +96,19 @@ def quantize_groupwise(w: torch.Tensor, bits: int, group_size: int = 64) -> torc
 def quantize_engine_weights(engine, bits: int, group_size: int = 64) -> None:
     """Replace a private built-in engine's linear layers (not the output head) by quantised
     copies, reading the original weights from its folder. Call before `start()`."""
+    tamper_engine_weights(engine, lambda full: quantize_groupwise(full, bits, group_size))
+
+
+def add_weight_noise(engine, relative: float = 0.01, seed: int = 0) -> None:
+    """Perturb every linear layer's weights by Gaussian noise of `relative` x the tensor's
+    own standard deviation (a "1% noise" checkpoint). Call before `start()`."""
+    gen = torch.Generator().manual_seed(seed)
+    tamper_engine_weights(engine, lambda full: full + relative * full.std() * torch.randn(full.shape, generator=gen))
+
+
+def tamper_engine_weights(engine, fn) -> None:
+    """Replace a private built-in engine's linear layers (not the output head) by `fn` of
+    the original float32 weights read from its folder (q, k, v and gate, up fused)."""
     from safetensors.torch import load_file
 
     from node_agent.engines.builtin.linear import Linear
@@ -103,7 +121,7 @@ def quantize_engine_weights(engine, bits: int, group_size: int = 64) -> None:
 
     def q(*names):
         full = torch.cat([w[n] for n in names], 0).float()
-        return quantize_groupwise(full, bits, group_size).to(device=dev, dtype=dt).contiguous()
+        return fn(full).to(device=dev, dtype=dt).contiguous()
 
     for i, layer in enumerate(model.layers):
         a, m = f"model.layers.{i}.self_attn.", f"model.layers.{i}.mlp."
@@ -244,6 +262,9 @@ def make_adversarial_engine(mode: str, model: str = "tiny", *, dtype: str = "flo
     honest = load_builtin_engine(model, dtype=dtype, max_batch=max_batch, cache_dir=cache_dir)
     if mode in ("int4", "int8"):
         quantize_engine_weights(honest, 4 if mode == "int4" else 8, kw.get("group_size", 64))
+        return honest
+    if mode == "noise":
+        add_weight_noise(honest, kw.get("relative", 0.01), seed)
         return honest
     if mode.startswith("random"):
         claim = {"random": "random", "random_plausible": "plausible", "random_oracle": "oracle"}[mode]

@@ -104,7 +104,7 @@ def settings_from(args: argparse.Namespace) -> NodeSettings:
     return NodeSettings(**overrides)
 
 
-ENGINE_MODES = ("other_model", "smaller_model", "int4", "int8", "random", "random_plausible",
+ENGINE_MODES = ("other_model", "smaller_model", "int4", "int8", "noise", "random", "random_plausible",
                 "random_oracle", "truncate", "cheat_then_stall")  # node_agent.adversarial (imported only when used)
 AGENT_MODES = ("inflate_tokens", "replay_receipt", "overclaim_tps", "overbill_prompt")
 

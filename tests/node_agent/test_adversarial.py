@@ -84,10 +84,18 @@ def test_each_adversarial_mode_is_caught(reference, mode):
     assert hashlib.sha256(weights.read_bytes()).hexdigest() == before  # private copy only
 
 
+def test_noisy_weights_fail_single_audits_when_declared_float32(reference):
+    """1% weight noise hides in bf16's rounding for one audit (the evidence across audits
+    catches it: bench/verify.py, noise_as_bf16_jobs_to_detect), but not behind float32's."""
+    verdicts = _verdicts(_jobs(make_adversarial_engine("noise", "tiny", max_batch=8, seed=3), 6, seed=2), reference,
+                         node_dtype="float32")
+    assert all(not v.passed for v in verdicts), [(v.reasons, v.mean_abs_delta) for v in verdicts]
+
+
 def test_int8_is_close_to_honest_and_modes_are_listed(reference):
     verdicts = _verdicts(_jobs(make_adversarial_engine("int8", "tiny", max_batch=8), 6), reference)
     assert np.mean([v.mean_abs_delta for v in verdicts]) < 0.3  # near bf16 noise: a measurement, not a target
-    assert set(DETECTION_TARGETS) | {"int8", "cheat_then_stall"} == set(ENGINE_MODES)
+    assert set(DETECTION_TARGETS) | {"int8", "noise", "cheat_then_stall"} == set(ENGINE_MODES)
     assert {"inflate_tokens", "replay_receipt", "overclaim_tps"} <= set(AGENT_MODES)
     with pytest.raises(ValueError):
         make_adversarial_engine("nonsense", "tiny")
