@@ -278,7 +278,7 @@ async def handle(rt: Runtime, account: Account, body: ChatCompletionRequest | Co
             return _replay(request, body, kind)
         stream = RequestStream(rt, request.id, sub)
         try:
-            await run_in_threadpool(rt.trigger_dispatch)
+            await run_in_threadpool(rt.dispatch_now)
         except BusUnavailable as exc:
             stream.finish(0, None)  # never dispatched: release the hold now
             raise Unavailable("the market cannot dispatch work right now; nothing was charged; retry shortly") from exc

@@ -72,6 +72,7 @@ def read_scope(engine: Engine) -> Iterator[Session]:
         try:
             yield session
         finally:
+            session.expunge_all()  # what was read stays readable (a rollback would expire it)
             session.rollback()
 
 

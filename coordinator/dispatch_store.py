@@ -11,7 +11,7 @@ import logging
 from datetime import timedelta
 from typing import ContextManager, Protocol
 
-from sqlalchemy import func, update
+from sqlalchemy import func, text, update
 from sqlalchemy.exc import OperationalError
 from sqlmodel import Session, col, select
 
@@ -120,12 +120,13 @@ class SqlDispatchStore:
         now = utcnow()
         try:
             with self.rt.session() as s:
+                room = self._room(s, set(decision.assignments.values()))
                 for rid, node_id in decision.assignments.items():
                     req = s.get(InferenceRequest, rid)
                     offer = s.exec(select(NodeOffer).where(
                         NodeOffer.node_id == node_id, NodeOffer.model == (req.model if req else ""))).first()
-                    if req is None or offer is None:
-                        result.skipped += 1
+                    if req is None or offer is None or room.get(node_id, 0) <= 0:
+                        result.skipped += 1  # gone, or the node filled up meanwhile: a later round
                         continue
                     n = s.exec(
                         update(InferenceRequest)
@@ -138,6 +139,7 @@ class SqlDispatchStore:
                         continue
                     s.refresh(req)
                     assigned.append(req)
+                    room[node_id] -= 1
                 for rid, reason in decision.rejections.items():
                     if self._finish_unserved(s, rid, RequestStatus.REJECTED, reason):
                         rejected.append((rid, reason))
@@ -155,6 +157,24 @@ class SqlDispatchStore:
                                                     "message": reason})
         result.assigned, result.rejected = len(assigned), len(rejected)
         return result
+
+    @staticmethod
+    def _room(s: Session, node_ids: set[str]) -> dict[str, int]:
+        """Free slots per node (max_concurrency - its active requests), counted under a
+        per-node lock, so that rounds running at once (inline in API processes, workers)
+        never assign a node more than it can take. SQLite's write lock already serialises
+        them; PostgreSQL takes a transaction-scoped advisory lock per node, in id order."""
+        ids = sorted(node_ids)
+        if not ids:
+            return {}
+        if s.get_bind().dialect.name == "postgresql":
+            for nid in ids:
+                s.exec(text("SELECT pg_advisory_xact_lock(hashtext(:k))").bindparams(k=f"slots:{nid}"))
+        cap = dict(s.exec(select(Node.id, Node.max_concurrency).where(col(Node.id).in_(ids))).all())
+        busy = dict(s.exec(select(InferenceRequest.node_id, func.count()).where(
+            col(InferenceRequest.node_id).in_(ids), col(InferenceRequest.status).in_(ACTIVE))
+            .group_by(InferenceRequest.node_id)).all())
+        return {nid: cap.get(nid, 0) - busy.get(nid, 0) for nid in ids}
 
     @staticmethod
     def _finish_unserved(s, rid: str, status: RequestStatus, reason: str) -> bool:

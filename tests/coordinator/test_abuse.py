@@ -146,6 +146,7 @@ def test_a_broker_that_cannot_take_work_is_a_503_and_nothing_is_held(client, run
     from tests.coordinator.test_routability import _seller
 
     _seller(client, runtime)
+    runtime.settings.inline_dispatch = False  # (an inline round needs no broker: see test_hot_path)
     import scheduler.tasks
 
     def refuse(*a, **kw):

@@ -1,0 +1,90 @@
+"""A new request is routed in the API process at once when no round is running there (no
+broker round trip before its first token); rounds running at once — inline in several API
+processes, Celery workers — never give a node more requests than it can take."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+
+from coordinator.db import create_all, make_engine
+from coordinator.models import InferenceRequest, Node, RequestStatus
+from coordinator.runtime import Runtime
+from coordinator.settings import CoordinatorSettings
+from scheduler.routing import Decision
+from tests.coordinator.test_audits import _node
+from tests.coordinator.test_routability import _admit
+
+
+@pytest.fixture
+def no_broker(monkeypatch):
+    """Celery's dispatch task, recorded instead of sent."""
+    import scheduler.tasks
+
+    sent = []
+    monkeypatch.setattr(scheduler.tasks.dispatch, "apply_async", lambda *a, **kw: sent.append(kw))
+    return sent
+
+
+def _status(rt, rid: str) -> tuple:
+    with rt.session() as s:
+        r = s.get(InferenceRequest, rid)
+        return r.status, r.node_id
+
+
+def test_a_request_is_assigned_inline_without_the_broker(runtime, no_broker):
+    node = _node(runtime, "seller")
+    req = _admit(runtime, 10**9, max_tokens=8)
+    runtime.dispatch_now()
+    assert _status(runtime, req.id) == (RequestStatus.ASSIGNED, node.public_key_hex)
+    assert no_broker == []  # no Celery round trip
+
+
+def test_while_a_round_runs_here_the_worker_takes_the_request(runtime, no_broker):
+    _node(runtime, "seller")
+    req = _admit(runtime, 10**9, max_tokens=8)
+    with runtime._inline_round:  # another handler's round is in progress in this process
+        runtime.dispatch_now()
+    assert _status(runtime, req.id)[0] == RequestStatus.QUEUED and len(no_broker) == 1
+
+
+def test_a_node_is_never_given_more_than_it_can_take(runtime):
+    node = _node(runtime, "seller")
+    with runtime.session() as s:
+        s.get(Node, node.public_key_hex).max_concurrency = 1
+    a, b = _admit(runtime, 10**9, max_tokens=8), _admit(runtime, 10**9, max_tokens=8)
+    # two rounds that each saw the node's one free slot
+    assert runtime.store.apply(Decision(assignments={a.id: node.public_key_hex})).assigned == 1
+    second = runtime.store.apply(Decision(assignments={b.id: node.public_key_hex}))
+    assert (second.assigned, second.skipped) == (0, 1)
+    assert _status(runtime, b.id) == (RequestStatus.QUEUED, None)  # a later round places it
+
+
+@pytest.mark.postgres
+def test_concurrent_rounds_on_postgresql_respect_capacity(tmp_path, pg_url):
+    settings = CoordinatorSettings(home=tmp_path, database_url=pg_url, run_worker_in_process=False)
+    engine = make_engine(pg_url)
+    create_all(engine)
+    rt = Runtime(settings, engine=engine)
+    try:
+        node = _node(rt, "seller")
+        with rt.session() as s:
+            s.get(Node, node.public_key_hex).max_concurrency = 2
+        reqs = [_admit(rt, 10**9, max_tokens=8) for _ in range(8)]
+        start = threading.Barrier(len(reqs))
+        results = []
+
+        def round_(rid):
+            start.wait()
+            results.append(rt.store.apply(Decision(assignments={rid: node.public_key_hex})).assigned)
+
+        threads = [threading.Thread(target=round_, args=(r.id,)) for r in reqs]
+        [t.start() for t in threads]
+        [t.join(30) for t in threads]
+        assert sum(results) == 2 and len(results) == 8
+        with rt.session() as s:
+            assigned = [s.get(InferenceRequest, r.id).status for r in reqs].count(RequestStatus.ASSIGNED)
+        assert assigned == 2
+    finally:
+        rt.stop()
