@@ -10,7 +10,7 @@ from fastapi import FastAPI, Response
 from sqlmodel import select
 from starlette.concurrency import run_in_threadpool
 
-from coordinator import metrics, replicas
+from coordinator import liveness, metrics, replicas
 
 from coordinator.body_limit import BodyLimit
 from coordinator.bus import BusUnavailable
@@ -30,6 +30,23 @@ async def _replica_beat(rt: Runtime) -> None:
         except Exception:  # noqa: BLE001 - a database hiccup: the next beat tries again
             log.warning("replica heartbeat failed", exc_info=True)
         await asyncio.sleep(replicas.REPLICA_BEAT_S)
+
+
+async def _flush_liveness(rt: Runtime) -> None:
+    """Nodes heard on this process's work channels: one batched write per `FLUSH_S`."""
+    while True:
+        await asyncio.sleep(liveness.FLUSH_S)
+        if not rt.liveness.pending():
+            continue
+        try:
+            await run_in_threadpool(_flush_once, rt)
+        except Exception:  # noqa: BLE001 - kept, written by the next flush
+            log.warning("liveness flush failed", exc_info=True)
+
+
+def _flush_once(rt: Runtime) -> None:
+    with rt.session() as s:
+        rt.liveness.flush(s)
 
 
 def _beat_once(rt: Runtime) -> None:
@@ -56,10 +73,12 @@ def create_app(settings: CoordinatorSettings | None = None, runtime: Runtime | N
         if settings.in_process_worker:
             rt.start_in_process_worker()
         beating = asyncio.create_task(_replica_beat(rt))
+        flushing = asyncio.create_task(_flush_liveness(rt))
         try:
             yield
         finally:
             beating.cancel()
+            flushing.cancel()
             await run_in_threadpool(_replica_leave, rt)
             await rt.bus.close()
             if runtime is None:

@@ -39,6 +39,8 @@ class CoordinatorSettings(BaseSettings):
     signature_window_s: float = 60.0  # a signed message's timestamp must be this fresh
     heartbeat_interval_s: float = 5.0
     heartbeat_timeout_s: float = 20.0  # nodes silent for longer are offline
+    rtt_probe_interval_s: float = Field(default=30.0, gt=0, description="the coordinator pings each work "
+                                        "channel this often to measure its round trip (for routing)")
 
     # Requests
     max_body_bytes: int = Field(default=2 * 2**20, ge=1024, description="larger request bodies are refused (413) "
@@ -58,6 +60,9 @@ class CoordinatorSettings(BaseSettings):
     request_ttl_s: float = Field(default=3600, gt=0, description="a request unfinished by then is failed "
                                  "unpaid and its hold released (the hold itself expires a little later)")
     dispatch_window_ms: float = 2.0  # micro-batch window of the dispatch task
+    inline_dispatch: bool = Field(default=True, description="route a new request at once in the API process "
+                                  "when no round is running there (no broker round trip before the first token); "
+                                  "the Celery micro-batch takes bursts and everything else")
     delivery_ack_timeout_s: float = Field(
         default=300, gt=0, description="a receipt whose buyer-side delivery acknowledgement has not come "
         "by then (the API process serving the buyer died) is settled as undelivered: the buyer pays "

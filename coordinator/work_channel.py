@@ -109,7 +109,7 @@ class Channel:
                 raise APIError("this node is banned")
             node.channel_connected = True
             node.channel_id = self.channel_id
-            node.online = True
+            node.online, node.last_heartbeat_at = True, utcnow()  # the signed hello is a sign of life
             # A (re)connect may come with a swapped checkpoint: audit the next jobs at the
             # session rate, and check the model fingerprint with a canary at once.
             node.session_jobs = 0
@@ -188,18 +188,12 @@ class Channel:
                     await self.ws.send_json(msg)
 
     async def _ping_loop(self) -> None:
-        """Measure the round trip to the node ourselves (a node's own claim could lie)."""
+        """Measure the round trip to the node ourselves (a node's own claim could lie): at
+        once, then every `rtt_probe_interval_s` (liveness comes from the node's beats)."""
         while True:
             async with self.send_lock:
                 await self.ws.send_json({"type": "ping", "t": time.monotonic()})
-            await asyncio.sleep(self.rt.settings.heartbeat_interval_s)
-
-    def _store_rtt(self, rtt_ms: float) -> None:
-        with self.rt.session() as s:
-            node = s.get(Node, self.node_id)
-            if node is not None:
-                node.rtt_ms = rtt_ms if not node.rtt_ms else 0.8 * node.rtt_ms + 0.2 * rtt_ms
-                s.add(node)
+            await asyncio.sleep(self.rt.settings.rtt_probe_interval_s)
 
     # ------------------------------------------------------------------ upstream
     async def _read_loop(self) -> None:
@@ -229,10 +223,14 @@ class Channel:
                         self._background(self._on_error(err, st), kind)
                 elif kind == "verify_result":
                     self._background(self._on_verify_result(VerifyResult.model_validate(frame)), kind)
+                elif kind == "beat":  # liveness on the authenticated channel: noted, written in batches
+                    self.rt.liveness.heard(self.node_id)
+                    async with self.send_lock:
+                        await self.ws.send_json({"type": "beat_ack", "t": frame.get("t")})
                 elif kind == "pong" and isinstance(frame.get("t"), (int, float)):
                     rtt_ms = (time.monotonic() - frame["t"]) * 1000
                     if 0 <= rtt_ms < 60_000:
-                        asyncio.get_running_loop().run_in_executor(None, self._store_rtt, rtt_ms)
+                        self.rt.liveness.heard(self.node_id, rtt_ms)
             except ValidationError as exc:
                 log.warning("node %s sent a malformed %s frame: %s", self.node_id[:12], kind, exc)
             except Exception:  # one bad frame (or a database hiccup) must not drop the channel

@@ -16,6 +16,7 @@ import asyncio
 import json
 import logging
 import random
+import time
 
 import httpx
 import websockets
@@ -123,6 +124,8 @@ class NodeAgent:
         self.ready = asyncio.Event()  # set once the work channel is open
         self._ws = None
         self._send_lock = asyncio.Lock()
+        self._beat_sent: float | None = None  # monotonic time of the last unanswered-or-answered beat
+        self._beat_acked = 0.0
         self._first_receipt: Receipt | None = None  # for the replay_receipt test mode
 
     @property
@@ -166,8 +169,21 @@ class NodeAgent:
             raise CoordinatorRejected(f"heartbeat refused ({resp.status_code}): {resp.text}")
 
     async def _heartbeats(self) -> None:
+        """Liveness: a `beat` frame on the open work channel (the coordinator acks it and
+        writes liveness in batches: no signature, no HTTP round trip); the signed HTTP
+        heartbeat while the channel is down, or when the last beat went unanswered (a
+        coordinator that predates beats)."""
         while True:
             await asyncio.sleep(self.settings.heartbeat_interval_s)
+            acked = self._beat_sent is None or self._beat_acked >= self._beat_sent
+            if self.ready.is_set() and self._ws is not None and acked:
+                self._beat_sent = time.monotonic()
+                try:
+                    await self._send_raw({"type": "beat", "t": self._beat_sent})
+                    continue
+                except (OSError, websockets.WebSocketException) as exc:
+                    log.debug("beat not sent (%s): heartbeat over HTTP", exc)
+            self._beat_sent = None
             try:
                 await self.heartbeat_once()
             except (httpx.HTTPError, CoordinatorRejected) as exc:
@@ -245,6 +261,8 @@ class NodeAgent:
             asyncio.create_task(self._verify(job))
         elif kind == "ping":
             asyncio.create_task(self._send_raw({"type": "pong", "t": frame.get("t")}))
+        elif kind == "beat_ack":
+            self._beat_acked = time.monotonic()
         elif kind == "notice":  # the market tells the seller something it must act on
             level = logging.ERROR if frame.get("level") == "error" else logging.WARNING
             log.log(level, "coordinator: %s", frame.get("message", ""))

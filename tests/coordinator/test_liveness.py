@@ -1,0 +1,74 @@
+"""Liveness on the work channel: a beat is answered at once and costs no signature, no nonce
+row and no database write of its own; what the channel heard is written in batches."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+import pytest
+from sqlalchemy import func
+from sqlmodel import select
+
+from coordinator.app import _flush_once
+from coordinator.liveness import Liveness
+from coordinator.models import Node, NodeNonce
+from coordinator.models.account import utcnow
+from protocol import ChannelHello, fresh_stamp
+from tests.coordinator.test_routability import _seller
+
+
+def _nonces(rt) -> int:
+    with rt.session() as s:
+        return s.exec(select(func.count()).select_from(NodeNonce)).one()
+
+
+def _set_silent(rt, node_id: str) -> None:
+    with rt.session() as s:
+        s.get(Node, node_id).last_heartbeat_at = utcnow() - timedelta(minutes=5)
+
+
+def test_a_beat_is_acked_and_written_in_the_next_batch(client, runtime):
+    me = _seller(client, runtime, connected=False)
+    with client.websocket_connect("/v1/nodes/channel") as ws:
+        ws.send_json(ChannelHello(node_id=me.public_key_hex, **fresh_stamp()).sign(me).model_dump(mode="json"))
+        assert ws.receive_json()["type"] == "welcome"
+        _set_silent(runtime, me.public_key_hex)
+        nonces = _nonces(runtime)
+        ws.send_json({"type": "beat", "t": 12.5})
+        while (frame := ws.receive_json())["type"] == "ping":
+            pass
+        assert frame == {"type": "beat_ack", "t": 12.5}
+        assert _nonces(runtime) == nonces  # no signature, no nonce row
+        with runtime.session() as s:  # not written yet: the batch is
+            assert s.get(Node, me.public_key_hex).last_heartbeat_at < utcnow() - timedelta(minutes=4)
+        _flush_once(runtime)
+        with runtime.session() as s:
+            assert s.get(Node, me.public_key_hex).last_heartbeat_at > utcnow() - timedelta(seconds=5)
+
+
+def test_a_flush_writes_every_node_heard_once_and_keeps_what_fails(runtime, client):
+    ids = [_seller(client, runtime).public_key_hex for _ in range(3)]
+    with runtime.session() as s:
+        s.get(Node, ids[2]).banned = True
+    for nid in ids:
+        _set_silent(runtime, nid)
+    book = Liveness()
+    for _ in range(50):  # many beats: one row update each at the flush
+        for nid in ids:
+            book.heard(nid)
+    book.heard(ids[0], rtt_ms=40.0)
+    with runtime.session() as s:
+        assert book.flush(s) == 3 and book.pending() == 0
+    with runtime.session() as s:
+        fresh = [s.get(Node, n).last_heartbeat_at > utcnow() - timedelta(seconds=5) for n in ids]
+        assert fresh == [True, True, False]  # a banned node is not brought back
+        assert s.get(Node, ids[0]).rtt_ms == pytest.approx(40.0)
+    book.heard(ids[1])
+
+    class Broken:
+        def exec(self, *a, **kw):
+            raise RuntimeError("database gone")
+
+    with pytest.raises(RuntimeError):
+        book.flush(Broken())
+    assert book.pending() == 1  # kept for the next flush
