@@ -17,6 +17,7 @@ from typing import AsyncIterator
 
 from fastapi.responses import JSONResponse, StreamingResponse
 from sqlalchemy import update
+from sqlalchemy.exc import OperationalError
 from starlette.concurrency import run_in_threadpool
 
 from coordinator import metrics
@@ -29,6 +30,8 @@ from coordinator.models import Account, InferenceRequest, RequestStatus
 from coordinator.runtime import Runtime
 from coordinator.schemas import ChatCompletionRequest, CompletionRequest
 from coordinator.failover import fail_over
+from coordinator.frames import assignment_frame
+from coordinator.placement import place_now
 from coordinator.settlement import fail_request
 
 log = logging.getLogger(__name__)
@@ -205,6 +208,11 @@ class RequestStream:
         asyncio.get_running_loop().run_in_executor(None, _run)
 
 
+def _cancel_unsent(rt: Runtime, rid: str) -> None:
+    with rt.session() as s:
+        fail_request(s, rid, "the market could not pass the request on", status=RequestStatus.CANCELLED)
+
+
 def _replay(prior: InferenceRequest, body, kind: str):
     """The first answer to a request sent again with the same Idempotency-Key."""
     if prior.payload.get("idempotency_hash") != body_hash(body, kind):
@@ -267,20 +275,36 @@ async def handle(rt: Runtime, account: Account, body: ChatCompletionRequest | Co
             if idempotency_key:
                 prior = find_keyed(s, account, idempotency_key)
                 if prior is not None:
-                    return prior, True
-            return admit(s, account, body, kind, rt.settings, idempotency_key, request_id=rid,
-                         replica_id=rt.replica_id).request, False
+                    return prior, True, None
+            req = admit(s, account, body, kind, rt.settings, idempotency_key, request_id=rid,
+                        replica_id=rt.replica_id).request
+            return req, False, _place(s, req)
+
+    def _place(s, req) -> str | None:
+        """Assigned in the admitting transaction when it can go at once (`placement.py`)."""
+        if not rt.settings.inline_dispatch:
+            return None
+        try:
+            with s.begin_nested():
+                return place_now(s, req, rt.settings)
+        except OperationalError as exc:  # a dispatch round places it instead
+            log.debug("request %s not placed at admission: %s", req.id, exc)
+            return None
 
     try:
-        request, replayed = await run_in_threadpool(_admit)
+        request, replayed, placed = await run_in_threadpool(_admit)
         if replayed:
             sub.close()
             return _replay(request, body, kind)
         stream = RequestStream(rt, request.id, sub)
         try:
-            await run_in_threadpool(rt.dispatch_now)
+            if placed:
+                await rt.bus.publish(f"node:{placed}", assignment_frame(request))
+                await rt.bus.publish(f"req:{request.id}", {"type": "assigned", "node_id": placed})
+            else:
+                await run_in_threadpool(rt.dispatch_now)
         except BusUnavailable as exc:
-            stream.finish(0, None)  # never dispatched: release the hold now
+            await run_in_threadpool(_cancel_unsent, rt, request.id)  # never reached a node: release the hold now
             raise Unavailable("the market cannot dispatch work right now; nothing was charged; retry shortly") from exc
         first = await stream.next()
         if first["type"] == "error":

@@ -54,6 +54,60 @@ class _Runtime(Protocol):
     def dispatch_audit(self, audit_id: int) -> bool: ...
 
 
+def pending_of(r: InferenceRequest, now) -> PendingRequest:
+    """A queued request as the routing policy sees it."""
+    return PendingRequest(
+        id=r.id, model=r.model, prompt_tokens=r.prompt_tokens_est, max_tokens=r.max_tokens,
+        region=r.routing.get("region"), sort=r.routing.get("sort"),
+        max_price=r.routing.get("max_price"), max_ttft_ms=r.routing.get("max_ttft_ms"),
+        min_tokens_per_s=r.routing.get("min_tokens_per_s"),
+        max_price_in=r.routing.get("max_price_in"),
+        allow_unverified=bool(r.routing.get("allow_unverified")),
+        waited_ms=max(0.0, (now - r.created_at).total_seconds() * 1000),
+    )
+
+
+def node_states(s: Session, settings: CoordinatorSettings, models: set[str]) -> list[NodeState]:
+    """Routable offers for these models with their free slots, as the policy sees them."""
+    rows = [c for m in sorted(models) for c in candidates(s, settings, m, allow_unverified=True)]
+    busy = dict(s.exec(select(InferenceRequest.node_id, func.count())
+                       .where(InferenceRequest.status.in_(ACTIVE))  # type: ignore[attr-defined]
+                       .group_by(InferenceRequest.node_id)).all()) if rows else {}
+    out = []
+    for c in rows:
+        offer, node = c.offer, c.node
+        active = busy.get(node.id, 0)
+        fields = speed.routing_fields(offer)
+        slots, per_stream = speed.share(node, offer, active, fields)
+        fields["tokens_per_s"] = per_stream
+        fields.pop("tokens_per_s_by_bucket", None)  # per-bucket figures are single-stream
+        out.append(NodeState(
+            id=node.id, model=offer.model, price_in=offer.price_in, price_out=offer.price_out,
+            region=node.region, free_slots=slots,
+            load=min(1.0, active / max(1, node.max_concurrency)), rtt_ms=node.rtt_ms,
+            reputation=node.reputation, verifiable=offer.verifiable, **fields,
+        ))
+    return out
+
+
+def free_slots(s: Session, node_ids: set[str]) -> dict[str, int]:
+    """Free slots per node (max_concurrency - its active requests), counted under a
+    per-node lock, so that rounds running at once (inline in API processes, workers)
+    never assign a node more than it can take. SQLite's write lock already serialises
+    them; PostgreSQL takes a transaction-scoped advisory lock per node, in id order."""
+    ids = sorted(node_ids)
+    if not ids:
+        return {}
+    if s.get_bind().dialect.name == "postgresql":
+        for nid in ids:
+            s.exec(text("SELECT pg_advisory_xact_lock(hashtext(:k))").bindparams(k=f"slots:{nid}"))
+    cap = dict(s.exec(select(Node.id, Node.max_concurrency).where(col(Node.id).in_(ids))).all())
+    busy = dict(s.exec(select(InferenceRequest.node_id, func.count()).where(
+        col(InferenceRequest.node_id).in_(ids), col(InferenceRequest.status).in_(ACTIVE))
+        .group_by(InferenceRequest.node_id)).all())
+    return {nid: cap.get(nid, 0) - busy.get(nid, 0) for nid in ids}
+
+
 class SqlDispatchStore:
     def __init__(self, runtime: _Runtime):
         self.rt = runtime
@@ -71,47 +125,13 @@ class SqlDispatchStore:
         except OperationalError as exc:
             raise TransientStoreError(str(exc)) from exc
         now = utcnow()
-        return [
-            PendingRequest(
-                id=r.id, model=r.model, prompt_tokens=r.prompt_tokens_est, max_tokens=r.max_tokens,
-                region=r.routing.get("region"), sort=r.routing.get("sort"),
-                max_price=r.routing.get("max_price"), max_ttft_ms=r.routing.get("max_ttft_ms"),
-                min_tokens_per_s=r.routing.get("min_tokens_per_s"),
-                max_price_in=r.routing.get("max_price_in"),
-                allow_unverified=bool(r.routing.get("allow_unverified")),
-                waited_ms=max(0.0, (now - r.created_at).total_seconds() * 1000),
-            )
-            for r in rows
-        ]
+        return [pending_of(r, now) for r in rows]
 
     def nodes(self, models: set[str]) -> list[NodeState]:
         """Routable offers for these models (unverifiable ones too, where the operator allows
         them: the dispatch round gives those only to buyers who asked), with free slots."""
-        settings = self.rt.settings
         with self.rt.session() as s:
-            rows = [c for m in sorted(models) for c in candidates(s, settings, m, allow_unverified=True)]
-            busy = dict(
-                s.exec(
-                    select(InferenceRequest.node_id, func.count())
-                    .where(InferenceRequest.status.in_(ACTIVE))  # type: ignore[attr-defined]
-                    .group_by(InferenceRequest.node_id)
-                ).all()
-            )
-        out = []
-        for c in rows:
-            offer, node = c.offer, c.node
-            active = busy.get(node.id, 0)
-            fields = speed.routing_fields(offer)
-            slots, per_stream = speed.share(node, offer, active, fields)
-            fields["tokens_per_s"] = per_stream
-            fields.pop("tokens_per_s_by_bucket", None)  # per-bucket figures are single-stream
-            out.append(NodeState(
-                id=node.id, model=offer.model, price_in=offer.price_in, price_out=offer.price_out,
-                region=node.region, free_slots=slots,
-                load=min(1.0, active / max(1, node.max_concurrency)), rtt_ms=node.rtt_ms,
-                reputation=node.reputation, verifiable=offer.verifiable, **fields,
-            ))
-        return out
+            return node_states(s, self.rt.settings, models)
 
     def apply(self, decision: Decision) -> AppliedDecision:
         result = AppliedDecision(deferred=len(decision.deferred))
@@ -120,7 +140,7 @@ class SqlDispatchStore:
         now = utcnow()
         try:
             with self.rt.session() as s:
-                room = self._room(s, set(decision.assignments.values()))
+                room = free_slots(s, set(decision.assignments.values()))
                 for rid, node_id in decision.assignments.items():
                     req = s.get(InferenceRequest, rid)
                     offer = s.exec(select(NodeOffer).where(
@@ -157,24 +177,6 @@ class SqlDispatchStore:
                                                     "message": reason})
         result.assigned, result.rejected = len(assigned), len(rejected)
         return result
-
-    @staticmethod
-    def _room(s: Session, node_ids: set[str]) -> dict[str, int]:
-        """Free slots per node (max_concurrency - its active requests), counted under a
-        per-node lock, so that rounds running at once (inline in API processes, workers)
-        never assign a node more than it can take. SQLite's write lock already serialises
-        them; PostgreSQL takes a transaction-scoped advisory lock per node, in id order."""
-        ids = sorted(node_ids)
-        if not ids:
-            return {}
-        if s.get_bind().dialect.name == "postgresql":
-            for nid in ids:
-                s.exec(text("SELECT pg_advisory_xact_lock(hashtext(:k))").bindparams(k=f"slots:{nid}"))
-        cap = dict(s.exec(select(Node.id, Node.max_concurrency).where(col(Node.id).in_(ids))).all())
-        busy = dict(s.exec(select(InferenceRequest.node_id, func.count()).where(
-            col(InferenceRequest.node_id).in_(ids), col(InferenceRequest.status).in_(ACTIVE))
-            .group_by(InferenceRequest.node_id)).all())
-        return {nid: cap.get(nid, 0) - busy.get(nid, 0) for nid in ids}
 
     @staticmethod
     def _finish_unserved(s, rid: str, status: RequestStatus, reason: str) -> bool:

@@ -88,3 +88,27 @@ def test_concurrent_rounds_on_postgresql_respect_capacity(tmp_path, pg_url):
         assert assigned == 2
     finally:
         rt.stop()
+
+
+def test_a_request_is_placed_in_the_transaction_that_admits_it(runtime):
+    from coordinator.placement import place_now
+
+    node = _node(runtime, "seller")
+    with runtime.session() as s:
+        s.get(Node, node.public_key_hex).max_concurrency = 1
+    first = _admit(runtime, 10**9, max_tokens=8)
+    with runtime.session() as s:
+        assert place_now(s, s.get(InferenceRequest, first.id), runtime.settings) == node.public_key_hex
+    assert _status(runtime, first.id) == (RequestStatus.ASSIGNED, node.public_key_hex)
+    with runtime.session() as s:  # locked prices, like a dispatch round's
+        r = s.get(InferenceRequest, first.id)
+        assert (r.price_in, r.price_out) == (100_000_000, 200_000_000) and r.assigned_at is not None
+    second = _admit(runtime, 10**9, max_tokens=8)
+    with runtime.session() as s:  # the node is full: it waits for a round
+        assert place_now(s, s.get(InferenceRequest, second.id), runtime.settings) is None
+    third = _admit(runtime, 10**9, max_tokens=8)
+    with runtime.session() as s:
+        s.get(Node, node.public_key_hex).max_concurrency = 5
+    with runtime.session() as s:  # room again, but an older request waits: the queue goes first
+        assert place_now(s, s.get(InferenceRequest, third.id), runtime.settings) is None
+    assert _status(runtime, third.id)[0] == RequestStatus.QUEUED
