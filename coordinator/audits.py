@@ -14,7 +14,7 @@ from __future__ import annotations
 import random
 from datetime import timedelta
 
-from sqlalchemy import func
+from sqlalchemy import func, or_
 from sqlmodel import Session, col, select
 
 from coordinator.models import Audit, AuditStatus, InferenceRequest, Node, NodeOffer, RequestStatus
@@ -102,16 +102,7 @@ def assign_verifier(session: Session, audit: Audit, settings: CoordinatorSetting
     (`reverification.py`), which excludes every verifier (and operator) that judged it."""
     req = session.get(InferenceRequest, audit.request_id)
     audited = session.get(Node, audit.node_id)
-    rows = session.exec(select(NodeOffer, Node).join(Node, Node.id == NodeOffer.node_id)
-                        .where(NodeOffer.model == req.model, NodeOffer.can_verify == True)).all()  # noqa: E712
-    busy = _busy(session, [n.id for _, n in rows])
-    stakes = bonded_by_ref(session, [f"node:{n.id}" for _, n in rows])
-    candidates = [VerifierCandidate(node_id=n.id, operator_id=n.operator or n.id, models=[o.model],
-                                    reputation=n.reputation, online=is_live(n, settings), banned=n.banned,
-                                    free_slots=max(0, n.max_concurrency - busy.get(n.id, 0)),
-                                    passes=n.audits_passed, stake=stakes.get(f"node:{n.id}", 0),
-                                    trusted=is_trusted(n, settings))
-                  for o, n in rows]
+    candidates = verifier_candidates(session, req.model, settings)
     first = (audit.evidence or {}).get("first")
     appeal = (audit.evidence or {}).get("reverify")  # a seller's appeal: none of the verifiers so far
     exclude = [first["operator"], first["verifier_id"]] if first else []
@@ -128,6 +119,20 @@ def assign_verifier(session: Session, audit: Audit, settings: CoordinatorSetting
                     claimed_ids=list(audit.claimed.get("prefix_ids", [])) + list(audit.claimed["ids"]),
                     sampling=Sampling(**req.payload["sampling"]))
     return verifier, job.model_dump()
+
+
+def verifier_candidates(session: Session, model: str, settings: CoordinatorSettings) -> list[VerifierCandidate]:
+    """Every node offering to verify `model`, as `select_verifier` sees it."""
+    rows = session.exec(select(NodeOffer, Node).join(Node, Node.id == NodeOffer.node_id)
+                        .where(NodeOffer.model == model, NodeOffer.can_verify == True)).all()  # noqa: E712
+    busy = _busy(session, [n.id for _, n in rows])
+    stakes = bonded_by_ref(session, [f"node:{n.id}" for _, n in rows])
+    return [VerifierCandidate(node_id=n.id, operator_id=n.operator or n.id, models=[o.model],
+                              reputation=n.reputation, online=is_live(n, settings), banned=n.banned,
+                              free_slots=max(0, n.max_concurrency - busy.get(n.id, 0)),
+                              passes=n.audits_passed, stake=stakes.get(f"node:{n.id}", 0),
+                              trusted=is_trusted(n, settings))
+            for o, n in rows]
 
 
 def _busy(session: Session, node_ids: list[str]) -> dict[str, int]:
@@ -161,13 +166,29 @@ def expire_stale(session: Session, settings: CoordinatorSettings) -> list[int]:
     return [a.id for a in rows]
 
 
-def due_for_dispatch(session: Session, limit: int = 100) -> list[Audit]:
-    """Audits without a verifier, or whose verifier has not answered in time: the oldest
-    `limit` of them (a sweep's work never grows with the backlog)."""
+def due_for_dispatch(session: Session, settings: CoordinatorSettings, limit: int = 100) -> list[Audit]:
+    """Audits without a verifier, or whose verifier has not answered in time, that some live,
+    qualified verifier of another operator could take now: the oldest `limit` of them. A
+    backlog nobody can verify (a market of one operator) costs one query per model, not a
+    verifier search per audit (a sweep's work never grows with the backlog)."""
     cutoff = utcnow() - timedelta(seconds=RESEND_AFTER_S)
-    return list(session.exec(select(Audit).where(
-        (Audit.status == AuditStatus.PENDING) | ((Audit.status == AuditStatus.SENT) & (col(Audit.sent_at) < cutoff)))
-        .order_by(col(Audit.id)).limit(limit)).all())
+    due = (Audit.status == AuditStatus.PENDING) | ((Audit.status == AuditStatus.SENT) & (col(Audit.sent_at) < cutoff))
+    models = session.exec(select(InferenceRequest.model).join(Audit, Audit.request_id == InferenceRequest.id)
+                          .where(due).distinct()).all()
+    policy, which = verifier_policy(settings), []
+    for model in models:
+        ops = {c.operator_id for c in verifier_candidates(session, model, settings)
+               if c.online and not c.banned and policy.qualifies(c)}
+        operator = func.coalesce(Node.operator, Node.id)
+        if len(ops) > 1:  # every audited operator has someone else to judge it
+            which.append(InferenceRequest.model == model)
+        elif ops:
+            which.append((InferenceRequest.model == model) & (operator != next(iter(ops))))
+    if not which:
+        return []
+    return list(session.exec(select(Audit).join(InferenceRequest, InferenceRequest.id == Audit.request_id)
+                             .join(Node, Node.id == Audit.node_id).where(due, or_(*which))
+                             .order_by(col(Audit.id)).limit(limit)).all())
 
 
 def economics(session: Session, node: Node, stake: int, settings: CoordinatorSettings) -> dict:

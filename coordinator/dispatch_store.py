@@ -244,7 +244,7 @@ class SqlDispatchStore:
             orphans = end_orphans(s, dead_replicas(s))  # a dead API process took its buyers with it
             overdue += orphans["failed"]
             audits_expired = expire_stale(s, settings)
-            audits_due = [a.id for a in due_for_dispatch(s)]
+            audits_due = [a.id for a in due_for_dispatch(s, settings)]
             pruned = prune_nonces(s, settings)
             unbonded = len(withdraw_matured(s, utcnow()))  # stake past its unbonding delay is paid out
             queued = s.exec(select(func.count()).where(InferenceRequest.status == RequestStatus.QUEUED)).one()
