@@ -1,4 +1,5 @@
-"""Node liveness heard on this process's work channels, written to the database in batches.
+"""What this process's work channels hear that needs no transaction of its own — node
+liveness and streams that started — written to the database in batches.
 
 A connected node proves it is alive with a `beat` frame on its work channel (already
 authenticated by the signed hello): no signature check, no nonce row and no database write
@@ -8,16 +9,22 @@ notes the node here; its pongs (the round trip the coordinator measures itself) 
 (`app.py`), so the cost grows with the number of nodes per second, not per message, and
 10,000 connected nodes cost one process a small share of a core. A node without a channel
 still uses the signed HTTP heartbeat (`POST /v1/nodes/heartbeat`).
+
+A stream's first token moves its request from ASSIGNED to RUNNING (the sweep requeues
+requests assigned long ago that never started); that mark is batched the same way instead
+of costing every request a write transaction on its first token.
 """
 
 from __future__ import annotations
 
 import threading
 
-from sqlalchemy import text, update
+from datetime import datetime
+
+from sqlalchemy import bindparam, text, update
 from sqlmodel import Session, col
 
-from coordinator.models import Node
+from coordinator.models import InferenceRequest, Node, RequestStatus
 from coordinator.models.account import utcnow
 
 FLUSH_S = 1.0
@@ -30,6 +37,12 @@ class Liveness:
         self._lock = threading.Lock()
         self._seen: set[str] = set()
         self._rtt: dict[str, float] = {}
+        self._started: dict[str, datetime] = {}
+
+    def started(self, request_id: str) -> None:
+        """The stream of `request_id` relayed its first token now."""
+        with self._lock:
+            self._started.setdefault(request_id, utcnow())
 
     def heard(self, node_id: str, rtt_ms: float | None = None) -> None:
         with self._lock:
@@ -39,14 +52,14 @@ class Liveness:
 
     def pending(self) -> int:
         with self._lock:
-            return len(self._seen)
+            return len(self._seen) + len(self._started)
 
     def flush(self, session: Session) -> int:
         """Write what was heard since the last flush; returns how many nodes. On a database
         error what was taken is put back, to be written by the next flush."""
         with self._lock:
-            seen, rtt = self._seen, self._rtt
-            self._seen, self._rtt = set(), {}
+            seen, rtt, started = self._seen, self._rtt, self._started
+            self._seen, self._rtt, self._started = set(), {}, {}
         try:
             now, ids = utcnow(), sorted(seen)
             for i in range(0, len(ids), CHUNK):
@@ -57,10 +70,17 @@ class Liveness:
                     "UPDATE nodes SET rtt_ms = CASE WHEN rtt_ms > 0 THEN :keep * rtt_ms + :w * :r ELSE :r END "
                     "WHERE id = :id"), [{"id": k, "r": v, "w": RTT_WEIGHT, "keep": 1 - RTT_WEIGHT}
                                         for k, v in sorted(rtt.items())])
+            if started:
+                t = InferenceRequest.__table__
+                session.connection().execute(
+                    update(t).where(t.c.id == bindparam("b_id"), t.c.status == RequestStatus.ASSIGNED)
+                    .values(status=RequestStatus.RUNNING, first_token_at=bindparam("b_at")),
+                    [{"b_id": k, "b_at": v} for k, v in sorted(started.items())])
             session.flush()
         except Exception:
             with self._lock:
                 self._seen |= seen
                 self._rtt = {**rtt, **self._rtt}
+                self._started = {**started, **self._started}
             raise
         return len(ids)

@@ -18,7 +18,6 @@ from datetime import datetime, timezone
 from fastapi import WebSocket, WebSocketDisconnect
 from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
-from sqlalchemy import update
 from sqlmodel import select
 
 from coordinator.audits import maybe_select
@@ -263,7 +262,7 @@ class Channel:
         now = time.monotonic()
         if st.first_at is None:
             st.first_at = now
-            asyncio.get_running_loop().run_in_executor(None, self._mark_running, chunk.request_id)
+            self.rt.liveness.started(chunk.request_id)  # RUNNING, in the next batch (liveness.py)
         st.last_at = now
         st.commitment.update_chunk(chunk.token_ids, chunk.logprobs, chunk.text, n)
         st.count += n
@@ -341,12 +340,6 @@ class Channel:
         outcome = await run_in_threadpool(retry_transient, _apply)
         if outcome is not None:
             log.info("audit %s of node %s: %s", outcome[0], outcome[2][:12], outcome[1])
-
-    def _mark_running(self, rid: str) -> None:
-        with self.rt.session() as s:
-            s.exec(update(InferenceRequest)
-                   .where(InferenceRequest.id == rid, InferenceRequest.status == RequestStatus.ASSIGNED)
-                   .values(status=RequestStatus.RUNNING, first_token_at=utcnow()))
 
     def _fail(self, rid: str, reason: str) -> bool:
         with self.rt.session() as s:

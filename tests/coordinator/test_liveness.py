@@ -72,3 +72,57 @@ def test_a_flush_writes_every_node_heard_once_and_keeps_what_fails(runtime, clie
     with pytest.raises(RuntimeError):
         book.flush(Broken())
     assert book.pending() == 1  # kept for the next flush
+
+
+def test_streams_that_started_are_marked_running_in_one_batch(runtime, client):
+    from coordinator.models import InferenceRequest, RequestStatus
+    from tests.coordinator.test_routability import _admit
+
+    node = _seller(client, runtime)
+    reqs = [_admit(runtime, 10**9, max_tokens=8) for _ in range(3)]
+    with runtime.session() as s:
+        for r in reqs[:2]:
+            row = s.get(InferenceRequest, r.id)
+            row.status, row.node_id = RequestStatus.ASSIGNED, node.public_key_hex
+        s.get(InferenceRequest, reqs[2].id).status = RequestStatus.SETTLING  # finished before the flush
+    book = Liveness()
+    for r in reqs:
+        book.started(r.id)
+    with runtime.session() as s:
+        book.flush(s)
+    with runtime.session() as s:
+        rows = [s.get(InferenceRequest, r.id) for r in reqs]
+        assert [r.status for r in rows] == [RequestStatus.RUNNING, RequestStatus.RUNNING, RequestStatus.SETTLING]
+        assert rows[0].first_token_at is not None and rows[2].first_token_at is None
+
+
+@pytest.mark.postgres
+def test_a_flush_on_postgresql(tmp_path, pg_url):
+    from coordinator.db import create_all, make_engine
+    from coordinator.models import InferenceRequest, RequestStatus
+    from coordinator.runtime import Runtime
+    from coordinator.settings import CoordinatorSettings
+    from tests.coordinator.test_audits import _node
+    from tests.coordinator.test_routability import _admit
+
+    engine = make_engine(pg_url)
+    create_all(engine)
+    rt = Runtime(CoordinatorSettings(home=tmp_path, database_url=pg_url, run_worker_in_process=False), engine=engine)
+    try:
+        node = _node(rt, "seller").public_key_hex
+        req = _admit(rt, 10**9, max_tokens=8)
+        _set_silent(rt, node)
+        with rt.session() as s:
+            row = s.get(InferenceRequest, req.id)
+            row.status, row.node_id = RequestStatus.ASSIGNED, node
+        book = Liveness()
+        book.heard(node, rtt_ms=12.0)
+        book.started(req.id)
+        with rt.session() as s:
+            assert book.flush(s) == 1
+        with rt.session() as s:
+            n = s.get(Node, node)
+            assert n.last_heartbeat_at > utcnow() - timedelta(seconds=5) and n.rtt_ms == pytest.approx(12.0)
+            assert s.get(InferenceRequest, req.id).status == RequestStatus.RUNNING
+    finally:
+        rt.stop()
