@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import overhead as ov  # noqa: E402
-from overhead_upstream import Procs, Upstream, free_port  # noqa: E402
+from overhead_procs import Procs, free_port, upstream_argv, wait_for  # noqa: E402
 
 
 def seed_backlog(db: Path, n: int, node_id: str) -> None:
@@ -62,8 +62,10 @@ async def main_async(args) -> dict:
     work = Path(tempfile.mkdtemp(prefix="agora-backlog-"))
     procs = Procs(work / "logs")
     up_port = free_port()
-    server = await asyncio.start_server(Upstream(ov.MODEL, 0.0).connection, "127.0.0.1", up_port)
+    procs.spawn("upstream", upstream_argv(up_port, ov.MODEL))
     try:
+        wait_for(lambda: __import__("httpx").get(f"http://127.0.0.1:{up_port}/v1/models", timeout=1).status_code == 200,
+                 "the upstream", 30, procs)
         env = ov.agora_env(work / "home", AGORA_SWEEP_INTERVAL_S="1")
         t = await asyncio.to_thread(ov.start_market, procs, "agora", env, f"http://127.0.0.1:{up_port}/v1", False)
         db = work / "home" / "agora.db"
@@ -83,7 +85,6 @@ async def main_async(args) -> dict:
         base.append(await measure(t, args.rounds, args.seconds))
     finally:
         procs.stop()
-        server.close()
     w = with_backlog[0]
     b = {k: (base[0][k] + base[1][k]) / 2 for k in ("ttft_p50_ms", "rps_c32_stream")}  # before and after it
     b["errors"] = base[0]["errors"] + base[1]["errors"]

@@ -4,7 +4,7 @@ directly and through LiteLLM's proxy, in one interleaved run.
     .venv/bin/python bench/overhead.py --quick      # < 1 min: serial + 32 concurrent streams
     .venv/bin/python bench/overhead.py              # full: + non-stream load, 256 streams, profile
 
-Paths, each in front of one minimal OpenAI-compatible upstream (`bench/overhead_upstream.py`:
+Paths, each in front of one minimal OpenAI-compatible upstream (`bench/upstream.py --fixed --mode text`:
 canned text tokens, `--delay-ms` between them, `usage`):
   direct   the upstream itself;
   litellm  LiteLLM's proxy (`litellm[proxy]` installed by this script into `.venv-litellm`;
@@ -49,7 +49,8 @@ from pathlib import Path
 import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from overhead_upstream import (
+from overhead_procs import (
+    upstream_argv,
     ROOT,
     TREE,
     Procs,
@@ -391,8 +392,7 @@ def main(argv: list[str] | None = None) -> int:
     pg_db, notes = None, []
     try:
         up_port = free_port()
-        up = procs.spawn("upstream", [PY, str(ROOT / "bench" / "overhead_upstream.py"), "--port", str(up_port),
-                                      "--model", MODEL, "--delay-ms", str(args.delay_ms)])
+        up = procs.spawn("upstream", upstream_argv(up_port, MODEL, args.delay_ms))
         up_v1 = f"http://127.0.0.1:{up_port}/v1"
         wait_for(lambda: httpx.get(up_v1 + "/models", timeout=1).status_code == 200, "the upstream", 30, procs)
         direct = Target("direct", up_v1, pids={"upstream": up.pid})

@@ -3,6 +3,7 @@ in tests, and the direct baseline of the proxy-overhead benchmark.
 
     python bench/upstream.py --port 8011 --mode ids --model tiny
     python bench/upstream.py --port 8011 --fixed            # canned answers, no engine
+    python bench/upstream.py --fixed --mode text            # ... and no log-probs or ids (bench/overhead.py)
 
 Serves `GET /v1/models`, `POST /v1/completions` and `POST /v1/chat/completions` (stream and
 not, `stream_options.include_usage`, `usage`) from the built-in engine on a generated tiny
@@ -48,9 +49,13 @@ class HTTPError(Exception):
 
 
 class FixedBackend:
-    """Canned tokens (ids 3, 4, ..., log-prob -0.25 each): no engine, no model."""
+    """Canned tokens (ids 3, 4, ..., log-prob -0.25 each): no engine, no model; `delay_s`
+    between tokens."""
 
     dtype, vocab_size, max_seq_len = None, 512, 1 << 20
+
+    def __init__(self, delay_s: float = 0.0):
+        self.delay_s = delay_s
 
     def encode(self, text: str) -> list[int]:
         return [3] * max(1, math.ceil(len(text.encode()) / 4))
@@ -64,6 +69,8 @@ class FixedBackend:
     async def generate(self, ids: list[int], body: dict):
         n = min(int(body.get("max_tokens") or 16), len(FIXED_PIECES))
         for i in range(n):
+            if self.delay_s and i:
+                await asyncio.sleep(self.delay_s)
             yield 3 + i, -0.25, FIXED_PIECES[i], ("length" if i == n - 1 else None)
 
     async def prompt_logprobs(self, ids: list[int], k: int):
@@ -316,7 +323,7 @@ async def serve_connection(app: Upstream, reader: asyncio.StreamReader, writer: 
 
 
 async def run(args: argparse.Namespace) -> None:
-    backend = FixedBackend() if args.fixed else EngineBackend(args.model, args.max_batch, args.max_seq_len, args.threads)
+    backend = FixedBackend(args.delay_ms / 1000) if args.fixed else EngineBackend(args.model, args.max_batch, args.max_seq_len, args.threads)
     if not args.fixed:
         await backend.engine.start()
     app = Upstream(backend, args.served_name or args.model, args.mode)
@@ -336,6 +343,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model", default="tiny", help="tiny preset or model folder (served under this name)")
     p.add_argument("--served-name", help="the model id clients ask for (default: --model)")
     p.add_argument("--fixed", action="store_true", help="canned answers, no engine (overhead benchmarks)")
+    p.add_argument("--delay-ms", type=float, default=0.0, help="between tokens (--fixed)")
     p.add_argument("--max-batch", type=int, default=16)
     p.add_argument("--max-seq-len", type=int, default=1024)
     p.add_argument("--threads", type=int, default=1, help="torch threads of the engine")

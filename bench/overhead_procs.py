@@ -1,26 +1,14 @@
-"""Helpers of `bench/overhead.py`: a minimal OpenAI-compatible upstream, process handling
-(spawn, wait, CPU seconds from /proc), LiteLLM's proxy in a venv of its own, a throw-away
-PostgreSQL database, and a py-spy profile summary.
-
-The upstream (run as a script) is a few lines of asyncio HTTP/1.1: keep-alive,
-Content-Length bodies, chunked SSE. It answers `GET /v1/models`, `POST /v1/completions`
-and `POST /v1/chat/completions` (stream or not, `stream_options.include_usage`, `usage`)
-with `max_tokens` canned text tokens (default 16), `--delay-ms` between tokens (default
-0). It gives no log-probs and no token ids and ignores `echo`, like servers that stream
-text deltas: `agora node --engine openai` probes it and registers as an unverifiable
-seller, whose jobs are never audited (the relay is measured without audits).
-
-    python bench/overhead_upstream.py --port 8011 --model bench --delay-ms 0
+"""Helpers of `bench/overhead.py` and `bench/backlog.py`: process handling (spawn, wait,
+CPU seconds from /proc), the upstream (`bench/upstream.py --fixed --mode text`: canned text
+tokens, no log-probs or ids, so `agora node --engine openai` registers as an unverifiable
+seller whose jobs are never audited and the relay is measured without audits), LiteLLM's
+proxy in a venv of its own, a throw-away PostgreSQL database, and a py-spy profile summary.
 """
 
 from __future__ import annotations
 
-import argparse
-import asyncio
 import collections
 import contextlib
-import json
-import math
 import os
 import shutil
 import signal
@@ -28,109 +16,17 @@ import socket
 import subprocess
 import sys
 import time
-import uuid
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 TREE = [ROOT]  # the source tree the market's processes run from (bench/overhead.py --tree)
-PIECES = [" The", " market", " opens", " before", " sunrise", ",", " and", " every", " seller", " quotes",
-          " a", " price", " per", " token", " to", " the"]
 
 
-# ---------------------------------------------------------------------------- the upstream
-class Upstream:
-    def __init__(self, model: str, delay_s: float):
-        self.model, self.delay_s = model, delay_s
-
-    async def connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            while True:
-                try:
-                    head = await reader.readuntil(b"\r\n\r\n")
-                except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, ConnectionError):
-                    return
-                lines = head.decode("latin-1").split("\r\n")
-                method, target = lines[0].split(" ", 2)[:2]
-                headers = {k.strip().lower(): v.strip() for k, _, v in (ln.partition(":") for ln in lines[1:] if ln)}
-                body = await reader.readexactly(int(headers.get("content-length") or 0))
-                await self.handle(method, target.split("?", 1)[0].rstrip("/"), body, writer)
-                if headers.get("connection", "").lower() == "close":
-                    return
-        except (ConnectionError, asyncio.IncompleteReadError, ValueError):
-            return
-        finally:
-            writer.close()
-
-    async def handle(self, method: str, path: str, body: bytes, w: asyncio.StreamWriter) -> None:
-        if method == "GET" and path in ("/v1/models", "/models"):
-            return await _json(w, 200, {"object": "list", "data": [
-                {"id": self.model, "object": "model", "created": 0, "owned_by": "bench", "max_model_len": 32768}]})
-        if method == "GET" and path in ("/health", "/healthz", "/health/liveliness"):
-            return await _json(w, 200, {"ok": True})
-        if method != "POST" or not path.endswith("/completions"):
-            return await _json(w, 404, {"error": {"message": f"no route {method} {path}", "code": 404}})
-        try:
-            req = json.loads(body or b"{}")
-        except ValueError as exc:
-            return await _json(w, 400, {"error": {"message": f"invalid JSON: {exc}", "code": 400}})
-        chat = path.endswith("/chat/completions")
-        if chat:
-            prompt = "".join(str(m.get("content") or "") for m in req.get("messages") or [] if isinstance(m, dict))
-        else:
-            prompt = req.get("prompt") or ""
-            prompt = prompt if isinstance(prompt, str) else json.dumps(prompt)
-        n = max(1, int(req.get("max_tokens") or req.get("max_completion_tokens") or 16))
-        usage = {"prompt_tokens": max(1, math.ceil(len(prompt.encode()) / 4)), "completion_tokens": n}
-        usage["total_tokens"] = usage["prompt_tokens"] + n
-        head = {"id": f"cmpl-{uuid.uuid4().hex[:16]}", "created": int(time.time()), "model": self.model}
-        if not req.get("stream"):
-            text = "".join(PIECES[i % len(PIECES)] for i in range(n))
-            choice = ({"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "length"}
-                      if chat else {"index": 0, "text": text, "logprobs": None, "finish_reason": "length"})
-            return await _json(w, 200, {**head, "object": "chat.completion" if chat else "text_completion",
-                                        "choices": [choice], "usage": usage})
-        w.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nCache-Control: no-cache\r\n"
-                b"Transfer-Encoding: chunked\r\n\r\n")
-        head["object"] = "chat.completion.chunk" if chat else "text_completion"
-        for i in range(n):
-            if i and self.delay_s:
-                await asyncio.sleep(self.delay_s)
-            fin = "length" if i == n - 1 else None
-            piece = PIECES[i % len(PIECES)]
-            choice = ({"index": 0, "delta": {"role": "assistant", "content": piece} if i == 0 else {"content": piece},
-                       "logprobs": None, "finish_reason": fin}
-                      if chat else {"index": 0, "text": piece, "logprobs": None, "finish_reason": fin})
-            await _chunk(w, {**head, "choices": [choice]})
-        if (req.get("stream_options") or {}).get("include_usage"):
-            await _chunk(w, {**head, "choices": [], "usage": usage})
-        await _chunk(w, None)
-        w.write(b"0\r\n\r\n")
-        await w.drain()
+def upstream_argv(port: int, model: str, delay_ms: float = 0.0) -> list[str]:
+    return [sys.executable, str(ROOT / "bench" / "upstream.py"), "--fixed", "--mode", "text", "--port", str(port),
+            "--model", model, "--delay-ms", str(delay_ms)]
 
 
-async def _json(w: asyncio.StreamWriter, status: int, obj) -> None:
-    data = json.dumps(obj).encode()
-    w.write(b"HTTP/1.1 %d %s\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%s"
-            % (status, b"OK" if status == 200 else b"Error", len(data), data))
-    await w.drain()
-
-
-async def _chunk(w: asyncio.StreamWriter, obj) -> None:
-    data = b"data: [DONE]\n\n" if obj is None else b"data: " + json.dumps(obj).encode() + b"\n\n"
-    w.write(b"%x\r\n%s\r\n" % (len(data), data))
-    await w.drain()
-
-
-async def _serve(args: argparse.Namespace) -> None:
-    app = Upstream(args.model, args.delay_ms / 1000)
-    server = await asyncio.start_server(app.connection, args.host, args.port, reuse_address=True,
-                                        limit=1 << 22, backlog=1024)
-    print(f"upstream on http://{args.host}:{server.sockets[0].getsockname()[1]}/v1", flush=True)
-    async with server:
-        await server.serve_forever()
-
-
-# ---------------------------------------------------------------------------- processes
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -392,21 +288,3 @@ def summarize_pyspy(raw: Path, top: int = 15) -> dict:
             "inclusive_own": share(incl_own),
             "threads": share(threads), "categories": [(k, round(cats[k] / max(total, 1), 4))
                                                       for k, _ in _CATEGORIES if cats[k]]}
-
-
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description="a minimal OpenAI-compatible upstream (canned text tokens)")
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8011)
-    p.add_argument("--model", default="bench")
-    p.add_argument("--delay-ms", type=float, default=0.0, help="between tokens")
-    args = p.parse_args(argv)
-    try:
-        asyncio.run(_serve(args))
-    except KeyboardInterrupt:
-        pass
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
