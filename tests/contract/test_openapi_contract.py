@@ -19,6 +19,7 @@ pytestmark = pytest.mark.slow
 HERE = Path(__file__).resolve().parent
 
 
+@pytest.mark.timeout(900)  # ~2,000 generated cases against a live market: minutes on a busy 2-core box
 def test_every_operation_keeps_its_documented_contract(tmp_path):
     st = Path(sys.executable).with_name("st")
     if not st.exists():
