@@ -301,8 +301,8 @@ async def handle(rt: Runtime, account: Account, body: ChatCompletionRequest | Co
             if placed:
                 await rt.bus.publish(f"node:{placed}", assignment_frame(request))
                 await rt.bus.publish(f"req:{request.id}", {"type": "assigned", "node_id": placed})
-            else:
-                await run_in_threadpool(rt.dispatch_now)
+            else:  # others wait, or no node is free: the Celery micro-batch routes the queue in order
+                await run_in_threadpool(rt.trigger_dispatch)
         except BusUnavailable as exc:
             await run_in_threadpool(_cancel_unsent, rt, request.id)  # never reached a node: release the hold now
             raise Unavailable("the market cannot dispatch work right now; nothing was charged; retry shortly") from exc

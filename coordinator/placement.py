@@ -6,7 +6,7 @@ snapshot, `dispatch_store.node_states`) and written as ASSIGNED together with it
 one transaction, no second session, no broker round trip before the first token. The node's
 free slots are re-counted under the per-node lock (`dispatch_store.free_slots`), like every
 round. Anything else — older requests queued, no node free, a policy that would reject or
-defer — is left QUEUED for a dispatch round (`Runtime.dispatch_now`), which keeps order and
+defer — is left QUEUED for the Celery micro-batch round (`Runtime.trigger_dispatch`), which keeps order and
 publishes rejections.
 """
 

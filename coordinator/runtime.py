@@ -24,8 +24,7 @@ from coordinator.replicas import new_replica_id
 from coordinator.settings import CoordinatorSettings
 from pricing.stake import StakePolicy
 from scheduler import celery_app as celery_module
-from scheduler.dispatch import run_dispatch, set_store
-from scheduler.errors import TransientStoreError
+from scheduler.dispatch import set_store
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +42,6 @@ class Runtime:
         self._worker = None
         self._worker_thread: threading.Thread | None = None
         self._ticker_stop = threading.Event()
-        self._inline_round = threading.Lock()  # one inline dispatch round at a time in this process
         from coordinator.dispatch_store import SqlDispatchStore
 
         self.stake_policy = StakePolicy(default_min=settings.min_stake,
@@ -81,22 +79,6 @@ class Runtime:
             except OperationalError as exc:
                 self.bus.clear_flag(DISPATCH_FLAG)
                 raise BusUnavailable(f"the broker cannot take the dispatch task: {exc}") from exc
-
-    def dispatch_now(self) -> None:
-        """Route what is queued at once, here (the quiet case: the first token waits for no
-        broker round trip); while a round is already running in this process, or when the
-        database is briefly unavailable, the Celery micro-batch takes it (`trigger_dispatch`).
-        Concurrent rounds anywhere are safe: assignment is conditional and capacity is
-        re-checked under a per-node lock (`SqlDispatchStore.apply`)."""
-        if self.settings.inline_dispatch and self._inline_round.acquire(blocking=False):
-            try:
-                run_dispatch(self.store, self.settings.routing_policy)
-                return
-            except TransientStoreError as exc:
-                log.debug("inline dispatch round failed, leaving it to the worker: %s", exc)
-            finally:
-                self._inline_round.release()
-        self.trigger_dispatch()
 
     def kick_dispatch(self) -> None:
         """`trigger_dispatch` where nobody waits on it (capacity freed, a node connected): if

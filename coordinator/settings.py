@@ -60,8 +60,8 @@ class CoordinatorSettings(BaseSettings):
     request_ttl_s: float = Field(default=3600, gt=0, description="a request unfinished by then is failed "
                                  "unpaid and its hold released (the hold itself expires a little later)")
     dispatch_window_ms: float = 2.0  # micro-batch window of the dispatch task
-    inline_dispatch: bool = Field(default=True, description="route a new request at once in the API process "
-                                  "when no round is running there (no broker round trip before the first token); "
+    inline_dispatch: bool = Field(default=True, description="place a new request in the transaction that admits "
+                                  "it when nothing of its model waits (no broker round trip before the first token); "
                                   "the Celery micro-batch takes bursts and everything else")
     delivery_ack_timeout_s: float = Field(
         default=300, gt=0, description="a receipt whose buyer-side delivery acknowledgement has not come "

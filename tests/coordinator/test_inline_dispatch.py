@@ -1,6 +1,6 @@
-"""A new request is routed in the API process at once when no round is running there (no
-broker round trip before its first token); rounds running at once — inline in several API
-processes, Celery workers — never give a node more requests than it can take."""
+"""A new request is placed in the transaction that admits it when nothing of its model waits
+(no broker round trip before its first token); placements and rounds running at once — in
+several API processes, Celery workers — never give a node more requests than it can take."""
 
 from __future__ import annotations
 
@@ -17,36 +17,10 @@ from tests.coordinator.test_audits import _node
 from tests.coordinator.test_routability import _admit
 
 
-@pytest.fixture
-def no_broker(monkeypatch):
-    """Celery's dispatch task, recorded instead of sent."""
-    import scheduler.tasks
-
-    sent = []
-    monkeypatch.setattr(scheduler.tasks.dispatch, "apply_async", lambda *a, **kw: sent.append(kw))
-    return sent
-
-
 def _status(rt, rid: str) -> tuple:
     with rt.session() as s:
         r = s.get(InferenceRequest, rid)
         return r.status, r.node_id
-
-
-def test_a_request_is_assigned_inline_without_the_broker(runtime, no_broker):
-    node = _node(runtime, "seller")
-    req = _admit(runtime, 10**9, max_tokens=8)
-    runtime.dispatch_now()
-    assert _status(runtime, req.id) == (RequestStatus.ASSIGNED, node.public_key_hex)
-    assert no_broker == []  # no Celery round trip
-
-
-def test_while_a_round_runs_here_the_worker_takes_the_request(runtime, no_broker):
-    _node(runtime, "seller")
-    req = _admit(runtime, 10**9, max_tokens=8)
-    with runtime._inline_round:  # another handler's round is in progress in this process
-        runtime.dispatch_now()
-    assert _status(runtime, req.id)[0] == RequestStatus.QUEUED and len(no_broker) == 1
 
 
 def test_a_node_is_never_given_more_than_it_can_take(runtime):
