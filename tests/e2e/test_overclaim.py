@@ -13,7 +13,9 @@ pytestmark = pytest.mark.slow
 
 
 def test_overclaiming_node_loses_its_share(tmp_path):
-    with embedded_market(tmp_path) as m:
+    # No canaries: the coordinator's connect-time test purchase would hold the liar's one slow
+    # slot when the first buyer arrives (the queue then goes to the Celery round, honest node).
+    with embedded_market(tmp_path, AGORA_CANARY_INTERVAL_S="0") as m:
         m.start_node("liar", price_in="0.05", price_out="0.10",
                             extra=("--max-tokens-per-s", "40", "--no-bench", "--tokens-per-s", "5000"))
         m.start_node("honest", price_in="0.05", price_out="0.12")
