@@ -38,14 +38,19 @@ def _trusted_verifier(m) -> str:
     return vid
 
 
+def _cheater_and_ops(m, name: str, adversary: str) -> tuple[str, str]:
+    """A cheating seller (the cheapest) and the operator's trusted verifier, both live."""
+    cheat = m.agora("node", "keygen", "--key", str(m.home / f"{name}.pem"))
+    m.start_node(name, price_in="0.01", price_out="0.02", extra=("--operator", name, "--adversary", adversary))
+    ops = _trusted_verifier(m)
+    m.wait_live("tiny", 2)
+    assert httpx.post(f"{m.base}/admin/nodes/{ops}/trust", headers=ADMIN).status_code == 200
+    return cheat, ops
+
+
 def test_prompt_overbilling_is_caught_by_the_verifiers_own_count(tmp_path):
     with embedded_market(tmp_path, AGORA_ADMIN_TOKEN="admin-e2e", AGORA_CANARY_INTERVAL_S="0") as m:
-        liar = m.agora("node", "keygen", "--key", str(m.home / "liar.pem"))
-        m.start_node("liar", price_in="0.01", price_out="0.02", extra=("--operator", "l", "--adversary",
-                                                                         "overbill_prompt"))
-        ops = _trusted_verifier(m)
-        m.wait_live("tiny", 2)
-        assert httpx.post(f"{m.base}/admin/nodes/{ops}/trust", headers=ADMIN).status_code == 200
+        liar, _ = _cheater_and_ops(m, "liar", "overbill_prompt")
         key = m.agora("account", "create", "--credit", str(10**9))
         c = openai.OpenAI(base_url=m.base + "/v1", api_key=key, max_retries=0, timeout=60)
         for i in range(3):
@@ -97,12 +102,7 @@ def test_a_node_that_cheats_then_stalls_has_its_segment_audited_and_the_buyer_pa
 
     with embedded_market(tmp_path, AGORA_ADMIN_TOKEN="admin-e2e", AGORA_CANARY_INTERVAL_S="0",
                          AGORA_TOKEN_TIMEOUT_S="2") as m:
-        staller = m.agora("node", "keygen", "--key", str(m.home / "staller.pem"))
-        m.start_node("staller", price_in="0.01", price_out="0.02", extra=("--operator", "x", "--adversary",
-                                                                           "cheat_then_stall"))
-        ops = _trusted_verifier(m)
-        m.wait_live("tiny", 2)
-        assert httpx.post(f"{m.base}/admin/nodes/{ops}/trust", headers=ADMIN).status_code == 200
+        staller, ops = _cheater_and_ops(m, "staller", "cheat_then_stall")
         credit = 10**9
         key = m.agora("account", "create", "--credit", str(credit))
         c = openai.OpenAI(base_url=m.base + "/v1", api_key=key, timeout=60)  # default retries, as buyers run it
