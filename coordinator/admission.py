@@ -23,6 +23,7 @@ from sqlmodel import Session, select
 from coordinator.errors import BadRequest, Conflict, InsufficientBalance, ModelNotFound, NoCapacity
 from coordinator.models import Account, InferenceRequest, NodeOffer
 from coordinator.models.account import utcnow
+from coordinator.market_view import MarketView
 from coordinator.routability import candidates
 from coordinator.schemas import ChatCompletionRequest, CompletionRequest
 from coordinator.settings import CoordinatorSettings
@@ -45,10 +46,15 @@ def new_request_id() -> str:
 
 
 def live_offers(session: Session, model: str, settings: CoordinatorSettings,
-                allow_unverified: bool = False) -> tuple[list[NodeOffer], bool]:
-    """(offers this request may be routed to, whether any node has ever offered `model`)."""
-    offers = [c.offer for c in candidates(session, settings, model, allow_unverified=allow_unverified)]
-    known = bool(offers) or session.exec(select(NodeOffer.id).where(NodeOffer.model == model).limit(1)).first() is not None
+                allow_unverified: bool = False, view: MarketView | None = None) -> tuple[list[NodeOffer], bool]:
+    """(offers this request may be routed to, whether any node has ever offered `model`);
+    from `view` (in memory, read-only objects) when given, else from the database."""
+    if view is not None:
+        offers = [c.offer for c in view.candidates(model, allow_unverified=allow_unverified)]
+    else:
+        offers = [c.offer for c in candidates(session, settings, model, allow_unverified=allow_unverified)]
+    known = bool(offers) or (view is not None and view.known(model)) or session.exec(
+        select(NodeOffer.id).where(NodeOffer.model == model).limit(1)).first() is not None
     return offers, known
 
 
@@ -87,9 +93,11 @@ def admit(
     idempotency_key: str | None = None,
     request_id: str | None = None,
     replica_id: str | None = None,
+    view: MarketView | None = None,
 ) -> Admitted:
     prefs = body.routing
-    offers, known = live_offers(session, body.model, settings, allow_unverified=bool(prefs and prefs.allow_unverified))
+    offers, known = live_offers(session, body.model, settings, allow_unverified=bool(prefs and prefs.allow_unverified),
+                                view=view)
     if not known:
         raise ModelNotFound(f"the model {body.model!r} is not offered on this market", param="model")
     if not offers:

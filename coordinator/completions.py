@@ -277,7 +277,7 @@ async def handle(rt: Runtime, account: Account, body: ChatCompletionRequest | Co
                 if prior is not None:
                     return prior, True, None
             req = admit(s, account, body, kind, rt.settings, idempotency_key, request_id=rid,
-                        replica_id=rt.replica_id).request
+                        replica_id=rt.replica_id, view=rt.market).request
             return req, False, _place(s, req)
 
     def _place(s, req) -> str | None:
@@ -286,7 +286,7 @@ async def handle(rt: Runtime, account: Account, body: ChatCompletionRequest | Co
             return None
         try:
             with s.begin_nested():
-                return place_now(s, req, rt.settings)
+                return place_now(s, req, rt.settings, rt.market)
         except OperationalError as exc:  # a dispatch round places it instead
             log.debug("request %s not placed at admission: %s", req.id, exc)
             return None

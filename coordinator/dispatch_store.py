@@ -26,6 +26,7 @@ from coordinator.models import InferenceRequest, Node, NodeOffer, RequestStatus
 from coordinator.models.account import utcnow
 from coordinator.node_registry import is_live, mark_silent_offline, prune_nonces
 from coordinator.replicas import dead_replicas, end_orphans
+from coordinator.market_view import MarketView
 from coordinator.routability import candidates
 from coordinator.settlement import AwaitingDelivery, Settled, fail_request, settle_accepted_batch
 from pricing.ledger import Ledger, expire_holds, prune_idempotency
@@ -67,9 +68,13 @@ def pending_of(r: InferenceRequest, now) -> PendingRequest:
     )
 
 
-def node_states(s: Session, settings: CoordinatorSettings, models: set[str]) -> list[NodeState]:
-    """Routable offers for these models with their free slots, as the policy sees them."""
-    rows = [c for m in sorted(models) for c in candidates(s, settings, m, allow_unverified=True)]
+def node_states(s: Session, settings: CoordinatorSettings, models: set[str],
+                view: MarketView | None = None) -> list[NodeState]:
+    """Routable offers for these models with their free slots, as the policy sees them
+    (offers from `view`, in memory, when given; else from the database)."""
+    rows = [c for m in sorted(models) for c in (
+        view.candidates(m, allow_unverified=True) if view is not None else
+        candidates(s, settings, m, allow_unverified=True))]
     busy = dict(s.exec(select(InferenceRequest.node_id, func.count())
                        .where(InferenceRequest.status.in_(ACTIVE))  # type: ignore[attr-defined]
                        .group_by(InferenceRequest.node_id)).all()) if rows else {}

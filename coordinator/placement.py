@@ -15,30 +15,51 @@ from __future__ import annotations
 from sqlmodel import Session, select
 
 from coordinator.dispatch_store import free_slots, node_states, pending_of
-from coordinator.models import InferenceRequest, NodeOffer, RequestStatus
+from coordinator.market_view import MarketView
+from coordinator.models import InferenceRequest, Node, NodeOffer, RequestStatus
 from coordinator.models.account import utcnow
+from coordinator.routability import why_not_routable
 from coordinator.settings import CoordinatorSettings
+from pricing.stake import bonded_by_ref
 from scheduler.dispatch import route_in_groups
 from scheduler.routing import get_policy
 
 
-def place_now(session: Session, req: InferenceRequest, settings: CoordinatorSettings) -> str | None:
+def place_now(session: Session, req: InferenceRequest, settings: CoordinatorSettings,
+              view: MarketView | None = None) -> str | None:
     """Assign the just-admitted `req` (flushed, in this session) if it can go at once; the
-    node's id, or None (it stays queued). The caller publishes the assignment after commit."""
+    node's id, or None (it stays queued). The caller publishes the assignment after commit.
+    The policy chooses among `view`'s offers (in memory, maybe a second old) when given;
+    the chosen node's own row and offer are then read and checked before it is assigned."""
     older = session.exec(select(InferenceRequest.id).where(
         InferenceRequest.status == RequestStatus.QUEUED, InferenceRequest.model == req.model,
         InferenceRequest.id != req.id).limit(1)).first()
     if older is not None:  # the queue goes first, in its order
         return None
     decision = route_in_groups(get_policy(settings.routing_policy), [pending_of(req, utcnow())],
-                               node_states(session, settings, {req.model}))
+                               node_states(session, settings, {req.model}, view))
     node_id = decision.assignments.get(req.id)
     if node_id is None or free_slots(session, {node_id}).get(node_id, 0) <= 0:
         return None
     offer = session.exec(select(NodeOffer).where(NodeOffer.node_id == node_id, NodeOffer.model == req.model)).first()
-    if offer is None:
+    if offer is None or not _still_routable(session, req, offer, settings):
         return None
     req.status, req.node_id, req.assigned_at = RequestStatus.ASSIGNED, node_id, utcnow()
     req.price_in, req.price_out = offer.price_in, offer.price_out
     session.add(req)
     return node_id
+
+
+def _still_routable(session: Session, req: InferenceRequest, offer: NodeOffer, settings: CoordinatorSettings) -> bool:
+    """The node's row as it is now (the policy may have seen an older copy): routable, and
+    its offer within the prices the request's hold covers."""
+    node = session.get(Node, offer.node_id, populate_existing=True)
+    if node is None:
+        return False
+    bonded = bonded_by_ref(session, [f"node:{node.id}"]).get(f"node:{node.id}") if settings.min_stake else None
+    if why_not_routable(node, offer, settings, bonded) is not None:
+        return False
+    if not offer.verifiable and not (settings.allow_unverified_nodes and req.routing.get("allow_unverified")):
+        return False
+    return offer.price_out <= req.routing.get("max_price", offer.price_out) and \
+        offer.price_in <= req.routing.get("max_price_in", offer.price_in)

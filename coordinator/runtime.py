@@ -16,9 +16,11 @@ from datetime import timedelta
 from sqlalchemy.engine import Engine
 from sqlmodel import Session
 
+from coordinator.auth import KeyCache
 from coordinator.bus import Bus, BusUnavailable, make_bus
 from coordinator.db import make_engine, read_only, read_scope, session_scope
 from coordinator.liveness import Liveness
+from coordinator.market_view import MarketView
 from coordinator.ratelimit import RateLimiter
 from coordinator.replicas import new_replica_id
 from coordinator.settings import CoordinatorSettings
@@ -50,6 +52,8 @@ class Runtime:
         self.store = SqlDispatchStore(self)
         self.limiter = RateLimiter(settings)
         self.liveness = Liveness()  # beats heard on this process's work channels (liveness.py)
+        self.keys = KeyCache(settings.api_key_cache_s)  # valid API keys seen lately (auth.py)
+        self.market = MarketView(self.read_engine, settings)  # routable offers in memory (market_view.py)
         set_store(self.store)
 
     @contextmanager

@@ -63,6 +63,12 @@ class CoordinatorSettings(BaseSettings):
     inline_dispatch: bool = Field(default=True, description="place a new request in the transaction that admits "
                                   "it when nothing of its model waits (no broker round trip before the first token); "
                                   "the Celery micro-batch takes bursts and everything else")
+    api_key_cache_s: float = Field(default=30.0, ge=0, description="a valid API key is remembered this long "
+                                   "(no database lookup per request); a key revoked in the database stops working "
+                                   "within it; 0: look up every request")
+    market_view_ttl_s: float = Field(default=1.0, ge=0, description="admission reads routable offers from "
+                                     "memory (coordinator/market_view.py), reloaded at once after a routing change "
+                                     "in this process and in the background when older than this; 0: every time")
     delivery_ack_timeout_s: float = Field(
         default=300, gt=0, description="a receipt whose buyer-side delivery acknowledgement has not come "
         "by then (the API process serving the buyer died) is settled as undelivered: the buyer pays "

@@ -20,6 +20,9 @@ def runtime(request: Request) -> Runtime:
 async def current_account(request: Request) -> Account:
     rt: Runtime = request.app.state.runtime
     key = bearer_token(request)
+    account = rt.keys.get(key)
+    if account is not None:
+        return account
 
     def _lookup():
         with rt.read_session() as s:
@@ -28,6 +31,7 @@ async def current_account(request: Request) -> Account:
     account = await run_in_threadpool(_lookup)
     if account is None:
         raise Unauthorized("invalid API key")
+    rt.keys.put(key, account)
     return account
 
 
