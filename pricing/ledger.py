@@ -25,12 +25,14 @@ from __future__ import annotations
 
 import hashlib
 import json
+import weakref
 from dataclasses import asdict
 from datetime import datetime
 from typing import Any, Iterable
 
 from sqlalchemy import delete
 from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm.util import identity_key
 from sqlmodel import Session, col, select
 
 from pricing.errors import (
@@ -46,6 +48,9 @@ from pricing.money import fee_of
 
 def _hash(params: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(params, sort_keys=True, default=str).encode()).hexdigest()
+
+
+_SYSTEM_IDS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # engine -> {(kind, shard): id}
 
 
 class Ledger:
@@ -67,6 +72,8 @@ class Ledger:
                 select(LedgerAccount).where(LedgerAccount.kind == kind, LedgerAccount.ref == ref)).first()
             if row is None:  # committed after this transaction's snapshot
                 raise RetryableConflict(f"account {kind.value}:{ref} was created concurrently; retry") from None
+        else:
+            self.s.info.setdefault("ledger_created", set()).add(row.id)
         return row
 
     def system(self, kind: AccountKind, shard: int = 0) -> LedgerAccount:
@@ -83,13 +90,21 @@ class Ledger:
     def _sys(self, kind: AccountKind, key: int, cache: dict | None = None) -> int:
         """Id of the shard of system account `kind` that serves `key` (an account id).
         `cache` is for one call only: a shard created in a savepoint that later rolls back
-        must not be remembered."""
+        must not be remembered. Across calls, ids of shards that existed before this
+        transaction are remembered per database engine (`_SYSTEM_IDS`): system accounts are
+        never deleted, so the id cannot go stale."""
         k = (kind, key % SYSTEM_SHARDS if kind in SHARDED_KINDS else 0)
-        if cache is None:
-            return self.system(kind, k[1]).id
-        if k not in cache:
-            cache[k] = self.system(kind, k[1]).id
-        return cache[k]
+        if cache is not None and k in cache:
+            return cache[k]
+        known = _SYSTEM_IDS.setdefault(self.s.get_bind(), {})
+        if k in known:
+            return known[k]
+        acct_id = self.system(kind, k[1]).id
+        if acct_id not in self.s.info.get("ledger_created", ()):
+            known[k] = acct_id
+        if cache is not None:
+            cache[k] = acct_id
+        return acct_id
 
     def system_balance(self, kind: AccountKind) -> int:
         """The balance of a system account: the sum over its shards."""
@@ -142,40 +157,40 @@ class Ledger:
 
     # ------------------------------------------------------------------ idempotency
     def _once(self, key: str, op: str, params: dict[str, Any], fn) -> dict[str, Any]:
-        """Run `fn()` once per key; replays return the stored result."""
+        """Run `fn()` once per key; replays return the stored result. The key is claimed
+        and `fn` run in one savepoint: if `fn` fails, the claim goes with it (a corrected
+        retry can use the key); if the key is taken, nothing of `fn` ran."""
         if not key:
             raise LedgerError("an idempotency key is required")
         h = _hash({"op": op, **params})
-        prior = self.s.get(LedgerIdempotency, key)
-        if prior is None:
-            claim = LedgerIdempotency(key=key, op=op, params_hash=h)
-            try:
-                with self.s.begin_nested():
-                    self.s.add(claim)
-            except IntegrityError:
-                prior = self.s.get(LedgerIdempotency, key, populate_existing=True)
-                if prior is None:  # committed after this transaction's snapshot
-                    raise RetryableConflict(f"idempotency key {key!r} was used concurrently; retry") from None
+        self.s.flush()  # the caller's pending rows: their errors are theirs, not a taken key
+        prior = self.s.identity_map.get(identity_key(LedgerIdempotency, key))  # replayed in this session
         if prior is not None:
-            if prior.params_hash != h:
-                raise IdempotencyConflict(f"idempotency key {key!r} was used for a different {prior.op}")
-            return prior.result
+            return self._replayed(prior, key, h)
+        claim = LedgerIdempotency(key=key, op=op, params_hash=h)
+        claimed = False
         try:
             with self.s.begin_nested():
+                self.s.add(claim)
+                self.s.flush()
+                claimed = True
                 result = fn()
                 claim.result = result
                 self.s.add(claim)
-        except BaseException:
-            # the op failed: release the key so a corrected retry can use it (if the
-            # transaction itself is broken, the caller rolls it back and the claim with it)
-            try:
-                if claim in self.s:
-                    self.s.delete(claim)
-                    self.s.flush()
-            except Exception:  # noqa: BLE001  (the op's own error is the one to raise)
-                pass
-            raise
+        except IntegrityError:
+            if claimed:  # fn's own error
+                raise
+            prior = self.s.get(LedgerIdempotency, key, populate_existing=True)
+            if prior is None:  # committed after this transaction's snapshot
+                raise RetryableConflict(f"idempotency key {key!r} was used concurrently; retry") from None
+            return self._replayed(prior, key, h)
         return result
+
+    @staticmethod
+    def _replayed(prior: LedgerIdempotency, key: str, h: str) -> dict[str, Any]:
+        if prior.params_hash != h:
+            raise IdempotencyConflict(f"idempotency key {key!r} was used for a different {prior.op}")
+        return prior.result
 
     # ------------------------------------------------------------------ operations
     def deposit(self, account_id: int, amount: int, *, idempotency_key: str) -> int:

@@ -9,7 +9,7 @@ from sqlmodel import Session, select
 
 from pricing.batch import Settlement, settle_many
 from pricing.ledger import (
-    AccountKind, HoldState, Ledger, LedgerHold, LedgerIdempotency, LedgerTransfer, total_balance,
+    AccountKind, HoldState, Ledger, LedgerAccount, LedgerHold, LedgerIdempotency, LedgerTransfer, total_balance,
 )
 
 
@@ -142,3 +142,41 @@ def test_batched_settlement_rolled_back_then_redelivered(engine, ids):
     with Session(engine) as s:
         assert Ledger(s).balance(buyer) == 10_000 - 1_000 and total_balance(s) == 0
         assert {h.state for h in s.exec(select(LedgerHold))} == {HoldState.POSTED}
+
+
+def test_system_account_ids_are_remembered_per_database_and_never_from_a_rolled_back_transaction(tmp_path):
+    """The ledger remembers the ids of system accounts (escrow shards) across transactions.
+    Two databases in one process number them differently, and a shard created by a
+    transaction that rolls back does not exist: neither may leak into another hold."""
+    from tests.pricing.conftest import make_engine
+
+    a, b = (make_engine(f"sqlite:///{tmp_path / n}") for n in ("a.db", "b.db"))
+    try:
+        with Session(b) as s:  # b numbers its accounts differently: some accounts first
+            led = Ledger(s)
+            for i in range(5):
+                led.open_account(AccountKind.BUYER, f"filler-{i}")
+            s.commit()
+        for engine in (a, b):
+            with Session(engine) as s:  # the escrow shard is created here, then rolled back
+                led = Ledger(s)
+                buyer = led.open_account(AccountKind.BUYER, "rolled-back").id
+                led.deposit(buyer, 100, idempotency_key="dep-rb")
+                led.create_hold(buyer, 10, idempotency_key="hold-rb")
+                s.rollback()
+            with Session(engine) as s:
+                led = Ledger(s)
+                buyer = led.open_account(AccountKind.BUYER, "buyer").id
+                led.deposit(buyer, 1_000, idempotency_key="dep")
+                hold = led.create_hold(buyer, 300, idempotency_key="hold")
+                s.commit()
+                escrow = s.exec(select(LedgerAccount).where(LedgerAccount.id == hold_escrow(s, hold.id))).one()
+                assert escrow.kind == AccountKind.ESCROW and escrow.balance == 300
+                assert led.balance(buyer) == 700 and total_balance(s) == 0
+    finally:
+        a.dispose()
+        b.dispose()
+
+
+def hold_escrow(s: Session, hold_id: int) -> int:
+    return s.exec(select(LedgerTransfer.credit_account_id).where(LedgerTransfer.hold_id == hold_id)).one()
