@@ -252,11 +252,10 @@ async def handle(rt: Runtime, account: Account, body: ChatCompletionRequest | Co
         prior = await run_in_threadpool(_find)
         if prior is not None:
             return _replay(prior, body, kind)
-    # Rate limits first: refusing costs a Redis round trip, nothing more.
-    await run_in_threadpool(rt.limiter.buyer_request, account.id,
-                            body.prompt_bytes() + (body.requested_max_tokens() or rt.settings.default_max_tokens))
+    # Rate limits first: refusing costs a Redis round trip (in memory: nothing), nothing more.
     rid = new_request_id()
-    if not await run_in_threadpool(rt.limiter.acquire, account.id, rid):
+    limits = (account.id, body.prompt_bytes() + (body.requested_max_tokens() or rt.settings.default_max_tokens), rid)
+    if not (rt.limiter.admit(*limits) if rt.limiter.in_memory else await run_in_threadpool(rt.limiter.admit, *limits)):
         metrics.REQUESTS.labels(outcome="429").inc()
         raise rt.limiter.concurrency_refusal()
     # Listen before the request exists: nothing published for it can be missed, and a

@@ -28,7 +28,7 @@ from coordinator.node_registry import is_live, mark_silent_offline, prune_nonces
 from coordinator.replicas import dead_replicas, end_orphans
 from coordinator.market_view import MarketView
 from coordinator.routability import candidates
-from coordinator.settlement import AwaitingDelivery, Settled, fail_request, settle_accepted_batch
+from coordinator.settlement import SETTLE_BATCH, AwaitingDelivery, Settled, fail_request, settle_accepted_batch
 from pricing.ledger import Ledger, expire_holds, prune_idempotency
 from pricing.stake import withdraw_matured
 from scheduler.dispatch import AppliedDecision
@@ -201,11 +201,19 @@ class SqlDispatchStore:
     def settle(self, request_id: str) -> dict:
         """Pay `request_id`'s accepted receipt, and with it up to SETTLE_BATCH - 1 other
         accepted receipts no other worker holds (one ledger batch); tell each buyer."""
+        self.rt.clear_settle_flag()  # before reading the batch: a receipt accepted from now on asks again
         try:
             with self.rt.session() as s:
                 results = settle_accepted_batch(s, request_id, self.rt.settings)
         except OperationalError as exc:
             raise TransientStoreError(str(exc)) from exc
+        if len(results) >= SETTLE_BATCH:  # more may wait than one batch takes
+            with self.rt.read_session() as s:
+                more = s.exec(select(InferenceRequest.id).where(
+                    InferenceRequest.status == RequestStatus.SETTLING,
+                    col(InferenceRequest.delivery).is_not(None)).limit(1)).first()
+            if more is not None:
+                self.rt.enqueue_settle(more)
         for rid, res in results.items():
             if not isinstance(res, (Settled, AwaitingDelivery)):
                 log.warning("settle %s: %s", rid, res)

@@ -63,6 +63,16 @@ class RateLimiter:
         self._hit(self.s.rate_limit_requests_per_min, f"req:{account_id}", "requests")
         self._hit(self.s.rate_limit_tokens_per_min, f"tok:{account_id}", "tokens", cost=max(1, tokens))
 
+    @property
+    def in_memory(self) -> bool:
+        """No Redis: every check is a few dictionary operations, fine on the event loop."""
+        return self._redis is None
+
+    def admit(self, account_id: str, tokens: int, request_id: str) -> bool:
+        """`buyer_request`, then `acquire` (one trip to a worker thread where Redis is used)."""
+        self.buyer_request(account_id, tokens)
+        return self.acquire(account_id, request_id)
+
     def node_message(self, node_id: str) -> None:
         self._hit(self.s.node_rate_limit_per_min, f"node:{node_id}", "signed messages")
 

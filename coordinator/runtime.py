@@ -31,6 +31,7 @@ from scheduler.dispatch import set_store
 log = logging.getLogger(__name__)
 
 DISPATCH_FLAG = "dispatch-pending"
+SETTLE_FLAG = "settle-pending"
 
 
 class Runtime:
@@ -93,9 +94,23 @@ class Runtime:
             log.debug("dispatch not triggered: %s", exc)
 
     def enqueue_settle(self, request_id: str) -> None:
+        """Ask for a settle task unless one is already pending: the pending one clears the
+        flag before it reads its batch, so it pays this receipt (a batch that was full
+        asks again; the sweep resends anything left). Without the relay's flag, always."""
         from scheduler.tasks import settle
 
+        try:
+            if not self.bus.set_flag(SETTLE_FLAG, ttl_s=1.0):
+                return
+        except BusUnavailable:
+            pass
         settle.apply_async(args=[request_id])
+
+    def clear_settle_flag(self) -> None:
+        try:
+            self.bus.clear_flag(SETTLE_FLAG)
+        except BusUnavailable:
+            pass  # it expires by itself
 
     def dispatch_audit(self, audit_id: int) -> bool:
         """Send an audit to a verifier node, if one qualifies now (else the sweep retries)."""

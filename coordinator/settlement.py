@@ -180,23 +180,29 @@ def settle_accepted_batch(session: Session, request_id: str, settings: Coordinat
     COMPLETED), or the error that leaves it as it was."""
     out: dict[str, Settled | ReceiptRejected | LedgerError] = {}
     own = session.get(InferenceRequest, request_id, with_for_update=True, populate_existing=True)
+    reqs = []
     if own is None:
-        return {request_id: ReceiptRejected(f"unknown request {request_id}")}
-    if own.status == RequestStatus.COMPLETED:
-        return {request_id: _settled(own)}
-    if own.status != RequestStatus.SETTLING:
-        return {request_id: ReceiptRejected(f"request is {own.status.value}, not settling")}
-    if own.delivery is None:
-        return {request_id: AwaitingDelivery("waiting for the buyer's handler to say what it delivered")}
-    reqs = [own]
+        out[request_id] = ReceiptRejected(f"unknown request {request_id}")
+    elif own.status == RequestStatus.COMPLETED:
+        out[request_id] = _settled(own)
+    elif own.status != RequestStatus.SETTLING:
+        out[request_id] = ReceiptRejected(f"request is {own.status.value}, not settling")
+    elif own.delivery is None:
+        out[request_id] = AwaitingDelivery("waiting for the buyer's handler to say what it delivered")
+    else:
+        reqs.append(own)
+    # The others go with it even when it is not payable itself (settled by an earlier batch):
+    # a settle task stands for every receipt accepted while it was pending (Runtime.enqueue_settle).
     if limit > 1:
         reqs += list(session.exec(
             select(InferenceRequest)
             .where(InferenceRequest.status == RequestStatus.SETTLING, InferenceRequest.id != request_id,
                    col(InferenceRequest.delivery).is_not(None))
-            .order_by(col(InferenceRequest.id)).limit(limit - 1)
+            .order_by(col(InferenceRequest.id)).limit(limit - len(reqs))
             .with_for_update(skip_locked=True)
         ).all())
+    if not reqs:
+        return out
     node_ids = sorted({r.node_id for r in reqs if r.node_id})
     session.exec(select(Node).where(col(Node.id).in_(node_ids)).order_by(col(Node.id)).with_for_update()).all()
     offers = {(o.node_id, o.model): o for o in session.exec(

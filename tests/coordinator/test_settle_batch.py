@@ -107,3 +107,34 @@ def test_concurrent_tasks_split_the_backlog(rt):
         results = list(pool.map(rt.store.settle, [rid for rid, _, _ in accepted]))
     assert all(r["settled"] for r in results)
     _check_paid(rt, node, accepted)
+
+
+def test_a_task_whose_request_is_already_paid_still_pays_the_others(rt):
+    node = _node(rt)
+    first = _accepted(rt, node, 1)
+    assert rt.store.settle(first[0][0])["settled"]
+    later = _accepted(rt, node, 3)
+    again = rt.store.settle(first[0][0])  # e.g. redelivered, or the sweep's resend
+    assert again["settled"] and again["batch"] == 4
+    _check_paid(rt, node, first + later)
+
+
+def test_receipts_accepted_while_a_settle_task_waits_ride_on_it(rt, monkeypatch):
+    """One settle task stands for every receipt accepted while it is pending: the broker
+    gets one message, not one per request, and every receipt is still paid exactly once."""
+    from scheduler.tasks import settle
+
+    sent = []
+    monkeypatch.setattr(settle, "apply_async", lambda args, **kw: sent.append(args[0]))
+    node = _node(rt)
+    accepted = _accepted(rt, node, 5)
+    for rid, _, _ in accepted:
+        rt.enqueue_settle(rid)
+    assert sent == [accepted[0][0]]
+    assert rt.store.settle(sent[0])["batch"] == 5  # the task clears the flag, then reads its batch
+    _check_paid(rt, node, accepted)
+    more = _accepted(rt, node, 1)
+    rt.enqueue_settle(more[0][0])  # accepted after that task started: a task of its own
+    assert sent == [accepted[0][0], more[0][0]]
+    rt.store.settle(more[0][0])
+    _check_paid(rt, node, accepted + more)
