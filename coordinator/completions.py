@@ -24,7 +24,8 @@ from coordinator import metrics
 from coordinator import openai_format as fmt
 from coordinator.admission import admit, body_hash, find_keyed, new_request_id
 from coordinator.bus import BusUnavailable, Subscription
-from coordinator.delivery import Delivery, Quote, acknowledge
+from coordinator.delivery import Delivery, Quote
+from coordinator.endings import Ending
 from coordinator.errors import APIError, Conflict, NoCapacity, RelayInterrupted, Unavailable, UpstreamFailed
 from coordinator.models import Account, InferenceRequest, RequestStatus
 from coordinator.runtime import Runtime
@@ -180,32 +181,10 @@ class RequestStream:
         """The buyer's side is over: say what it was written (settlement charges that, see
         `delivery.py`); `delivery` None means the buyer left. Work not yet assigned is
         cancelled and its hold released; work a node is doing is acknowledged, and cancelled
-        at the node unless it completed. Runs in a worker thread and is not awaited, so it
-        completes even while the handler's task is being cancelled."""
-        rt, rid = self.rt, self.rid
-
-        def _run() -> None:
-            try:
-                with rt.session() as s:
-                    req = s.get(InferenceRequest, rid, with_for_update=True)
-                    if req is None or req.status.finished:
-                        return
-                    if req.status == RequestStatus.QUEUED:
-                        fail_request(s, rid, "the buyer's connection ended before a node took the request",
-                                     status=RequestStatus.CANCELLED)
-                        return
-                    node_id = req.node_id
-                    ready = acknowledge(s, rid, written, delivery or Delivery.BUYER_GONE)
-                if ready:
-                    rt.enqueue_settle(rid)
-                if delivery != Delivery.COMPLETE and node_id is not None:
-                    rt.bus.publish_sync(f"node:{node_id}", {"type": "cancel", "request_id": rid})
-            except BusUnavailable as exc:  # the cancel is lost: the node finishes, unpaid beyond the rule
-                log.warning("request %s: could not cancel it at its node: %s", rid, exc)
-            except Exception:  # noqa: BLE001 - the sweep settles an unacknowledged receipt later
-                log.exception("request %s: recording its delivery failed", rid)
-
-        asyncio.get_running_loop().run_in_executor(None, _run)
+        at the node unless it completed. Written in a worker thread together with the other
+        requests that end meanwhile (`endings.py`), not awaited, so it completes even while
+        the handler's task is being cancelled."""
+        self.rt.endings.add(Ending(self.rid, written, delivery), loop=asyncio.get_running_loop())
 
 
 def _cancel_unsent(rt: Runtime, rid: str) -> None:

@@ -2,22 +2,64 @@
 
 from __future__ import annotations
 
+import sqlite3
+import threading
+from collections import deque
 from contextlib import contextmanager
 from typing import Iterator
 
 from sqlalchemy import event
 from sqlalchemy.engine import Engine
+from sqlalchemy.exc import OperationalError
 from sqlmodel import Session, SQLModel, create_engine
 
 
 READ_ONLY = "agora_read_only"
 
 
+class WriterTurns:
+    """SQLite's write lock, taken in this process in arrival order. SQLite itself makes a
+    waiting writer poll with growing sleeps (up to 100 ms between tries), so under load the
+    lock sits idle between writers and an unlucky one waits seconds; here the next writer
+    of this process is handed the lock the moment the last one commits. Writers of other
+    processes (the CLI) still meet SQLite's own busy wait."""
+
+    def __init__(self) -> None:
+        self._mutex = threading.Lock()
+        self._held = False
+        self._waiting: deque[threading.Event] = deque()
+
+    def acquire(self, timeout_s: float) -> bool:
+        with self._mutex:
+            if not self._held:
+                self._held = True
+                return True
+            turn = threading.Event()
+            self._waiting.append(turn)
+        if turn.wait(timeout_s):
+            return True
+        with self._mutex:
+            if turn.is_set():  # handed over as the wait ended
+                return True
+            self._waiting.remove(turn)
+            return False
+
+    def release(self) -> None:
+        with self._mutex:
+            if self._waiting:
+                self._waiting.popleft().set()  # handed over: stays held
+            else:
+                self._held = False
+
+
+SQLITE_LOCK_TIMEOUT_S = 30.0
+
+
 def make_engine(url: str) -> Engine:
     if url.startswith("sqlite"):
-        engine = create_engine(
-            url, connect_args={"check_same_thread": False, "timeout": 30}, pool_pre_ping=True
-        )
+        engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": SQLITE_LOCK_TIMEOUT_S})
+        turns = WriterTurns()
+        holders: set[int] = set()  # connections (raw, by id) whose transaction holds the turn
 
         @event.listens_for(engine, "connect")
         def _sqlite_pragmas(dbapi_conn, _record):  # pragma: no cover - trivial
@@ -29,15 +71,58 @@ def make_engine(url: str) -> Engine:
             cur.close()
 
         @event.listens_for(engine, "begin")
-        def _begin_immediate(conn):  # pragma: no cover - trivial
+        def _begin_immediate(conn):
             # Take the write lock up front: a deferred transaction that reads, then writes
             # after another writer committed fails at once with "database is locked"
             # instead of waiting its turn. A read-only session (`read_scope`) takes none:
             # in WAL mode it reads a snapshot while writers go on.
-            conn.exec_driver_sql("BEGIN" if conn.get_execution_options().get(READ_ONLY) else "BEGIN IMMEDIATE")
+            if conn.get_execution_options().get(READ_ONLY):
+                conn.exec_driver_sql("BEGIN")
+                return
+            if not turns.acquire(SQLITE_LOCK_TIMEOUT_S):
+                raise OperationalError("BEGIN IMMEDIATE", None, sqlite3.OperationalError(
+                    f"database is locked: no turn to write within {SQLITE_LOCK_TIMEOUT_S:.0f}s"))
+            holders.add(_raw_id(conn.connection))
+            try:
+                conn.exec_driver_sql("BEGIN IMMEDIATE")
+            except BaseException:
+                _done(conn.connection)
+                raise
+
+        def _done(dbapi_conn) -> None:
+            key = _raw_id(dbapi_conn)
+            if key in holders:
+                holders.discard(key)
+                turns.release()
+
+        # The turn passes on once SQLite has committed or rolled back (the engine's
+        # commit/rollback events fire before that), or when the connection goes back to
+        # the pool without either (an invalidated connection).
+        dialect, do_commit, do_rollback = engine.dialect, engine.dialect.do_commit, engine.dialect.do_rollback
+
+        def _commit(dbapi_conn):
+            try:
+                do_commit(dbapi_conn)
+            finally:
+                _done(dbapi_conn)
+
+        def _rollback(dbapi_conn):
+            try:
+                do_rollback(dbapi_conn)
+            finally:
+                _done(dbapi_conn)
+
+        dialect.do_commit, dialect.do_rollback = _commit, _rollback
+        event.listen(engine, "checkin", lambda dbapi_conn, _record: _done(dbapi_conn))
+        event.listen(engine, "close", lambda dbapi_conn, _record: _done(dbapi_conn))
 
         return engine
     return create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=20)
+
+
+def _raw_id(conn) -> int:
+    """The id of the DB-API connection behind `conn` (a pool proxy or the raw one)."""
+    return id(getattr(conn, "dbapi_connection", None) or conn)
 
 
 def create_all(engine: Engine) -> None:

@@ -19,6 +19,7 @@ from sqlmodel import Session
 from coordinator.auth import KeyCache
 from coordinator.bus import Bus, BusUnavailable, make_bus
 from coordinator.db import make_engine, read_only, read_scope, session_scope
+from coordinator.endings import Endings
 from coordinator.liveness import Liveness
 from coordinator.market_view import MarketView
 from coordinator.ratelimit import RateLimiter
@@ -54,6 +55,7 @@ class Runtime:
         self.limiter = RateLimiter(settings)
         self.liveness = Liveness()  # beats heard on this process's work channels (liveness.py)
         self.keys = KeyCache(settings.api_key_cache_s)  # valid API keys seen lately (auth.py)
+        self.endings = Endings(self)  # what each buyer was written, recorded in batches (endings.py)
         self.market = MarketView(self.read_engine, settings)  # routable offers in memory (market_view.py)
         set_store(self.store)
 

@@ -1,0 +1,105 @@
+"""What a loaded embedded coordinator writes less often, and must still write exactly:
+request endings in batches (`endings.py`) and SQLite writers in arrival order
+(`db.WriterTurns`)."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+from sqlalchemy import func
+from sqlmodel import select
+
+from coordinator.db import WriterTurns
+from coordinator.delivery import Delivery
+from coordinator.endings import Ending
+from coordinator.models import InferenceRequest, RequestStatus
+from coordinator.settlement import Relayed, accept_receipt
+from protocol import commitment_of
+from pricing.ledger import total_balance
+from tests.coordinator.test_settlement import CREDIT, _node, _receipt, _request
+from coordinator.account_service import create_account
+from coordinator.admission import admit
+from coordinator.schemas import ChatCompletionRequest
+
+
+def test_writers_get_the_lock_in_arrival_order_and_a_waiter_can_give_up():
+    turns = WriterTurns()
+    assert turns.acquire(1)
+    order, threads = [], []
+    for i in range(4):
+        def wait(i=i):
+            assert turns.acquire(5)
+            order.append(i)
+            turns.release()
+        t = threading.Thread(target=wait)
+        t.start()
+        threads.append(t)
+        time.sleep(0.05)  # queued in this order
+    assert not turns.acquire(0.05)  # held, and four wait before it: it gives up
+    turns.release()
+    for t in threads:
+        t.join(5)
+    assert order == [0, 1, 2, 3]
+    assert turns.acquire(0.05)  # nobody holds it any more
+
+
+def test_concurrent_writers_of_one_sqlite_engine_all_commit(runtime):
+    _node(runtime)
+    errors = []
+
+    def one():
+        try:
+            with runtime.session() as s:  # an account, a deposit, an admission with its hold
+                account, _ = create_account(s, "buyer", CREDIT)
+                admit(s, account, ChatCompletionRequest(model="tiny", messages=[{"role": "user", "content": "hi"}],
+                                                        max_tokens=4), "chat", runtime.settings)
+        except Exception as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=one) for _ in range(12)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert not errors
+    with runtime.session() as s:
+        assert total_balance(s) == 0
+        assert s.exec(select(func.count()).select_from(InferenceRequest)).one() == 12
+
+
+def test_endings_arriving_together_are_written_together_and_each_counts(runtime, monkeypatch):
+    from scheduler.tasks import settle
+
+    sent = []
+    monkeypatch.setattr(settle, "apply_async", lambda args, **kw: sent.append(args[0]))
+    node = _node(runtime)
+    rids = []
+    for _ in range(6):
+        rid, _ = _request(runtime, node, max_tokens=4)
+        ids, lps = [5, 6, 7], [-1, -2, -3]
+        with runtime.session() as s:
+            accept_receipt(s, _receipt(node, rid, ids, lps), node.public_key_hex,
+                           Relayed(3, commitment_of(rid, ids, lps)), runtime.settings)
+        rids.append(rid)
+    commits = []
+    from sqlalchemy import event
+    event.listen(runtime.engine, "commit", lambda conn: commits.append(1))
+    hold = threading.Event()
+    real = runtime.endings._write
+    monkeypatch.setattr(runtime.endings, "_write", lambda batch: (hold.wait(5), real(batch)))
+    runtime.endings.add(Ending(rids[0], 3, Delivery.COMPLETE))  # its write waits for the others
+    for rid in rids[1:]:
+        runtime.endings.add(Ending(rid, 2, Delivery.BUYER_GONE))
+    runtime.endings.add(Ending("req_unknown", 1, Delivery.COMPLETE))  # a bad one holds back nobody
+    hold.set()
+    deadline = time.monotonic() + 10
+    while (runtime.endings.pending() or runtime.endings._running) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert len(commits) == 2  # the first ending alone, then the other six in one transaction
+    with runtime.session() as s:
+        got = {r: (s.get(InferenceRequest, r).delivery, s.get(InferenceRequest, r).delivered_tokens) for r in rids}
+        assert all(s.get(InferenceRequest, r).status == RequestStatus.SETTLING for r in rids)
+    assert got[rids[0]] == (Delivery.COMPLETE.value, 3)
+    assert all(got[r] == (Delivery.BUYER_GONE.value, 2) for r in rids[1:])
+    assert sent == [rids[0]]  # one settle task stands for all of them
