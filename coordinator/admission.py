@@ -63,6 +63,9 @@ def affordable_prices(offers: list[NodeOffer], prompt_est: int, max_tokens: int,
     offer if the buyer can afford that hold, else of the cheapest offers it can (the request
     is then routed among those only). So no seller's price, however high, turns away a
     buyer whom a cheaper node could serve."""
+    top_in, top_out = max(o.price_in for o in offers), max(o.price_out for o in offers)
+    if request_cost(prompt_est, max_tokens, top_in, top_out) <= balance:
+        return top_in, top_out  # the usual case, without ranking a large fleet's offers
     ranked = sorted(offers, key=lambda o: request_cost(prompt_est, max_tokens, o.price_in, o.price_out))
     hi_in = hi_out = 0
     best = None

@@ -27,7 +27,7 @@ from coordinator.models.account import utcnow
 from coordinator.node_registry import is_live, mark_silent_offline, prune_nonces
 from coordinator.replicas import dead_replicas, end_orphans
 from coordinator.market_view import MarketView
-from coordinator.routability import candidates
+from coordinator.routability import Candidate, candidates
 from coordinator.settlement import SETTLE_BATCH, AwaitingDelivery, Settled, fail_request, settle_accepted_batch
 from pricing.ledger import Ledger, expire_holds, prune_idempotency
 from pricing.stake import withdraw_matured
@@ -78,21 +78,31 @@ def node_states(s: Session, settings: CoordinatorSettings, models: set[str],
     busy = dict(s.exec(select(InferenceRequest.node_id, func.count())
                        .where(InferenceRequest.status.in_(ACTIVE))  # type: ignore[attr-defined]
                        .group_by(InferenceRequest.node_id)).all()) if rows else {}
-    out = []
-    for c in rows:
-        offer, node = c.offer, c.node
-        active = busy.get(node.id, 0)
-        fields = speed.routing_fields(offer)
-        slots, per_stream = speed.share(node, offer, active, fields)
-        fields["tokens_per_s"] = per_stream
-        fields.pop("tokens_per_s_by_bucket", None)  # per-bucket figures are single-stream
-        out.append(NodeState(
-            id=node.id, model=offer.model, price_in=offer.price_in, price_out=offer.price_out,
-            region=node.region, free_slots=slots,
-            load=min(1.0, active / max(1, node.max_concurrency)), rtt_ms=node.rtt_ms,
-            reputation=node.reputation, verifiable=offer.verifiable, **fields,
-        ))
-    return out
+    return [_state(c, busy.get(c.node.id, 0)) for c in rows]
+
+
+def _state(c: Candidate, active: int) -> NodeState:
+    """The policy's view of one offer with `active` requests on its node. A candidate held
+    in memory (`market_view.py`) keeps its speed fields and its idle state: a fleet of
+    thousands of mostly idle nodes costs a lookup per node, not an estimate."""
+    if active == 0 and "idle" in c.memo:
+        return c.memo["idle"]
+    offer, node = c.offer, c.node
+    if "fields" not in c.memo:
+        c.memo["fields"] = speed.routing_fields(offer)
+    fields = dict(c.memo["fields"])
+    slots, per_stream = speed.share(node, offer, active, fields)
+    fields["tokens_per_s"] = per_stream
+    fields.pop("tokens_per_s_by_bucket", None)  # per-bucket figures are single-stream
+    state = NodeState(
+        id=node.id, model=offer.model, price_in=offer.price_in, price_out=offer.price_out,
+        region=node.region, free_slots=slots,
+        load=min(1.0, active / max(1, node.max_concurrency)), rtt_ms=node.rtt_ms,
+        reputation=node.reputation, verifiable=offer.verifiable, **fields,
+    )
+    if active == 0:
+        c.memo["idle"] = state
+    return state
 
 
 def free_slots(s: Session, node_ids: set[str]) -> dict[str, int]:

@@ -23,6 +23,7 @@ from coordinator.settings import CoordinatorSettings
 from pricing.stake import bonded_by_ref
 from scheduler.dispatch import route_in_groups
 from scheduler.routing import get_policy
+from scheduler.shortlist import shortlist
 
 
 def place_now(session: Session, req: InferenceRequest, settings: CoordinatorSettings,
@@ -36,8 +37,9 @@ def place_now(session: Session, req: InferenceRequest, settings: CoordinatorSett
         InferenceRequest.id != req.id).limit(1)).first()
     if older is not None:  # the queue goes first, in its order
         return None
-    decision = route_in_groups(get_policy(settings.routing_policy), [pending_of(req, utcnow())],
-                               node_states(session, settings, {req.model}, view))
+    pending = pending_of(req, utcnow())
+    decision = route_in_groups(get_policy(settings.routing_policy), [pending],
+                               shortlist(node_states(session, settings, {req.model}, view), pending))
     node_id = decision.assignments.get(req.id)
     if node_id is None or free_slots(session, {node_id}).get(node_id, 0) <= 0:
         return None
@@ -63,3 +65,4 @@ def _still_routable(session: Session, req: InferenceRequest, offer: NodeOffer, s
         return False
     return offer.price_out <= req.routing.get("max_price", offer.price_out) and \
         offer.price_in <= req.routing.get("max_price_in", offer.price_in)
+

@@ -11,10 +11,10 @@ nodes and the buyer asked for them.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 
-from sqlmodel import Session, select
+from sqlmodel import Session, col, select
 
 from coordinator.models import Node, NodeOffer
 from coordinator.models.account import utcnow
@@ -27,6 +27,9 @@ from pricing.stake import bonded_by_ref
 class Candidate:
     offer: NodeOffer
     node: Node
+    # what routing derives from this pair and may keep while the pair is held in memory
+    # (`market_view.py`): e.g. its speed fields and its state when idle (`dispatch_store.node_states`)
+    memo: dict = field(default_factory=dict, compare=False, repr=False)
 
 
 def why_not_routable(node: Node, offer: NodeOffer | None, settings: CoordinatorSettings, bonded: int | None,
@@ -50,12 +53,15 @@ def why_not_routable(node: Node, offer: NodeOffer | None, settings: CoordinatorS
 
 
 def candidates(session: Session, settings: CoordinatorSettings, model: str | None = None, *,
-               allow_unverified: bool = False) -> list[Candidate]:
-    """Routable offers (of `model`, or all), with their nodes; unverifiable offers only with
-    `allow_unverified` (the buyer's wish) where the operator allows them."""
+               allow_unverified: bool = False, node_ids: list[str] | None = None) -> list[Candidate]:
+    """Routable offers (of `model`, or all; of `node_ids` only, if given), with their nodes;
+    unverifiable offers only with `allow_unverified` (the buyer's wish) where the operator
+    allows them."""
     q = select(NodeOffer, Node).join(Node, Node.id == NodeOffer.node_id)
     if model is not None:
         q = q.where(NodeOffer.model == model)
+    if node_ids is not None:
+        q = q.where(col(Node.id).in_(node_ids))
     rows = session.exec(q).all()
     stakes = bonded_by_ref(session, sorted({f"node:{n.id}" for _, n in rows})) if settings.min_stake else {}
     now = utcnow()
