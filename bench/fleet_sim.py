@@ -24,6 +24,7 @@ from collections.abc import Callable
 from websockets.asyncio.client import connect
 from websockets.exceptions import WebSocketException
 
+from node_agent.agent import BEAT_ACK_EVERY  # the agent's own rule
 from node_agent.identity import Identity
 from protocol import ChannelHello, Heartbeat, ModelOffer, Registration, fresh_stamp
 
@@ -108,7 +109,7 @@ class RawHTTP:
 
 
 class SimNode:
-    __slots__ = ("ever_connected", "http_busy", "identity", "idx", "node_id", "phase", "task", "ws")
+    __slots__ = ("beats", "ever_connected", "http_busy", "identity", "idx", "node_id", "phase", "task", "ws")
 
     def __init__(self, idx: int, identity: Identity, phase: float):
         self.idx, self.identity, self.node_id = idx, identity, identity.public_key_hex
@@ -117,6 +118,7 @@ class SimNode:
         self.task: asyncio.Task | None = None
         self.phase = phase
         self.ever_connected = False
+        self.beats = 0  # channel beats sent (every BEAT_ACK_EVERY-th asks for an ack, like the agent)
 
 
 class ModeStats:
@@ -328,6 +330,9 @@ class Fleet:
                 in_window = self.w0 <= due <= self.w1
                 if mode == "channel":
                     ws = nd.ws
+                    ask = nd.beats % BEAT_ACK_EVERY == 0
+                    nd.beats += 1
+                    in_window = in_window and ask  # round trips are measured on the beats that ask
                     if in_window:
                         st.sent += 1
                     if ws is None:
@@ -335,7 +340,7 @@ class Fleet:
                             st.errors["no_channel"] += 1
                         continue
                     try:
-                        await ws.send(json.dumps({"type": "beat", "t": due}))
+                        await ws.send(json.dumps({"type": "beat", "t": due, "ack": ask}))
                     except (OSError, WebSocketException) as exc:
                         if in_window:
                             st.errors[f"beat_send_{type(exc).__name__}"] += 1

@@ -47,7 +47,8 @@ def cmd_serve(argv: list[str]) -> int:
     settings = CoordinatorSettings()
     if not args.no_migrate:
         upgrade(settings.effective_database_url)
-    uvicorn.run(create_app(settings), host=args.host, port=args.port, log_level="warning")
+    uvicorn.run(create_app(settings), host=args.host, port=args.port, log_level="warning",
+                ws_per_message_deflate=settings.ws_deflate)
     return 0
 
 

@@ -55,7 +55,8 @@ def run_embedded(settings: CoordinatorSettings, *, host: str, port: int, nodes: 
     engine.dispose()
 
     base = f"http://{host}:{port}"
-    server = uvicorn.Server(uvicorn.Config(create_app(settings), host=host, port=port, log_level="warning"))
+    server = uvicorn.Server(uvicorn.Config(create_app(settings), host=host, port=port, log_level="warning",
+                                           ws_per_message_deflate=settings.ws_deflate))
     children: list[subprocess.Popen] = []
 
     async def _bring_up() -> None:

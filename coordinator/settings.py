@@ -66,6 +66,9 @@ class CoordinatorSettings(BaseSettings):
     api_key_cache_s: float = Field(default=30.0, ge=0, description="a valid API key is remembered this long "
                                    "(no database lookup per request); a key revoked in the database stops working "
                                    "within it; 0: look up every request")
+    ws_deflate: bool = Field(default=False, description="compress work-channel frames (permessage-deflate) when "
+                             "an agent offers it: small token frames gain little and it costs the coordinator CPU "
+                             "on every frame of every node")
     market_view_ttl_s: float = Field(default=1.0, ge=0, description="admission reads routable offers from "
                                      "memory (coordinator/market_view.py), reloaded at once after a routing change "
                                      "in this process and in the background when older than this; 0: every time")

@@ -224,8 +224,9 @@ class Channel:
                     self._background(self._on_verify_result(VerifyResult.model_validate(frame)), kind)
                 elif kind == "beat":  # liveness on the authenticated channel: noted, written in batches
                     self.rt.liveness.heard(self.node_id)
-                    async with self.send_lock:
-                        await self.ws.send_json({"type": "beat_ack", "t": frame.get("t")})
+                    if frame.get("ack", True):  # agents ask every few beats (older ones always)
+                        async with self.send_lock:
+                            await self.ws.send_text(f'{{"type":"beat_ack","t":{_number(frame.get("t"))}}}')
                 elif kind == "pong" and isinstance(frame.get("t"), (int, float)):
                     rtt_ms = (time.monotonic() - frame["t"]) * 1000
                     if 0 <= rtt_ms < 60_000:
@@ -375,3 +376,9 @@ class Channel:
             await self.rt.bus.publish(f"node:{self.node_id}", {"type": "notice", "level": "error",
                                                                "message": outcome.excluded})
         self.rt.kick_dispatch()
+
+
+def _number(x) -> str:
+    """`x` as a JSON number (what the agent sent as its beat's time), else null."""
+    return repr(float(x)) if isinstance(x, (int, float)) and not isinstance(x, bool) and x == x and abs(x) < 1e300 \
+        else "null"

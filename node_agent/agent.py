@@ -35,6 +35,7 @@ from protocol.commitment import NO_LOGPROB
 
 log = logging.getLogger("agora.node")
 _ABSENT_DTYPES = (None, "", "auto", "remote", "unknown")
+BEAT_ACK_EVERY = 6  # one beat in this many asks the coordinator for an ack (30 s at the default 5 s)
 
 
 def core_engine(engine: Engine) -> Engine:
@@ -124,8 +125,9 @@ class NodeAgent:
         self.ready = asyncio.Event()  # set once the work channel is open
         self._ws = None
         self._send_lock = asyncio.Lock()
-        self._beat_sent: float | None = None  # monotonic time of the last unanswered-or-answered beat
+        self._beat_sent: float | None = None  # monotonic time of the last beat that asked for an ack
         self._beat_acked = 0.0
+        self._beats = 0  # beats sent on this channel
         self._first_receipt: Receipt | None = None  # for the replay_receipt test mode
 
     @property
@@ -169,21 +171,26 @@ class NodeAgent:
             raise CoordinatorRejected(f"heartbeat refused ({resp.status_code}): {resp.text}")
 
     async def _heartbeats(self) -> None:
-        """Liveness: a `beat` frame on the open work channel (the coordinator acks it and
-        writes liveness in batches: no signature, no HTTP round trip); the signed HTTP
-        heartbeat while the channel is down, or when the last beat went unanswered (a
-        coordinator that predates beats)."""
+        """Liveness: a `beat` frame on the open work channel (the coordinator notes it and
+        writes liveness in batches: no signature, no HTTP round trip); every
+        BEAT_ACK_EVERY-th beat (the first on a new channel among them) asks for a `beat_ack`,
+        and the signed HTTP heartbeat takes over while the channel is down or when that ack
+        did not come by the next beat (a coordinator that predates beats). A dead
+        connection is also found by websockets' own keepalive pings."""
         while True:
             await asyncio.sleep(self.settings.heartbeat_interval_s)
             acked = self._beat_sent is None or self._beat_acked >= self._beat_sent
             if self.ready.is_set() and self._ws is not None and acked:
-                self._beat_sent = time.monotonic()
+                now, ask = time.monotonic(), self._beats % BEAT_ACK_EVERY == 0
+                self._beats += 1
+                if ask:
+                    self._beat_sent = now
                 try:
-                    await self._send_raw({"type": "beat", "t": self._beat_sent})
+                    await self._send_raw({"type": "beat", "t": now, "ack": ask})
                     continue
                 except (OSError, websockets.WebSocketException) as exc:
                     log.debug("beat not sent (%s): heartbeat over HTTP", exc)
-            self._beat_sent = None
+            self._beat_sent, self._beats = None, 0  # and the next beat asks again
             try:
                 await self.heartbeat_once()
             except (httpx.HTTPError, CoordinatorRejected) as exc:
@@ -229,7 +236,7 @@ class NodeAgent:
                 if "unknown node" in str(welcome.get("reason", "")):
                     await self.register()
                 raise CoordinatorRejected(f"channel refused: {welcome.get('reason')}")
-            self._ws = ws
+            self._ws, self._beats, self._beat_sent = ws, 0, None
             self.ready.set()
             log.info("work channel open as node %s…", self.node_id[:12])
             async for raw in ws:

@@ -46,6 +46,26 @@ def test_a_beat_is_acked_and_written_in_the_next_batch(client, runtime):
             assert s.get(Node, me.public_key_hex).last_heartbeat_at > utcnow() - timedelta(seconds=5)
 
 
+def test_only_beats_that_ask_are_acked_and_every_beat_counts(client, runtime):
+    me = _seller(client, runtime, connected=False)
+    with client.websocket_connect("/v1/nodes/channel") as ws:
+        ws.send_json(ChannelHello(node_id=me.public_key_hex, **fresh_stamp()).sign(me).model_dump(mode="json"))
+        assert ws.receive_json()["type"] == "welcome"
+        _set_silent(runtime, me.public_key_hex)
+        ws.send_json({"type": "beat", "t": 1.0, "ack": False})  # noted, not answered
+        ws.send_json({"type": "beat", "t": 2.0, "ack": True})
+        ws.send_json({"type": "beat", "t": "forged", "ack": True})  # answered, but its t is not echoed
+        frames = []
+        while len(frames) < 2:
+            frame = ws.receive_json()
+            if frame["type"] != "ping":
+                frames.append(frame)
+        assert frames == [{"type": "beat_ack", "t": 2.0}, {"type": "beat_ack", "t": None}]
+        _flush_once(runtime)
+        with runtime.session() as s:
+            assert s.get(Node, me.public_key_hex).last_heartbeat_at > utcnow() - timedelta(seconds=5)
+
+
 def test_a_flush_writes_every_node_heard_once_and_keeps_what_fails(runtime, client):
     ids = [_seller(client, runtime).public_key_hex for _ in range(3)]
     with runtime.session() as s:
