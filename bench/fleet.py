@@ -24,8 +24,10 @@ Liveness, at the agent's default interval (5 s, each node at its own random phas
            one in flight per node (the agent awaits it); latency counts from the moment it
            was due, so waiting for one of the simulator's --http-conns connections (the
            box's descriptor limit cannot give every node its own) counts too.
-  channel  `{"type": "beat", "t": ...}` on the open work channel, answered `beat_ack` with
-           the same t: no signature, no per-beat database write (flushed in batches).
+  channel  `{"type": "beat", "t": ..., "ack": ...}` on the open work channel, as the agent
+           sends it: every beat is noted (no signature, no per-beat database write: flushed
+           in batches) and one in BEAT_ACK_EVERY (6) asks for a `beat_ack` with the same t;
+           the round trip is measured on those, heartbeats_per_s counts every beat.
 Both modes run on the same coordinator and the same connected fleet, one after the other
 (the order of --modes), each: a warm-up of two intervals, then a window of --window-s:
   coordinator_core_share  the coordinator's CPU seconds (/proc, all threads) / wall seconds
@@ -272,8 +274,8 @@ async def measure_mode(fleet: Fleet, coord: Coordinator, mode: str, args, buyer:
         "heartbeat_p99_ms": hb["p99_ms"],
         "heartbeat_max_ms": hb["max_ms"],
         "heartbeat_p99_censored": hb["censored"],
-        "heartbeats": hb["sent"],
-        "heartbeats_per_s": round(hb["answered"] / (w1 - w0), 1),
+        "heartbeats": hb["sent"],  # measured round trips (channel: the beats that ask for an ack)
+        "heartbeats_per_s": round(hb["beats"] / (w1 - w0), 1),  # every beat the coordinator took
         "routing_probes": f"{routing['routed']}/{routing['sent']}",
         "routing_ms_p50": routing["p50_ms"],
         "routing_ms_p99": routing["p99_ms"],

@@ -126,6 +126,7 @@ class ModeStats:
         self.lat_ms: list[float] = []
         self.sent = 0
         self.answered = 0
+        self.beats = 0  # every beat due in the window (channel: those that ask for no ack too)
         self.errors: collections.Counter = collections.Counter()
         self.late = 0  # http: the node's previous heartbeat still in flight when the next was due
 
@@ -332,6 +333,8 @@ class Fleet:
                     ws = nd.ws
                     ask = nd.beats % BEAT_ACK_EVERY == 0
                     nd.beats += 1
+                    if in_window:
+                        st.beats += 1
                     in_window = in_window and ask  # round trips are measured on the beats that ask
                     if in_window:
                         st.sent += 1
@@ -395,7 +398,7 @@ class Fleet:
             detail["http_skipped_previous_in_flight"] = st.late
         failed = max(0, st.sent - st.answered)
         lat = st.lat_ms + [HTTP_TIMEOUT_S * 1000] * failed
-        return {"sent": st.sent, "answered": st.answered, "p50_ms": r2(pct(lat, 50)),
+        return {"sent": st.sent, "answered": st.answered, "beats": st.beats or st.answered, "p50_ms": r2(pct(lat, 50)),
                 "p99_ms": r2(pct(lat, 99)), "max_ms": r2(max(lat) if lat else None),
                 "censored": failed > 0.01 * max(1, st.sent),
                 "errors": sum(errors.values()), "error_detail": detail}

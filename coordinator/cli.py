@@ -41,13 +41,15 @@ def cmd_serve(argv: list[str]) -> int:
     args = p.parse_args(argv)
     import uvicorn
 
-    from coordinator.app import create_app
+    from coordinator.app import create_app, tune_gc
     from coordinator.migrate import upgrade
 
     settings = CoordinatorSettings()
     if not args.no_migrate:
         upgrade(settings.effective_database_url)
-    uvicorn.run(create_app(settings), host=args.host, port=args.port, log_level="warning",
+    app = create_app(settings)
+    tune_gc()
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning",
                 ws_per_message_deflate=settings.ws_deflate)
     return 0
 

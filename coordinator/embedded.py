@@ -41,7 +41,7 @@ def run_embedded(settings: CoordinatorSettings, *, host: str, port: int, nodes: 
     import uvicorn
 
     from coordinator.account_service import create_account
-    from coordinator.app import create_app
+    from coordinator.app import create_app, tune_gc
     from coordinator.db import make_engine, session_scope
     from coordinator.migrate import upgrade
 
@@ -57,6 +57,7 @@ def run_embedded(settings: CoordinatorSettings, *, host: str, port: int, nodes: 
     base = f"http://{host}:{port}"
     server = uvicorn.Server(uvicorn.Config(create_app(settings), host=host, port=port, log_level="warning",
                                            ws_per_message_deflate=settings.ws_deflate))
+    tune_gc()
     children: list[subprocess.Popen] = []
 
     async def _bring_up() -> None:

@@ -142,6 +142,10 @@ class MarketView:
         """Whether any node has ever offered `model`."""
         return model in self._current().known
 
+    def models(self) -> list[str]:
+        """Every model any node has ever offered."""
+        return sorted(self._current().known)
+
     def size(self) -> int:
         snap = self._snap
         return 0 if snap is None else sum(len(v) for v in snap.by_model.values())

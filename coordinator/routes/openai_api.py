@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 from fastapi import APIRouter, Depends, Header
-from sqlmodel import select
 from starlette.concurrency import run_in_threadpool
 
 from coordinator import completions
-from coordinator.models import Account, NodeOffer
-from coordinator.routability import candidates
+from coordinator.models import Account
 from coordinator.routes.deps import current_account, runtime
 from coordinator.runtime import Runtime
 from coordinator.schemas import ChatCompletionRequest, CompletionRequest
@@ -37,10 +35,9 @@ async def list_models(rt: Runtime = Depends(runtime)):
     and measured tok/s; unverifiable nodes (no token ids or log-probs: never audited) are
     counted apart, and only where the operator routes to them."""
 
-    def _load():
-        with rt.read_session() as s:
-            known = s.exec(select(NodeOffer.model).distinct()).all()
-            return known, candidates(s, rt.settings, allow_unverified=True)
+    def _load():  # from the market view: no load of every node per listing (market_view.py)
+        known = rt.market.models()
+        return known, [c for m in known for c in rt.market.candidates(m, allow_unverified=True)]
 
     known, routable = await run_in_threadpool(_load)
     models: dict[str, dict] = {m: {"id": m, "object": "model", "created": 0, "owned_by": "agora", "live_nodes": 0,
