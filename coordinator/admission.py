@@ -97,6 +97,7 @@ def admit(
     request_id: str | None = None,
     replica_id: str | None = None,
     view: MarketView | None = None,
+    hold: bool = True,
 ) -> Admitted:
     prefs = body.routing
     offers, known = live_offers(session, body.model, settings, allow_unverified=bool(prefs and prefs.allow_unverified),
@@ -163,16 +164,24 @@ def admit(
     except IntegrityError:
         raise Conflict("a request with this Idempotency-Key is already in progress",
                        code="idempotency_conflict") from None
+    if hold:
+        place_hold(session, account, request, settings)
+    return Admitted(request=request, hold_amount=hold_amount)
+
+
+def place_hold(session: Session, account: Account, request: InferenceRequest, settings: CoordinatorSettings) -> None:
+    """The escrow hold of an admitted `request`, in the caller's transaction. It locks the
+    buyer's ledger row until that transaction ends: callers that do more work in it do that
+    work first (`completions.handle` routes before it holds)."""
     try:
-        hold = Ledger(session).create_hold(
-            account.ledger_account_id, hold_amount, idempotency_key=f"hold:{rid}", request_ref=rid,
-            expires_at=utcnow() + timedelta(seconds=settings.request_ttl_s + HOLD_GRACE_S),
+        held = Ledger(session).create_hold(
+            account.ledger_account_id, request.hold_amount, idempotency_key=f"hold:{request.id}",
+            request_ref=request.id, expires_at=utcnow() + timedelta(seconds=settings.request_ttl_s + HOLD_GRACE_S),
         )
     except InsufficientFunds as exc:
         raise InsufficientBalance(
             f"balance {exc.available} nano-USD is short of the {exc.needed} nano-USD this request "
-            f"may cost (max_tokens={max_tokens}); top up or lower max_tokens"
+            f"may cost (max_tokens={request.max_tokens}); top up or lower max_tokens"
         ) from exc
-    request.hold_id = hold.id
+    request.hold_id = held.id
     session.add(request)
-    return Admitted(request=request, hold_amount=hold_amount)

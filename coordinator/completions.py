@@ -22,7 +22,7 @@ from starlette.concurrency import run_in_threadpool
 
 from coordinator import metrics
 from coordinator import openai_format as fmt
-from coordinator.admission import admit, body_hash, find_keyed, new_request_id
+from coordinator.admission import admit, body_hash, find_keyed, new_request_id, place_hold
 from coordinator.bus import BusUnavailable, Subscription
 from coordinator.delivery import Delivery, Quote
 from coordinator.endings import Ending
@@ -32,7 +32,7 @@ from coordinator.runtime import Runtime
 from coordinator.schemas import ChatCompletionRequest, CompletionRequest
 from coordinator.failover import fail_over
 from coordinator.frames import assignment_frame
-from coordinator.placement import place_now
+from coordinator.placement import choose, claim
 from coordinator.settlement import fail_request
 
 log = logging.getLogger(__name__)
@@ -255,17 +255,23 @@ async def handle(rt: Runtime, account: Account, body: ChatCompletionRequest | Co
                 if prior is not None:
                     return prior, True, None
             req = admit(s, account, body, kind, rt.settings, idempotency_key, request_id=rid,
-                        replica_id=rt.replica_id, view=rt.market).request
-            return req, False, _place(s, req)
+                        replica_id=rt.replica_id, view=rt.market, hold=False).request
+            # Locks last, held the shortest: route (no lock), then the hold (the buyer's
+            # ledger row), then the node's slot (its lock); all commit together.
+            node_id = _try(s, req, lambda: choose(s, req, rt.settings, rt.market)) \
+                if rt.settings.inline_dispatch else None
+            place_hold(s, account, req, rt.settings)
+            if node_id is not None and not _try(s, req, lambda: claim(s, req, node_id, rt.settings)):
+                node_id = None
+            return req, False, node_id
 
-    def _place(s, req) -> str | None:
-        """Assigned in the admitting transaction when it can go at once (`placement.py`)."""
-        if not rt.settings.inline_dispatch:
-            return None
+    def _try(s, req, step):
+        """A placement step (`placement.py`) in a savepoint: a lock timeout leaves the
+        request queued for a dispatch round."""
         try:
             with s.begin_nested():
-                return place_now(s, req, rt.settings, rt.market)
-        except OperationalError as exc:  # a dispatch round places it instead
+                return step()
+        except OperationalError as exc:
             log.debug("request %s not placed at admission: %s", req.id, exc)
             return None
 

@@ -29,9 +29,16 @@ from scheduler.shortlist import shortlist
 def place_now(session: Session, req: InferenceRequest, settings: CoordinatorSettings,
               view: MarketView | None = None) -> str | None:
     """Assign the just-admitted `req` (flushed, in this session) if it can go at once; the
-    node's id, or None (it stays queued). The caller publishes the assignment after commit.
-    The policy chooses among `view`'s offers (in memory, maybe a second old) when given;
-    the chosen node's own row and offer are then read and checked before it is assigned."""
+    node's id, or None (it stays queued). The caller publishes the assignment after commit."""
+    node_id = choose(session, req, settings, view)
+    return node_id if node_id is not None and claim(session, req, node_id, settings) else None
+
+
+def choose(session: Session, req: InferenceRequest, settings: CoordinatorSettings,
+           view: MarketView | None = None) -> str | None:
+    """The node the policy would give `req` now, or None (older requests of its model wait,
+    or none fits). Takes no lock. Among `view`'s offers (in memory, maybe a second old)
+    when given; `claim` then checks the node's own row."""
     older = session.exec(select(InferenceRequest.id).where(
         InferenceRequest.status == RequestStatus.QUEUED, InferenceRequest.model == req.model,
         InferenceRequest.id != req.id).limit(1)).first()
@@ -40,16 +47,22 @@ def place_now(session: Session, req: InferenceRequest, settings: CoordinatorSett
     pending = pending_of(req, utcnow())
     decision = route_in_groups(get_policy(settings.routing_policy), [pending],
                                shortlist(node_states(session, settings, {req.model}, view), pending))
-    node_id = decision.assignments.get(req.id)
-    if node_id is None or free_slots(session, {node_id}).get(node_id, 0) <= 0:
-        return None
+    return decision.assignments.get(req.id)
+
+
+def claim(session: Session, req: InferenceRequest, node_id: str, settings: CoordinatorSettings) -> bool:
+    """Assign `req` to `node_id` if the node still has a free slot (counted under its lock,
+    held to the end of the transaction: call this last) and is still routable at a price
+    the request's hold covers."""
+    if free_slots(session, {node_id}).get(node_id, 0) <= 0:
+        return False
     offer = session.exec(select(NodeOffer).where(NodeOffer.node_id == node_id, NodeOffer.model == req.model)).first()
     if offer is None or not _still_routable(session, req, offer, settings):
-        return None
+        return False
     req.status, req.node_id, req.assigned_at = RequestStatus.ASSIGNED, node_id, utcnow()
     req.price_in, req.price_out = offer.price_in, offer.price_out
     session.add(req)
-    return node_id
+    return True
 
 
 def _still_routable(session: Session, req: InferenceRequest, offer: NodeOffer, settings: CoordinatorSettings) -> bool:
