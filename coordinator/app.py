@@ -63,7 +63,7 @@ def _replica_leave(rt: Runtime) -> None:
         log.warning("could not deregister replica %s", rt.replica_id)
 
 
-GC_THRESHOLDS = (5_000, 10, 100)  # CPython's default: (700, 10, 10)
+GC_THRESHOLDS = (20_000, 20, 100)  # CPython's default: (700, 10, 10)
 
 
 def tune_gc() -> None:
