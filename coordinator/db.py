@@ -145,8 +145,14 @@ def session_scope(engine: Engine) -> Iterator[Session]:
 
 
 def read_only(engine: Engine) -> Engine:
-    """The same engine (and pool), for `read_scope` sessions."""
-    return engine.execution_options(**{READ_ONLY: True})
+    """The same engine (and pool), for `read_scope` sessions. On PostgreSQL they read one
+    snapshot (REPEATABLE READ: a read-only transaction never fails for it): figures read
+    together agree, e.g. a balance and what is held, even while a settlement commits between
+    the two statements."""
+    opts = {READ_ONLY: True}
+    if engine.dialect.name == "postgresql":
+        opts["isolation_level"] = "REPEATABLE READ"
+    return engine.execution_options(**opts)
 
 
 @contextmanager
