@@ -16,7 +16,7 @@ from coordinator import liveness, metrics, replicas
 from coordinator.body_limit import BodyLimit
 from coordinator.bus import BusUnavailable
 from coordinator.errors import Unavailable, install_error_handlers, install_openapi_errors
-from coordinator.routes import accounts, audits, dashboard, nodes, openai_api, requests, seller
+from coordinator.routes import accounts, audits, dashboard, nodes, openai_api, requests, seller, web_login
 from coordinator.runtime import Runtime
 from coordinator.settings import CoordinatorSettings, get_settings
 
@@ -112,6 +112,7 @@ def create_app(settings: CoordinatorSettings | None = None, runtime: Runtime | N
     app.include_router(seller.router)
     app.include_router(audits.router)
     app.include_router(dashboard.router)
+    app.include_router(web_login.router)
 
     @app.get("/healthz", tags=["ops"])
     async def healthz():

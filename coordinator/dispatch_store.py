@@ -15,7 +15,7 @@ from sqlalchemy import func, text, update
 from sqlalchemy.exc import OperationalError
 from sqlmodel import Session, col, select
 
-from coordinator import speed
+from coordinator import history, speed, web_auth
 from coordinator.audits import due_for_dispatch, expire_stale
 from coordinator.bus import Bus
 from coordinator.canary import send_canaries
@@ -232,6 +232,19 @@ class SqlDispatchStore:
             return {"request_id": request_id, "settled": False, "reason": str(own), "batch": len(results)}
         return {"request_id": request_id, "settled": True, "cost": own.cost, "batch": len(results)}
 
+    def _record_history(self) -> int:
+        """The dashboards' per-minute rows (each minute written once), old rows and expired
+        sign-ins pruned. A failure here is logged and never stops the rest of the sweep."""
+        try:
+            with self.rt.session() as s:
+                written = history.record(s, self.rt.settings)
+                history.prune(s, self.rt.settings)
+                web_auth.prune(s)
+            return written
+        except Exception:  # noqa: BLE001 - history is for people; the sweep's money work must go on
+            log.exception("recording the per-minute history failed")
+            return 0
+
     def sweep(self) -> dict:
         """Offline detection, orphaned assignments back to the queue, expired holds."""
         settings = self.rt.settings
@@ -275,6 +288,7 @@ class SqlDispatchStore:
             expired = len(expire_holds(s, utcnow(), limit=500))
         with self.rt.session() as s:
             keys_pruned = prune_idempotency(s, utcnow() - timedelta(seconds=settings.idempotency_retention_s))
+        history_minutes = self._record_history()
         if queued:
             self.rt.kick_dispatch()
         audits_sent = sum(self.rt.dispatch_audit(aid) for aid in audits_due)
@@ -287,7 +301,7 @@ class SqlDispatchStore:
             self.rt.bus.publish_sync(f"req:{rid}", {"type": "error", "status": 504, "code": "timeout",
                                                     "message": "the request did not finish in time; nothing was charged"})
         return {"offline": offline, "requeued": requeued, "nonces_pruned": pruned, "holds_expired": expired,
-                "idempotency_keys_pruned": keys_pruned,
+                "idempotency_keys_pruned": keys_pruned, "history_minutes": history_minutes,
                 "settle_resent": unsettled, "unacked": unacked + orphans["unacked"],
                 "overdue_failed": [rid for rid, _ in overdue],
                 "audits_sent": audits_sent, "audits_expired": audits_expired, "canaries": canaries, "unbonded": unbonded}

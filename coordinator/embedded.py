@@ -2,14 +2,16 @@
 
 One process runs the coordinator API, an in-process Celery worker (memory:// broker),
 and SQLite; N node agents run as child processes on the built-in engine with different
-prices, regions and concurrency. Once every node is online it prints `base_url:` and
-`api_key:` lines. SIGINT or SIGTERM stops everything, children included.
+prices, regions and concurrency. Once every node is online it prints `base_url:`,
+`api_key:` and `dashboard:` lines (the last a single-use link that signs the operator in; an
+admin token is made up for the run when `AGORA_ADMIN_TOKEN` is not set). SIGINT or SIGTERM stops everything, children included.
 """
 
 from __future__ import annotations
 
 import asyncio
 import os
+import secrets
 import signal
 import subprocess
 import sys
@@ -44,14 +46,18 @@ def run_embedded(settings: CoordinatorSettings, *, host: str, port: int, nodes: 
     from coordinator.app import create_app, tune_gc
     from coordinator.db import make_engine, session_scope
     from coordinator.migrate import upgrade
+    from coordinator.web_auth import Principal, issue_link
 
     home = settings.home
     (home / "nodes").mkdir(parents=True, exist_ok=True)
     url = settings.effective_database_url
     upgrade(url)
+    if not settings.admin_token:  # the operator of this embedded market is whoever ran `agora up`
+        settings.admin_token = secrets.token_urlsafe(32)
     engine = make_engine(url)
     with session_scope(engine) as s:
         _, api_key = create_account(s, "demo", int(round(credit_usd * 10**9)))
+        link = issue_link(s, Principal("operator"), settings)
     engine.dispose()
 
     base = f"http://{host}:{port}"
@@ -91,6 +97,7 @@ def run_embedded(settings: CoordinatorSettings, *, host: str, port: int, nodes: 
                 return
         print(f"base_url: {base}/v1", flush=True)
         print(f"api_key: {api_key}", flush=True)
+        print(f"dashboard: {base}/login/link/{link}", flush=True)
         print(f"agora up: {nodes} node(s) serving {model!r}; Ctrl-C stops everything", file=sys.stderr, flush=True)
 
     async def _main() -> None:

@@ -79,6 +79,10 @@ class RateLimiter:
     def registration(self, client: str) -> None:
         self._hit(self.s.registration_rate_limit_per_min, f"reg:{client}", "registrations")
 
+    def sign_in(self, client: str) -> None:
+        """Dashboard sign-in attempts per client address (guessing tokens or keys)."""
+        self._hit(self.s.registration_rate_limit_per_min, f"login:{client}", "sign-in attempts")
+
     # ------------------------------------------------------------ concurrency
     def acquire(self, account_id: str, request_id: str) -> bool:
         """Take one of the key's concurrent-request slots (held at most `request_ttl_s`).

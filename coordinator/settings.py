@@ -131,6 +131,11 @@ class CoordinatorSettings(BaseSettings):
 
     # Operator
     admin_token: str | None = Field(default=None, description="bearer token for /admin routes")
+    # Dashboards (coordinator/history.py, coordinator/web_auth.py, routes/dashboard.py)
+    history_days: float = Field(default=30, gt=0, description="per-minute market and node history kept this long")
+    web_session_s: float = Field(default=12 * 3600, gt=0, description="a dashboard sign-in lasts this long")
+    login_link_s: float = Field(default=600, gt=0, description="a single-use sign-in link expires after this")
+    dashboard_refresh_s: float = Field(default=5, gt=0, description="pages refresh their figures this often")
 
     @property
     def effective_database_url(self) -> str:

@@ -3,9 +3,11 @@
 
 from coordinator.models.account import Account, AccountPublic, ApiKey
 from coordinator.models.audit import Audit, AuditStatus
+from coordinator.models.history import MarketMinute, NodeMinute
 from coordinator.models.node import Node, NodeNonce, NodeOffer, NodeOfferPublic, NodePublic
 from coordinator.models.replica import ApiReplica
 from coordinator.models.request import InferenceRequest, ReceiptRecord, RequestStatus
+from coordinator.models.web_session import WebSession
 
 import pricing.ledger  # noqa: F401,E402  (ledger tables share the metadata)
 
@@ -17,11 +19,14 @@ __all__ = [
     "Audit",
     "AuditStatus",
     "InferenceRequest",
+    "MarketMinute",
     "Node",
     "NodeNonce",
     "NodeOffer",
+    "NodeMinute",
     "NodeOfferPublic",
     "NodePublic",
     "ReceiptRecord",
     "RequestStatus",
+    "WebSession",
 ]

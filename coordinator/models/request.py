@@ -63,7 +63,7 @@ class InferenceRequest(SQLModel, table=True):
     created_at: datetime = Field(default_factory=utcnow, index=True)
     assigned_at: datetime | None = None
     first_token_at: datetime | None = None
-    finished_at: datetime | None = None
+    finished_at: datetime | None = Field(default=None, index=True)
 
 
 class ReceiptRecord(SQLModel, table=True):

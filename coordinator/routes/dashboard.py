@@ -1,109 +1,222 @@
-"""`GET /dashboard`: the operator's price-performance page (HTML, no scripts), and
-`GET /dashboard.json`. Needs the admin token (header, or `?token=` for a browser)."""
+"""The dashboard pages and their JSON.
+
+Pages (HTML; `?fragment=1` returns only the live part the page re-fetches):
+`/dashboard` market (operator), `/dashboard/nodes` and `/dashboard/nodes/{id}` (operator; a
+seller sees its own node's page), `/dashboard/coach` (seller: its node; operator: `?node=`),
+`/dashboard/usage` (buyer: its own; operator: `?account=`). JSON: `/dashboard.json`,
+`/dashboard/coach.json`, `/dashboard/usage.json`. Who is asking comes from the session cookie
+(`web_auth.py`; `routes/web_login.py` signs in), or for scripts the operator's admin token as
+a bearer header. A browser without a session is sent to `/login`; a signed-in user asking
+for what is not theirs gets 403.
+"""
 
 from __future__ import annotations
 
 import hmac
-from html import escape
+from datetime import timedelta
 
 from fastapi import APIRouter, Request
-from fastapi.responses import HTMLResponse
+from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
+from sqlmodel import col, select
 from starlette.concurrency import run_in_threadpool
 
-from coordinator.auth import bearer_token
-from coordinator.dashboard import snapshot
-from coordinator.errors import Forbidden
+from coordinator import pages
+from coordinator.coach import coach
+from coordinator.dashboard import market_history, snapshot
+from coordinator.errors import Forbidden, NotFound, Unauthorized
+from coordinator.history import node_series
+from coordinator.models import NodeOffer
+from coordinator.models.account import utcnow
+from coordinator.usage import usage
+from coordinator.web_auth import COOKIE, Principal, principal_for
 
-router = APIRouter(tags=["ops"])
+router = APIRouter(tags=["dashboard"])
+WINDOWS = {"1h": 1, "6h": 6, "24h": 24, "7d": 168, "30d": 720}
 
 
-def _admin(request: Request) -> None:
+def _principal(request: Request) -> Principal | None:
     settings = request.app.state.settings
-    token = request.query_params.get("token") or bearer_token(request)
-    if not settings.admin_token or not hmac.compare_digest(token, settings.admin_token):
-        raise Forbidden("the dashboard needs the operator's admin token")
+    header = request.headers.get("authorization", "")
+    scheme, _, token = header.partition(" ")
+    if scheme.lower() == "bearer" and token.strip():
+        if settings.admin_token and hmac.compare_digest(token.strip().encode(), settings.admin_token.encode()):
+            return Principal("operator")
+        raise Forbidden("the dashboard's bearer token is the operator's admin token")
+    cookie = request.cookies.get(COOKIE)
+    if not cookie:
+        return None
+    with request.app.state.runtime.read_session() as s:
+        return principal_for(s, cookie)
 
 
-async def _data(request: Request) -> dict:
+async def _who(request: Request) -> Principal | None:
+    return await run_in_threadpool(_principal, request)
+
+
+def _html(request: Request, title: str, live: str, who: Principal) -> Response:
+    if request.query_params.get("fragment"):
+        return HTMLResponse(live, headers={"Cache-Control": "no-store"})
+    label = who.role if who.subject is None else f"{who.role} {who.subject[:12]}"
+    return HTMLResponse(pages.shell(title, live, role=who.role, who=label,
+                                    refresh_s=request.app.state.settings.dashboard_refresh_s),
+                        headers={"Cache-Control": "no-store"})
+
+
+def _denied(request: Request, who: Principal | None, json: bool = False) -> Response:
+    if who is None:
+        if json or request.query_params.get("fragment"):
+            raise Unauthorized("sign in at /login first")
+        return RedirectResponse("/login", status_code=303)
+    if json:
+        raise Forbidden("this view is not yours")
+    return HTMLResponse(pages.message("Not allowed", "This page is not yours. Signed in as " + who.role + ".",
+                                      who.role), status_code=403)
+
+
+def _read(request: Request, fn):
     rt = request.app.state.runtime
 
     def _do():
-        with rt.session() as s:
-            return snapshot(s, rt.settings)
+        with rt.read_session() as s:
+            return fn(s, rt.settings)
 
-    return await run_in_threadpool(_do)
+    return run_in_threadpool(_do)
+
+
+def _window(request: Request) -> str:
+    w = request.query_params.get("window", "6h")
+    return w if w in WINDOWS else "6h"
 
 
 @router.get("/dashboard.json")
 async def dashboard_json(request: Request):
-    _admin(request)
-    return await _data(request)
-
-
-def _scatter(nodes: list[dict], w: int = 520, h: int = 300, pad: int = 44) -> str:
-    """Price (y) against measured tok/s (x): bottom-right is the best deal."""
-    pts = [n for n in nodes if n["measured_tokens_per_s"]]
-    if not pts:
-        return "<p>No nodes yet.</p>"
-    xmax = max(n["measured_tokens_per_s"] for n in pts) * 1.1
-    ymax = max(n["price_out_usd_per_mtok"] for n in pts) * 1.1 or 1.0
-    x = lambda v: pad + (w - 2 * pad) * v / xmax  # noqa: E731
-    y = lambda v: h - pad - (h - 2 * pad) * v / ymax  # noqa: E731
-    dots = "".join(
-        f'<circle cx="{x(n["measured_tokens_per_s"]):.1f}" cy="{y(n["price_out_usd_per_mtok"]):.1f}" r="6" '
-        f'class="{"bad" if n["banned"] else ("on" if n["online"] else "off")}"><title>{escape(n["name"])}: '
-        f'{n["price_out_usd_per_mtok"]:.3f} USD/Mtok, {n["measured_tokens_per_s"]:.0f} tok/s</title></circle>'
-        f'<text x="{x(n["measured_tokens_per_s"]) + 8:.1f}" y="{y(n["price_out_usd_per_mtok"]) + 4:.1f}">'
-        f'{escape(n["name"])}</text>' for n in pts)
-    return (f'<svg width="{w}" height="{h}" role="img" aria-label="price against measured speed">'
-            f'<line x1="{pad}" y1="{h - pad}" x2="{w - pad}" y2="{h - pad}"/><line x1="{pad}" y1="{pad}" '
-            f'x2="{pad}" y2="{h - pad}"/><text x="{w / 2 - 60}" y="{h - 10}">measured tok/s (per stream) →</text>'
-            f'<text x="4" y="{pad - 12}">USD / M output tokens ↑</text>'
-            f'<text x="{pad - 4}" y="{h - pad + 14}">0</text><text x="{w - pad - 30}" y="{h - pad + 14}">'
-            f'{xmax:.0f}</text><text x="4" y="{pad + 4}">{ymax:.2f}</text>{dots}</svg>')
-
-
-def _fmt(v, digits: int = 2) -> str:
-    if v is None:
-        return "–"
-    if isinstance(v, bool):
-        return "yes" if v else "no"
-    if isinstance(v, float):
-        return f"{v:.{digits}f}"
-    return escape(str(v))
+    who = await _who(request)
+    if who is None or who.role != "operator":
+        return _denied(request, who, json=True)
+    return await _read(request, snapshot)
 
 
 @router.get("/dashboard", response_class=HTMLResponse)
-async def dashboard(request: Request):
-    _admin(request)
-    d = await _data(request)
-    cols = [("name", "node", 0), ("model", "model", 0), ("region", "region", 0), ("online", "online", 0),
-            ("price_out_usd_per_mtok", "USD/Mtok out", 3), ("advertised_tokens_per_s", "claimed tok/s", 0),
-            ("measured_tokens_per_s", "measured tok/s", 0), ("claim_ratio", "measured ÷ claimed", 2),
-            ("usd_per_mtok_per_tok_s", "USD/Mtok per tok/s", 5), ("utilisation", "utilisation", 2),
-            ("ttft_ms", "TTFT ms", 0), ("rtt_ms", "RTT ms", 1), ("reputation", "reputation", 2),
-            ("audits_passed", "audits ✓", 0), ("audits_failed", "audits ✗", 0),
-            ("revenue_window_usd", "revenue 24h USD", 6), ("earnings_usd", "earnings USD", 6)]
-    head = "".join(f"<th>{escape(label)}</th>" for _, label, _ in cols)
-    body_rows = "".join(
-        ("<tr class='banned'>" if n["banned"] else "<tr>")
-        + "".join(f"<td>{_fmt(n[k], digits)}</td>" for k, _, digits in cols) + "</tr>" for n in d["nodes"])
-    reqs = ", ".join(f"{escape(k)}: {v}" for k, v in sorted(d["requests"].items())) or "none"
-    audits = "".join(f"<li>{escape(a['node_id'][:12])} on {escape(a['request_id'])}: "
-                     f"{escape(', '.join(a['reasons'] or []))}</li>" for a in d["failed_audits"]) or "<li>none</li>"
-    html = f"""<!doctype html><html><head><meta charset="utf-8"><title>Agora — market</title><style>
-body{{font:14px system-ui,sans-serif;margin:24px;color:#222}} table{{border-collapse:collapse;margin:12px 0}}
-th,td{{padding:4px 8px;border-bottom:1px solid #ddd;text-align:right}} th{{background:#f4f4f4}}
-td:first-child,th:first-child,td:nth-child(2),td:nth-child(3){{text-align:left}} tr.banned td{{color:#b00;text-decoration:line-through}}
-svg line{{stroke:#888}} svg text{{font-size:11px;fill:#444}} circle.on{{fill:#2a7}} circle.off{{fill:#aaa}} circle.bad{{fill:#c33}}
-.kpi{{display:inline-block;margin-right:28px}} .kpi b{{font-size:20px;display:block}}</style></head><body>
-<h1>Agora market</h1>
-<div><span class="kpi"><b>{sum(n['online'] for n in d['nodes'])}</b>nodes online</span>
-<span class="kpi"><b>{d['tokens_window']}</b>tokens, last {d['window_hours']:.0f} h</span>
-<span class="kpi"><b>{d['volume_window_usd']:.6f}</b>USD volume, last {d['window_hours']:.0f} h</span>
-<span class="kpi"><b>{d['platform_fees_usd']:.6f}</b>USD platform fees</span></div>
-<h2>Price against measured speed</h2>{_scatter(d['nodes'])}
-<h2>Nodes</h2><table><tr>{head}</tr>{body_rows}</table>
-<p>Requests, last {d['window_hours']:.0f} h: {reqs}</p>
-<h2>Failed audits</h2><ul>{audits}</ul></body></html>"""
-    return HTMLResponse(html)
+async def market_page(request: Request):
+    who = await _who(request)
+    if who is None or who.role != "operator":
+        return _denied(request, who)
+    window = _window(request)
+
+    def _do(s, settings):
+        snap = snapshot(s, settings)
+        models = sorted({n["model"] for n in snap["nodes"]})
+        model = request.query_params.get("model") or None
+        if model not in models:
+            live = sorted({n["model"] for n in snap["nodes"] if n["routable"]})
+            model = (live or models or [None])[0]
+        hist = market_history(s, utcnow() - timedelta(hours=WINDOWS[window]), model)
+        return pages.market(snap, hist, model, models, window)
+
+    return _html(request, "Market", await _read(request, _do), who)
+
+
+@router.get("/dashboard/nodes", response_class=HTMLResponse)
+async def nodes_page(request: Request):
+    who = await _who(request)
+    if who is None or who.role != "operator":
+        return _denied(request, who)
+    return _html(request, "Nodes", await _read(request, lambda s, st: pages.nodes_table(snapshot(s, st))), who)
+
+
+@router.get("/dashboard/nodes/{node_id}", response_class=HTMLResponse)
+async def node_page(node_id: str, request: Request):
+    who = await _who(request)
+    if who is None or not who.may_see_node(node_id):
+        return _denied(request, who)
+    window = _window(request)
+
+    def _do(s, settings):
+        if s.exec(select(NodeOffer.id).where(NodeOffer.node_id == node_id)).first() is None:
+            raise NotFound(f"no node {node_id}")
+        snap = snapshot(s, settings)
+        offers = [n for n in snap["nodes"] if n["id"] == node_id]
+        return pages.node_page(offers, node_series(s, node_id, utcnow() - timedelta(hours=WINDOWS[window])))
+
+    return _html(request, "Node", await _read(request, _do), who)
+
+
+def _coach_node(request: Request, who: Principal) -> str:
+    if who.role == "seller":
+        return who.subject or ""
+    node = request.query_params.get("node")
+    if not node:
+        raise NotFound("name the node: ?node=<id>")
+    return node
+
+
+@router.get("/dashboard/coach.json")
+async def coach_json(request: Request):
+    who = await _who(request)
+    if who is None or who.role not in ("operator", "seller"):
+        return _denied(request, who, json=True)
+    node_id = _coach_node(request, who)
+    return JSONResponse(await _read(request, lambda s, st: _coach(s, st, node_id)))
+
+
+def _coach(s, settings, node_id: str) -> dict:
+    try:
+        return coach(s, settings, node_id)
+    except LookupError:
+        raise NotFound(f"no node {node_id}") from None
+
+
+@router.get("/dashboard/coach", response_class=HTMLResponse)
+async def coach_page(request: Request):
+    who = await _who(request)
+    if who is None or who.role not in ("operator", "seller"):
+        return _denied(request, who)
+    node_id = _coach_node(request, who)
+    live = await _read(request, lambda s, st: pages.coach(_coach(s, st, node_id)))
+    return _html(request, "Coach", live, who)
+
+
+def _usage_account(request: Request, who: Principal) -> str:
+    if who.role == "buyer":
+        asked = request.query_params.get("account")
+        if asked and asked != who.subject:
+            raise Forbidden("a buyer sees only its own usage")
+        return who.subject or ""
+    asked = request.query_params.get("account")
+    if asked:
+        return asked
+    return ""
+
+
+def _usage(s, settings, account_id: str) -> dict:
+    if not account_id:  # the operator without ?account=: the busiest buyer of the last day
+        from sqlalchemy import func
+
+        from coordinator.models import InferenceRequest
+        row = s.exec(select(InferenceRequest.account_id, func.count()).where(
+            col(InferenceRequest.created_at) >= utcnow() - timedelta(days=1))
+            .group_by(InferenceRequest.account_id).order_by(func.count().desc()).limit(1)).first()
+        account_id = row[0] if row else ""
+    return usage(s, account_id)
+
+
+@router.get("/dashboard/usage.json")
+async def usage_json(request: Request):
+    who = await _who(request)
+    if who is None or who.role not in ("operator", "buyer"):
+        return _denied(request, who, json=True)
+    account = _usage_account(request, who)
+    return JSONResponse(await _read(request, lambda s, st: _usage(s, st, account)))
+
+
+@router.get("/dashboard/usage", response_class=HTMLResponse)
+async def usage_page(request: Request):
+    who = await _who(request)
+    if who is None or who.role not in ("operator", "buyer"):
+        return _denied(request, who)
+    try:
+        account = _usage_account(request, who)
+    except Forbidden:
+        return _denied(request, who)
+    live = await _read(request, lambda s, st: pages.usage(_usage(s, st, account)))
+    return _html(request, "Usage", live, who)

@@ -1,0 +1,179 @@
+"""Per-minute market and node history: written by the sweep, read by the dashboards.
+
+`record(session, settings)` writes every whole minute since the last one recorded (at most
+`MAX_CATCH_UP` of them; a coordinator that was down does not backfill days), one
+`MarketMinute` per model and one `NodeMinute` per node offer: requests that ended in the
+minute (outcomes, tokens, charges, fees, TTFT and inter-token latency percentiles), audits
+resolved in it, and the market as it stands when the minute is written (live offers, asks,
+measured speed, load). Rows are unique per minute, so two sweeps racing write each minute
+once. `prune` drops rows older than `history_days`.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from datetime import datetime, timedelta, timezone
+
+import numpy as np
+from sqlalchemy import delete, func
+from sqlalchemy.exc import IntegrityError
+from sqlmodel import Session, col, select
+
+from coordinator.models import Audit, AuditStatus, InferenceRequest, MarketMinute, Node, NodeMinute, NodeOffer
+from coordinator.models.account import utcnow
+from coordinator.node_registry import is_live
+from coordinator.routability import candidates
+from coordinator.settings import CoordinatorSettings
+from pricing.ledger_models import LedgerTransfer
+
+MAX_CATCH_UP = 10  # minutes written per call at most
+ACTIVE = ("assigned", "running")
+
+
+def minute_of(t: datetime) -> datetime:
+    t = t if t.tzinfo else t.replace(tzinfo=timezone.utc)
+    return t.replace(second=0, microsecond=0)
+
+
+def _aware(t: datetime | None) -> datetime | None:
+    return t.replace(tzinfo=timezone.utc) if t is not None and t.tzinfo is None else t
+
+
+def _pct(values: list[float], q: float) -> float | None:
+    return float(np.percentile(values, q)) if values else None
+
+
+def _ipct(values: list[int], q: float) -> int | None:
+    return int(round(np.percentile(values, q))) if values else None
+
+
+def last_recorded(session: Session) -> datetime | None:
+    return _aware(session.exec(select(func.max(MarketMinute.minute))).one())
+
+
+def record(session: Session, settings: CoordinatorSettings, now: datetime | None = None) -> int:
+    """Write the whole minutes not yet written; returns how many minutes were written."""
+    now = now or utcnow()
+    this_minute = minute_of(now)
+    last = last_recorded(session)
+    first = this_minute - timedelta(minutes=1) if last is None else last + timedelta(minutes=1)
+    first = max(first, this_minute - timedelta(minutes=MAX_CATCH_UP))
+    written = 0
+    m = first
+    while m < this_minute:
+        if _record_minute(session, settings, m):
+            written += 1
+        m += timedelta(minutes=1)
+    return written
+
+
+def _record_minute(session: Session, settings: CoordinatorSettings, start: datetime) -> bool:
+    end = start + timedelta(minutes=1)
+    ended = session.exec(select(InferenceRequest).where(
+        col(InferenceRequest.finished_at) >= start, col(InferenceRequest.finished_at) < end)).all()
+    fees = dict(session.exec(
+        select(InferenceRequest.model, func.sum(LedgerTransfer.amount))
+        .join(InferenceRequest, col(InferenceRequest.id) == col(LedgerTransfer.request_ref))
+        .where(LedgerTransfer.kind == "fee", col(LedgerTransfer.created_at) >= start,
+               col(LedgerTransfer.created_at) < end)
+        .group_by(InferenceRequest.model)).all())
+    audits = session.exec(
+        select(InferenceRequest.model, Audit.node_id, Audit.status, func.count())
+        .join(InferenceRequest, col(InferenceRequest.id) == col(Audit.request_id))
+        .where(col(Audit.resolved_at) >= start, col(Audit.resolved_at) < end,
+               col(Audit.status).in_([AuditStatus.PASSED, AuditStatus.FAILED]))
+        .group_by(InferenceRequest.model, Audit.node_id, Audit.status)).all()
+    active = dict(session.exec(
+        select(InferenceRequest.node_id, func.count()).where(col(InferenceRequest.status).in_(ACTIVE))
+        .group_by(InferenceRequest.node_id)).all())
+    routable = {(c.node.id, c.offer.model) for c in candidates(session, settings, allow_unverified=True)}
+    offers = session.exec(select(NodeOffer, Node).join(Node, col(Node.id) == col(NodeOffer.node_id))
+                          .where(col(Node.verify_only).is_(False))).all()
+
+    by_model: dict[str, list[InferenceRequest]] = defaultdict(list)
+    by_node: dict[tuple[str, str], list[InferenceRequest]] = defaultdict(list)
+    for r in ended:
+        by_model[r.model].append(r)
+        if r.node_id:
+            by_node[(r.node_id, r.model)].append(r)
+    audit_counts: dict[tuple[str, str | None], dict[str, int]] = defaultdict(lambda: {"passed": 0, "failed": 0})
+    for model, node_id, status, n in audits:
+        key = "passed" if status == AuditStatus.PASSED else "failed"
+        audit_counts[(model, None)][key] += n
+        audit_counts[(model, node_id)][key] += n
+    live_by_model: dict[str, list[tuple[NodeOffer, Node]]] = defaultdict(list)
+    for o, n in offers:
+        if (n.id, o.model) in routable:
+            live_by_model[o.model].append((o, n))
+
+    rows: list = []
+    for model in sorted(set(by_model) | set(live_by_model) | {m for m, _ in audit_counts}):
+        reqs, live = by_model.get(model, []), live_by_model.get(model, [])
+        done = [r for r in reqs if r.status == "completed"]
+        ttft = [(_aware(r.first_token_at) - _aware(r.created_at)).total_seconds() * 1000
+                for r in done if r.first_token_at and r.created_at]
+        itl = [(_aware(r.finished_at) - _aware(r.first_token_at)).total_seconds() * 1000 / (r.completion_tokens - 1)
+               for r in done if r.first_token_at and r.finished_at and (r.completion_tokens or 0) > 1]
+        asks = [o.price_out for o, _ in live]
+        speeds = [s for s in (o.measured_tokens_per_s or o.tokens_per_s_b1 or o.tokens_per_s for o, _ in live) if s]
+        a = audit_counts.get((model, None), {"passed": 0, "failed": 0})
+        rows.append(MarketMinute(
+            minute=start, model=model, nodes_live=len(live), capacity=sum(n.max_concurrency for _, n in live),
+            active=sum(active.get(n.id, 0) for _, n in live),
+            ask_out_p10=_ipct(asks, 10), ask_out_p50=_ipct(asks, 50), ask_out_p90=_ipct(asks, 90),
+            ask_in_p50=_ipct([o.price_in for o, _ in live], 50),
+            tok_s_p50=_pct(speeds, 50), tok_s_p90=_pct(speeds, 90),
+            requests=len(reqs), completed=len(done), failed=sum(r.status == "failed" for r in reqs),
+            rejected=sum(r.status == "rejected" for r in reqs),
+            failed_over=sum(1 for r in done if (r.payload or {}).get("failovers")),
+            prompt_tokens=sum(r.prompt_tokens or 0 for r in done),
+            completion_tokens=sum(r.completion_tokens or 0 for r in done),
+            volume=sum(r.cost or 0 for r in reqs), fees=int(fees.get(model) or 0),
+            ttft_p50_ms=_pct(ttft, 50), ttft_p90_ms=_pct(ttft, 90), ttft_p99_ms=_pct(ttft, 99),
+            itl_p50_ms=_pct(itl, 50), itl_p99_ms=_pct(itl, 99),
+            audits_passed=a["passed"], audits_failed=a["failed"]))
+    now = utcnow()
+    for o, n in offers:
+        reqs = by_node.get((n.id, o.model), [])
+        a = audit_counts.get((o.model, n.id), {"passed": 0, "failed": 0})
+        online = is_live(n, settings, now)
+        if not (online or reqs or a["passed"] or a["failed"]):
+            continue  # a node long gone writes nothing
+        rows.append(NodeMinute(
+            minute=start, node_id=n.id, model=o.model, online=online, routable=(n.id, o.model) in routable,
+            price_in=o.price_in, price_out=o.price_out,
+            tok_s=o.measured_tokens_per_s or o.tokens_per_s_b1 or o.tokens_per_s, ttft_ms=o.measured_ttft_ms,
+            active=active.get(n.id, 0), max_concurrency=n.max_concurrency, requests=len(reqs),
+            completed=sum(r.status == "completed" for r in reqs), failed=sum(r.status == "failed" for r in reqs),
+            completion_tokens=sum(r.completion_tokens or 0 for r in reqs if r.status == "completed"),
+            revenue=sum(r.cost or 0 for r in reqs), audits_passed=a["passed"], audits_failed=a["failed"],
+            reputation=n.reputation))
+    if not rows:  # an empty market still marks the minute done
+        rows.append(MarketMinute(minute=start, model=""))
+    try:
+        with session.begin_nested():
+            session.add_all(rows)
+            session.flush()
+    except IntegrityError:  # another sweep wrote this minute first
+        return False
+    return True
+
+
+def prune(session: Session, settings: CoordinatorSettings, now: datetime | None = None) -> int:
+    cutoff = (now or utcnow()) - timedelta(days=settings.history_days)
+    n = session.exec(delete(MarketMinute).where(col(MarketMinute.minute) < cutoff)).rowcount  # type: ignore[call-overload]
+    n += session.exec(delete(NodeMinute).where(col(NodeMinute.minute) < cutoff)).rowcount  # type: ignore[call-overload]
+    return n or 0
+
+
+def market_series(session: Session, since: datetime, model: str | None = None) -> list[MarketMinute]:
+    q = select(MarketMinute).where(col(MarketMinute.minute) >= since, MarketMinute.model != "")
+    if model:
+        q = q.where(MarketMinute.model == model)
+    return list(session.exec(q.order_by(col(MarketMinute.minute))).all())
+
+
+def node_series(session: Session, node_id: str, since: datetime) -> list[NodeMinute]:
+    return list(session.exec(select(NodeMinute).where(NodeMinute.node_id == node_id,
+                                                      col(NodeMinute.minute) >= since)
+                             .order_by(col(NodeMinute.minute))).all())
