@@ -40,7 +40,12 @@ def build_parser() -> argparse.ArgumentParser:
     audits.add_argument("--limit", type=int, default=50)
     reverify = sub.add_parser("reverify", help="appeal a failed audit: other verifiers judge the job again")
     reverify.add_argument("--audit", type=int, required=True, dest="audit_id", help="the failed audit's id")
-    for q in (account, payout, unbond, audits, reverify):
+    coach = sub.add_parser("coach", help="where this node ranks, how often it wins at its price, and a suggested "
+                                         "price (from the market's recorded demand)")
+    coach.add_argument("--link", action="store_true", help="print a single-use link that signs this node in to "
+                                                           "its dashboard page instead")
+    coach.add_argument("--json", action="store_true", help="the raw report")
+    for q in (account, payout, unbond, audits, reverify, coach):
         q.add_argument("--coordinator")
         q.add_argument("--key", dest="key_path")
     for q in (p, bench):
@@ -210,6 +215,8 @@ def _money_command(args: argparse.Namespace, settings: NodeSettings) -> int:
         path, msg = "/v1/nodes/me/account", AccountQuery(**stamp)
     elif args.cmd == "audits":
         path, msg = "/v1/nodes/me/audits", AccountQuery(**stamp, limit=args.limit)
+    elif args.cmd == "coach":
+        path, msg = ("/v1/nodes/me/dashboard-link" if args.link else "/v1/nodes/me/coach"), AccountQuery(**stamp)
     elif args.cmd == "reverify":
         path, msg = "/v1/nodes/me/audits/reverify", ReverifyRequest(**stamp, audit_id=args.audit_id)
     elif args.cmd == "payout":
@@ -223,8 +230,38 @@ def _money_command(args: argparse.Namespace, settings: NodeSettings) -> int:
     except httpx.HTTPError as exc:
         print(f"agora node {args.cmd}: cannot reach the coordinator at {settings.http_base}: {exc}", file=sys.stderr)
         return 1
+    if args.cmd == "coach" and resp.status_code == 200 and not args.json:
+        body = resp.json()
+        print(body["url"] if args.link else format_coach(body))
+        return 0
     print(json.dumps(resp.json(), indent=2, default=str))
     return 0 if resp.status_code == 200 else 1
+
+
+def format_coach(c: dict) -> str:
+    """`agora node coach` in the terminal: the dashboard's coach page as text."""
+    usd = 1e9
+    loss = c["losses"]
+    lines = [f"node {c['name']} ({c['node_id'][:16]}…), last {c['window_hours']:g} h",
+             f"  routable now: {'yes' if c['routable'] else 'no — ' + str(c['not_routable_because'])}; "
+             f"reputation {c['reputation']:.2f}; audits {c['audits_passed']} passed, {c['audits_failed']} failed",
+             f"  earned {loss['earned_nano_usd'] / usd:.6f} USD; lost to failed audits "
+             f"{(loss['clawed_back_nano_usd'] + loss['slashed_nano_usd']) / usd:.6f} USD; "
+             f"{loss['failed_jobs']} failed jobs ({loss['errors_lost_nano_usd'] / usd:.6f} USD)"]
+    for m in c["models"]:
+        s = m["suggestion"]
+        rank = (f"#{m['rank']} of {m['rank_of']}" if m["rank"] else
+                f"outside the median latency target ({m['latency_target_ms']:.0f} ms)")
+        win = "no data yet" if m["win_rate"] is None else f"{m['win_rate']:.0%} of {m['requests_in_market']} requests"
+        lines += [f"model {m['model']}:",
+                  f"  price {m['price_out_usd_per_mtok']:.4f} USD/Mtok out, {m['measured_tokens_per_s']:.0f} tok/s "
+                  f"measured; rank {rank} in tokens per USD at the median latency target",
+                  f"  win rate {win}; {m['minutes_backing_off']} min backing off "
+                  f"({m['backoff_lost_nano_usd'] / usd:.6f} USD)",
+                  f"  suggested price {s['price_out_usd_per_mtok']:.4f} USD/Mtok out: expected utilisation "
+                  f"{s['expected_utilisation']:.0%} (now {s['current_utilisation']:.0%})",
+                  f"  why: {s['reason']}"]
+    return "\n".join(lines)
 
 
 async def _bench(settings, sizes: tuple[int, ...], quick: bool) -> dict | None:
@@ -256,7 +293,7 @@ def main(argv: list[str] | None = None) -> int:
 
         print(Identity.load_or_create(settings.key_path).public_key_hex)
         return 0
-    if args.cmd in ("account", "payout", "unbond", "audits", "reverify"):
+    if args.cmd in ("account", "payout", "unbond", "audits", "reverify", "coach"):
         return _money_command(args, settings)
     if args.cmd == "bench":
         try:

@@ -11,6 +11,7 @@ from sqlalchemy import func
 from sqlmodel import col, select
 from starlette.concurrency import run_in_threadpool
 
+from coordinator.coach import coach
 from coordinator.errors import Conflict, InsufficientBalance
 from coordinator.models import Audit, AuditStatus, InferenceRequest, Node
 from coordinator.models.account import utcnow
@@ -131,5 +132,18 @@ async def unbond(req: UnbondRequest, rt: Runtime = Depends(runtime)):
             except IdempotencyConflict as exc:
                 raise Conflict(str(exc), code="idempotency_conflict") from exc
             return {"node_id": node.id, "unbonding_nano_usd": row.amount, "matures_at": row.matures_at}
+
+    return await run_in_threadpool(_do)
+
+
+@router.post("/coach")
+async def my_coach(q: AccountQuery, rt: Runtime = Depends(runtime)):
+    """Where this node stands and what price would fill it (`coordinator/coach.py`); the same
+    report as its dashboard page, for `agora node coach`."""
+    await run_in_threadpool(verify_signed, rt, q)
+
+    def _do():
+        with rt.read_session() as s:
+            return coach(s, rt.settings, q.node_id)
 
     return await run_in_threadpool(_do)

@@ -188,3 +188,25 @@ def test_a_banned_node_is_shown_with_its_reason(client, runtime):
     assert banned["not_routable_because"] == "banned" and not banned["routable"]
     row = client.get("/dashboard/nodes").text.split(f'data-node-id="{sellers[1].public_key_hex}"')[1].split("</tr>")[0]
     assert 'class="banned"' in row and ">banned<" in row
+
+
+def test_agora_node_coach_reads_the_signed_report(client, runtime):
+    from node_agent.cli import format_coach
+
+    sellers, (buyer, _), _ = _market(client, runtime)
+    me = sellers[1]  # the dearer of two
+    with runtime.session() as s:
+        for i in range(6):
+            _finished(s, buyer, sellers[0].public_key_hex, at=utcnow() - timedelta(minutes=2), ttft_ms=20,
+                      tokens=50, cost=10_000, rid=f"c{i}")
+    r = post(client, "/v1/nodes/me/coach", AccountQuery(node_id=me.public_key_hex, **fresh_stamp()).sign(me))
+    assert r.status_code == 200, r.text
+    report = r.json()
+    [m] = report["models"]
+    assert m["rank"] == 2 and m["demand_tokens_per_min"] == 300 / 60  # 6 × 50 tokens in the hour
+    assert m["suggestion"]["price_out_usd_per_mtok"] <= m["price_out_usd_per_mtok"]
+    text = format_coach(report)
+    assert "rank #2 of 2" in text and "suggested price" in text and m["suggestion"]["reason"] in text
+    other = post(client, "/v1/nodes/me/coach",
+                 AccountQuery(node_id=me.public_key_hex, **fresh_stamp()).sign(sellers[0]))
+    assert other.status_code == 401  # another node's key cannot read this node's report
