@@ -27,6 +27,7 @@ from coordinator.settings import CoordinatorSettings
 from pricing.ledger_models import LedgerTransfer
 
 MAX_CATCH_UP = 10  # minutes written per call at most
+SETTLE_S = 5  # a minute is written this long after it ends: requests finishing at its end have committed
 ACTIVE = ("assigned", "running")
 
 
@@ -54,7 +55,7 @@ def last_recorded(session: Session) -> datetime | None:
 def record(session: Session, settings: CoordinatorSettings, now: datetime | None = None) -> int:
     """Write the whole minutes not yet written; returns how many minutes were written."""
     now = now or utcnow()
-    this_minute = minute_of(now)
+    this_minute = minute_of(now - timedelta(seconds=SETTLE_S))
     last = last_recorded(session)
     first = this_minute - timedelta(minutes=1) if last is None else last + timedelta(minutes=1)
     first = max(first, this_minute - timedelta(minutes=MAX_CATCH_UP))

@@ -47,7 +47,7 @@ def _sign_in(client, credential: str):
 
 def test_each_minute_is_written_once_with_the_requests_that_ended_in_it(client, runtime):
     sellers, (buyer, _), _ = _market(client, runtime)
-    now = utcnow()
+    now = history.minute_of(utcnow()) + timedelta(seconds=30)
     last_minute = history.minute_of(now) - timedelta(minutes=1)
     with runtime.session() as s:
         for i, ttft in enumerate((10.0, 20.0, 30.0, 400.0)):
@@ -74,7 +74,7 @@ def test_each_minute_is_written_once_with_the_requests_that_ended_in_it(client, 
 
 def test_a_restart_catches_up_at_most_ten_minutes_and_old_rows_are_pruned(client, runtime):
     _market(client, runtime, 1)
-    now = utcnow()
+    now = history.minute_of(utcnow()) + timedelta(seconds=30)
     with runtime.session() as s:
         s.add(MarketMinute(minute=history.minute_of(now) - timedelta(days=40), model="tiny"))
         s.add(MarketMinute(minute=history.minute_of(now) - timedelta(hours=3), model="tiny"))
