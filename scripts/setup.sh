@@ -15,3 +15,22 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
   .venv/bin/python -m pip install -q -e ".[dev]"
   touch "$stamp"
 fi
+# Chromium for the browser tests (tests/e2e/test_dashboard_browser.py drives Debian's
+# chromium headless through Playwright; Playwright never downloads a browser here). Only
+# when it is missing, so an installed machine pays one `test -x`. Not fatal: without it the
+# browser tests skip and say why. AGORA_SKIP_CHROMIUM=1 skips the install.
+if [ ! -x /usr/bin/chromium ] && [ -z "${AGORA_SKIP_CHROMIUM:-}" ]; then
+  apt_get() {
+    if [ "$(id -u)" -eq 0 ]; then DEBIAN_FRONTEND=noninteractive apt-get "$@"
+    elif command -v sudo >/dev/null 2>&1 && sudo -n true 2>/dev/null; then sudo -n env DEBIAN_FRONTEND=noninteractive apt-get "$@"
+    else echo "not root and no passwordless sudo" >&2; return 1; fi
+  }
+  echo "setup: installing Debian's chromium for the browser tests (apt-get install chromium)..." >&2
+  if command -v apt-get >/dev/null 2>&1 && { apt_get install -y -q chromium >/tmp/agora-chromium-apt.log 2>&1 ||
+       { apt_get update -q >>/tmp/agora-chromium-apt.log 2>&1 && apt_get install -y -q chromium >>/tmp/agora-chromium-apt.log 2>&1; }; }; then
+    echo "setup: chromium installed: $(/usr/bin/chromium --version 2>/dev/null)" >&2
+  else
+    echo "setup: WARNING: could not install chromium (see /tmp/agora-chromium-apt.log);" \
+         "the browser tests in tests/e2e/test_dashboard_browser.py will SKIP" >&2
+  fi
+fi
