@@ -17,6 +17,7 @@ USAGE = """usage: agora <command> [options]
   worker             run a Celery scheduler worker (add --beat for the periodic sweep)
   migrate            apply database migrations
   account            create accounts, deposit, show balances
+  dashboard-link     print a single-use link that signs the operator in to the dashboards
 """
 
 

@@ -28,8 +28,9 @@ def colour(i: int) -> str:
 
 
 def _frame(chart_id: str, w: int, h: int, pad: int, xlabel: str, ylabel: str, xmin: str, xmax: str,
-           ymax: float, inner: str, legend: str = "") -> str:
-    return (f'<svg id="{escape(chart_id)}" class="chart" viewBox="0 0 {w} {h}" width="{w}" height="{h}" role="img" '
+           ymax: float, inner: str, legend: str = "", extra_h: int = 0) -> str:
+    return (f'<svg id="{escape(chart_id)}" class="chart" viewBox="0 0 {w} {h + extra_h}" width="{w}" '
+            f'height="{h + extra_h}" role="img" '
             f'aria-label="{escape(ylabel)} against {escape(xlabel)}">'
             f'<line class="axis" x1="{pad}" y1="{h - pad}" x2="{w - 10}" y2="{h - pad}"/>'
             f'<line class="axis" x1="{pad}" y1="12" x2="{pad}" y2="{h - pad}"/>'
@@ -63,10 +64,10 @@ def scatter(chart_id: str, points: list[dict], *, xlabel: str, ylabel: str, w: i
         f'cx="{sx(p["x"]):.1f}" cy="{sy(p["y"]):.1f}" r="{4 + 8 * min(1.0, max(0.0, p.get("size") or 0)):.1f}" '
         f'fill="{colour(gi[p.get("group") or ""])}" fill-opacity="0.75">'
         f'<title>{escape(p.get("label", ""))}</title></circle>' for p in pts)
-    legend = "".join(f'<g class="legend"><circle cx="{w - 120}" cy="{20 + 14 * i}" r="4" fill="{colour(i)}"/>'
-                     f'<text x="{w - 112}" y="{24 + 14 * i}">{escape(g or "—")}</text></g>'
+    legend = "".join(f'<g class="legend"><circle cx="{pad + 8 + 110 * i}" cy="{h + 6}" r="4" fill="{colour(i)}"/>'
+                     f'<text x="{pad + 16 + 110 * i}" y="{h + 10}">{escape(g or "—")}</text></g>'
                      for i, g in enumerate(groups))
-    return _frame(chart_id, w, h, pad, xlabel, ylabel, "0", _nice(xmax), ymax, dots, legend)
+    return _frame(chart_id, w, h, pad, xlabel, ylabel, "0", _nice(xmax), ymax, dots, legend, extra_h=18)
 
 
 def lines(chart_id: str, times: list[datetime], series: dict[str, list[float | None]], *, ylabel: str,
@@ -98,10 +99,13 @@ def lines(chart_id: str, times: list[datetime], series: dict[str, list[float | N
         if cur:
             segs.append(cur)
         d = " ".join("M" + " L".join(s) for s in segs)
+        dots = "".join(f'<circle cx="{s[0].split(",")[0]}" cy="{s[0].split(",")[1]}" r="2.5" fill="{colour(i)}"/>'
+                       for s in segs if len(s) == 1)  # a lone minute is a dot, not an invisible path
         last = next((v for v in reversed(ys) if v is not None), None)
         paths.append(f'<path class="series" data-series="{escape(name)}" data-points="{sum(len(s) for s in segs)}" '
                      f'data-last="{"" if last is None else f"{last:.6g}"}" d="{d}" fill="none" stroke="{colour(i)}" '
-                     f'stroke-width="1.8"><title>{escape(name)}: last {"–" if last is None else _nice(last)}</title></path>')
+                     f'stroke-width="1.8"><title>{escape(name)}: last {"–" if last is None else _nice(last)}</title></path>'
+                     + dots)
         legend.append(f'<g class="legend"><rect x="{pad + 8 + 110 * i}" y="{h - 28}" width="10" height="3" '
                       f'fill="{colour(i)}"/><text x="{pad + 22 + 110 * i}" y="{h - 24}">{escape(name)}</text></g>')
     fmt = "%H:%M" if span <= 86400 else "%m-%d %H:%M"

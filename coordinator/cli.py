@@ -1,4 +1,4 @@
-"""Coordinator-side commands of `agora`: up, serve, worker, migrate, account."""
+"""Coordinator-side commands of `agora`: up, serve, worker, migrate, account, dashboard-link."""
 
 from __future__ import annotations
 
@@ -165,5 +165,28 @@ def cmd_account(argv: list[str]) -> int:
     return 0
 
 
+def cmd_dashboard_link(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="agora dashboard-link",
+                                description="Print a single-use link that signs the operator in to the dashboards "
+                                            "(for whoever can reach the coordinator's database; the link expires "
+                                            "after AGORA_LOGIN_LINK_S).")
+    p.add_argument("--base-url", default="http://127.0.0.1:8000", help="where the coordinator is reached")
+    p.add_argument("--home", help="state folder of `agora up` (default ~/.agora)")
+    p.add_argument("--database-url")
+    args = p.parse_args(argv)
+    from coordinator.db import make_engine, session_scope
+    from coordinator.migrate import upgrade
+    from coordinator.web_auth import Principal, issue_link
+
+    settings = _settings(args)
+    upgrade(settings.effective_database_url)
+    engine = make_engine(settings.effective_database_url)
+    with session_scope(engine) as s:
+        token = issue_link(s, Principal("operator"), settings)
+    engine.dispose()
+    print(f"{args.base_url.rstrip('/')}/login/link/{token}")
+    return 0
+
+
 COMMANDS = {"up": cmd_up, "serve": cmd_serve, "worker": cmd_worker, "migrate": cmd_migrate,
-            "account": cmd_account}
+            "account": cmd_account, "dashboard-link": cmd_dashboard_link}

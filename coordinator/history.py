@@ -19,7 +19,8 @@ from sqlalchemy import delete, func
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, col, select
 
-from coordinator.models import Audit, AuditStatus, InferenceRequest, MarketMinute, Node, NodeMinute, NodeOffer
+from coordinator.models import (Audit, AuditStatus, InferenceRequest, MarketMinute, Node, NodeMinute, NodeOffer,
+                                RequestStatus)
 from coordinator.models.account import utcnow
 from coordinator.node_registry import is_live
 from coordinator.routability import candidates
@@ -28,7 +29,7 @@ from pricing.ledger_models import LedgerTransfer
 
 MAX_CATCH_UP = 10  # minutes written per call at most
 SETTLE_S = 5  # a minute is written this long after it ends: requests finishing at its end have committed
-ACTIVE = ("assigned", "running")
+ACTIVE = (RequestStatus.ASSIGNED, RequestStatus.RUNNING)
 
 
 def minute_of(t: datetime) -> datetime:

@@ -21,7 +21,7 @@ import threading
 
 from datetime import datetime
 
-from sqlalchemy import bindparam, text, update
+from sqlalchemy import bindparam, case, func, literal, text, update
 from sqlmodel import Session, col
 
 from coordinator.models import InferenceRequest, Node, RequestStatus
@@ -73,8 +73,12 @@ class Liveness:
             if started:
                 t = InferenceRequest.__table__
                 session.connection().execute(
-                    update(t).where(t.c.id == bindparam("b_id"), t.c.status == RequestStatus.ASSIGNED)
-                    .values(status=RequestStatus.RUNNING, first_token_at=bindparam("b_at")),
+                    # the first token's time is kept even when the request ended before this
+                    # flush (short answers do, well within a second): TTFT history depends on it
+                    update(t).where(t.c.id == bindparam("b_id"))
+                    .values(status=case((t.c.status == RequestStatus.ASSIGNED, literal(RequestStatus.RUNNING, t.c.status.type)),
+                                        else_=t.c.status),
+                            first_token_at=func.coalesce(t.c.first_token_at, bindparam("b_at"))),
                     [{"b_id": k, "b_at": v} for k, v in sorted(started.items())])
             session.flush()
         except Exception:

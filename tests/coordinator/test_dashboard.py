@@ -210,3 +210,44 @@ def test_agora_node_coach_reads_the_signed_report(client, runtime):
     other = post(client, "/v1/nodes/me/coach",
                  AccountQuery(node_id=me.public_key_hex, **fresh_stamp()).sign(sellers[0]))
     assert other.status_code == 401  # another node's key cannot read this node's report
+
+
+@pytest.mark.postgres
+def test_the_dashboards_on_postgresql(tmp_path, pg_url):
+    from fastapi.testclient import TestClient
+
+    from coordinator.app import create_app
+    from coordinator.db import create_all, make_engine
+    from coordinator.runtime import Runtime
+    from coordinator.settings import CoordinatorSettings
+
+    engine = make_engine(pg_url)
+    create_all(engine)
+    rt = Runtime(CoordinatorSettings(home=tmp_path, database_url=pg_url, run_worker_in_process=False,
+                                     admin_token="admin-secret"), engine=engine)
+    try:
+        with TestClient(create_app(runtime=rt)) as client:
+            sellers, (buyer, key), _ = _market(client, rt)
+            now = history.minute_of(utcnow()) + timedelta(seconds=30)
+            with rt.session() as s:
+                for i in range(3):
+                    _finished(s, buyer, sellers[0].public_key_hex, at=now - timedelta(seconds=40 + i), ttft_ms=20,
+                              tokens=8, cost=500, rid=f"pg{i}")
+            with rt.session() as s:
+                assert history.record(s, rt.settings, now) == 1
+            with rt.session() as s:
+                [m] = s.exec(select(MarketMinute)).all()
+                assert (m.completed, m.volume, m.nodes_live) == (3, 1500, 2)
+            r = post(client, "/v1/nodes/me/coach",
+                     AccountQuery(node_id=sellers[1].public_key_hex, **fresh_stamp()).sign(sellers[1]))
+            assert r.status_code == 200 and r.json()["models"][0]["rank"] == 2
+            assert _sign_in(client, "admin-secret").status_code == 303
+            for page in ("/dashboard", "/dashboard/nodes", f"/dashboard/nodes/{sellers[0].public_key_hex}",
+                         f"/dashboard/coach?node={sellers[0].public_key_hex}", f"/dashboard/usage?account={buyer}"):
+                assert client.get(page).status_code == 200, page
+            assert 'class="series"' in client.get("/dashboard?window=1h").text  # the minute is drawn
+            client.post("/logout")
+            assert _sign_in(client, key).status_code == 303
+            assert client.get("/dashboard/usage.json").json()["models"][0]["spend_nano_usd"] == 1500
+    finally:
+        rt.stop()

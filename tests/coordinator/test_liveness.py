@@ -113,7 +113,9 @@ def test_streams_that_started_are_marked_running_in_one_batch(runtime, client):
     with runtime.session() as s:
         rows = [s.get(InferenceRequest, r.id) for r in reqs]
         assert [r.status for r in rows] == [RequestStatus.RUNNING, RequestStatus.RUNNING, RequestStatus.SETTLING]
-        assert rows[0].first_token_at is not None and rows[2].first_token_at is None
+        # a stream that finished before the flush keeps its status and still gets its first
+        # token's time (its TTFT is in the history and the buyer's usage)
+        assert all(r.first_token_at is not None for r in rows)
 
 
 @pytest.mark.postgres
