@@ -283,6 +283,7 @@ async def handle(rt: Runtime, account: Account, body: ChatCompletionRequest | Co
         stream = RequestStream(rt, request.id, sub)
         try:
             if placed:
+                metrics.observe_queue_wait(request.created_at, request.assigned_at, inline=True)
                 await rt.bus.publish(f"node:{placed}", assignment_frame(request))
                 await rt.bus.publish(f"req:{request.id}", {"type": "assigned", "node_id": placed})
             else:  # others wait, or no node is free: the Celery micro-batch routes the queue in order
@@ -333,11 +334,13 @@ async def _collect(stream: RequestStream, msg: dict, model: str, kind: str, keye
     parts: list[str] = []
     created = fmt.now()
     count = 0
+    last = None
     try:
         while msg["type"] == "tokens":
             parts.append(msg["text"])
             count += msg["count"]
             metrics.TOKENS.inc(msg["count"])
+            last = metrics.observe_gap(last, msg["count"])
             msg = await stream.next()
     except RelayInterrupted:
         stream.finish(0, Delivery.RELAY_BROKEN)  # nothing was written to the buyer
@@ -368,11 +371,13 @@ async def _sse(stream: RequestStream, msg: dict, model: str, kind: str, include_
     ended = False  # the buyer's side ended as it should (answer, error or interruption)
     written = pending = 0
     parts: list[str] = []
+    last = None
     try:
         while msg["type"] == "tokens":
             parts.append(msg["text"])
             pending += msg["count"]
             metrics.TOKENS.inc(msg["count"])
+            last = metrics.observe_gap(last, msg["count"])
             if msg["text"] or first:
                 yield fmt.sse(fmt.chunk(kind, stream.rid, model, created, text=msg["text"], first=first))
                 first = False

@@ -27,6 +27,7 @@ from coordinator.models.account import utcnow
 from coordinator.node_registry import is_live, mark_silent_offline, prune_nonces
 from coordinator.replicas import dead_replicas, end_orphans
 from coordinator.market_view import MarketView
+from coordinator.metrics import observe_queue_wait
 from coordinator.routability import Candidate, candidates
 from coordinator.settlement import SETTLE_BATCH, AwaitingDelivery, Settled, fail_request, settle_accepted_batch
 from pricing.ledger import Ledger, expire_holds, prune_idempotency
@@ -181,6 +182,7 @@ class SqlDispatchStore:
         except OperationalError as exc:
             raise TransientStoreError(str(exc)) from exc
         for req in assigned:
+            observe_queue_wait(req.created_at, req.assigned_at, failover=bool(req.payload.get("segments")))
             self.rt.bus.publish_sync(f"node:{req.node_id}", assignment_frame(req))
             self.rt.bus.publish_sync(f"req:{req.id}", {"type": "assigned", "node_id": req.node_id})
         for rid, reason in rejected:

@@ -80,6 +80,15 @@ class CoordinatorSettings(BaseSettings):
         default=30 * 24 * 3600, gt=0, description="ledger idempotency keys older than this are forgotten by the "
         "sweep; a client retrying with a key after that would repeat the operation")
 
+    # Prometheus (coordinator/metrics.py): GET /metrics on API processes, a port on workers
+    worker_metrics_port: int = Field(default=9101, ge=0, le=65535, description="`agora worker` serves its "
+                                     "Prometheus metrics on this port (0: not at all)")
+    worker_metrics_host: str = Field(default="0.0.0.0", description="address the worker's metrics port binds")
+    metrics_per_node: bool = Field(default=False, description="also export per-node series (a `node` label per "
+                                   "registered node: one series each; off by default to bound cardinality)")
+    metrics_max_label_values: int = Field(default=50, ge=1, description="distinct models, regions and engines "
+                                          "named in labels; the rest are summed under `other`")
+
     # Prices a node may ask (nano-USD per million tokens); registration above is refused
     max_price_in: int = Field(default=100 * 10**9, ge=0, description="operator's price ceiling, prompt tokens")
     max_price_out: int = Field(default=100 * 10**9, ge=0, description="operator's price ceiling, completion tokens")
