@@ -108,3 +108,104 @@ def test_kubernetes_api_has_probes_an_hpa_and_one_beat_and_uses_real_commands_an
         if kind in ("Deployment", "Job"):
             cmd = d["spec"]["template"]["spec"]["containers"][0]["command"]
             assert cmd[0] == "agora" and cmd[1] in COMMANDS, cmd
+
+
+# ---------------------------------------------------------------- Grafana from code
+GRAFANA = INFRA / "grafana"
+
+
+def _grafana_build():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("grafana_build", GRAFANA / "build.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _registered_names() -> set[str]:
+    """Every series name the code exposes: the process registry's samples (histogram
+    _bucket/_sum/_count, counter _total) and the market collector's families, read from a
+    fresh database with per-node series on."""
+    import tempfile
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from coordinator import metrics
+    from coordinator.db import create_all, make_engine
+    from coordinator.runtime import Runtime
+
+    with tempfile.TemporaryDirectory() as tmp:
+        settings = CoordinatorSettings(home=Path(tmp), database_url=f"sqlite:///{tmp}/m.db",
+                                       run_worker_in_process=False, metrics_per_node=True)
+        engine = make_engine(settings.effective_database_url)
+        create_all(engine)
+        rt = Runtime(settings, engine=engine)
+        try:
+            text = metrics.render(rt).decode()
+        finally:
+            rt.stop()
+    names = set()
+    for fam in text_string_to_metric_families(text):
+        names.add(fam.name + ("_total" if fam.type == "counter" else ""))  # a family without samples yet
+        names.update(s.name for s in fam.samples)
+    return names
+
+
+def test_grafana_dashboards_are_generated_from_code():
+    build = _grafana_build()
+    committed = {p.name: p.read_text() for p in (GRAFANA / "dashboards").glob("*.json")}
+    assert build.render() == committed, "run `python infra/grafana/build.py` and commit the result"
+
+
+def test_grafana_dashboards_query_only_series_the_code_registers_and_have_grafana_shape():
+    import json
+    import re
+
+    names = _registered_names()
+    functions = {"sum", "max", "min", "rate", "by", "without", "histogram_quantile", "clamp_min", "le", "instance",
+                 "job", "increase", "avg"}
+    seen = set()
+    uids = set()
+    for path in sorted((GRAFANA / "dashboards").glob("*.json")):
+        d = json.loads(path.read_text())
+        assert d["uid"] and d["title"] and d["uid"] not in uids, path
+        uids.add(d["uid"])
+        assert d["panels"], path
+        for p in d["panels"]:
+            assert set(p["gridPos"]) == {"h", "w", "x", "y"} and p["title"] and p["type"], (path, p)
+            assert p["datasource"]["uid"] == "prometheus" and p["targets"], (path, p["title"])
+            for t in p["targets"]:
+                assert t["datasource"]["uid"] == "prometheus" and t["refId"]
+                expr = re.sub(r'\{[^}]*\}|"[^"]*"|\[[^\]]*\]', "", t["expr"])  # label matchers, strings, ranges
+                for ident in re.findall(r"[a-zA-Z_:][a-zA-Z0-9_:]*", expr):
+                    if ident in functions or ident in ("e9", "e6"):
+                        continue
+                    if ident.startswith(("agora_", "process_")):
+                        assert ident in names, (path.name, p["title"], ident)
+                        seen.add(ident)
+                    else:  # a label in by/without (...)
+                        assert ident in {"model", "side", "quantile", "verdict", "reason", "status", "outcome",
+                                         "engine", "region", "state", "kind", "path", "task", "result"}, ident
+    for required in ("agora_ttft_seconds_bucket", "agora_inter_token_seconds_bucket", "agora_ask_price_nano_usd",
+                     "agora_dispatch_batch_size_bucket", "agora_audits_total", "agora_nodes_routable",
+                     "agora_ledger_volume_nano_usd_total", "agora_requests_total", "agora_task_failures_total",
+                     "agora_queue_wait_seconds_bucket", "agora_settle_batch_size_bucket"):
+        assert required in seen, required
+
+
+def test_grafana_is_provisioned_next_to_prometheus_and_prometheus_scrapes_the_workers():
+    services = _compose()["services"]
+    volumes = " ".join(services["grafana"]["volumes"])
+    for f in ("grafana/provisioning/datasources/prometheus.yml", "grafana/provisioning/dashboards/agora.yml",
+              "grafana/dashboards"):
+        assert f"./{f}:" in volumes and (INFRA / f).exists(), f
+    ds = yaml.safe_load((GRAFANA / "provisioning/datasources/prometheus.yml").read_text())["datasources"][0]
+    assert ds["uid"] == "prometheus" and ds["url"] == "http://prometheus:9090" and "prometheus" in services
+    provider = yaml.safe_load((GRAFANA / "provisioning/dashboards/agora.yml").read_text())["providers"][0]
+    assert f"./grafana/dashboards:{provider['options']['path']}:ro" in services["grafana"]["volumes"]
+    conf = yaml.safe_load((INFRA / "prometheus.yml").read_text())
+    worker = next(j for j in conf["scrape_configs"] if j["job_name"] == "agora-worker")
+    sd = worker["dns_sd_configs"][0]
+    assert set(sd["names"]) == {"worker", "beat"} <= set(services)
+    assert sd["port"] == CoordinatorSettings().worker_metrics_port
