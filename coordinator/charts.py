@@ -106,11 +106,12 @@ def lines(chart_id: str, times: list[datetime], series: dict[str, list[float | N
                      f'data-last="{"" if last is None else f"{last:.6g}"}" d="{d}" fill="none" stroke="{colour(i)}" '
                      f'stroke-width="1.8"><title>{escape(name)}: last {"–" if last is None else _nice(last)}</title></path>'
                      + dots)
-        legend.append(f'<g class="legend"><rect x="{pad + 8 + 110 * i}" y="{h - 28}" width="10" height="3" '
-                      f'fill="{colour(i)}"/><text x="{pad + 22 + 110 * i}" y="{h - 24}">{escape(name)}</text></g>')
+        lx, ly = pad + 8 + 120 * (i % 4), h + 6 + 14 * (i // 4)
+        legend.append(f'<g class="legend"><rect x="{lx}" y="{ly - 4}" width="10" height="3" '
+                      f'fill="{colour(i)}"/><text x="{lx + 14}" y="{ly}">{escape(name)}</text></g>')
     fmt = "%H:%M" if span <= 86400 else "%m-%d %H:%M"
     return _frame(chart_id, w, h, pad, "time (UTC)", ylabel, times[0].strftime(fmt), times[-1].strftime(fmt), ymax,
-                  "".join(paths), "".join(legend))
+                  "".join(paths), "".join(legend), extra_h=8 + 14 * (-(-len(series) // 4)))
 
 
 def bucket(times: list[datetime], series: dict[str, list[float | None]], max_points: int = 240,

@@ -95,9 +95,11 @@ def market_history(session: Session, since: datetime, model: str | None = None) 
     per: dict[datetime, dict] = {}
     for r in market_series(session, since, model):
         m = per.setdefault(r.minute, {"requests": 0, "completed": 0, "failed": 0, "rejected": 0, "failed_over": 0,
+                                      "cancelled": 0, "buyer_gone": 0, "market_fault": 0,
                                       "completion_tokens": 0, "volume": 0, "fees": 0, "active": 0, "capacity": 0,
                                       "audits_passed": 0, "audits_failed": 0, "ask": [], "ttft": [], "itl": []})
-        for k in ("requests", "completed", "failed", "rejected", "failed_over", "completion_tokens", "volume", "fees",
+        for k in ("requests", "completed", "failed", "rejected", "failed_over", "cancelled", "buyer_gone",
+                  "market_fault", "completion_tokens", "volume", "fees",
                   "active", "capacity", "audits_passed", "audits_failed"):
             m[k] += getattr(r, k)
         if r.ask_out_p50 is not None:
@@ -133,4 +135,6 @@ def market_history(session: Session, since: datetime, model: str | None = None) 
         "audits_failed": [float(m["audits_failed"]) for m in rows],
         "completed": [float(m["completed"]) for m in rows], "failed": [float(m["failed"]) for m in rows],
         "rejected": [float(m["rejected"]) for m in rows], "failed_over": [float(m["failed_over"]) for m in rows],
+        "cancelled": [float(m["cancelled"]) for m in rows], "buyer_gone": [float(m["buyer_gone"]) for m in rows],
+        "market_fault": [float(m["market_fault"]) for m in rows],
     }

@@ -152,7 +152,10 @@ def market(snap: dict, hist: dict, model: str | None, models: list[str], window:
             + chart("revenue", "USD per minute", {"volume": hist["revenue"], "fees": hist["fees"]})
             + chart("audits", "audits per minute", {"passed": hist["audits_passed"], "failed": hist["audits_failed"]})
             + chart("outcomes", "requests per minute", {"completed": hist["completed"], "failed": hist["failed"],
-                                                        "rejected": hist["rejected"], "failed over": hist["failed_over"]})
+                                                        "rejected": hist["rejected"], "cancelled": hist["cancelled"],
+                                                        "failed over": hist["failed_over"],
+                                                        "buyer gone": hist["buyer_gone"],
+                                                        "market fault": hist["market_fault"]})
             + f'</div><p class="note">Requests, last {snap["window_hours"]:.0f} h: {outcomes}</p>'
             + _failed_audits(snap["failed_audits"]))
 
@@ -212,7 +215,7 @@ def node_page(offers: list[dict], hist) -> str:
                  ("earnings", f'{n["earnings_usd"]:.6f}', "USD earnings")])
     times = [r.minute for r in hist]
     series = {"requests": [float(r.requests) for r in hist], "failed": [float(r.failed) for r in hist]}
-    tt, ss = charts.bucket(times, series, how={"requests": "sum", "failed": "sum"})
+    tt, ss = charts.bucket(times, series)  # merged minutes keep "per minute" (their mean)
     t2, s2 = charts.bucket(times, {"load": [r.active / max(1, r.max_concurrency) for r in hist]})
     t3, s3 = charts.bucket(times, {"tok/s": [r.tok_s for r in hist]})
     t4, s4 = charts.bucket(times, {"USD/Mtok out": [r.price_out / 1e9 for r in hist]})

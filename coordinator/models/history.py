@@ -34,7 +34,10 @@ class MarketMinute(SQLModel, table=True):
     completed: int = 0
     failed: int = 0
     rejected: int = 0
+    cancelled: int = 0
     failed_over: int = 0  # completed after at least one failover
+    buyer_gone: int = 0  # the buyer left before its answer was written (charged for what it got)
+    market_fault: int = 0  # the relay broke or the buyer's API process died (the market's loss)
     prompt_tokens: int = Field(default=0, sa_column=_big())
     completion_tokens: int = Field(default=0, sa_column=_big())
     volume: int = Field(default=0, sa_column=_big())  # nano-USD the buyers were charged

@@ -251,3 +251,25 @@ def test_the_dashboards_on_postgresql(tmp_path, pg_url):
             assert client.get("/dashboard/usage.json").json()["models"][0]["spend_nano_usd"] == 1500
     finally:
         rt.stop()
+
+
+def test_outcomes_are_counted_by_class(client, runtime):
+    sellers, (buyer, _), _ = _market(client, runtime, 1)
+    now = history.minute_of(utcnow()) + timedelta(seconds=30)
+    at = now - timedelta(seconds=50)
+    node = sellers[0].public_key_hex
+    with runtime.session() as s:
+        _finished(s, buyer, node, at=at, ttft_ms=5, tokens=4, cost=10, rid="ok")
+        _finished(s, buyer, node, at=at, ttft_ms=5, tokens=2, cost=5, rid="gone")
+        _finished(s, buyer, node, at=at, ttft_ms=5, tokens=3, cost=0, rid="broken")
+        _finished(s, buyer, node, at=at, ttft_ms=5, tokens=0, cost=0, rid="cancel", status=RequestStatus.CANCELLED)
+        _finished(s, buyer, node, at=at, ttft_ms=5, tokens=4, cost=10, rid="moved")
+    with runtime.session() as s:
+        s.get(InferenceRequest, "gone").delivery = "buyer_gone"
+        s.get(InferenceRequest, "broken").delivery = "relay_broken"
+        moved = s.get(InferenceRequest, "moved")
+        moved.payload = {"failovers": 1}
+    with runtime.session() as s:
+        history.record(s, runtime.settings, now)
+        m = s.exec(select(MarketMinute).where(MarketMinute.model == "tiny")).one()
+    assert (m.requests, m.completed, m.cancelled, m.buyer_gone, m.market_fault, m.failed_over) == (5, 4, 1, 1, 1, 1)
