@@ -111,6 +111,8 @@ class RequestStream:
             if kind == "bus_restored":
                 continue
             if kind == "assigned":
+                if self.node_id is not None and self.node_id == msg["node_id"]:
+                    continue  # its first tokens overtook the assignment (two publishers): keep them
                 self.node_id = msg["node_id"]
                 self._new_segment()
                 self.left.discard(self.node_id)

@@ -339,15 +339,10 @@ def test_agora_worker_serves_what_it_records_and_the_same_market(tmp_path, pg_ur
         m.start_node("node-w", region="eu-west")
         m.wait_live("tiny", 1)
         key = m.agora("account", "create", "--credit", str(10**9))
-        ok = 0
-        for i in range(6):  # a 503 (retry) is the buyer's to retry; see the report on relay_interrupted
+        for i in range(3):
             r = httpx.post(m.base + "/v1/completions", headers={"Authorization": f"Bearer {key}"}, timeout=60,
                            json={"model": "tiny", "prompt": f"w{i}", "max_tokens": 4, "temperature": 0})
-            assert r.status_code in (200, 503), r.text
-            ok += r.status_code == 200
-            if ok == 3:
-                break
-        assert ok == 3
+            assert r.status_code == 200, r.text
 
         def settled():
             got = scrape(httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=5).text)

@@ -73,6 +73,13 @@ def test_duplicates_and_tokens_from_a_node_left_behind_are_dropped(runtime):
     assert [m["token_ids"] for m in got if m["type"] == "tokens"] == [[1, 2], [9]]
 
 
+def test_first_tokens_that_overtake_their_assignment_are_kept(runtime):
+    # The worker publishes the assignment to the node, then "assigned" to the buyer; a fast
+    # node's tokens (published by the API process holding its channel) can arrive first.
+    got = _drain(runtime, [tokens(0, [1, 2]), {"type": "assigned", "node_id": "n1"}, tokens(2, [3, 4]), done(4)])
+    assert [m["token_ids"] for m in got if m["type"] == "tokens"] == [[1, 2], [3, 4]]
+
+
 class FakeStream:
     def __init__(self, messages):
         self.rid, self.rt = "req_t", None
