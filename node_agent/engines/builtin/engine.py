@@ -5,6 +5,20 @@ cancellations and scoring jobs from an inbox, admits waiting requests into free 
 (`max_batch` slots, fewer if the KV memory budget `kv_cache_bytes` holds fewer
 `max_seq_len`-token sequences; at most `prefill_budget` prompt tokens per iteration),
 prefills them as one batch, then runs one batched decode step for every running request.
+
+Prefix cache (`prefix_cache.py`): the KV blocks of every prompt and, when a request ends,
+of its generated tokens stay in a pool (LRU, `prefix_cache_bytes`); a new request copies
+the longest cached run of whole blocks of its context into its slot and prefills only the
+rest. Off with `prefix_cache=False` or AGORA_NODE_PREFIX_CACHE=false.
+
+Chunked prefill: while streams are decoding, an iteration prefills at most `prefill_chunk`
+prompt tokens (0: off, whole prompts as before). A prompt that does not fit is prefilled
+chunk by chunk in a staging slot (one slot beyond the decode batch), one chunk per
+iteration before that iteration's decode step, so the running streams keep their
+inter-token latency; when its last chunk is done it moves into the decode batch. With
+nothing decoding an iteration takes up to `prefill_budget` tokens. Every chunk attends
+to the slot's earlier positions through the same kernel as a whole prompt, so the
+output does not depend on the chunking.
 Events go back to each request's asyncio queue with `loop.call_soon_threadsafe`, one call
 per loop per step. Finished or cancelled requests leave at once; the last running request
 moves into the freed slot so slots 0..B-1 are always the decode batch. Decode attention reads
@@ -35,6 +49,7 @@ import torch
 
 from node_agent.engines.base import Engine, GenerationRequest, TokenEvent
 from node_agent.engines.builtin.model import LlamaModel
+from node_agent.engines.builtin.prefix_cache import PrefixCache
 from node_agent.engines.builtin.sampling import make_generator, select
 from node_agent.engines.builtin.textstream import Detokenizer, StopStream
 from node_agent.engines.builtin.tokenizer import HFTokenizer
@@ -43,7 +58,13 @@ from node_agent.errors import EngineError, ModelLoadError, RequestTooLong
 log = logging.getLogger(__name__)
 
 # Bump when a change makes the engine faster or slower: cached benchmarks are re-measured.
-ENGINE_REVISION = 2
+ENGINE_REVISION = 3
+# Prompt tokens prefilled per iteration while other streams decode (see bench/engine.py:
+# chunked_p99_itl_ratio). Measured on 2 cores, 16 streams decoding, a 3,000-token prompt
+# arriving: see DEFAULT_PREFILL_CHUNK's note in the README of bench/engine.py's output.
+DEFAULT_PREFILL_CHUNK = 64
+# Tokens per prefix-cache block.
+DEFAULT_PREFIX_BLOCK = 16
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -58,6 +79,8 @@ class _Running:
     stops: StopStream
     gen: torch.Generator | None
     slot: int = -1
+    done: int = 0  # context positions whose K and V are in the slot (during a chunked prefill)
+    hashes: list = field(default_factory=list)  # prefix-cache keys of its blocks, memoised
     finished: bool = False
     cancelled: bool = False
     outbox: list = field(default_factory=list)
@@ -75,7 +98,16 @@ class BuiltinEngine(Engine):
         max_seq_len: int | None = None,
         prefill_budget: int = 4096,
         kv_cache_bytes: int | None = None,
+        prefix_cache: bool | None = None,
+        prefix_cache_bytes: int | None = None,
+        prefix_block: int = DEFAULT_PREFIX_BLOCK,
+        prefill_chunk: int | None = None,
     ):
+        """`prefix_cache`: keep and reuse KV blocks across requests (default: on unless
+        AGORA_NODE_PREFIX_CACHE is false); `prefix_cache_bytes`: its pool (default: what the
+        KV budget leaves after the slots, at most half the budget; AGORA_NODE_PREFIX_CACHE_MB);
+        `prefill_chunk`: prompt tokens per iteration while streams decode (default
+        DEFAULT_PREFILL_CHUNK or AGORA_NODE_PREFILL_CHUNK; 0 prefills whole prompts)."""
         if dtype not in DTYPES:
             raise EngineError(f"dtype {dtype!r} is not one of {sorted(DTYPES)}")
         if device.startswith("cuda") and not torch.cuda.is_available():
@@ -99,6 +131,24 @@ class BuiltinEngine(Engine):
         self.max_batch = min(max_batch, budget // per_slot)
         self.kv_cache_bytes = self.max_batch * per_slot
         self.prefill_budget = prefill_budget
+        if prefill_chunk is None:
+            prefill_chunk = int(os.environ.get("AGORA_NODE_PREFILL_CHUNK", DEFAULT_PREFILL_CHUNK))
+        if prefill_chunk < 0:
+            raise EngineError(f"prefill_chunk must be >= 0, not {prefill_chunk}")
+        self.prefill_chunk = prefill_chunk
+        if prefix_cache is None:
+            prefix_cache = _env_flag("AGORA_NODE_PREFIX_CACHE", True)
+        if prefix_cache_bytes is None and os.environ.get("AGORA_NODE_PREFIX_CACHE_MB"):
+            prefix_cache_bytes = int(float(os.environ["AGORA_NODE_PREFIX_CACHE_MB"]) * (1 << 20))
+        if prefix_cache_bytes is None:
+            prefix_cache_bytes = max(0, min(budget - self.kv_cache_bytes, budget // 2))
+        if prefix_block < 1:
+            raise EngineError(f"prefix_block must be >= 1, not {prefix_block}")
+        self.prefix_block = prefix_block
+        self.prefix_cache_bytes = prefix_cache_bytes if prefix_cache else 0
+        self._cache_seed = _model_identity(self.model_dir, dtype)
+        self.prefix_cache: PrefixCache | None = None  # made by start(), dropped by close()
+        self._staged: _Running | None = None  # the prompt being prefilled chunk by chunk
         self._inbox: queue.Queue = queue.Queue()
         self._thread: threading.Thread | None = None
         self._dead: BaseException | None = None
@@ -127,9 +177,33 @@ class BuiltinEngine(Engine):
     def eos_ids(self) -> frozenset[int]:
         return self.tokenizer.eos_ids
 
+    @property
+    def staging_slot(self) -> int:
+        return self.max_batch
+
+    def prefix_stats(self) -> dict:
+        """Prefix-cache counters (tokens looked up and found, blocks stored and evicted) and
+        its size; read them between requests (they are updated by the engine thread)."""
+        pc = self.prefix_cache
+        if pc is None:
+            return {"enabled": False}
+        return {"enabled": True, "block": pc.block, "blocks": len(pc), "capacity_blocks": pc.capacity,
+                "bytes": pc.nbytes, **pc.stats}
+
+    def prefix_block_keys(self, limit: int | None = None) -> list[bytes]:
+        """The cached blocks' chain keys (16 bytes each), most recently used first."""
+        return self.prefix_cache.block_keys(limit) if self.prefix_cache is not None else []
+
     async def start(self) -> None:
         if self._thread is None:
-            _one_thread(self.device, self.model.allocate_cache, self.max_batch, self.max_seq_len)
+            # One slot more than the decode batch: the staging slot of a chunked prefill.
+            slots = self.max_batch + (1 if self.prefill_chunk else 0)
+            _one_thread(self.device, self.model.allocate_cache, slots, self.max_seq_len)
+            # A fresh cache on every start: nothing cached survives a restart or a reload.
+            self.prefix_cache = None
+            if self.prefix_cache_bytes:
+                pc = PrefixCache(self.model, self.prefix_cache_bytes, self.prefix_block, self._cache_seed)
+                self.prefix_cache = pc if pc.capacity else None
             self._thread = threading.Thread(target=self._main, name=f"agora-engine-{self.model_name}", daemon=True)
             self._thread.start()
 
@@ -139,6 +213,8 @@ class BuiltinEngine(Engine):
             await asyncio.get_running_loop().run_in_executor(None, self._thread.join, 30)
             self._thread = None
             self.model.k_cache = self.model.v_cache = None
+            if self.prefix_cache is not None:
+                self.prefix_cache.clear()
 
     def _check_alive(self) -> None:
         if self._dead is not None:
@@ -256,6 +332,9 @@ class BuiltinEngine(Engine):
                 arg.cancelled = True
                 if arg in self._waiting:
                     self._waiting.remove(arg)
+                elif arg is self._staged:
+                    self._staged = None
+                    arg.slot = -1
                 elif not arg.finished and arg.slot >= 0:
                     self._release(arg)
             elif kind == "call":
@@ -267,20 +346,7 @@ class BuiltinEngine(Engine):
                     loop.call_soon_threadsafe(_set_result, fut, None, EngineError(f"engine call failed: {exc!r}"))
 
     def _step(self) -> None:
-        admitted, budget = [], self.prefill_budget
-        while self._waiting and len(self._running) < self.max_batch:
-            n = len(self._waiting[0].tokens)
-            if admitted and n > budget:
-                break
-            r = self._waiting.popleft()
-            r.slot = len(self._running)
-            self._running.append(r)
-            self._unsorted = True
-            admitted.append(r)
-            budget -= n
-        if admitted:
-            logits = self.model.prefill([(r.slot, r.tokens, 0) for r in admitted])
-            self._accept(admitted, logits)
+        self._prefill_step()
         if self._running:
             if self._unsorted and self.model.kernels is None:
                 self._sort_slots()
@@ -291,6 +357,63 @@ class BuiltinEngine(Engine):
             pos = torch.tensor([n - 1 for n in lens], device=dev)
             groups = None if self.model.kernels is not None else _span_groups(lens)  # torch path only
             self._accept(batch, self.model.decode(toks, pos, groups))
+
+    def _prefill_step(self) -> None:
+        """This iteration's prefill: the next chunk of the staged prompt, then waiting
+        requests (FIFO) while the token budget lasts: whole prompts into the decode batch,
+        or, with chunking, the first chunk of one that does not fit into the staging slot.
+        Each request's cached prefix is copied into its slot first and not recomputed."""
+        chunking = self.prefill_chunk > 0
+        budget = self.prefill_chunk if chunking and self._running else self.prefill_budget
+        pieces: list[tuple[_Running, int, int]] = []  # (request, start, end) of context positions
+        st = self._staged
+        if st is not None:
+            n = min(len(st.tokens) - st.done, budget)
+            pieces.append((st, st.done, st.done + n))
+            budget -= n
+        admitted = []
+        while self._waiting and budget > 0 and len(self._running) + (self._staged is not None) < self.max_batch:
+            r = self._waiting[0]
+            cached = self.prefix_cache.match(r.tokens, r.hashes) if self.prefix_cache is not None else []
+            need = len(r.tokens) - len(cached) * self.prefix_block
+            if need <= budget or (not chunking and not pieces):
+                slot = len(self._running)
+            elif chunking and self._staged is None:
+                slot = self.staging_slot
+            else:
+                break
+            self._waiting.popleft()
+            start = self.prefix_cache.load(slot, r.tokens, r.hashes) if cached else 0
+            end = min(len(r.tokens), start + budget) if slot == self.staging_slot else len(r.tokens)
+            r.slot = slot
+            if slot == self.staging_slot:
+                self._staged = r
+            else:
+                self._running.append(r)
+                self._unsorted = True
+                admitted.append(r)
+            pieces.append((r, start, end))
+            budget -= end - start
+        if not pieces:
+            return
+        logits = self.model.prefill([(r.slot, r.tokens[a:b], a) for r, a, b in pieces])
+        done_rows = []
+        for row, (r, a, b) in enumerate(pieces):
+            r.done = b
+            if b == len(r.tokens):
+                done_rows.append(row)
+                if self.prefix_cache is not None:
+                    self.prefix_cache.store(r.slot, r.tokens, r.hashes, b)
+        st = self._staged
+        if st is not None and st.done == len(st.tokens):  # its last chunk: into the decode batch
+            self._staged = None
+            st.slot = len(self._running)
+            self.model.move_slot(self.staging_slot, st.slot, st.done)
+            self._running.append(st)
+            self._unsorted = True
+            admitted.insert(0, st)  # its piece came first: rows stay in piece order
+        if admitted:
+            self._accept(admitted, logits[done_rows])
 
     def _sort_slots(self) -> None:
         """Order slots by length, longest first, so the torch attention path can skip most
@@ -329,6 +452,9 @@ class BuiltinEngine(Engine):
                 self._release(r)
 
     def _release(self, r: _Running) -> None:
+        if self.prefix_cache is not None:
+            # K and V are in the slot for every token but the last (not yet run through the model)
+            self.prefix_cache.store(r.slot, r.tokens, r.hashes, len(r.tokens) - 1)
         s, last = r.slot, self._running[-1]
         if last is not r:
             self.model.move_slot(last.slot, s, len(last.tokens))
@@ -338,7 +464,9 @@ class BuiltinEngine(Engine):
         r.slot = -1
 
     def _fail_all(self, err: EngineError) -> None:
-        for r in list(self._running) + list(self._waiting):
+        staged = [self._staged] if self._staged is not None else []
+        self._staged = None
+        for r in list(self._running) + list(self._waiting) + staged:
             r.finished = True
             r.slot = -1
             r.outbox = []
@@ -358,6 +486,24 @@ class BuiltinEngine(Engine):
                 loop.call_soon_threadsafe(_deliver, items)
             except RuntimeError:  # the consumer's loop is closed
                 pass
+
+
+def _env_flag(name: str, default: bool) -> bool:
+    raw = os.environ.get(name)
+    if raw is None or not raw.strip():
+        return default
+    return raw.strip().lower() not in ("0", "false", "no", "off")
+
+
+def _model_identity(folder: Path, dtype: str) -> bytes:
+    """Seeds the prefix cache's block keys: the same tokens under other weights or another
+    dtype are other keys."""
+    parts = [dtype.encode()]
+    for f in sorted(folder.glob("*.json")) + sorted(folder.glob("*.safetensors")):
+        st = f.stat()
+        parts.append(f"{f.name}:{st.st_size}:{st.st_mtime_ns}".encode())
+    parts.append((folder / "config.json").read_bytes() if (folder / "config.json").exists() else b"")
+    return b"|".join(parts)
 
 
 def _load_without_omp_pool(folder: Path, device: str, dtype: torch.dtype) -> LlamaModel:

@@ -94,6 +94,9 @@ class Kernels:
         self._prefill = self.lib.agora_prefill_attention
         self._prefill.argtypes = [p, p, p, p, p, i, i, i, i, f, ctypes.c_int]
         self._prefill.restype = ctypes.c_int
+        self._prefill_cache = self.lib.agora_prefill_attention_cache
+        self._prefill_cache.argtypes = [p, p, p, p, p, p, p, i, i, i, i, i, f, ctypes.c_int]
+        self._prefill_cache.restype = ctypes.c_int
 
     def decode_attention(self, qkv: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor,
                          pos: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, heads: int,
@@ -139,6 +142,34 @@ class Kernels:
         out = torch.empty_like(q)
         rc = self._prefill(q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), starts.data_ptr(),
                            len(lengths), heads, k.shape[1], hd, scale, torch.get_num_threads())
+        if rc < 0:
+            raise MemoryError("prefill attention kernel could not allocate its buffers")
+        return out if rc == 0 else None
+
+    def prefill_cache_attention(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                                pieces: list[tuple[int, int, int]], scale: float) -> torch.Tensor | None:
+        """Causal attention of new rows continuing sequences in the cache: q [tokens, heads,
+        head_dim] packs the pieces back to back; piece (slot, start, n) is n rows at positions
+        start.. of `slot`, whose K and V (positions 0..start+n) are already in k_cache, v_cache
+        (one layer, [slots, kv_heads, max_len, head_dim]). Returns [tokens, heads, head_dim], or
+        None where the kernel does not cover the shape (the caller falls back)."""
+        _check(q=q, k_cache=k_cache, v_cache=v_cache)
+        tokens, heads, hd = q.shape
+        nslots, kvh, max_len, chd = k_cache.shape
+        if k_cache.shape != v_cache.shape or chd != hd or sum(n for *_, n in pieces) != tokens:
+            raise ValueError(f"q {tuple(q.shape)}, cache {tuple(k_cache.shape)} and pieces disagree")
+        if any(not 0 <= s < nslots for s, _, _ in pieces):
+            raise ValueError(f"slot outside the cache's {nslots} slots")
+        meta = torch.tensor([[0, s, st] for s, st, _ in pieces], dtype=torch.int64).reshape(-1, 3)
+        starts = torch.zeros(len(pieces) + 1, dtype=torch.int64)
+        torch.cumsum(torch.tensor([n for *_, n in pieces], dtype=torch.int64), 0, out=starts[1:])
+        slots, past = meta[:, 1].contiguous(), meta[:, 2].contiguous()
+        out = torch.empty_like(q)
+        rc = self._prefill_cache(q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), out.data_ptr(), starts.data_ptr(),
+                                 slots.data_ptr(), past.data_ptr(), len(pieces), heads, kvh, hd, max_len, scale,
+                                 torch.get_num_threads())
+        if rc == -2:
+            raise ValueError(f"positions must lie in the cache length {max_len}")
         if rc < 0:
             raise MemoryError("prefill attention kernel could not allocate its buffers")
         return out if rc == 0 else None

@@ -1,11 +1,21 @@
-/* Causal prefill attention for prompts that start at position 0 (float32, CPU).
+/* Causal prefill attention (float32, CPU).
  *
- * q [tokens, heads, head_dim], k and v [tokens, kv_heads, head_dim] hold several prompts
- * back to back (prompt p is rows starts[p]..starts[p+1]); out is [tokens, heads, head_dim].
- * Query head h attends with kv head h / (heads / kv_heads). Work is split into tasks of
- * 16 query rows of one head of one prompt, scheduled longest first. Per task: scores for
- * the block's keys (16 query lanes per vector, 8 keys at a time), a causal mask on the
- * diagonal block, softmax down each lane, then P·V with 16 output dims per pass.
+ * q [tokens, heads, head_dim] holds several prompts' new rows back to back (prompt p is rows
+ * starts[p]..starts[p+1]); out is [tokens, heads, head_dim]. Query head h attends with kv
+ * head h / (heads / kv_heads). Two entry points share one core:
+ *  - agora_prefill_attention: prompts from position 0, k and v packed like q
+ *    [tokens, kv_heads, head_dim];
+ *  - agora_prefill_attention_cache: prompt p's rows sit at positions past[p].. of slot
+ *    slots[p] of one layer's cache [slots, kv_heads, max_len, head_dim] (their K and V
+ *    already written there), and attend to every earlier position of that slot as well: a
+ *    prompt continued after a cached prefix, or the next chunk of a chunked prefill.
+ * Each query row's result does not depend on how its prompt was split (scores, the max and
+ * the running sums go over keys 0..pos in the same order), so a prompt prefilled in chunks
+ * or after a cached prefix gets the same attention output, bit for bit, as in one piece.
+ * Work is split into tasks of 16 query rows of one head of one prompt, scheduled longest
+ * first. Per task: scores for the block's keys (16 query lanes per vector, 8 keys at a
+ * time), a causal mask on the diagonal block, softmax down each lane, then P·V with 16
+ * output dims per pass.
  * Needs head_dim % 16 == 0 and AVX-512 for the fast path; returns 1 otherwise (the caller
  * then uses torch's SDPA), -1 when out of memory, 0 on success.
  */
@@ -47,23 +57,25 @@ static int by_keys_desc(const void *a, const void *b) {
     return (ka < kb) - (ka > kb);
 }
 
-int agora_prefill_attention(
-    const float *restrict q, const float *restrict k, const float *restrict v, float *restrict out,
-    const int64_t *restrict starts, int64_t prompts, int64_t heads, int64_t kv_heads, int64_t head_dim,
-    float scale, int threads)
+/* kbase[p], vbase[p]: prompt p's key/value 0 of kv head 0; rs: stride between positions,
+ * hs: stride between kv heads; past[p]: the position of prompt p's first new row. */
+static int prefill_core(
+    const float *restrict q, const float *const *kbase, const float *const *vbase, int64_t rs, int64_t hs,
+    const int64_t *restrict past, float *restrict out, const int64_t *restrict starts, int64_t prompts,
+    int64_t heads, int64_t kv_heads, int64_t head_dim, float scale, int threads)
 {
 #if !defined(__AVX512F__)
-    (void)q; (void)k; (void)v; (void)out; (void)starts; (void)prompts; (void)heads; (void)kv_heads;
-    (void)head_dim; (void)scale; (void)threads;
+    (void)q; (void)kbase; (void)vbase; (void)rs; (void)hs; (void)past; (void)out; (void)starts; (void)prompts;
+    (void)heads; (void)kv_heads; (void)head_dim; (void)scale; (void)threads;
     return 1;
 #else
     if (head_dim % 16 != 0 || heads % kv_heads != 0) return 1;
-    const int64_t group = heads / kv_heads, qs = heads * head_dim, ks = kv_heads * head_dim;
+    const int64_t group = heads / kv_heads, qs = heads * head_dim;
     int64_t ntasks = 0, longest = 0;
     for (int64_t p = 0; p < prompts; p++) {
         int64_t n = starts[p + 1] - starts[p];
         ntasks += heads * ((n + QB - 1) / QB);
-        if (n > longest) longest = n;
+        if (past[p] + n > longest) longest = past[p] + n;
     }
     task_t *tasks = (task_t *)malloc(sizeof(task_t) * (size_t)(ntasks ? ntasks : 1));
     if (!tasks) return -1;
@@ -72,7 +84,7 @@ int agora_prefill_attention(
         int64_t n = starts[p + 1] - starts[p];
         for (int64_t h = 0; h < heads; h++)
             for (int64_t r = 0; r < n; r += QB) {
-                task_t x = {p, h, r, (r + QB < n ? r + QB : n)};
+                task_t x = {p, h, r, past[p] + (r + QB < n ? r + QB : n)};
                 tasks[t++] = x;
             }
     }
@@ -90,20 +102,20 @@ int agora_prefill_attention(
         for (int64_t i = 0; i < ntasks; i++) {
             if (!qt || !st || !ot) continue;
             const task_t x = tasks[i];
-            const int64_t base = starts[x.prompt], rows = (x.keys - x.row0);
+            const int64_t base = starts[x.prompt], pos0 = past[x.prompt] + x.row0, rows = x.keys - pos0;
             const int64_t kvh = x.head / group, nk = x.keys;
             for (int64_t d = 0; d < head_dim; d++)
                 for (int64_t r = 0; r < QB; r++)
                     qt[d * QB + r] = r < rows ? q[(base + x.row0 + r) * qs + x.head * head_dim + d] * scale : 0.0f;
-            const float *kb = k + base * ks + kvh * head_dim;
-            const float *vb = v + base * ks + kvh * head_dim;
+            const float *kb = kbase[x.prompt] + kvh * hs;
+            const float *vb = vbase[x.prompt] + kvh * hs;
             /* scores, 8 keys at a time (keys past nk read a valid earlier row and are masked) */
             for (int64_t j = 0; j < nk; j += 8) {
                 __m512 a[8];
                 const float *kr[8];
                 for (int u = 0; u < 8; u++) {
                     a[u] = _mm512_setzero_ps();
-                    kr[u] = kb + (j + u < nk ? j + u : nk - 1) * ks;
+                    kr[u] = kb + (j + u < nk ? j + u : nk - 1) * rs;
                 }
                 for (int64_t d = 0; d < head_dim; d++) {
                     const __m512 qd = _mm512_load_ps(qt + d * QB);
@@ -111,11 +123,11 @@ int agora_prefill_attention(
                 }
                 for (int u = 0; u < 8; u++) _mm512_store_ps(st + (j + u) * QB, a[u]);
             }
-            /* causal mask: key j is visible to row r iff j <= row0 + r */
-            const __m512 lane = _mm512_add_ps(_mm512_set1_ps((float)x.row0),
+            /* causal mask: key j is visible to row r iff j <= pos0 + r */
+            const __m512 lane = _mm512_add_ps(_mm512_set1_ps((float)pos0),
                 _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15));
             const __m512 ninf = _mm512_set1_ps(-INFINITY);
-            for (int64_t j = x.row0; j < nk; j++) {
+            for (int64_t j = pos0; j < nk; j++) {
                 __mmask16 hide = _mm512_cmp_ps_mask(_mm512_set1_ps((float)j), lane, _CMP_GT_OQ);
                 _mm512_store_ps(st + j * QB, _mm512_mask_mov_ps(_mm512_load_ps(st + j * QB), hide, ninf));
             }
@@ -136,7 +148,7 @@ int agora_prefill_attention(
                 for (int u = 0; u < 16; u++) acc[u] = _mm512_setzero_ps();
                 for (int64_t j = 0; j < nk; j++) {
                     const __m512 pj = _mm512_load_ps(st + j * QB);
-                    const float *vr = vb + j * ks + d0;
+                    const float *vr = vb + j * rs + d0;
                     for (int u = 0; u < 16; u++) acc[u] = _mm512_fmadd_ps(pj, _mm512_set1_ps(vr[u]), acc[u]);
                 }
                 for (int u = 0; u < 16; u++) _mm512_store_ps(ot + (d0 + u) * QB, acc[u]);
@@ -153,4 +165,53 @@ int agora_prefill_attention(
     free(tasks);
     return failed ? -1 : 0;
 #endif
+}
+
+int agora_prefill_attention(
+    const float *restrict q, const float *restrict k, const float *restrict v, float *restrict out,
+    const int64_t *restrict starts, int64_t prompts, int64_t heads, int64_t kv_heads, int64_t head_dim,
+    float scale, int threads)
+{
+    const int64_t ks = kv_heads * head_dim, n = prompts ? prompts : 1;
+    const float **kb = (const float **)malloc(sizeof(float *) * (size_t)n);
+    const float **vb = (const float **)malloc(sizeof(float *) * (size_t)n);
+    int64_t *past = (int64_t *)calloc((size_t)n, sizeof(int64_t));
+    int rc = -1;
+    if (kb && vb && past) {
+        for (int64_t p = 0; p < prompts; p++) {
+            kb[p] = k + starts[p] * ks;
+            vb[p] = v + starts[p] * ks;
+        }
+        rc = prefill_core(q, kb, vb, ks, head_dim, past, out, starts, prompts, heads, kv_heads, head_dim, scale,
+                          threads);
+    }
+    free(kb);
+    free(vb);
+    free(past);
+    return rc;
+}
+
+int agora_prefill_attention_cache(
+    const float *restrict q, const float *restrict k_cache, const float *restrict v_cache, float *restrict out,
+    const int64_t *restrict starts, const int64_t *restrict slots, const int64_t *restrict past, int64_t prompts,
+    int64_t heads, int64_t kv_heads, int64_t head_dim, int64_t max_len, float scale, int threads)
+{
+    const int64_t n = prompts ? prompts : 1;
+    const float **kb = (const float **)malloc(sizeof(float *) * (size_t)n);
+    const float **vb = (const float **)malloc(sizeof(float *) * (size_t)n);
+    int rc = -1;
+    if (kb && vb) {
+        rc = 0;
+        for (int64_t p = 0; p < prompts; p++) {
+            if (past[p] < 0 || past[p] + starts[p + 1] - starts[p] > max_len) rc = -2;
+            kb[p] = k_cache + slots[p] * kv_heads * max_len * head_dim;
+            vb[p] = v_cache + slots[p] * kv_heads * max_len * head_dim;
+        }
+        if (rc == 0)
+            rc = prefill_core(q, kb, vb, head_dim, max_len * head_dim, past, out, starts, prompts, heads, kv_heads,
+                              head_dim, scale, threads);
+    }
+    free(kb);
+    free(vb);
+    return rc;
 }
