@@ -26,11 +26,13 @@ def cmd_up(argv: list[str]) -> int:
     p.add_argument("--model", default="tiny")
     p.add_argument("--home", help="state folder (default ~/.agora)")
     p.add_argument("--credit", type=float, default=10.0, help="demo account credit in USD")
+    p.add_argument("--no-verifier", dest="verifier", action="store_false",
+                   help="no operator verifier (audits then wait for nodes that have earned the right to verify)")
     args = p.parse_args(argv)
     from coordinator.embedded import run_embedded
 
     return run_embedded(_settings(args), host=args.host, port=args.port, nodes=args.nodes,
-                        model=args.model, credit_usd=args.credit)
+                        model=args.model, credit_usd=args.credit, verifier=args.verifier)
 
 
 def cmd_serve(argv: list[str]) -> int:

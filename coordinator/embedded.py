@@ -2,7 +2,8 @@
 
 One process runs the coordinator API, an in-process Celery worker (memory:// broker),
 and SQLite; N node agents run as child processes on the built-in engine with different
-prices, regions and concurrency. Once every node is online it prints `base_url:`,
+prices, regions and concurrency, and the operator's own verifier (trusted: its verdicts need no
+confirmation, so audits resolve from the first job; `--no-verifier` leaves it out). Once every node is online it prints `base_url:`,
 `api_key:` and `dashboard:` lines (the last a single-use link that signs the operator in; an
 admin token is made up for the run when `AGORA_ADMIN_TOKEN` is not set). SIGINT or SIGTERM stops everything, children included.
 """
@@ -38,8 +39,21 @@ def node_command(i: int, base_url: str, model: str, home: Path) -> list[str]:
             "--name", f"local-{i + 1}", "--key", str(home / "nodes" / f"node{i + 1}.pem"), "--torch-threads", "1"]
 
 
+def verifier_command(base_url: str, model: str, key: Path) -> list[str]:
+    return [sys.executable, "-m", "agora", "verifier", "--coordinator", base_url, "--model", model,
+            "--name", "local-verifier", "--key", str(key), "--torch-threads", "1"]
+
+
+def _verifier_identity(key: Path) -> str:
+    """The verifier's public key (made on first use) from `agora node keygen`: this module may
+    not import the node agent's code."""
+    out = subprocess.run([sys.executable, "-m", "agora", "node", "keygen", "--key", str(key)],
+                         capture_output=True, text=True, check=True, stdin=subprocess.DEVNULL)
+    return out.stdout.strip().splitlines()[-1]
+
+
 def run_embedded(settings: CoordinatorSettings, *, host: str, port: int, nodes: int, model: str,
-                 credit_usd: float) -> int:
+                 credit_usd: float, verifier: bool = True) -> int:
     import uvicorn
 
     from coordinator.account_service import create_account
@@ -52,6 +66,10 @@ def run_embedded(settings: CoordinatorSettings, *, host: str, port: int, nodes: 
     (home / "nodes").mkdir(parents=True, exist_ok=True)
     url = settings.effective_database_url
     upgrade(url)
+    verifier_key = home / "nodes" / "verifier.pem"
+    if verifier:  # the operator's own verifier: audits resolve from the first job (a new market has
+        # no node that has passed enough audits to verify the others)
+        settings.trusted_verifiers = [*settings.trusted_verifiers, _verifier_identity(verifier_key)]
     if not settings.admin_token:  # the operator of this embedded market is whoever ran `agora up`
         settings.admin_token = secrets.token_urlsafe(32)
     engine = make_engine(url)
@@ -77,7 +95,13 @@ def run_embedded(settings: CoordinatorSettings, *, host: str, port: int, nodes: 
             children.append(subprocess.Popen(node_command(i, base, model, home), env=env, stdout=log,
                                              stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                              start_new_session=True))
-        print(f"agora up: starting {nodes} node agent(s); their logs: {logs}/node*.log", file=sys.stderr, flush=True)
+        if verifier:
+            log = (logs / "verifier.log").open("w")
+            children.append(subprocess.Popen(verifier_command(base, model, verifier_key), env=env, stdout=log,
+                                             stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                             start_new_session=True))
+        print(f"agora up: starting {nodes} node agent(s){' and a verifier' if verifier else ''}; their logs: "
+              f"{logs}/*.log", file=sys.stderr, flush=True)
         deadline = time.monotonic() + 300
         async with httpx.AsyncClient(base_url=base, timeout=5) as client:
             while time.monotonic() < deadline:

@@ -1,5 +1,6 @@
-"""`agora up`: one command brings up the embedded market, prints base_url and api_key,
-serves a streamed chat through the `openai` client, and stops every child on a signal."""
+"""`agora up`: one command brings up the embedded market, prints base_url, api_key and the
+dashboard link, serves a streamed chat through the `openai` client, and stops every child
+(node agents and the operator's verifier) on a signal."""
 
 from __future__ import annotations
 
@@ -41,7 +42,7 @@ def test_up_serves_then_stops_cleanly(tmp_path, sig):
     try:
         lines = {}
         deadline = time.monotonic() + 180
-        while len(lines) < 2 and time.monotonic() < deadline:
+        while len(lines) < 3 and time.monotonic() < deadline:
             line = proc.stdout.readline()
             if not line:
                 break
@@ -49,8 +50,9 @@ def test_up_serves_then_stops_cleanly(tmp_path, sig):
             lines[key] = value
         assert lines.get("base_url") == f"http://127.0.0.1:{port}/v1", lines
         assert lines.get("api_key", "").startswith("sk-agora-")
+        assert lines.get("dashboard", "").startswith(f"http://127.0.0.1:{port}/login/link/")
         nodes = _children_of(proc.pid)
-        assert len(nodes) == 2
+        assert len(nodes) == 3  # two sellers and the operator's verifier
         client = openai.OpenAI(base_url=lines["base_url"], api_key=lines["api_key"], max_retries=0)
         stream = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}],
                                                 max_tokens=8, stream=True, stream_options={"include_usage": True})
