@@ -90,7 +90,17 @@ MIN_ARGMAX_AGREEMENT = 0.90  # greedy: share of tokens within greedy_gap of the 
 MAX_INADMISSIBLE_SHARE = 0.10  # sampled: share of tokens outside top-k / top-p
 MIN_FLAGGED = 2  # agreement / admissibility fail only once at least this many tokens are off
 FULL_JOB = 32  # tokens; shorter jobs get a wider |Δ| allowance, sqrt(FULL_JOB / n) times
-EOS_LOGPROB_FLOOR = -9.0  # a claimed end-of-sequence token less likely than this is premature
+# A sampled end-of-sequence token is premature when the reference gives it a log-prob below
+# log(EOS_FALSE_ALARM / n) for an n-token answer: an honest sampler draws a token that unlikely
+# at some step with probability at most n × floor, so an honest job is flagged at most
+# EOS_FALSE_ALARM of the time whatever its length (a fixed floor of -9 flagged an honest
+# 16-token job about once in 600 audits in the embedded demo). A truncating cheater ends where
+# the model gives the end token far less (bench/verify.py `truncate`).
+EOS_FALSE_ALARM = 1e-4
+
+
+def eos_logprob_floor(n_tokens: int) -> float:
+    return math.log(EOS_FALSE_ALARM / max(1, n_tokens))
 
 
 @dataclass
@@ -220,7 +230,8 @@ def verify_job(
         v.reasons.append("length_finish_short")
     if finish_reason == "stop":
         if eos and int(ids[-1]) in eos:
-            last_ok = (top1[-1] - ref[-1] <= tol.greedy_gap) if greedy else bool(adm[-1] and ref[-1] >= EOS_LOGPROB_FLOOR)
+            last_ok = ((top1[-1] - ref[-1] <= tol.greedy_gap) if greedy
+                       else bool(adm[-1] and ref[-1] >= eos_logprob_floor(n)))
             if not last_ok:
                 v.reasons.append("premature_stop")
         elif not has_stop_strings:
