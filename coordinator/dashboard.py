@@ -13,7 +13,7 @@ from datetime import datetime, timedelta
 from sqlalchemy import func
 from sqlmodel import Session, col, select
 
-from coordinator.history import market_series
+from coordinator.history import market_buckets
 from coordinator.models import Audit, AuditStatus, InferenceRequest, Node, NodeOffer, RequestStatus
 from coordinator.models.account import utcnow
 from coordinator.node_registry import is_live
@@ -56,6 +56,7 @@ def snapshot(session: Session, settings: CoordinatorSettings, window_h: float = 
         nodes.append({
             "id": node.id, "name": node.name or node.id[:12], "region": node.region, "engine": node.engine,
             "model": offer.model, "online": is_live(node, settings, now), "banned": node.banned,
+            "verify_only": node.verify_only,
             "routable": why is None, "not_routable_because": why,
             "price_in_usd_per_mtok": offer.price_in / NANO_PER_USD, "price_out_usd_per_mtok": price_out_usd,
             "advertised_tokens_per_s": offer.tokens_per_s_b1 or offer.tokens_per_s,
@@ -91,50 +92,27 @@ def snapshot(session: Session, settings: CoordinatorSettings, window_h: float = 
 
 
 def market_history(session: Session, since: datetime, model: str | None = None) -> dict:
-    """Per minute, merged across models (or one model): the series the market page draws."""
-    per: dict[datetime, dict] = {}
-    for r in market_series(session, since, model):
-        m = per.setdefault(r.minute, {"requests": 0, "completed": 0, "failed": 0, "rejected": 0, "failed_over": 0,
-                                      "cancelled": 0, "buyer_gone": 0, "market_fault": 0,
-                                      "completion_tokens": 0, "volume": 0, "fees": 0, "active": 0, "capacity": 0,
-                                      "audits_passed": 0, "audits_failed": 0, "ask": [], "ttft": [], "itl": []})
-        for k in ("requests", "completed", "failed", "rejected", "failed_over", "cancelled", "buyer_gone",
-                  "market_fault", "completion_tokens", "volume", "fees",
-                  "active", "capacity", "audits_passed", "audits_failed"):
-            m[k] += getattr(r, k)
-        if r.ask_out_p50 is not None:
-            m["ask"].append((r.ask_out_p10, r.ask_out_p50, r.ask_out_p90))
-        if r.ttft_p50_ms is not None:
-            m["ttft"].append((r.completed, r.ttft_p50_ms, r.ttft_p99_ms))
-        if r.itl_p50_ms is not None:
-            m["itl"].append((r.completed, r.itl_p50_ms, r.itl_p99_ms))
-    times = sorted(per)
+    """The series the market page draws, from at most 240 buckets of the per-minute history
+    (merged in SQL). Counts are per minute (a bucket's sum over the minutes it holds)."""
     usd = NANO_PER_USD
+    rows = market_buckets(session, since, model)
 
-    def worst(xs: list, i: int, how=max):
-        return how(x[i] for x in xs) if xs else None
+    def per_min(k: str) -> list[float | None]:
+        return [r[k] / r["minutes"] for r in rows]
 
-    def weighted(xs: list, i: int):
-        w = sum(x[0] for x in xs)
-        return sum(x[0] * x[i] for x in xs) / w if xs and w else None
-
-    rows = [per[t] for t in times]
     return {
-        "times": times,
-        "ask_p10": [worst(m["ask"], 0, min) / usd if m["ask"] else None for m in rows],
-        "ask_p50": [sorted(x[1] for x in m["ask"])[len(m["ask"]) // 2] / usd if m["ask"] else None for m in rows],
-        "ask_p90": [worst(m["ask"], 2) / usd if m["ask"] else None for m in rows],
-        "paid_per_mtok": [m["volume"] / m["completion_tokens"] * 1e6 / usd if m["completion_tokens"] else None
-                          for m in rows],
-        "tokens_per_s": [m["completion_tokens"] / 60.0 for m in rows],
-        "ttft_p50": [weighted(m["ttft"], 1) for m in rows], "ttft_p99": [worst(m["ttft"], 2) for m in rows],
-        "itl_p50": [weighted(m["itl"], 1) for m in rows], "itl_p99": [worst(m["itl"], 2) for m in rows],
-        "utilisation": [m["active"] / m["capacity"] if m["capacity"] else None for m in rows],
-        "revenue": [m["volume"] / usd for m in rows], "fees": [m["fees"] / usd for m in rows],
-        "audits_passed": [float(m["audits_passed"]) for m in rows],
-        "audits_failed": [float(m["audits_failed"]) for m in rows],
-        "completed": [float(m["completed"]) for m in rows], "failed": [float(m["failed"]) for m in rows],
-        "rejected": [float(m["rejected"]) for m in rows], "failed_over": [float(m["failed_over"]) for m in rows],
-        "cancelled": [float(m["cancelled"]) for m in rows], "buyer_gone": [float(m["buyer_gone"]) for m in rows],
-        "market_fault": [float(m["market_fault"]) for m in rows],
+        "times": [r["minute"] for r in rows],
+        "ask_p10": [None if r["ask_p10"] is None else r["ask_p10"] / usd for r in rows],
+        "ask_p50": [None if r["ask_p50"] is None else r["ask_p50"] / usd for r in rows],
+        "ask_p90": [None if r["ask_p90"] is None else r["ask_p90"] / usd for r in rows],
+        # what buyers paid (prompt and completion tokens alike) per million tokens they bought
+        "paid_per_mtok": [r["volume"] / (r["prompt_tokens"] + r["completion_tokens"]) * 1e6 / usd
+                          if r["prompt_tokens"] + r["completion_tokens"] else None for r in rows],
+        "tokens_per_s": [r["completion_tokens"] / (60.0 * r["minutes"]) for r in rows],
+        "ttft_p50": [r["ttft_p50"] for r in rows], "ttft_p99": [r["ttft_p99"] for r in rows],
+        "itl_p50": [r["itl_p50"] for r in rows], "itl_p99": [r["itl_p99"] for r in rows],
+        "utilisation": [r["active"] / r["capacity"] if r["capacity"] else None for r in rows],
+        "revenue": [v / usd for v in per_min("volume")], "fees": [v / usd for v in per_min("fees")],
+        **{k: per_min(k) for k in ("audits_passed", "audits_failed", "completed", "failed", "rejected", "failed_over",
+                                   "cancelled", "buyer_gone", "market_fault")},
     }

@@ -12,10 +12,11 @@ once. `prune` drops rows older than `history_days`.
 from __future__ import annotations
 
 from collections import defaultdict
+import math
 from datetime import datetime, timedelta, timezone
 
 import numpy as np
-from sqlalchemy import delete, func
+from sqlalchemy import BigInteger, case, cast, delete, func
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, col, select
 
@@ -171,14 +172,71 @@ def prune(session: Session, settings: CoordinatorSettings, now: datetime | None 
     return n or 0
 
 
-def market_series(session: Session, since: datetime, model: str | None = None) -> list[MarketMinute]:
-    q = select(MarketMinute).where(col(MarketMinute.minute) >= since, MarketMinute.model != "")
+def epoch(session: Session, column):
+    """Seconds since 1970 of a timestamp column, on SQLite and PostgreSQL."""
+    if session.get_bind().dialect.name == "sqlite":
+        return cast(func.strftime("%s", column), BigInteger)
+    return cast(func.extract("epoch", column), BigInteger)
+
+
+def _step_s(since: datetime, until: datetime, max_points: int) -> int:
+    minutes = max(1.0, (until - since).total_seconds() / 60)
+    return 60 * max(1, math.ceil(minutes / max_points))
+
+
+def market_buckets(session: Session, since: datetime, model: str | None = None, *, until: datetime | None = None,
+                   max_points: int = 240) -> list[dict]:
+    """The per-minute market rows of the window merged into at most `max_points` buckets in
+    SQL (a month is 43,200 minutes per model: never loaded row by row). Per bucket: `minute`
+    (its start), `minutes` (rows merged), sums of the counts, the lowest p10 / mean median /
+    highest p90 ask, TTFT and ITL p50 weighted by completed requests and their highest p99."""
+    until = until or utcnow()
+    step = _step_s(since, until, max_points)
+    t0 = int(since.timestamp())
+    M = MarketMinute
+    b = ((epoch(session, M.minute) - t0) / step).label("b")
+    weight = func.sum(case((col(M.ttft_p50_ms).is_not(None), M.completed), else_=0))
+    iweight = func.sum(case((col(M.itl_p50_ms).is_not(None), M.completed), else_=0))
+    sums = ("requests", "completed", "failed", "rejected", "cancelled", "failed_over", "buyer_gone", "market_fault",
+            "prompt_tokens", "completion_tokens", "volume", "fees", "active", "capacity", "audits_passed",
+            "audits_failed")
+    q = select(b, func.count(), *(func.sum(getattr(M, k)) for k in sums),
+               func.min(M.ask_out_p10), func.avg(M.ask_out_p50), func.max(M.ask_out_p90),
+               func.sum(M.completed * M.ttft_p50_ms), weight, func.max(M.ttft_p99_ms),
+               func.sum(M.completed * M.itl_p50_ms), iweight, func.max(M.itl_p99_ms)
+               ).where(col(M.minute) >= since, col(M.minute) <= until, M.model != "")
     if model:
-        q = q.where(MarketMinute.model == model)
-    return list(session.exec(q.order_by(col(MarketMinute.minute))).all())
+        q = q.where(M.model == model)
+    out = []
+    for row in session.exec(q.group_by(b).order_by(b)).all():
+        d = {"minute": datetime.fromtimestamp(t0 + int(row[0]) * step, timezone.utc), "minutes": int(row[1])}
+        d.update({k: int(v or 0) for k, v in zip(sums, row[2:2 + len(sums)])})
+        ask10, ask50, ask90, tsum, tw, t99, isum, iw, i99 = row[2 + len(sums):]
+        d.update(ask_p10=_num(ask10), ask_p50=_num(ask50), ask_p90=_num(ask90),
+                 ttft_p50=float(tsum) / float(tw) if tw else None, ttft_p99=_num(t99),
+                 itl_p50=float(isum) / float(iw) if iw else None, itl_p99=_num(i99))
+        out.append(d)
+    return out
 
 
-def node_series(session: Session, node_id: str, since: datetime) -> list[NodeMinute]:
-    return list(session.exec(select(NodeMinute).where(NodeMinute.node_id == node_id,
-                                                      col(NodeMinute.minute) >= since)
-                             .order_by(col(NodeMinute.minute))).all())
+def node_buckets(session: Session, node_id: str, since: datetime, *, until: datetime | None = None,
+                 max_points: int = 240) -> list[dict]:
+    """One node's per-minute rows merged into at most `max_points` buckets in SQL."""
+    until = until or utcnow()
+    step = _step_s(since, until, max_points)
+    t0 = int(since.timestamp())
+    N = NodeMinute
+    b = ((epoch(session, N.minute) - t0) / step).label("b")
+    rows = session.exec(select(b, func.count(), func.sum(N.requests), func.sum(N.failed), func.sum(N.active),
+                               func.sum(N.max_concurrency), func.avg(N.tok_s), func.avg(N.price_out))
+                        .where(N.node_id == node_id, col(N.minute) >= since, col(N.minute) <= until)
+                        .group_by(b).order_by(b)).all()
+    return [{"minute": datetime.fromtimestamp(t0 + int(r[0]) * step, timezone.utc), "minutes": int(r[1]),
+             "requests": int(r[2] or 0), "failed": int(r[3] or 0),
+             "load": float(r[4] or 0) / float(r[5]) if r[5] else None, "tok_s": _num(r[6]),
+             "price_out": _num(r[7])} for r in rows]
+
+
+def _num(v) -> float | None:
+    """A SQL aggregate as a float (PostgreSQL gives Decimal for sums and means of integers)."""
+    return None if v is None else float(v)

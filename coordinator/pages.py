@@ -29,7 +29,7 @@ input[type=password],input[type=text]{width:100%;padding:8px;margin:6px 0;box-si
 
 SCRIPT = """
 (function(){
-  var every=%d*1000, sortState=null;
+  var every=%d*1000, sortState={};
   function sortTable(t, col, dir){
     var body=t.tBodies[0]; if(!body) return;
     var rows=Array.prototype.slice.call(body.rows);
@@ -40,11 +40,13 @@ SCRIPT = """
       return dir*c;});
     rows.forEach(function(r){body.appendChild(r);});
   }
-  function wire(){
-    document.querySelectorAll('table.sortable th').forEach(function(th,i){
-      th.onclick=function(){var t=th.closest('table');
-        var dir=(sortState&&sortState.col===i)?-sortState.dir:1; sortState={col:i,dir:dir}; sortTable(t,i,dir);};});
-    if(sortState){document.querySelectorAll('table.sortable').forEach(function(t){sortTable(t,sortState.col,sortState.dir);});}
+  function wire(){  // each table sorts by its own column, kept across refreshes
+    document.querySelectorAll('table.sortable').forEach(function(t){
+      t.querySelectorAll('th').forEach(function(th,i){
+        th.onclick=function(){var st=sortState[t.id];
+          var dir=(st&&st.col===i)?-st.dir:1; sortState[t.id]={col:i,dir:dir}; sortTable(t,i,dir);};});
+      var st=sortState[t.id]; if(st){sortTable(t,st.col,st.dir);}
+    });
   }
   async function refresh(){
     try{
@@ -112,7 +114,7 @@ def kpis(items: list[tuple[str, str, str]]) -> str:
 
 def market(snap: dict, hist: dict, model: str | None, models: list[str], window: str) -> str:
     nodes = [n for n in snap["nodes"] if model is None or n["model"] == model]
-    live = [n for n in nodes if n["online"]]
+    live = [n for n in nodes if n["online"] and not n["verify_only"]]  # sellers: verifiers sell nothing
     pts = [{"x": n["measured_tokens_per_s"], "y": n["price_out_usd_per_mtok"], "group": n["region"],
             "size": n["utilisation"], "key": n["id"],
             "label": f'{n["name"]} ({n["region"]}): {n["price_out_usd_per_mtok"]:.4f} USD/Mtok, '
@@ -144,7 +146,7 @@ def market(snap: dict, hist: dict, model: str | None, models: list[str], window:
             f'{charts.scatter("price-perf", pts, xlabel="measured tok/s per stream", ylabel="USD / M output tokens")}</div>'
             + chart("price-index", "ask USD / M output tokens",
                     {"p10": hist["ask_p10"], "median": hist["ask_p50"], "p90": hist["ask_p90"]})
-            + chart("paid", "USD paid / M tokens", {"paid": hist["paid_per_mtok"]})
+            + chart("paid", "USD paid / M tokens (prompt + completion)", {"paid": hist["paid_per_mtok"]})
             + chart("throughput", "tokens / s", {"tokens/s": hist["tokens_per_s"]})
             + chart("latency", "ms", {"TTFT p50": hist["ttft_p50"], "TTFT p99": hist["ttft_p99"],
                                       "ITL p50": hist["itl_p50"], "ITL p99": hist["itl_p99"]}, {"TTFT p99": "max", "ITL p99": "max"})
@@ -180,6 +182,8 @@ NODE_COLS = [("name", "node", 0, True), ("model", "model", 0, True), ("region", 
 def _status(n: dict) -> str:
     if n["banned"]:
         return "banned"
+    if n.get("verify_only"):
+        return "operator's verifier" + ("" if n["online"] else " (offline)")
     return "routable" if n["routable"] else f'out: {n["not_routable_because"] or "offline"}'
 
 
@@ -213,12 +217,12 @@ def node_page(offers: list[dict], hist) -> str:
                  ("reputation", f'{n["reputation"]:.2f}', "reputation"),
                  ("audits", f'{n["audits_passed"]} ✓ / {n["audits_failed"]} ✗', "audits"),
                  ("earnings", f'{n["earnings_usd"]:.6f}', "USD earnings")])
-    times = [r.minute for r in hist]
-    series = {"requests": [float(r.requests) for r in hist], "failed": [float(r.failed) for r in hist]}
-    tt, ss = charts.bucket(times, series)  # merged minutes keep "per minute" (their mean)
-    t2, s2 = charts.bucket(times, {"load": [r.active / max(1, r.max_concurrency) for r in hist]})
-    t3, s3 = charts.bucket(times, {"tok/s": [r.tok_s for r in hist]})
-    t4, s4 = charts.bucket(times, {"USD/Mtok out": [r.price_out / 1e9 for r in hist]})
+    times = [r["minute"] for r in hist]  # buckets of the per-minute history (history.node_buckets)
+    tt, ss = times, {"requests": [r["requests"] / r["minutes"] for r in hist],
+                     "failed": [r["failed"] / r["minutes"] for r in hist]}
+    t2, s2 = times, {"load": [r["load"] for r in hist]}
+    t3, s3 = times, {"tok/s": [r["tok_s"] for r in hist]}
+    t4, s4 = times, {"USD/Mtok out": [None if r["price_out"] is None else r["price_out"] / 1e9 for r in hist]}
     return (f'<p class="note">{escape(n["id"])} · {escape(n["region"])} · {escape(n["engine"])} · '
             f'{escape(", ".join(o["model"] for o in offers))}</p>{head}<div class="grid" id="node-history">'
             f'<div class="card">{charts.lines("node-requests", tt, ss, ylabel="requests per minute")}</div>'

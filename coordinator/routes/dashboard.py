@@ -24,7 +24,7 @@ from coordinator import pages
 from coordinator.coach import coach
 from coordinator.dashboard import market_history, snapshot
 from coordinator.errors import Forbidden, NotFound, Unauthorized
-from coordinator.history import node_series
+from coordinator.history import node_buckets
 from coordinator.models import NodeOffer
 from coordinator.models.account import utcnow
 from coordinator.usage import usage
@@ -136,7 +136,7 @@ async def node_page(node_id: str, request: Request):
             raise NotFound(f"no node {node_id}")
         snap = snapshot(s, settings)
         offers = [n for n in snap["nodes"] if n["id"] == node_id]
-        return pages.node_page(offers, node_series(s, node_id, utcnow() - timedelta(hours=WINDOWS[window])))
+        return pages.node_page(offers, node_buckets(s, node_id, utcnow() - timedelta(hours=WINDOWS[window])))
 
     return _html(request, "Node", await _read(request, _do), who)
 

@@ -190,8 +190,6 @@ def test_the_price_performance_chart_has_one_point_per_live_node(market, operato
     page.wait_for_function("() => parseInt(document.querySelector('#kpi-tokens b').textContent.replace(/,/g, '')) >= 40")
 
 
-@pytest.mark.xfail(strict=True, reason="coordinator/pages.py market(): `live = [n for n in nodes if n['online']]` also "
-                   "plots the operator's own verifier (verify_only, sells nothing) as an offer at 0 USD/Mtok")
 def test_only_sellers_are_plotted(market, operator):
     keys = operator["page"].locator("svg#price-perf circle.point").evaluate_all("els => els.map(e => e.dataset.key)")
     assert sorted(keys) == sorted(n["id"] for n in _live_nodes(market))
