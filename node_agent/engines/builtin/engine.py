@@ -59,9 +59,15 @@ log = logging.getLogger(__name__)
 
 # Bump when a change makes the engine faster or slower: cached benchmarks are re-measured.
 ENGINE_REVISION = 3
-# Prompt tokens prefilled per iteration while other streams decode (see bench/engine.py:
-# chunked_p99_itl_ratio). Measured on 2 cores, 16 streams decoding, a 3,000-token prompt
-# arriving: see DEFAULT_PREFILL_CHUNK's note in the README of bench/engine.py's output.
+# Prompt tokens prefilled per iteration while other streams decode. Measured (bench/engine.py,
+# tiny-20m, 2 shared cores; 16 streams decoding when a 3,000-token prompt arrives; median
+# inter-token gap during its prefill / before it, prefill time; serving workload of 32):
+#   chunk 16: x2.3, 1.9 s;   32: x2.9, 1.1 s, serving 2.2x slower (admissions throttled);
+#   64: x3.7, 0.8 s, serving within 3%;   128: x6, 0.65 s;   whole prompt: x100+, 0.44 s.
+# 64 keeps the streams near their pace at the serving workload's throughput. Each chunk
+# rides in the decode step's forward pass (LlamaModel.step); what remains is its attention
+# over the prompt's earlier positions, which at 3,000 positions costs a small model about as
+# much as the whole decode step.
 DEFAULT_PREFILL_CHUNK = 64
 # Tokens per prefix-cache block.
 DEFAULT_PREFIX_BLOCK = 16
@@ -346,38 +352,70 @@ class BuiltinEngine(Engine):
                     loop.call_soon_threadsafe(_set_result, fut, None, EngineError(f"engine call failed: {exc!r}"))
 
     def _step(self) -> None:
-        self._prefill_step()
-        if self._running:
-            if self._unsorted and self.model.kernels is None:
-                self._sort_slots()
-            batch = list(self._running)
+        """One iteration: plan this iteration's prefill (`_plan_prefill`), then one forward
+        pass (`LlamaModel.step`) that decodes the running streams and prefills the planned
+        prompt pieces; requests whose prompt is complete join the decode batch."""
+        if self._running and self._unsorted and self.model.kernels is None:
+            self._sort_slots()
+        batch = list(self._running)
+        pieces, admitted = self._plan_prefill()
+        if not batch and not pieces:
+            return
+        toks = pos = groups = None
+        if batch:
             dev = self.model.device
             lens = [len(r.tokens) for r in batch]
             toks = torch.tensor([r.tokens[-1] for r in batch], device=dev)
             pos = torch.tensor([n - 1 for n in lens], device=dev)
             groups = None if self.model.kernels is not None else _span_groups(lens)  # torch path only
-            self._accept(batch, self.model.decode(toks, pos, groups))
+        dec_logits, chunk_logits = self.model.step(toks, pos, [(r.slot, r.tokens[a:e], a) for r, a, e in pieces],
+                                                   groups)
+        done_rows, joined = [], []
+        for row, (r, a, e) in enumerate(pieces):
+            r.done = e
+            if e == len(r.tokens):
+                done_rows.append(row)
+                joined.append(r)
+                if self.prefix_cache is not None:
+                    self.prefix_cache.store(r.slot, r.tokens, r.hashes, e)
+        st = self._staged
+        if st is not None and st.done == len(st.tokens):  # its last chunk: into the decode batch
+            self._staged = None
+            st.slot = len(self._running) + len(admitted)
+            self.model.move_slot(self.staging_slot, st.slot, st.done)
+            admitted.append(st)
+        # slots len(running).. hold the admitted requests, in this order
+        self._running.extend(admitted)
+        if admitted:
+            self._unsorted = True
+        if batch:
+            self._accept(batch, dec_logits)
+        if joined:
+            self._accept(joined, chunk_logits[done_rows])
 
-    def _prefill_step(self) -> None:
-        """This iteration's prefill: the next chunk of the staged prompt, then waiting
-        requests (FIFO) while the token budget lasts: whole prompts into the decode batch,
-        or, with chunking, the first chunk of one that does not fit into the staging slot.
-        Each request's cached prefix is copied into its slot first and not recomputed."""
+    def _plan_prefill(self) -> tuple[list[tuple[_Running, int, int]], list[_Running]]:
+        """This iteration's prompt pieces (request, first position, end position): the next
+        chunk of the staged prompt, then waiting requests (FIFO) while the token budget
+        lasts: whole prompts into slots after the decode batch, or, with chunking, the first
+        chunk of one that does not fit into the staging slot. Each request's cached prefix
+        is copied into its slot first and not recomputed. Returns the pieces and the
+        requests admitted whole (slots len(running), len(running) + 1, ...)."""
         chunking = self.prefill_chunk > 0
         budget = self.prefill_chunk if chunking and self._running else self.prefill_budget
-        pieces: list[tuple[_Running, int, int]] = []  # (request, start, end) of context positions
+        pieces: list[tuple[_Running, int, int]] = []
         st = self._staged
         if st is not None:
             n = min(len(st.tokens) - st.done, budget)
             pieces.append((st, st.done, st.done + n))
             budget -= n
-        admitted = []
-        while self._waiting and budget > 0 and len(self._running) + (self._staged is not None) < self.max_batch:
+        admitted: list[_Running] = []
+        while (self._waiting and budget > 0
+               and len(self._running) + len(admitted) + (self._staged is not None) < self.max_batch):
             r = self._waiting[0]
             cached = self.prefix_cache.match(r.tokens, r.hashes) if self.prefix_cache is not None else []
             need = len(r.tokens) - len(cached) * self.prefix_block
             if need <= budget or (not chunking and not pieces):
-                slot = len(self._running)
+                slot = len(self._running) + len(admitted)
             elif chunking and self._staged is None:
                 slot = self.staging_slot
             else:
@@ -389,31 +427,10 @@ class BuiltinEngine(Engine):
             if slot == self.staging_slot:
                 self._staged = r
             else:
-                self._running.append(r)
-                self._unsorted = True
                 admitted.append(r)
             pieces.append((r, start, end))
             budget -= end - start
-        if not pieces:
-            return
-        logits = self.model.prefill([(r.slot, r.tokens[a:b], a) for r, a, b in pieces])
-        done_rows = []
-        for row, (r, a, b) in enumerate(pieces):
-            r.done = b
-            if b == len(r.tokens):
-                done_rows.append(row)
-                if self.prefix_cache is not None:
-                    self.prefix_cache.store(r.slot, r.tokens, r.hashes, b)
-        st = self._staged
-        if st is not None and st.done == len(st.tokens):  # its last chunk: into the decode batch
-            self._staged = None
-            st.slot = len(self._running)
-            self.model.move_slot(self.staging_slot, st.slot, st.done)
-            self._running.append(st)
-            self._unsorted = True
-            admitted.insert(0, st)  # its piece came first: rows stay in piece order
-        if admitted:
-            self._accept(admitted, logits[done_rows])
+        return pieces, admitted
 
     def _sort_slots(self) -> None:
         """Order slots by length, longest first, so the torch attention path can skip most

@@ -262,9 +262,11 @@ class LlamaModel:
         return (x * cos).add_(rot.mul_(signed_sin))
 
     def _qkv(self, layer: Layer, h: torch.Tensor, cos, sin):
+        return self._split_qkv(layer.qkv(h), cos, sin)
+
+    def _split_qkv(self, qkv: torch.Tensor, cos, sin):
         c = self.cfg
-        qkv = layer.qkv(h)
-        n = h.shape[0]
+        n = qkv.shape[0]
         # q and k heads rotated together: one set of kernels per layer
         qk = self._apply_rope(qkv[:, : self.q_size + self.kv_size].view(n, -1, c.head_dim), cos, sin)
         q, k = qk.split([c.num_heads, c.num_kv_heads], 1)
@@ -328,6 +330,60 @@ class LlamaModel:
                 b = min(a + PREFILL_ROWS, total)
                 x = h[a:b] + layer.o(att[a:b].reshape(b - a, -1))
                 h[a:b] = x + self._mlp(layer, self._rms(x, layer.ln2))
+        raise ModelLoadError("the model has no layers")
+
+    @torch.inference_mode()
+    def step(self, tokens: torch.Tensor | None, positions: torch.Tensor | None,
+             chunks: list[tuple[int, list[int], int]], groups: list[tuple[int, int, int]] | None = None
+             ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """One engine iteration: a decode step for slots 0..B-1 (as `decode`) and prompt
+        chunks into other slots (as `prefill`); returns (decode logits [B, vocab], chunk
+        logits [len(chunks), vocab]), None for a part with no rows.
+
+        On the native path both run as one forward pass (Sarathi-style stall-free batching):
+        every linear layer reads its weights once for the decode rows and the chunk rows
+        together, and the pass's fixed costs are paid once, so a prompt chunk costs the
+        streams in flight little more than its attention over its own earlier positions.
+        Each row's attention is computed exactly as in `decode` and `prefill`."""
+        if not chunks:
+            return (self.decode(tokens, positions, groups) if tokens is not None else None), None
+        if tokens is None or tokens.numel() == 0:
+            return None, self.prefill(chunks)
+        if self.kernels is None:  # the slots are disjoint: the two passes commute
+            return self.decode(tokens, positions, groups), self.prefill(chunks)
+        c = self.cfg
+        b = tokens.shape[0]
+        ids = torch.tensor([t for _, toks, _ in chunks for t in toks], device=self.device)
+        cpos = torch.cat([torch.arange(st, st + len(toks)) for _, toks, st in chunks]).to(self.device)
+        cos, sin = self._rope(torch.cat([positions, cpos]))
+        h = self.embed[torch.cat([tokens, ids])]
+        pieces, bounds, o = [], [], b
+        for slot, toks, st in chunks:
+            pieces.append((slot, st, len(toks)))
+            bounds.append((slot, o, o + len(toks), st))
+            o += len(toks)
+        keep = torch.cat([torch.arange(b), torch.tensor([e - 1 for _, _, e, _ in bounds])]).to(self.device)
+        scale = 1.0 / math.sqrt(c.head_dim)
+        for li, layer in enumerate(self.layers):
+            qkv = layer.qkv(self._rms(h, layer.ln1))
+            dec = self.kernels.decode_attention(qkv[:b], cos[:b], sin[:b], positions, self.k_cache[li],
+                                                self.v_cache[li], c.num_heads, scale)
+            q, k, v = self._split_qkv(qkv[b:], cos[b:], sin[b:])
+            for slot, a, e, st in bounds:
+                self.k_cache[li, slot, :, st:st + e - a] = k[a - b:e - b].transpose(0, 1)
+                self.v_cache[li, slot, :, st:st + e - a] = v[a - b:e - b].transpose(0, 1)
+            q = q.contiguous()
+            att = self.kernels.prefill_cache_attention(q, self.k_cache[li], self.v_cache[li], pieces, scale)
+            if att is None:
+                att = torch.empty_like(q)
+                self._sdpa_prefill(li, q, k, v, [(s, a - b, e - b, st) for s, a, e, st in bounds], att)
+            att = torch.cat([dec, att.reshape(o - b, -1)])
+            if li == len(self.layers) - 1:
+                x = h[keep] + layer.o(att[keep])
+                out = self.logits(x + self._mlp(layer, self._rms(x, layer.ln2)))
+                return out[:b], out[b:]
+            h = h + layer.o(att)
+            h = h + self._mlp(layer, self._rms(h, layer.ln2))
         raise ModelLoadError("the model has no layers")
 
     def _sdpa_prefill(self, li: int, q, k, v, bounds, att: torch.Tensor) -> None:

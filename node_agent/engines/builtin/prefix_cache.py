@@ -9,12 +9,15 @@ are copied into its slot (a memcpy, far cheaper than recomputing attention and t
 those positions) and only the rest of the prompt is prefilled. At least the prompt's last
 token is always computed, so the first logits come from a real forward pass.
 
-Blocks are stored by copy in a pool of `capacity` blocks ([blocks, layers, kv_heads, block,
-head_dim] for K and for V, allocated on first use), so a request never pins a block and an
+Blocks are stored by copy in a pool of up to `capacity` blocks ([blocks, layers, kv_heads,
+block, head_dim] for K and for V), so a request never pins a block and an
 evicted block can never be read by a request that already copied it. Eviction is LRU over
 blocks; a chain's blocks are touched deepest first so that its first blocks are the most
 recently used and a chain is evicted from its tail (a block whose parent is gone can never be
-hit again). A lookup also compares the block's stored token ids, so a hash collision cannot
+hit again). The pool grows geometrically (from 16 MiB) as blocks arrive, each time as one
+zeroed allocation: measured on CPU, writing blocks into a fresh multi-GiB allocation page by
+page stalled stores and loads for 20-50 ms at a time, where a grown pool costs ~0.2 ms per
+store. A lookup also compares the block's stored token ids, so a hash collision cannot
 serve a wrong block.
 
 Everything here runs on the engine thread; nothing is locked.
@@ -25,8 +28,30 @@ from __future__ import annotations
 import hashlib
 from array import array
 from collections import OrderedDict
+from contextlib import contextmanager
 
 import torch
+
+from node_agent.engines.builtin.model import _huge_zeros
+
+INITIAL_POOL_BYTES = 16 << 20
+
+
+@contextmanager
+def _serial(device: torch.device):
+    """Block copies on one CPU thread: they are memory moves of a few MB at most, and on a
+    shared machine a copy split over an OpenMP team waits for a descheduled team member
+    (measured, 2 cores with a busy neighbour: 24-48 ms per store or load with 2 threads,
+    0.1-0.5 ms with 1)."""
+    threads = torch.get_num_threads()
+    if device.type != "cpu" or threads <= 1:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 def chain_hashes(seed: bytes, tokens: list[int], block: int, have: list[bytes], upto: int) -> list[bytes]:
@@ -97,7 +122,8 @@ class PrefixCache:
         if not hit:
             return 0
         idx = torch.tensor(hit, device=self._k.device)
-        self.model.write_blocks(slot, self._k.index_select(0, idx), self._v.index_select(0, idx))
+        with _serial(self._k.device):
+            self.model.write_blocks(slot, self._k.index_select(0, idx), self._v.index_select(0, idx))
         self._touch(hashes[:len(hit)])
         n = len(hit) * self.block
         self.stats["hit_tokens"] += n
@@ -114,18 +140,15 @@ class PrefixCache:
         missing = [i for i, key in enumerate(keys) if key not in self._lru]
         self._touch([keys[i] for i in range(nblocks) if keys[i] in self._lru])
         if missing:
-            if self._k is None:
-                c, m = self.model.cfg, self.model
-                shape = (self.capacity, c.num_layers, c.num_kv_heads, self.block, c.head_dim)
-                self._k = torch.empty(shape, device=m.device, dtype=m.dtype)
-                self._v = torch.empty(shape, device=m.device, dtype=m.dtype)
-            first = missing[0]
-            k, v = self.model.read_blocks(slot, first * self.block, nblocks - first, self.block)
-            dest = [self._take() for _ in missing]
-            sel = torch.tensor([i - first for i in missing], device=k.device)
-            didx = torch.tensor(dest, device=k.device)
-            self._k.index_copy_(0, didx, k.index_select(0, sel))
-            self._v.index_copy_(0, didx, v.index_select(0, sel))
+            with _serial(self.model.device):
+                self._grow(min(self.capacity, self._used + len(missing)))
+                first = missing[0]
+                k, v = self.model.read_blocks(slot, first * self.block, nblocks - first, self.block)
+                dest = [self._take() for _ in missing]
+                sel = torch.tensor([i - first for i in missing], device=k.device)
+                didx = torch.tensor(dest, device=k.device)
+                self._k.index_copy_(0, didx, k.index_select(0, sel))
+                self._v.index_copy_(0, didx, v.index_select(0, sel))
             for i, d in zip(missing, dest):
                 self._lru[keys[i]] = d
                 self._tokens[d] = tuple(tokens[i * self.block:(i + 1) * self.block])
@@ -139,6 +162,19 @@ class PrefixCache:
         self._tokens.clear()
         self._used = 0
         self._k = self._v = None
+
+    def _grow(self, blocks: int) -> None:
+        """Make the pool hold at least `blocks` blocks (at most `capacity`)."""
+        have = 0 if self._k is None else self._k.shape[0]
+        if have >= blocks:
+            return
+        size = min(self.capacity, max(blocks, 2 * have, INITIAL_POOL_BYTES // self.block_bytes))
+        c, m = self.model.cfg, self.model
+        shape = (size, c.num_layers, c.num_kv_heads, self.block, c.head_dim)
+        k, v = _huge_zeros(shape, m.device, m.dtype), _huge_zeros(shape, m.device, m.dtype)
+        if have:
+            k[:have], v[:have] = self._k, self._v
+        self._k, self._v = k, v
 
     def _take(self) -> int:
         """A free pool index, evicting the least recently used block when the pool is full.
