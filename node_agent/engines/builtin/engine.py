@@ -155,6 +155,7 @@ class BuiltinEngine(Engine):
         self._cache_seed = _model_identity(self.model_dir, dtype)
         self.prefix_cache: PrefixCache | None = None  # made by start(), dropped by close()
         self._staged: _Running | None = None  # the prompt being prefilled chunk by chunk
+        self._to_store: list[_Running] = []  # prefilled last iteration: blocks to cache
         self._inbox: queue.Queue = queue.Queue()
         self._thread: threading.Thread | None = None
         self._dead: BaseException | None = None
@@ -355,6 +356,13 @@ class BuiltinEngine(Engine):
         """One iteration: plan this iteration's prefill (`_plan_prefill`), then one forward
         pass (`LlamaModel.step`) that decodes the running streams and prefills the planned
         prompt pieces; requests whose prompt is complete join the decode batch."""
+        if self._to_store:
+            # Prompts prefilled last iteration go into the prefix cache now, after their
+            # first tokens went out (a request released since was stored by _release).
+            for r in self._to_store:
+                if r.slot >= 0 and not r.finished:
+                    self.prefix_cache.store(r.slot, r.tokens, r.hashes, len(r.tokens) - 1)
+            self._to_store.clear()
         if self._running and self._unsorted and self.model.kernels is None:
             self._sort_slots()
         batch = list(self._running)
@@ -377,7 +385,7 @@ class BuiltinEngine(Engine):
                 done_rows.append(row)
                 joined.append(r)
                 if self.prefix_cache is not None:
-                    self.prefix_cache.store(r.slot, r.tokens, r.hashes, e)
+                    self._to_store.append(r)
         st = self._staged
         if st is not None and st.done == len(st.tokens):  # its last chunk: into the decode batch
             self._staged = None
@@ -483,6 +491,7 @@ class BuiltinEngine(Engine):
     def _fail_all(self, err: EngineError) -> None:
         staged = [self._staged] if self._staged is not None else []
         self._staged = None
+        self._to_store.clear()
         for r in list(self._running) + list(self._waiting) + staged:
             r.finished = True
             r.slot = -1
