@@ -194,7 +194,7 @@ def market_buckets(session: Session, since: datetime, model: str | None = None, 
     step = _step_s(since, until, max_points)
     t0 = int(since.timestamp())
     M = MarketMinute
-    b = ((epoch(session, M.minute) - t0) / step).label("b")
+    b = ((epoch(session, M.minute) - t0) // step).label("b")  # integer division: a bucket per `step`
     weight = func.sum(case((col(M.ttft_p50_ms).is_not(None), M.completed), else_=0))
     iweight = func.sum(case((col(M.itl_p50_ms).is_not(None), M.completed), else_=0))
     sums = ("requests", "completed", "failed", "rejected", "cancelled", "failed_over", "buyer_gone", "market_fault",
@@ -226,7 +226,7 @@ def node_buckets(session: Session, node_id: str, since: datetime, *, until: date
     step = _step_s(since, until, max_points)
     t0 = int(since.timestamp())
     N = NodeMinute
-    b = ((epoch(session, N.minute) - t0) / step).label("b")
+    b = ((epoch(session, N.minute) - t0) // step).label("b")
     rows = session.exec(select(b, func.count(), func.sum(N.requests), func.sum(N.failed), func.sum(N.active),
                                func.sum(N.max_concurrency), func.avg(N.tok_s), func.avg(N.price_out))
                         .where(N.node_id == node_id, col(N.minute) >= since, col(N.minute) <= until)

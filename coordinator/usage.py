@@ -1,6 +1,6 @@
 """A buyer's usage: spend by model and day, cost per request, tokens, latency, and the nodes
 that served it — its own requests only (the caller passes its account id). Grouped in SQL;
-latency percentiles over the buyer's last `TTFT_SAMPLE` completed requests per model."""
+latency percentiles over the buyer's last `TTFT_SAMPLE` completed requests."""
 
 from __future__ import annotations
 
@@ -31,21 +31,22 @@ def usage(session: Session, account_id: str, days: float = 30.0, recent: int = 2
     R = InferenceRequest
     mine = (R.account_id == account_id, col(R.created_at) >= since)
     done = R.status == RequestStatus.COMPLETED
+    ttfts: dict[str, list[float]] = {}
+    for model, created, first in session.exec(select(R.model, R.created_at, R.first_token_at).where(
+            *mine, done, col(R.first_token_at).is_not(None)).order_by(col(R.created_at).desc()).limit(TTFT_SAMPLE)):
+        ttfts.setdefault(model, []).append((_aware(first) - _aware(created)).total_seconds() * 1000)
     models = []
     for model, n, n_done, p_tok, c_tok, spend in session.exec(
             select(R.model, func.count(), func.sum(case((done, 1), else_=0)),
                    func.sum(case((done, R.prompt_tokens), else_=0)), func.sum(case((done, R.completion_tokens), else_=0)),
                    func.sum(R.cost)).where(*mine).group_by(R.model).order_by(R.model)).all():
-        rows = session.exec(select(R.created_at, R.first_token_at).where(
-            *mine, R.model == model, done, col(R.first_token_at).is_not(None))
-            .order_by(col(R.created_at).desc()).limit(TTFT_SAMPLE)).all()
-        ttft = [(_aware(f) - _aware(c)).total_seconds() * 1000 for c, f in rows]
+        ttft = ttfts.get(model, [])
         models.append({"model": model, "requests": n, "completed": _int(n_done), "prompt_tokens": _int(p_tok),
                        "completion_tokens": _int(c_tok), "spend_nano_usd": _int(spend),
                        "spend_usd": _int(spend) / NANO_PER_USD, "cost_per_request_usd": _int(spend) / NANO_PER_USD / n,
                        "ttft_p50_ms": float(np.percentile(ttft, 50)) if ttft else None,
                        "ttft_p90_ms": float(np.percentile(ttft, 90)) if ttft else None})
-    day = (epoch(session, R.created_at) / 86400).label("day")
+    day = (epoch(session, R.created_at) // 86400).label("day")
     by_day = [{"day": datetime.fromtimestamp(int(d) * 86400, timezone.utc).date().isoformat(), "model": m,
                "spend_usd": _int(v) / NANO_PER_USD}
               for d, m, v in session.exec(select(day, R.model, func.sum(R.cost)).where(*mine)

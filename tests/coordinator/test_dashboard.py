@@ -273,3 +273,17 @@ def test_outcomes_are_counted_by_class(client, runtime):
         history.record(s, runtime.settings, now)
         m = s.exec(select(MarketMinute).where(MarketMinute.model == "tiny")).one()
     assert (m.requests, m.completed, m.cancelled, m.buyer_gone, m.market_fault, m.failed_over) == (5, 4, 1, 1, 1, 1)
+
+
+def test_a_long_window_is_merged_into_buckets_that_keep_the_totals(runtime):
+    start = history.minute_of(utcnow()) - timedelta(hours=24)
+    with runtime.session() as s:
+        s.add_all(MarketMinute(minute=start + timedelta(minutes=i), model="tiny", requests=2, completed=1,
+                               completion_tokens=10, volume=100, ask_out_p10=5, ask_out_p50=10, ask_out_p90=20 + i,
+                               ttft_p50_ms=float(i % 7), ttft_p99_ms=float(i)) for i in range(1440))
+    with runtime.session() as s:
+        rows = history.market_buckets(s, start, "tiny", until=start + timedelta(minutes=1439), max_points=240)
+    assert len(rows) == 240 and {r["minutes"] for r in rows} == {6}
+    assert sum(r["requests"] for r in rows) == 2880 and sum(r["volume"] for r in rows) == 144_000
+    assert rows[-1]["ask_p90"] == 20 + 1439 and rows[0]["ask_p10"] == 5 and rows[-1]["ttft_p99"] == 1439
+    assert rows[0]["ttft_p50"] == pytest.approx(sum(i % 7 for i in range(6)) / 6)
