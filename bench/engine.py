@@ -69,7 +69,7 @@ import torch  # noqa: E402
 from node_agent.benchmark import measure_bandwidth  # noqa: E402
 from node_agent.engines.base import GenerationRequest, SamplingParams  # noqa: E402
 from node_agent.engines.builtin import load_builtin_engine  # noqa: E402
-from node_agent.engines.builtin.engine import DEFAULT_PREFILL_CHUNK  # noqa: E402
+from node_agent.engines.builtin.engine import PREFILL_CHUNK  # noqa: E402
 from node_agent.tiny_model import resolve_model  # noqa: E402
 
 VLLM_PY = ROOT / ".venv-vllm" / "bin" / "python"
@@ -542,7 +542,7 @@ async def main() -> None:
         f"same answers: {prefix['same_answers']}")
     chunk_rounds = 2 if args.quick else 3
     chunked = {}
-    for label, chunk in (("chunked", DEFAULT_PREFILL_CHUNK), ("unchunked", 0)):
+    for label, chunk in (("chunked", PREFILL_CHUNK), ("unchunked", 0)):
         runs = [await chunked_itl(model_name, chunk, args.device, args.dtype) for _ in range(chunk_rounds)]
         chunked[label] = min(runs, key=lambda r: r["ratio"])
         chunked[label]["ratios_all_rounds"] = [r["ratio"] for r in runs]
@@ -587,7 +587,7 @@ async def main() -> None:
         "prefix": prefix,
         "chunked_p99_itl_ratio": chunked["chunked"]["ratio"],
         "unchunked_p99_itl_ratio": chunked["unchunked"]["ratio"],
-        "prefill_chunk": DEFAULT_PREFILL_CHUNK,
+        "prefill_chunk": PREFILL_CHUNK,
         "chunked_itl": chunked,
     }
     if vllm_skipped:
