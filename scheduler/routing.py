@@ -33,6 +33,10 @@ class PendingRequest:
     # Set by admission: the escrow hold covers input prices up to this (nano-USD per Mtok)
     max_price_in: int | None = None
     allow_unverified: bool = False  # the buyer accepts nodes whose work cannot be audited
+    # Cache affinity: (node id, prompt units that node probably still holds as a prefix KV
+    # cache, in the units of `prompt_tokens`), from the coordinator's prefix map
+    # (coordinator/affinity.py) or the simulator. Lowers only the expected TTFT on that node.
+    cached_tokens: tuple[tuple[str, int], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -56,6 +60,35 @@ class NodeState:
     # Per prompt-length bucket (see scheduler.estimates.PROMPT_BUCKET_EDGES); None: use scalars.
     tokens_per_s_by_bucket: tuple[float, ...] | None = None
     ttft_ms_by_bucket: tuple[float, ...] | None = None
+    # Prompt tokens per second of prefill (the benchmark's); None: the slope of the TTFT buckets.
+    prefill_tokens_per_s: float | None = None
+
+
+def prefill_ms_per_token(node: NodeState) -> float:
+    """Milliseconds of the node's TTFT per prompt token: from its prefill rate when known,
+    else the slope of its per-bucket TTFT (first to last bucket), never negative."""
+    if node.prefill_tokens_per_s:
+        return 1000.0 / max(node.prefill_tokens_per_s, 1e-6)
+    from scheduler.estimates import BUCKET_MIDPOINTS, N_BUCKETS
+
+    t = node.ttft_ms_by_bucket
+    if t is None or len(t) != N_BUCKETS:
+        return 0.0
+    return max(0.0, (t[-1] - t[0]) / (BUCKET_MIDPOINTS[-1] - BUCKET_MIDPOINTS[0]))
+
+
+AFFINITY_CAP = 0.9  # a cache hit saves at most this share of the node's expected TTFT
+
+
+def affinity_saving_ms(req: PendingRequest, node: NodeState, ttft_ms: float | None = None) -> float:
+    """Expected prefill time `node` saves on `req` because it holds part of its prompt."""
+    if not req.cached_tokens:
+        return 0.0
+    held = max((t for nid, t in req.cached_tokens if nid == node.id), default=0)
+    if held <= 0:
+        return 0.0
+    ttft = node.ttft_ms if ttft_ms is None else ttft_ms
+    return min(min(held, req.prompt_tokens) * prefill_ms_per_token(node), AFFINITY_CAP * max(ttft, 0.0))
 
 
 @dataclass
@@ -150,5 +183,5 @@ def _rank_key(req: PendingRequest, node: NodeState) -> tuple:
     if req.sort == "throughput":
         return (-node.tokens_per_s, cost)
     if req.sort == "latency":
-        return (same_region, node.ttft_ms + node.rtt_ms, -node.tokens_per_s)
+        return (same_region, node.ttft_ms + node.rtt_ms - affinity_saving_ms(req, node), -node.tokens_per_s)
     return (same_region, cost / max(node.tokens_per_s, 1e-9) / max(node.reputation, 1e-3))

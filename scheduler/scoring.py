@@ -24,13 +24,13 @@ time already queued, min_tokens_per_s, a required region) set infeasible cells t
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
 from scheduler.estimates import N_BUCKETS, prompt_buckets
 from scheduler.latency import RttTable, default_rtt_table
-from scheduler.routing import NodeState, PendingRequest
+from scheduler.routing import AFFINITY_CAP, NodeState, PendingRequest, prefill_ms_per_token
 
 SORTS = {None: 0, "price": 1, "throughput": 2, "latency": 3}
 INF = np.float32(np.inf)
@@ -43,6 +43,13 @@ class ScoreWeights:
     reputation_power: float = 1.0  # score /= reputation ** power
     load_penalty: float = 0.3  # score *= 1 + load_penalty * load
     overclaim_power: float = 2.0  # score /= (measured / advertised) ** power when < 1
+    # Cache affinity: a (request, node) pair's score is lowered by the prefill time the node
+    # saves on the prompt prefix it holds (PendingRequest.cached_tokens), each saved ms weighed
+    # as a sort=latency request weighs TTFT (1 / its TTFT reference) times this, or as the
+    # request's own TTFT weight if that is larger; never by more than `affinity_max_discount`
+    # of the pair's score. 0: off. Calibrated in bench/routing.py (affinity_ttft_gain).
+    affinity: float = 1.0
+    affinity_max_discount: float = 0.5
 
 
 @dataclass
@@ -77,6 +84,15 @@ class Snapshot:
     # where the class's thresholds exclude the node. None: use the general path.
     constraint_class: np.ndarray | None  # R
     constraint_table: np.ndarray | None  # classes × N, float32 ms
+    # Cache affinity, sparse: score cells (aff_rows[i], aff_cols[i]) are lowered by
+    # aff_bonus[i] (the saved prefill time in the row's score units, node multiplier included).
+    # Hard constraints (max_ttft_ms) are judged without the saving: an estimate never makes
+    # a node that would miss the target look as if it met it.
+    aff_rows: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+    aff_cols: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+    aff_bonus: np.ndarray = field(default_factory=lambda: np.zeros(0, np.float32))
+    aff_max_discount: float = 0.5
+    aff_saved_ms: np.ndarray = field(default_factory=lambda: np.zeros(0))
 
 
 def _node_multiplier(nodes: list[NodeState], w: ScoreWeights) -> np.ndarray:
@@ -171,6 +187,8 @@ def build_snapshot(
     mult = _node_multiplier(nodes, w) if N else np.zeros(0)
     y_score = mult[:, None] * np.concatenate([price_in[:, None], price_out[:, None], y_ttft, y_dec], axis=1)
 
+    aff_w = np.maximum(t_w, w.affinity / np.maximum(ttft_ref, 1.0))  # per row, on saved ms
+    aff = _affinity(requests, nodes, prompt, bucket, ttft_nb, aff_w, mult, w.affinity)
     node_code = np.array([-1 if g is None else code.get(g, -1) for g in node_regions], np.int64).reshape(N)
     classes, table = _constraint_classes(
         rcode, bucket, min_tps, max_price, require, rtt_rows, ttft_nb, tps_nb, price_out, node_code,
@@ -187,7 +205,39 @@ def build_snapshot(
         free=np.fromiter((max(n.free_slots, 0) for n in nodes), np.int64, N),
         constraint_class=classes,
         constraint_table=table,
+        aff_max_discount=w.affinity_max_discount,
+        **aff,
     )
+
+
+def _affinity(requests, nodes, prompt, bucket, ttft_nb, aff_w, mult, weight) -> dict:
+    """The sparse cache-affinity cells (see `Snapshot.aff_rows`): for each request's
+    (node, cached tokens) pair, the prefill time saved = cached tokens × the node's prefill
+    ms per token, at most `AFFINITY_CAP` of its expected TTFT for the prompt."""
+    if weight <= 0:
+        return {}
+    cells: dict[tuple[int, int], int] = {}
+    col = None
+    for i, r in enumerate(requests):
+        if not r.cached_tokens:
+            continue
+        if col is None:
+            col = {n.id: j for j, n in enumerate(nodes)}
+        for nid, t in r.cached_tokens:
+            j = col.get(nid)
+            if j is not None and t > cells.get((i, j), 0):
+                cells[(i, j)] = t
+    if not cells:
+        return {}
+    rows_a = np.fromiter((k[0] for k in cells), np.int64, len(cells))
+    cols_a = np.fromiter((k[1] for k in cells), np.int64, len(cells))
+    held = list(cells.values())
+    cols = cols_a.tolist()
+    mspt = np.array([prefill_ms_per_token(nodes[j]) for j in cols], np.float64)
+    saved = np.minimum(np.minimum(np.array(held, np.float64), prompt[rows_a]) * mspt,
+                       AFFINITY_CAP * np.maximum(ttft_nb[cols_a, bucket[rows_a]], 0.0))
+    bonus = aff_w[rows_a] * mult[cols_a] * saved
+    return {"aff_rows": rows_a, "aff_cols": cols_a, "aff_bonus": bonus.astype(np.float32), "aff_saved_ms": saved}
 
 
 def constraint_masks(snap: Snapshot, rows: np.ndarray) -> dict[str, np.ndarray]:
@@ -273,6 +323,15 @@ def score_matrix(
         np.putmask(out, mask, INF)
         if feasible_out is not None:
             feasible_out[lo:hi] = ~mask.all(axis=1)
+    if len(snap.aff_rows):
+        pos = np.full(len(snap.requests), -1, np.int64)
+        pos[rows] = np.arange(len(rows))
+        p = pos[snap.aff_rows]
+        on = p >= 0
+        if on.any():  # (row, node) cells are unique; +inf (infeasible) cells stay +inf
+            r, c = p[on], snap.aff_cols[on]
+            cell = S[r, c]
+            S[r, c] = np.maximum(cell - snap.aff_bonus[on], cell * np.float32(1.0 - snap.aff_max_discount))
     return S
 
 

@@ -50,5 +50,8 @@ def shortlist(states: list[NodeState], req: PendingRequest, k: int = SHORTLIST,
         keep.update(np.argpartition(key, k)[:k].tolist())
     if req.region is not None:
         keep.update(i for i, n in enumerate(free) if n.region == req.region)
+    if req.cached_tokens:  # nodes that hold its prefix (cache affinity) are always scored
+        holders = {nid for nid, _ in req.cached_tokens}
+        keep.update(i for i, n in enumerate(free) if n.id in holders)
     return [free[i] for i in sorted(keep)]
 

@@ -68,6 +68,7 @@ class SimNode:
     overclaims: bool = False
     mtbf_s: float | None = None  # mean time between failures (None: never fails)
     downtime_s: float = 15.0
+    kv_cache_gib: float = 0.0  # memory left for KV blocks after the weights (streams and prefix cache)
 
     def ttft_ms(self, prompt_tokens: int) -> float:
         """Node-side time to first token (no network)."""
@@ -118,6 +119,7 @@ def build_fleet(
                 advertised_prefill_tokens_per_s=prefill * (claim if over[i] else 1.0),
                 overclaims=bool(over[i]),
                 mtbf_s=float(rng.uniform(20.0, 60.0)) if failing[i] else None,
+                kv_cache_gib=max(0.0, gpu.memory_gib - weights_gib - 2.0),
             )
         )
     return fleet

@@ -7,13 +7,23 @@ relayed (simulated) traffic, free slots from the node's measured throughput curv
 (`scheduler.batching`), failed nodes held out by `Backoff`. Requests a node drops when
 it fails are continued elsewhere from the tokens already delivered.
 
+Multi-turn conversations (`traces.conversation_trace`): a turn arrives its think time after
+the previous turn ended. With `prefix_cache` every node keeps the KV cache of a bounded
+number of conversations (an int: that many; True: as many as half its KV memory holds,
+`PREFIX_CACHE_SHARE`; LRU; lost when the node fails): a turn on a node that holds its conversation
+prefills only what is new. With `affinity` the router is told, like the coordinator's
+prefix map (coordinator/affinity.py), which node served each conversation's last turn and
+how many prompt tokens it had (`PendingRequest.cached_tokens`), forgotten after
+`affinity_ttl_ms`; it does not know what the node has evicted since.
+
 Deterministic for a given fleet, trace and seed.
 """
 
 from __future__ import annotations
 
 import heapq
-from dataclasses import dataclass, field
+from collections import OrderedDict
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -28,6 +38,9 @@ from scheduler.sim.traces import SimRequest
 COORDINATOR_REGION = "us-east"
 MODEL = "llama-8b"
 MIN_STREAM_FRACTION = 0.6
+PREFIX_CACHE_SHARE = 0.5  # of a node's KV memory kept for finished conversations' prefixes
+AFFINITY_NODES = 4  # nodes remembered per conversation (as coordinator/affinity.py per prefix)
+CONVERSATION_GIB = 0.5  # KV of a ~4k-token conversation of an 8B model (GQA, bf16)
 
 
 @dataclass
@@ -39,6 +52,7 @@ class Outcome:
     cost_nano: float = 0.0  # what the buyer paid (delivered tokens at locked prices)
     nodes: list[str] = field(default_factory=list)
     rejected: str | None = None
+    cached_tokens: int = 0  # prompt tokens the first node already held (prefix cache hit)
 
     @property
     def slo_met(self) -> bool:
@@ -63,6 +77,7 @@ class _Run:
     speed: float  # tok/s of this stream
     tokens_before: int  # delivered by earlier nodes (failover)
     streams: int
+    hit: int = 0  # prompt tokens served from the node's prefix cache
     end_ms: float = 0.0
     done: bool = False
 
@@ -73,6 +88,7 @@ class SimResult:
     dispatch_log: list[str]  # node id per assignment, in order
     sim_ms: float
     dispatches: int
+    utilisation: list[float] = field(default_factory=list)  # per node: mean busy streams ÷ max streams
 
     def metrics(self, overclaimers: set[str] | None = None) -> dict:
         served = [o for o in self.outcomes if o.end_ms is not None]
@@ -110,8 +126,21 @@ class Simulation:
         window_ms: float = 20.0,
         learn: bool = True,
         rtt: RttTable | None = None,
+        prefix_cache: bool | int = False,
+        affinity: bool = False,
+        affinity_ttl_ms: float = 300_000.0,
     ) -> None:
         self.fleet, self.policy, self.window_ms, self.learn = fleet, policy, window_ms, learn
+        self.affinity, self.affinity_ttl_ms = affinity, affinity_ttl_ms
+        # conversations each node's prefix cache holds: True sizes it by the node's memory
+        self.cache_size = [
+            0 if prefix_cache is False else
+            max(1, int(n.kv_cache_gib * PREFIX_CACHE_SHARE / CONVERSATION_GIB)) if prefix_cache is True
+            else int(prefix_cache) for n in fleet]
+        self.node_cache: list[OrderedDict[str, int]] = [OrderedDict() for _ in fleet]  # conversation -> tokens
+        self.served: dict[str, list[tuple[str, int, float]]] = {}  # conversation -> [(node, prompt tokens, ms)]
+        self.busy_area = [0.0] * len(fleet)
+        self.busy_since = [0.0] * len(fleet)
         self.rng = np.random.default_rng(seed)
         self.rtt = rtt or default_rtt_table()
         self.est = SpeedEstimator()
@@ -163,8 +192,19 @@ class Simulation:
             seq += 1
 
         outcomes = {r.id: Outcome(r) for r in trace}
+        followers = {r.after: r for r in trace if r.after is not None}
         for r in trace:
-            push(r.arrival_ms, "arrive", r)
+            if r.after is None:
+                push(r.arrival_ms, "arrive", r)
+
+        def ended(rid: str, t: float) -> None:  # the next turn of its conversation, after a think
+            nxt = followers.get(rid)
+            if nxt is not None:
+                nxt = replace(nxt, arrival_ms=t + nxt.think_ms)
+                outcomes[nxt.id].request = nxt
+                push(nxt.arrival_ms, "arrive", nxt)
+
+        self._ended = ended
         for i, n in enumerate(self.fleet):
             if n.mtbf_s:
                 push(self.rng.exponential(n.mtbf_s * 1000.0), "fail", i)
@@ -183,14 +223,18 @@ class Simulation:
                 if run.done:
                     continue
                 run.done = True
+                self._account(run.node, now)
                 self.active[run.node].remove(run)
                 self._finish(run, now)
+                ended(run.req.id, now)
                 left -= 1
             elif kind == "fail":
                 i = obj
                 self.up[i] = False
                 self.failures[i] += 1
                 self.backoff.record_failure(self.fleet[i].id, now / 1000.0)
+                self._account(i, now)
+                self.node_cache[i].clear()
                 for run in list(self.active[i]):
                     delivered = self._interrupt(run, now)
                     pending[run.req.id] = (run.req, delivered)
@@ -206,7 +250,16 @@ class Simulation:
             if pending and tick_at is None:
                 tick_at = now + self.window_ms
                 push(tick_at, "tick", None)
-        return SimResult(list(outcomes.values()), log, now, dispatches)
+        for i in range(len(self.fleet)):
+            self._account(i, now)
+        util = [self.busy_area[i] / max(now, 1e-9) / max(n.curve.max_streams(MIN_STREAM_FRACTION), 1)
+                for i, n in enumerate(self.fleet)]
+        return SimResult(list(outcomes.values()), log, now, dispatches, util)
+
+    def _account(self, i: int, now: float) -> None:
+        """Integrate node i's busy streams up to `now` (call before its count changes)."""
+        self.busy_area[i] += len(self.active[i]) * (now - self.busy_since[i])
+        self.busy_since[i] = now
 
     def _dispatch(self, now, pending, outcomes, log, push, by_id) -> int:
         reqs = []
@@ -219,6 +272,7 @@ class Simulation:
                     max_tokens=r.max_tokens - delivered, region=r.region, sort=r.sort,
                     max_price=r.max_price, max_ttft_ms=None if started else r.max_ttft_ms,
                     min_tokens_per_s=r.min_tokens_per_s, waited_ms=now - r.arrival_ms,
+                    cached_tokens=self._held(r, now),
                 )
             )
         decision = self.policy.route(reqs, self.node_states(now))
@@ -231,6 +285,7 @@ class Simulation:
             else:  # a continuation nobody can take: the buyer keeps what was delivered
                 outcomes[rid].end_ms = now
                 finished += 1
+            self._ended(rid, now)
         for rid, node_id in decision.assignments.items():
             r, delivered = pending.pop(rid)
             i = by_id[node_id]
@@ -240,12 +295,20 @@ class Simulation:
 
     def _start(self, r: SimRequest, delivered: int, i: int, now: float, o: Outcome, push) -> None:
         n = self.fleet[i]
+        self._account(i, now)
         streams = len(self.active[i]) + 1
         speed = n.curve.per_stream(streams) * self.rng.uniform(0.95, 1.05)
         net = self.rtt.rtt_ms(r.region, n.region)
-        first = now + net + n.ttft_ms(r.prompt_tokens + delivered)
+        hit = 0
+        cache = self.node_cache[i]
+        if r.conversation is not None and r.conversation in cache:
+            hit = min(cache[r.conversation], r.prompt_tokens + delivered)
+            cache.move_to_end(r.conversation)
+        first = now + net + n.ttft_ms(r.prompt_tokens + delivered - hit)
         remaining = max(r.output_tokens - delivered, 1)
-        run = _Run(r, o, i, now, first, speed, delivered, streams)
+        run = _Run(r, o, i, now, first, speed, delivered, streams, hit)
+        if not o.nodes:
+            o.cached_tokens = hit
         run.end_ms = first + (remaining - 1) * 1000.0 / speed
         if o.first_token_ms is None:
             o.first_token_ms = first
@@ -260,11 +323,32 @@ class Simulation:
         o.end_ms = now
         o.cost_nano += ((r.prompt_tokens + run.tokens_before) * n.price_in + tokens * n.price_out) / 1e6
         self.backoff.record_success(n.id)
+        if r.conversation is not None:
+            if self.cache_size[run.node] > 0:  # the node keeps the whole context (prompt + answer), LRU
+                cache = self.node_cache[run.node]
+                cache[r.conversation] = r.prompt_tokens + r.output_tokens
+                cache.move_to_end(r.conversation)
+                while len(cache) > self.cache_size[run.node]:
+                    cache.popitem(last=False)
+            # the router learns what the coordinator can: this node served this prompt (the
+            # coordinator's map keeps a few nodes per prefix: earlier turns' nodes hold shorter ones)
+            seen = [e for e in self.served.get(r.conversation, ()) if e[0] != n.id]
+            self.served[r.conversation] = [(n.id, r.prompt_tokens, now)] + seen[:AFFINITY_NODES - 1]
         if self.learn:
+            # Observed as a node reporting its cached tokens would let it be: the TTFT of
+            # the part it prefilled (the estimate stays an uncached TTFT per bucket).
+            computed = r.prompt_tokens + run.tokens_before - run.hit
             self.est.observe(
-                n.id, MODEL, r.prompt_tokens + run.tokens_before, n.ttft_ms(r.prompt_tokens + run.tokens_before),
+                n.id, MODEL, computed, n.ttft_ms(computed),
                 tokens, run.end_ms - run.first_ms, run.streams, n.curve.slowdown_per_stream,
             )
+
+    def _held(self, r: SimRequest, now: float) -> tuple[tuple[str, int], ...]:
+        """The router's affinity hint for `r` (see the module docstring)."""
+        if not self.affinity or r.conversation is None:
+            return ()
+        return tuple((nid, tokens) for nid, tokens, t in self.served.get(r.conversation, ())
+                     if now - t <= self.affinity_ttl_ms)
 
     def _interrupt(self, run: _Run, now: float) -> int:
         """The node died mid-stream: pay for what it delivered; return tokens delivered so far."""

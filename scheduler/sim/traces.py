@@ -1,5 +1,6 @@
 """Request traces for the simulator: Poisson and bursty arrivals, mixed lengths,
-preferences and latency targets (interactive chat, batch-ish jobs, price hunters)."""
+preferences and latency targets (interactive chat, batch-ish jobs, price hunters), and
+multi-turn conversations (growing context, think time between turns)."""
 
 from __future__ import annotations
 
@@ -22,6 +23,13 @@ class SimRequest:
     max_ttft_ms: float | None = None
     min_tokens_per_s: float | None = None
     max_price: int | None = None
+    # Multi-turn conversations: turn k > 0 arrives `think_ms` after turn k-1 (`after`) ends,
+    # so its `arrival_ms` is set by the simulation; its prompt repeats the whole earlier
+    # conversation (system prompt, every user message and answer) plus a new user message.
+    conversation: str | None = None
+    turn: int = 0
+    after: str | None = None
+    think_ms: float = 0.0
 
 
 def _requests(arrivals_ms: np.ndarray, rng: np.random.Generator, model_regions: tuple[str, ...]) -> list[SimRequest]:
@@ -87,3 +95,46 @@ def bursty_trace(
             state_end += rng.exponential((mean_burst_s if bursting else mean_calm_s) * 1000.0)
         arrivals.append(t)
     return _requests(np.array(arrivals), rng, regions)
+
+
+def conversation_trace(
+    n_conversations: int,
+    rate_per_s: float,
+    seed: int = 0,
+    min_turns: int = 4,
+    max_turns: int = 8,
+    think_s: float = 8.0,
+    system_tokens: float = 1500.0,
+    regions: tuple[str, ...] = REGIONS,
+) -> list[SimRequest]:
+    """Chat sessions: conversations start as a Poisson process at `rate_per_s`; each has
+    `min_turns`..`max_turns` turns. A conversation has a system prompt or document (≈`system_tokens`,
+    lognormal), each turn a user message (≈80) and an answer (≈250); turn k's prompt is the
+    system prompt plus every earlier message and answer plus its own message, so the context
+    grows turn by turn. Between turns the user thinks (lognormal around `think_s`, 1–60 s)
+    after the answer has ended. Interactive preferences: balanced with a 5 s TTFT target, or
+    sort=latency with 3 s. Turn 0 arrives at its start time; later turns' `arrival_ms` are
+    placeholders the simulation overwrites (see `SimRequest.after`)."""
+    rng = np.random.default_rng(seed)
+    starts = np.cumsum(rng.exponential(1000.0 / rate_per_s, n_conversations))
+    out: list[SimRequest] = []
+    for c in range(n_conversations):
+        turns = int(rng.integers(min_turns, max_turns + 1))
+        system = int(np.clip(rng.lognormal(np.log(system_tokens), 0.8), 100, 8000))
+        region = regions[rng.integers(len(regions))]
+        latency = rng.random() < 0.3
+        sort, ttft = ("latency", 3000.0) if latency else (None, 5000.0)
+        context, prev = system, None
+        for k in range(turns):
+            user = int(np.clip(rng.lognormal(np.log(80), 0.8), 8, 800))
+            answer = int(np.clip(rng.lognormal(np.log(250), 0.6), 20, 1000))
+            prompt = context + user
+            rid = f"conv-{c:04d}-t{k}"
+            out.append(SimRequest(
+                id=rid, arrival_ms=float(starts[c]), prompt_tokens=prompt, max_tokens=1024,
+                output_tokens=answer, region=region, sort=sort, max_ttft_ms=ttft,
+                conversation=f"conv-{c:04d}", turn=k, after=prev,
+                think_ms=0.0 if k == 0 else float(np.clip(rng.lognormal(np.log(think_s * 1000.0), 0.6), 1000.0, 60000.0)),
+            ))
+            context, prev = prompt + answer, rid
+    return out
