@@ -22,6 +22,7 @@ from starlette.concurrency import run_in_threadpool
 
 from coordinator import metrics
 from coordinator import openai_format as fmt
+from coordinator.affinity import prefix_chain
 from coordinator.admission import admit, body_hash, find_keyed, new_request_id, place_hold
 from coordinator.bus import BusUnavailable, Subscription
 from coordinator.delivery import Delivery, Quote
@@ -69,6 +70,7 @@ class RequestStream:
         self.node_id: str | None = None
         self.left: set[str] = set()  # nodes this request failed over from
         self.failovers = 0
+        self.prompt: tuple[str, dict] | None = None  # (model, payload): recorded for cache affinity
         self._new_segment()
 
     def _new_segment(self) -> None:
@@ -187,6 +189,10 @@ class RequestStream:
         requests that end meanwhile (`endings.py`), not awaited, so it completes even while
         the handler's task is being cancelled."""
         self.rt.endings.add(Ending(self.rid, written, delivery), loop=asyncio.get_running_loop())
+        affinity = getattr(self.rt, "affinity", None)
+        if affinity is not None and delivery is Delivery.COMPLETE and self.node_id and self.prompt:
+            # the node has this prompt's prefixes in its KV cache now (affinity.py): a dict update
+            affinity.record(prefix_chain(*self.prompt), self.node_id)
 
 
 def _cancel_unsent(rt: Runtime, rid: str) -> None:
@@ -260,7 +266,7 @@ async def handle(rt: Runtime, account: Account, body: ChatCompletionRequest | Co
                         replica_id=rt.replica_id, view=rt.market, hold=False).request
             # Locks last, held the shortest: route (no lock), then the hold (the buyer's
             # ledger row), then the node's slot (its lock); all commit together.
-            node_id = _try(s, req, lambda: choose(s, req, rt.settings, rt.market)) \
+            node_id = _try(s, req, lambda: choose(s, req, rt.settings, rt.market, getattr(rt, "affinity", None))) \
                 if rt.settings.inline_dispatch else None
             place_hold(s, account, req, rt.settings)
             if node_id is not None and not _try(s, req, lambda: claim(s, req, node_id, rt.settings)):
@@ -283,6 +289,7 @@ async def handle(rt: Runtime, account: Account, body: ChatCompletionRequest | Co
             sub.close()
             return _replay(request, body, kind)
         stream = RequestStream(rt, request.id, sub)
+        stream.prompt = (request.model, request.payload)
         try:
             if placed:
                 metrics.observe_queue_wait(request.created_at, request.assigned_at, inline=True)

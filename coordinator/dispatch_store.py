@@ -16,6 +16,7 @@ from sqlalchemy.exc import OperationalError
 from sqlmodel import Session, col, select
 
 from coordinator import history, speed, web_auth
+from coordinator.affinity import PrefixMap, prefix_chain
 from coordinator.audits import due_for_dispatch, expire_stale
 from coordinator.bus import Bus
 from coordinator.canary import send_canaries
@@ -56,8 +57,10 @@ class _Runtime(Protocol):
     def dispatch_audit(self, audit_id: int) -> bool: ...
 
 
-def pending_of(r: InferenceRequest, now) -> PendingRequest:
-    """A queued request as the routing policy sees it."""
+def pending_of(r: InferenceRequest, now, affinity: PrefixMap | None = None) -> PendingRequest:
+    """A queued request as the routing policy sees it (with the nodes that recently served
+    a prefix of its prompt, when `affinity` is given: cache-aware routing)."""
+    cached = affinity.lookup(prefix_chain(r.model, r.payload)) if affinity is not None and len(affinity) else ()
     return PendingRequest(
         id=r.id, model=r.model, prompt_tokens=r.prompt_tokens_est, max_tokens=r.max_tokens,
         region=r.routing.get("region"), sort=r.routing.get("sort"),
@@ -66,6 +69,7 @@ def pending_of(r: InferenceRequest, now) -> PendingRequest:
         max_price_in=r.routing.get("max_price_in"),
         allow_unverified=bool(r.routing.get("allow_unverified")),
         waited_ms=max(0.0, (now - r.created_at).total_seconds() * 1000),
+        cached_tokens=cached,
     )
 
 
@@ -99,11 +103,22 @@ def _state(c: Candidate, active: int) -> NodeState:
         id=node.id, model=offer.model, price_in=offer.price_in, price_out=offer.price_out,
         region=node.region, free_slots=slots,
         load=min(1.0, active / max(1, node.max_concurrency)), rtt_ms=node.rtt_ms,
-        reputation=node.reputation, verifiable=offer.verifiable, **fields,
+        reputation=node.reputation, verifiable=offer.verifiable, prefill_tokens_per_s=_prefill_rate(node), **fields,
     )
     if active == 0:
         c.memo["idle"] = state
     return state
+
+
+BYTES_PER_TOKEN = 4.0  # routing counts prompts in UTF-8 bytes (admission); about 4 per token
+
+
+def _prefill_rate(node: Node) -> float | None:
+    """The node's benchmarked single-stream prefill speed, in prompt bytes per second (the
+    unit routing counts prompts in), for the saved-prefill estimate of cache affinity."""
+    rows = (node.benchmark or {}).get("batches") or []
+    rate = next((r.get("prefill_tok_s") for r in rows if r.get("batch") == 1), None)
+    return float(rate) * BYTES_PER_TOKEN if rate else None
 
 
 def free_slots(s: Session, node_ids: set[str]) -> dict[str, int]:
@@ -141,7 +156,8 @@ class SqlDispatchStore:
         except OperationalError as exc:
             raise TransientStoreError(str(exc)) from exc
         now = utcnow()
-        return [pending_of(r, now) for r in rows]
+        affinity = getattr(self.rt, "affinity", None)
+        return [pending_of(r, now, affinity) for r in rows]
 
     def nodes(self, models: set[str]) -> list[NodeState]:
         """Routable offers for these models (unverifiable ones too, where the operator allows

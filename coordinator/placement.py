@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from sqlmodel import Session, select
 
+from coordinator.affinity import PrefixMap
 from coordinator.dispatch_store import free_slots, node_states, pending_of
 from coordinator.market_view import MarketView
 from coordinator.models import InferenceRequest, Node, NodeOffer, RequestStatus
@@ -27,24 +28,25 @@ from scheduler.shortlist import shortlist
 
 
 def place_now(session: Session, req: InferenceRequest, settings: CoordinatorSettings,
-              view: MarketView | None = None) -> str | None:
+              view: MarketView | None = None, affinity: PrefixMap | None = None) -> str | None:
     """Assign the just-admitted `req` (flushed, in this session) if it can go at once; the
     node's id, or None (it stays queued). The caller publishes the assignment after commit."""
-    node_id = choose(session, req, settings, view)
+    node_id = choose(session, req, settings, view, affinity)
     return node_id if node_id is not None and claim(session, req, node_id, settings) else None
 
 
 def choose(session: Session, req: InferenceRequest, settings: CoordinatorSettings,
-           view: MarketView | None = None) -> str | None:
+           view: MarketView | None = None, affinity: PrefixMap | None = None) -> str | None:
     """The node the policy would give `req` now, or None (older requests of its model wait,
     or none fits). Takes no lock. Among `view`'s offers (in memory, maybe a second old)
-    when given; `claim` then checks the node's own row."""
+    when given; `claim` then checks the node's own row. With `affinity` (the process's
+    prefix map), nodes that recently served a prefix of its prompt score their saved prefill."""
     older = session.exec(select(InferenceRequest.id).where(
         InferenceRequest.status == RequestStatus.QUEUED, InferenceRequest.model == req.model,
         InferenceRequest.id != req.id).limit(1)).first()
     if older is not None:  # the queue goes first, in its order
         return None
-    pending = pending_of(req, utcnow())
+    pending = pending_of(req, utcnow(), affinity)
     decision = route_in_groups(get_policy(settings.routing_policy), [pending],
                                shortlist(node_states(session, settings, {req.model}, view), pending))
     return decision.assignments.get(req.id)

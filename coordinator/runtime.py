@@ -23,6 +23,7 @@ from coordinator.endings import Endings
 from coordinator.liveness import Liveness
 from coordinator.market_view import MarketView
 from coordinator.ratelimit import RateLimiter
+from coordinator.affinity import PrefixMap
 from coordinator.replicas import new_replica_id
 from coordinator.settings import CoordinatorSettings
 from pricing.stake import StakePolicy
@@ -57,6 +58,9 @@ class Runtime:
         self.keys = KeyCache(settings.api_key_cache_s)  # valid API keys seen lately (auth.py)
         self.endings = Endings(self)  # what each buyer was written, recorded in batches (endings.py)
         self.market = MarketView(self.read_engine, settings)  # routable offers in memory (market_view.py)
+        # prompt prefixes served lately, per node (affinity.py); None: cache-aware routing off
+        self.affinity = PrefixMap(settings.routing_affinity_entries, settings.routing_affinity_ttl_s) \
+            if settings.routing_affinity else None
         set_store(self.store)
 
     @contextmanager

@@ -56,6 +56,13 @@ class CoordinatorSettings(BaseSettings):
     first_token_timeout_s: float = 60.0  # assigned -> first token (prefill of a long prompt included)
     token_timeout_s: float = 30.0  # between tokens, then the stream is failed over as stalled
     routing_policy: str | None = None  # None: the scheduler's default
+    routing_affinity: bool = Field(default=True, description="cache-aware routing: prefer, in the same score as "
+                                   "price and latency, a node that recently served a prefix of the request's prompt "
+                                   "(it probably still holds its KV cache; coordinator/affinity.py)")
+    routing_affinity_ttl_s: float = Field(default=300.0, gt=0, description="a served prefix counts this long "
+                                          "(about how long a node's prefix cache keeps an idle conversation)")
+    routing_affinity_entries: int = Field(default=100_000, ge=1, description="prefixes remembered per API "
+                                          "process (LRU)")
     platform_fee_bps: int = Field(default=500, ge=0, le=10_000)
     request_ttl_s: float = Field(default=3600, gt=0, description="a request unfinished by then is failed "
                                  "unpaid and its hold released (the hold itself expires a little later)")

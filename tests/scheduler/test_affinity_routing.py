@@ -11,7 +11,13 @@ import numpy as np
 
 from scheduler.estimates import BUCKET_MIDPOINTS
 from scheduler.policies import PricePerformancePolicy
-from scheduler.routing import GreedyPolicy, NodeState, PendingRequest, affinity_saving_ms, prefill_ms_per_token
+from scheduler.routing import (
+    GreedyPolicy,
+    NodeState,
+    PendingRequest,
+    affinity_saving_ms,
+    prefill_ms_per_token,
+)
 from scheduler.scoring import ScoreWeights, build_snapshot, score_matrix
 from scheduler.shortlist import shortlist
 from scheduler.sim.fleet import build_fleet
