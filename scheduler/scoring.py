@@ -48,7 +48,7 @@ class ScoreWeights:
     # as a sort=latency request weighs TTFT (1 / its TTFT reference) times this, or as the
     # request's own TTFT weight if that is larger; never by more than `affinity_max_discount`
     # of the pair's score. 0: off. Calibrated in bench/routing.py (affinity_ttft_gain).
-    affinity: float = 1.0
+    affinity: float = 2.0  # bench/routing.py calibration (seed 0 and 0-1; reported on others)
     affinity_max_discount: float = 0.5
 
 
