@@ -1,7 +1,8 @@
 """Signing in to the dashboards: `GET/POST /login` (the operator's admin token or a buyer's
 API key, typed into a form: never in a URL), `GET /login/link/{token}` (a single-use link,
 from `agora up` or a seller's signed request), `POST /logout`. A sign-in sets an HTTP-only,
-SameSite=Strict cookie; the `Secure` flag follows the request's scheme."""
+SameSite=Strict cookie; the `Secure` flag follows the request's scheme. The browser's routes
+(forms, redirects, HTML) are left out of the OpenAPI schema; the seller's JSON route is in it."""
 
 from __future__ import annotations
 
@@ -27,12 +28,12 @@ def _signed_in(request: Request, principal: Principal, token: str, settings) -> 
     return resp
 
 
-@router.get("/login", response_class=HTMLResponse)
+@router.get("/login", response_class=HTMLResponse, include_in_schema=False)
 async def login_form():
     return HTMLResponse(pages.login(), headers={"Cache-Control": "no-store"})
 
 
-@router.post("/login")
+@router.post("/login", include_in_schema=False)
 async def login(request: Request, credential: str = Form(default="", max_length=512),
                 rt: Runtime = Depends(runtime)):
     def _do():
@@ -47,7 +48,7 @@ async def login(request: Request, credential: str = Form(default="", max_length=
     return _signed_in(request, who, token, rt.settings)
 
 
-@router.get("/login/link/{token}")
+@router.get("/login/link/{token}", include_in_schema=False)
 async def login_link(token: str, request: Request, rt: Runtime = Depends(runtime)):
     def _do():
         with rt.session() as s:
@@ -59,7 +60,7 @@ async def login_link(token: str, request: Request, rt: Runtime = Depends(runtime
     return _signed_in(request, got[0], got[1], rt.settings)
 
 
-@router.post("/logout")
+@router.post("/logout", include_in_schema=False)
 async def logout(request: Request, rt: Runtime = Depends(runtime)):
     def _do():
         with rt.session() as s:
