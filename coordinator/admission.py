@@ -24,7 +24,7 @@ from coordinator.errors import BadRequest, Conflict, InsufficientBalance, ModelN
 from coordinator.models import Account, InferenceRequest, NodeOffer
 from coordinator.models.account import utcnow
 from coordinator.market_view import MarketView
-from coordinator.routability import candidates
+from coordinator.routability import candidates, precision
 from coordinator.schemas import ChatCompletionRequest, CompletionRequest
 from coordinator.settings import CoordinatorSettings
 from pricing.ledger import InsufficientFunds, Ledger
@@ -106,6 +106,11 @@ def admit(
         raise ModelNotFound(f"the model {body.model!r} is not offered on this market", param="model")
     if not offers:
         raise NoCapacity(f"no node serving {body.model!r} can take work right now; retry shortly")
+    if prefs and prefs.quantization is not None:
+        offers = [o for o in offers if precision(o) in prefs.quantization]
+        if not offers:
+            raise BadRequest(f"no node serves {body.model!r} at a weight precision in {prefs.quantization} right now",
+                             param="routing.quantization", code="no_node_with_quantization")
     if prefs and prefs.max_price is not None:
         offers = [o for o in offers if o.price_out <= prefs.max_price]
         if not offers:

@@ -29,7 +29,7 @@ from coordinator.node_registry import is_live, mark_silent_offline, prune_nonces
 from coordinator.replicas import dead_replicas, end_orphans
 from coordinator.market_view import MarketView
 from coordinator.metrics import observe_queue_wait
-from coordinator.routability import Candidate, candidates
+from coordinator.routability import Candidate, candidates, precision
 from coordinator.settlement import SETTLE_BATCH, AwaitingDelivery, Settled, fail_request, settle_accepted_batch
 from pricing.ledger import Ledger, expire_holds, prune_idempotency
 from pricing.stake import withdraw_matured
@@ -68,6 +68,7 @@ def pending_of(r: InferenceRequest, now, affinity: PrefixMap | None = None) -> P
         min_tokens_per_s=r.routing.get("min_tokens_per_s"),
         max_price_in=r.routing.get("max_price_in"),
         allow_unverified=bool(r.routing.get("allow_unverified")),
+        quantization=tuple(r.routing["quantization"]) if r.routing.get("quantization") else None,
         waited_ms=max(0.0, (now - r.created_at).total_seconds() * 1000),
         cached_tokens=cached,
     )
@@ -103,7 +104,8 @@ def _state(c: Candidate, active: int) -> NodeState:
         id=node.id, model=offer.model, price_in=offer.price_in, price_out=offer.price_out,
         region=node.region, free_slots=slots,
         load=min(1.0, active / max(1, node.max_concurrency)), rtt_ms=node.rtt_ms,
-        reputation=node.reputation, verifiable=offer.verifiable, prefill_tokens_per_s=_prefill_rate(node), **fields,
+        reputation=node.reputation, verifiable=offer.verifiable, prefill_tokens_per_s=_prefill_rate(node),
+        quantization=precision(offer), **fields,
     )
     if active == 0:
         c.memo["idle"] = state

@@ -32,6 +32,12 @@ class Candidate:
     memo: dict = field(default_factory=dict, compare=False, repr=False)
 
 
+def precision(offer: NodeOffer) -> str:
+    """An offer's declared weight precision as buyers filter on it (`routing.quantization`):
+    "none" for full-precision weights, else the declared name (int8, int4, fp8, ...)."""
+    return (offer.quantization or "none").strip().lower() or "none"
+
+
 def why_not_routable(node: Node, offer: NodeOffer | None, settings: CoordinatorSettings, bonded: int | None,
                      now: datetime | None = None) -> str | None:
     """None if routable (for buyers who accept unverified nodes), else the reason."""

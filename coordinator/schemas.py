@@ -39,6 +39,23 @@ class RoutingPrefs(BaseModel):
 
     allow_unverified: bool = Field(default=False, description="accept nodes whose work cannot be audited "
                                    "(engines without token ids or log-probs), where the operator allows them")
+    quantization: list[str] | None = Field(
+        default=None, min_length=1, max_length=8,
+        description='weight precisions accepted, e.g. ["none", "int8"] ("none": full-precision weights); '
+                    "default: any")
+
+    @field_validator("quantization")
+    @classmethod
+    def _quantization(cls, v):
+        if v is None:
+            return None
+        out = []
+        for q in v:
+            q = (q or "none").strip().lower()
+            if not q or len(q) > 16 or not q.replace("_", "").isalnum():
+                raise ValueError(f"routing.quantization: {q!r} is not a precision name (e.g. none, int8, fp8)")
+            out.append(q)
+        return sorted(set(out))
 
 
 class StreamOptions(BaseModel):

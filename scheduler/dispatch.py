@@ -10,7 +10,7 @@ import time
 from dataclasses import dataclass, replace
 from typing import Protocol
 
-from scheduler.routing import Decision, NodeState, PendingRequest, get_policy
+from scheduler.routing import Decision, NodeState, PendingRequest, eligible, get_policy
 
 
 class DispatchStore(Protocol):
@@ -58,10 +58,7 @@ def run_dispatch(store: DispatchStore, policy: str | None = None, limit: int = 1
     return DispatchReport(len(requests), len(nodes), applied, route_ms)
 
 
-def _eligible(req: PendingRequest, node: NodeState) -> bool:
-    """Per-request limits the policy does not know: the input-price cap the escrow hold
-    covers, and unverifiable nodes only for buyers who accept them."""
-    return (node.verifiable or req.allow_unverified) and (req.max_price_in is None or node.price_in <= req.max_price_in)
+_eligible = eligible  # per-request limits the policy does not know (scheduler.routing.eligible)
 
 
 def route_in_groups(policy, requests: list[PendingRequest], nodes: list[NodeState]) -> Decision:
@@ -69,8 +66,8 @@ def route_in_groups(policy, requests: list[PendingRequest], nodes: list[NodeStat
     taken by one group is gone for the next. Almost every round is a single group."""
     groups: dict[tuple, list[PendingRequest]] = {}
     for r in requests:
-        groups.setdefault((r.allow_unverified, r.max_price_in if r.max_price_in is not None else 2**62),
-                          []).append(r)
+        groups.setdefault((r.allow_unverified, r.max_price_in if r.max_price_in is not None else 2**62,
+                           r.quantization or ()), []).append(r)
     if len(groups) == 1:
         reqs = next(iter(groups.values()))
         return policy.route(reqs, [n for n in nodes if _eligible(reqs[0], n)])

@@ -33,6 +33,7 @@ class PendingRequest:
     # Set by admission: the escrow hold covers input prices up to this (nano-USD per Mtok)
     max_price_in: int | None = None
     allow_unverified: bool = False  # the buyer accepts nodes whose work cannot be audited
+    quantization: tuple[str, ...] | None = None  # weight precisions accepted ("none": full); None: any
     # Cache affinity: (node id, prompt units that node probably still holds as a prefix KV
     # cache, in the units of `prompt_tokens`), from the coordinator's prefix map
     # (coordinator/affinity.py) or the simulator. Lowers only the expected TTFT on that node.
@@ -53,6 +54,7 @@ class NodeState:
     reputation: float = 1.0  # 0..1
     online: bool = True
     verifiable: bool = True  # its engine gives token ids and log-probs (its jobs can be audited)
+    quantization: str = "none"  # its declared weight precision ("none": full-precision weights)
     # Advertised figures (seeds of the estimate); the gap to the measured ones costs weight.
     advertised_tokens_per_s: float | None = None
     claim_ratio: float | None = None  # measured ÷ advertised single-stream tok/s (estimator)
@@ -89,6 +91,14 @@ def affinity_saving_ms(req: PendingRequest, node: NodeState, ttft_ms: float | No
         return 0.0
     ttft = node.ttft_ms if ttft_ms is None else ttft_ms
     return min(min(held, req.prompt_tokens) * prefill_ms_per_token(node), AFFINITY_CAP * max(ttft, 0.0))
+
+
+def eligible(req: PendingRequest, node: NodeState) -> bool:
+    """Per-request limits the policy does not score: the input-price cap the escrow hold
+    covers, unverifiable nodes only for buyers who accept them, and the weight precisions
+    the buyer accepts."""
+    return ((node.verifiable or req.allow_unverified) and (req.max_price_in is None or node.price_in <= req.max_price_in)
+            and (req.quantization is None or node.quantization in req.quantization))
 
 
 @dataclass

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from scheduler.routing import NodeState, PendingRequest
+from scheduler.routing import NodeState, PendingRequest, eligible
 from scheduler.estimates import prompt_buckets
 from scheduler.latency import default_rtt_table
 from scheduler.scoring import ScoreWeights, _node_multiplier, _per_bucket
@@ -24,7 +24,7 @@ SHORTLIST = 128  # per criterion
 
 def shortlist(states: list[NodeState], req: PendingRequest, k: int = SHORTLIST,
               weights: ScoreWeights = ScoreWeights()) -> list[NodeState]:
-    free = [n for n in states if n.free_slots > 0]
+    free = [n for n in states if n.free_slots > 0 and eligible(req, n)]  # never cut the ones it may use
     if len(free) <= 5 * k:
         return free
     mult = _node_multiplier(free, weights)

@@ -7,6 +7,7 @@ from starlette.concurrency import run_in_threadpool
 
 from coordinator import completions
 from coordinator.models import Account
+from coordinator.routability import precision
 from coordinator.routes.deps import current_account, runtime
 from coordinator.runtime import Runtime
 from coordinator.schemas import ChatCompletionRequest, CompletionRequest
@@ -58,5 +59,7 @@ async def list_models(rt: Runtime = Depends(runtime)):
             }
             m["tokens_per_s"] = {"min": min(speeds), "max": max(speeds), "source": "measured, seeded by benchmark"}
             m["context_length"] = max(o.max_context for o in offers)
+            m["quantization"] = {q: sum(1 for o in offers if precision(o) == q)  # routable offers per precision
+                                 for q in sorted({precision(o) for o in offers})}
         data.append(m)
     return {"object": "list", "data": data}

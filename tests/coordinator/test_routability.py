@@ -34,7 +34,7 @@ def _seller(client, runtime, *, price_in=100_000_000, price_out=200_000_000, sta
             acct = led.open_account(AccountKind.SELLER_STAKE, ref=f"node:{me.public_key_hex}").id
             Stake(led).deposit(acct, stake, idempotency_key=f"stake-{me.public_key_hex}")
     offer = ModelOffer(model="tiny", price_in=price_in, price_out=price_out, tokens_per_s=50.0,
-                       **{k: over.pop(k) for k in ("token_ids", "logprobs", "can_verify") if k in over})
+                       **{k: over.pop(k) for k in ("token_ids", "logprobs", "can_verify", "quantization") if k in over})
     r = post(client, "/v1/nodes/register", registration(me, models=[offer], **over).sign(me))
     assert r.status_code == 200, r.text
     if connected:
