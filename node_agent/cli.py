@@ -84,7 +84,9 @@ def _engine_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
                    help="built-in: compute dtype (float32); openai: what the upstream computes in, if its "
                         "/v1/models does not say (bfloat16)")
-    p.add_argument("--quantization", help="declare the upstream's weight quantisation (int8, int4, fp8, awq, ...)")
+    p.add_argument("--quantization", help="built-in: quantise the weights at load time and sell them as such "
+                                          "(int8, or none); openai/vllm: declare the upstream's weight "
+                                          "quantisation (int8, int4, fp8, awq, ...)")
     p.add_argument("--engine", choices=["builtin", "openai", "vllm"])
     p.add_argument("--upstream", help="OpenAI-compatible server for --engine openai, e.g. http://127.0.0.1:8080/v1")
     p.add_argument("--upstream-api-key", help="--engine openai: bearer token for the upstream")
@@ -136,6 +138,10 @@ def load_engine(settings: NodeSettings):
         return _throttled(VLLMEngine(settings.model, dtype=settings.dtype or "auto", **extra), settings)
     from node_agent.engines.builtin import load_builtin_engine
 
+    quantization = None if (settings.quantization or "none").lower() == "none" else settings.quantization.lower()
+    if quantization not in (None, "int8"):
+        raise SystemExit(f"--quantization {settings.quantization!r}: the built-in engine quantises to int8 only "
+                         "(or none)")
     if settings.adversary in ENGINE_MODES:
         from node_agent.adversarial import make_adversarial_engine
 
@@ -144,7 +150,7 @@ def load_engine(settings: NodeSettings):
                                          max_batch=settings.max_concurrency)
     else:
         engine = load_builtin_engine(settings.model, device=settings.device, dtype=settings.dtype or "float32",
-                                     max_batch=settings.max_concurrency)
+                                     max_batch=settings.max_concurrency, quantization=quantization)
     return _throttled(engine, settings)
 
 

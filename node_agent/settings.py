@@ -42,7 +42,9 @@ class NodeSettings(BaseSettings):
     # None: the engine's own (built-in: float32; vLLM: what it loads; an OpenAI-compatible
     # upstream: what its /v1/models says, else bfloat16). It sets the audit tolerance.
     dtype: str | None = None
-    quantization: str | None = Field(default=None, max_length=16, description="declared weight quantisation")
+    # built-in engine: "int8" quantises the weights at load time (None/"none": full precision);
+    # openai/vllm: the upstream's declared weight quantisation. Declared in the offer either way.
+    quantization: str | None = Field(default=None, max_length=16, description="weight quantisation")
     engine: str = "builtin"  # builtin | openai | vllm
     upstream: str | None = None  # OpenAI-compatible server for engine=openai
     upstream_api_key: str | None = None  # engine=openai: the upstream's bearer token, if it wants one

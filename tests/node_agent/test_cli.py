@@ -45,6 +45,23 @@ def test_each_backend_is_built_from_its_flags():
         load_engine(_settings("--adversary", "sneaky"))
 
 
+def test_builtin_quantization_flag_quantises_and_is_declared(tmp_path, monkeypatch):
+    """`--quantization int8` on the built-in engine quantises the weights at load time and
+    the offer says so (dtype as before); anything but int8/none is refused at start-up."""
+    from node_agent.agent import capabilities
+    from node_agent.engines.builtin.linear import Int8Linear
+
+    monkeypatch.setenv("AGORA_HOME", str(tmp_path))
+    eng = load_engine(_settings("--model", "tiny", "--quantization", "int8", "--max-concurrency", "2"))
+    assert eng.quantization == "int8" and isinstance(eng.model.layers[0].qkv, Int8Linear)
+    assert capabilities(eng)["quantization"] == "int8" and capabilities(eng)["dtype"] == "float32"
+    plain = load_engine(_settings("--model", "tiny", "--quantization", "none", "--max-concurrency", "2"))
+    assert plain.quantization is None and capabilities(plain)["quantization"] is None
+    assert eng.bench_key != plain.bench_key
+    with pytest.raises(SystemExit, match="int8"):
+        load_engine(_settings("--model", "tiny", "--quantization", "int4"))
+
+
 def test_cli_adversary_modes_match_the_test_tool():
     assert ENGINE_MODES == adversarial.ENGINE_MODES
     assert set(AGENT_MODES) == set(adversarial.AGENT_MODES)

@@ -49,7 +49,7 @@ from typing import AsyncIterator, Callable
 import torch
 
 from node_agent.engines.base import Engine, GenerationRequest, TokenEvent
-from node_agent.engines.builtin.model import LlamaModel
+from node_agent.engines.builtin.model import QUANTIZATIONS, LlamaModel
 from node_agent.engines.builtin.prefix_cache import PrefixCache
 from node_agent.engines.builtin.sampling import make_generator, select
 from node_agent.engines.builtin.textstream import Detokenizer, StopStream
@@ -115,22 +115,31 @@ class BuiltinEngine(Engine):
         prefix_cache_bytes: int | None = None,
         prefix_block: int = DEFAULT_PREFIX_BLOCK,
         prefill_chunk: int | None = None,
+        quantization: str | None = None,
     ):
         """`prefix_cache`: keep and reuse KV blocks across requests (default: on unless
         AGORA_NODE_PREFIX_CACHE is false); `prefix_cache_bytes`: its pool (default: what the
         KV budget leaves after the slots, at most half the budget; AGORA_NODE_PREFIX_CACHE_MB);
         `prefill_chunk`: prompt tokens per iteration while streams decode (default
-        DEFAULT_PREFILL_CHUNK or AGORA_NODE_PREFILL_CHUNK; 0 prefills whole prompts)."""
+        DEFAULT_PREFILL_CHUNK or AGORA_NODE_PREFILL_CHUNK; 0 prefills whole prompts);
+        `quantization`: "int8" quantises the attention and MLP weights at load time (per
+        output channel, see linear.Int8Linear; declared in the offer); None or "none": the
+        checkpoint's weights in `dtype`."""
         if dtype not in DTYPES:
             raise EngineError(f"dtype {dtype!r} is not one of {sorted(DTYPES)}")
+        if quantization in ("none", ""):
+            quantization = None
+        if quantization not in QUANTIZATIONS:
+            raise EngineError(f"quantization {quantization!r} is not supported by the built-in engine (int8 or none)")
         if device.startswith("cuda") and not torch.cuda.is_available():
             raise EngineError(f"device {device!r} requested but CUDA is not available")
         self.model_dir = Path(model_dir)
         self.model_name = model_name or self.model_dir.name
         self.device, self.dtype = device, dtype
+        self.quantization = quantization  # declared in the offer (node_agent.agent.capabilities)
         if not self.model_dir.is_dir():
             raise ModelLoadError(f"model folder {self.model_dir} does not exist")
-        self.model = _load_without_omp_pool(self.model_dir, device, DTYPES[dtype])
+        self.model = _load_without_omp_pool(self.model_dir, device, DTYPES[dtype], quantization)
         self.tokenizer = HFTokenizer(self.model_dir)
         c = self.model.cfg
         self.max_seq_len = min(max_seq_len or c.max_position_embeddings, c.max_position_embeddings)
@@ -159,7 +168,7 @@ class BuiltinEngine(Engine):
             raise EngineError(f"prefix_block must be >= 1, not {prefix_block}")
         self.prefix_block = prefix_block
         self.prefix_cache_bytes = prefix_cache_bytes if prefix_cache else 0
-        self._cache_seed = _model_identity(self.model_dir, dtype)
+        self._cache_seed = _model_identity(self.model_dir, dtype, quantization)
         self.prefix_cache: PrefixCache | None = None  # made by start(), dropped by close()
         self._staged: _Running | None = None  # the prompt being prefilled chunk by chunk
         self._to_store: list[_Running] = []  # prefilled last iteration: blocks to cache
@@ -184,8 +193,9 @@ class BuiltinEngine(Engine):
     @property
     def bench_key(self) -> str:
         """Names this engine build in benchmark cache keys: cached figures of an older or
-        other build (torch path vs native kernels) are not reused."""
-        return f"builtin{ENGINE_REVISION}-{'native' if self.model.kernels is not None else 'torch'}"
+        other build (torch path vs native kernels) or precision (int8 weights) are not reused."""
+        key = f"builtin{ENGINE_REVISION}-{'native' if self.model.kernels is not None else 'torch'}"
+        return f"{key}-{self.quantization}" if self.quantization else key
 
     @property
     def eos_ids(self) -> frozenset[int]:
@@ -528,10 +538,10 @@ def _env_flag(name: str, default: bool) -> bool:
     return raw.strip().lower() not in ("0", "false", "no", "off")
 
 
-def _model_identity(folder: Path, dtype: str) -> bytes:
-    """Seeds the prefix cache's block keys: the same tokens under other weights or another
-    dtype are other keys."""
-    parts = [dtype.encode()]
+def _model_identity(folder: Path, dtype: str, quantization: str | None = None) -> bytes:
+    """Seeds the prefix cache's block keys: the same tokens under other weights, another
+    dtype or another quantisation are other keys."""
+    parts = [dtype.encode()] + ([f"quantization={quantization}".encode()] if quantization else [])
     for f in sorted(folder.glob("*.json")) + sorted(folder.glob("*.safetensors")):
         st = f.stat()
         parts.append(f"{f.name}:{st.st_size}:{st.st_mtime_ns}".encode())
@@ -539,11 +549,12 @@ def _model_identity(folder: Path, dtype: str) -> bytes:
     return b"|".join(parts)
 
 
-def _load_without_omp_pool(folder: Path, device: str, dtype: torch.dtype) -> LlamaModel:
+def _load_without_omp_pool(folder: Path, device: str, dtype: torch.dtype, quantization: str | None = None
+                           ) -> LlamaModel:
     """Load (and pre-pack) the weights with one intra-op thread in the calling thread, so that
     the caller (usually the main thread) does not start an OpenMP pool of its own just for
     loading: see the note in `_main` on libgomp throttling the engine thread's team."""
-    return _one_thread(device, lambda: LlamaModel(folder, device=device, dtype=dtype))
+    return _one_thread(device, lambda: LlamaModel(folder, device=device, dtype=dtype, quantization=quantization))
 
 
 def _one_thread(device: str, fn, *args, **kwargs):

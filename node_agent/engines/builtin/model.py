@@ -23,10 +23,12 @@ import torch
 import torch.nn.functional as F
 
 from node_agent.engines.builtin import native
-from node_agent.engines.builtin.linear import Linear
+from node_agent.engines.builtin.linear import Int8Linear, Linear
 from node_agent.errors import ModelLoadError
 
 SUPPORTED_TYPES = {"llama", "qwen2", "mistral"}
+# Weight quantisations the model can apply at load time (None: the checkpoint's precision).
+QUANTIZATIONS = (None, "int8")
 # Tokens per row block in prefill (see LlamaModel.prefill).
 PREFILL_ROWS = 512
 
@@ -137,7 +139,7 @@ def _huge_zeros(shape, device, dtype) -> torch.Tensor:
 
 
 class Layer:
-    def __init__(self, w: dict, p: str, cfg: LlamaConfig, dtype, device):
+    def __init__(self, w: dict, p: str, cfg: LlamaConfig, dtype, device, quantization: str | None = None):
         def t(name):
             if name not in w:
                 raise ModelLoadError(f"weight {name!r} is missing")
@@ -146,34 +148,46 @@ class Layer:
         def opt(name):
             return w.get(name)
 
-        cat = lambda xs: torch.cat(xs, 0).to(device=device, dtype=dtype).contiguous()  # noqa: E731
+        def linear(names: list[str], biases: list | None = None):
+            # q/k/v and gate/up fused into one matrix; int8: quantised per output channel
+            # from the checkpoint's weights (in float32), so fusing does not change the scales
+            b = torch.cat(biases, 0) if biases and all(x is not None for x in biases) else None
+            if quantization == "int8":
+                return Int8Linear(torch.cat([t(n) for n in names], 0), b, dtype=dtype, device=device)
+            full = torch.cat([t(n) for n in names], 0).to(device=device, dtype=dtype).contiguous()
+            return Linear(full, b.to(device=device, dtype=dtype).contiguous() if b is not None else None)
+
         self.ln1 = t(p + "input_layernorm.weight").to(device=device, dtype=dtype)
         self.ln2 = t(p + "post_attention_layernorm.weight").to(device=device, dtype=dtype)
         a = p + "self_attn."
-        biases = [opt(a + f"{n}_proj.bias") for n in "qkv"]
-        self.qkv = Linear(
-            cat([t(a + "q_proj.weight"), t(a + "k_proj.weight"), t(a + "v_proj.weight")]),
-            cat(biases) if all(b is not None for b in biases) else None,
-        )
-        self.o = Linear(t(a + "o_proj.weight").to(device=device, dtype=dtype))
+        self.qkv = linear([a + "q_proj.weight", a + "k_proj.weight", a + "v_proj.weight"],
+                          [opt(a + f"{n}_proj.bias") for n in "qkv"])
+        self.o = linear([a + "o_proj.weight"])
         m = p + "mlp."
-        self.gate_up = Linear(cat([t(m + "gate_proj.weight"), t(m + "up_proj.weight")]))
-        self.down = Linear(t(m + "down_proj.weight").to(device=device, dtype=dtype))
+        self.gate_up = linear([m + "gate_proj.weight", m + "up_proj.weight"])
+        self.down = linear([m + "down_proj.weight"])
 
-    def linears(self) -> list[Linear]:
+    def linears(self) -> list[Linear | Int8Linear]:
         return [self.qkv, self.o, self.gate_up, self.down]
 
 
 class LlamaModel:
     """Weights plus the forward passes the engine needs; no nn.Module machinery."""
 
-    def __init__(self, folder: Path, device: str = "cpu", dtype: torch.dtype = torch.float32):
+    def __init__(self, folder: Path, device: str = "cpu", dtype: torch.dtype = torch.float32,
+                 quantization: str | None = None):
+        """`quantization` "int8": the attention and MLP projections' weights are quantised at
+        load time (int8, one scale per output channel; see linear.Int8Linear); the embedding,
+        norms and output head stay in `dtype`."""
+        if quantization not in QUANTIZATIONS:
+            raise ModelLoadError(f"quantization {quantization!r} is not supported (supported: int8)")
         self.cfg = cfg = LlamaConfig.from_folder(folder)
         self.device, self.dtype = torch.device(device), dtype
+        self.quantization = quantization
         w = _load_tensors(folder)
         try:
             self.embed = w["model.embed_tokens.weight"].to(device=device, dtype=dtype)
-            self.layers = [Layer(w, f"model.layers.{i}.", cfg, dtype, device) for i in range(cfg.num_layers)]
+            self.layers = [Layer(w, f"model.layers.{i}.", cfg, dtype, device, quantization) for i in range(cfg.num_layers)]
             self.norm = w["model.norm.weight"].to(device=device, dtype=dtype)
         except KeyError as exc:
             raise ModelLoadError(f"weight {exc.args[0]!r} is missing in {folder}") from exc
@@ -200,12 +214,11 @@ class LlamaModel:
         return n
 
     def num_params(self) -> int:
-        size = self.embed.element_size()
         n = self.embed.numel() + self.norm.numel()
         if not self.cfg.tie_word_embeddings:
-            n += self.lm_head.nbytes // size
+            n += self.lm_head.params
         for layer in self.layers:
-            n += sum(lin.nbytes for lin in layer.linears()) // size + layer.ln1.numel() + layer.ln2.numel()
+            n += sum(lin.params for lin in layer.linears()) + layer.ln1.numel() + layer.ln2.numel()
         return n
 
     def allocate_cache(self, slots: int, max_len: int) -> None:

@@ -1,6 +1,7 @@
 """Native CPU kernels of the built-in engine, compiled on first use.
 
-The C sources in csrc/ (decode attention, causal prefill attention) are built with the
+The C sources in csrc/ (decode attention, causal prefill attention, the int8 weight-only
+linear layer) are built with the
 machine's C compiler (`cc -O3 -march=native -fopenmp`) into one library in the cache folder
 (AGORA_HOME or ~/.cache/agora, under `native/`, keyed by the sources, the flags and this
 CPU) and loaded with ctypes.
@@ -26,7 +27,8 @@ import torch
 
 log = logging.getLogger(__name__)
 
-SOURCES = tuple(Path(__file__).with_name("csrc") / n for n in ("decode_attention.c", "prefill_attention.c"))
+SOURCES = tuple(Path(__file__).with_name("csrc") / n
+                for n in ("decode_attention.c", "prefill_attention.c", "int8_linear.c"))
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c11"]
 
 _lock = threading.Lock()
@@ -97,6 +99,27 @@ class Kernels:
         self._prefill_cache = self.lib.agora_prefill_attention_cache
         self._prefill_cache.argtypes = [p, p, p, p, p, p, p, i, i, i, i, i, f, ctypes.c_int]
         self._prefill_cache.restype = ctypes.c_int
+        self._int8_linear = self.lib.agora_int8_linear
+        self._int8_linear.argtypes = [p, p, p, p, p, i, i, i, ctypes.c_int]
+        self._int8_linear.restype = ctypes.c_int
+
+    def int8_linear(self, x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None,
+                    out_features: int) -> torch.Tensor:
+        """y = x @ (W * scale[:, None]).T + bias for int8 W [out_features, K] in the kernel's
+        packed layout (`pack_int8`); x float32 [rows, K]. Returns float32 [rows, out_features]."""
+        x = x.contiguous()
+        _check(x=x, scale=scale, **({"bias": bias} if bias is not None else {}))
+        rows, k = x.shape
+        tiles = (out_features + 3) // 4
+        if (packed.dtype != torch.int8 or not packed.is_contiguous() or packed.numel() != tiles * 4 * ((k + 15) // 16 * 16)
+                or scale.shape != (out_features,) or (bias is not None and bias.shape != (out_features,))):
+            raise ValueError(f"packed weights {tuple(packed.shape)}, scale {tuple(scale.shape)} do not fit "
+                             f"x {tuple(x.shape)} -> {out_features} outputs")
+        out = torch.empty(rows, out_features, dtype=torch.float32)
+        self._int8_linear(x.data_ptr(), packed.data_ptr(), scale.data_ptr(),
+                          bias.data_ptr() if bias is not None else None, out.data_ptr(), rows, out_features, k,
+                          torch.get_num_threads())
+        return out
 
     def decode_attention(self, qkv: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor,
                          pos: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, heads: int,
@@ -173,6 +196,23 @@ class Kernels:
         if rc < 0:
             raise MemoryError("prefill attention kernel could not allocate its buffers")
         return out if rc == 0 else None
+
+
+def pack_int8(q: torch.Tensor) -> torch.Tensor:
+    """int8 weights [N, K] in the layout of the int8 linear kernel: tiles of 4 output
+    channels, each ceil(K / 16) blocks of [4 channels][16 columns] (zero-padded), so that one
+    tile is read front to back, one 64-byte line per 16 columns."""
+    n, k = q.shape
+    np_, kp = (n + 3) // 4 * 4, (k + 15) // 16 * 16
+    padded = torch.zeros(np_, kp, dtype=torch.int8)
+    padded[:n, :k] = q
+    return padded.view(np_ // 4, 4, kp // 16, 16).permute(0, 2, 1, 3).contiguous().view(-1)
+
+
+def unpack_int8(packed: torch.Tensor, n: int, k: int) -> torch.Tensor:
+    """The [N, K] int8 weights back from `pack_int8`'s layout."""
+    np_, kp = (n + 3) // 4 * 4, (k + 15) // 16 * 16
+    return packed.view(np_ // 4, kp // 16, 4, 16).permute(0, 2, 1, 3).reshape(np_, kp)[:n, :k]
 
 
 def load() -> Kernels | None:
