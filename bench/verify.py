@@ -318,13 +318,14 @@ class CrossEngine:
 
 
 def int8_declared(model: str, quick: bool, split: str, probe, verifiers: dict, eos, n: int | None = None) -> dict:
-    """Honest int8 nodes (int8 weights, float32 or bfloat16 compute) that declare quantization
+    """Honest int8 nodes — the built-in engine's own int8 tier (`--quantization int8`:
+    per-channel symmetric weights, float32 or bfloat16 compute) — that declare quantization
     "int8"; and int4 weights declaring int8, which must still fail."""
     n = n or (60 if quick else 800)
     seed = CROSS_SEEDS[split] + 50
     cells: dict[str, list] = {}
     for i, dtype in enumerate(("float32", "bfloat16")):
-        eng = make_adversarial_engine("int8", model, dtype=dtype, max_batch=32, seed=i)
+        eng = load_builtin_engine(model, dtype=dtype, max_batch=32, quantization="int8")
         jobs, _ = generate(eng, make_specs(probe, n, seed + i))
         for vd, ver in verifiers.items():
             cells[f"int8-{dtype}/v{vd}"] = judge(jobs, ver, dtype, vd, eos, model, node_quantization="int8")
