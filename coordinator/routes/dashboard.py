@@ -17,6 +17,7 @@ from datetime import timedelta
 
 from fastapi import APIRouter, Request
 from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
+from sqlalchemy import func
 from sqlmodel import col, select
 from starlette.concurrency import run_in_threadpool
 
@@ -25,7 +26,7 @@ from coordinator.coach import coach
 from coordinator.dashboard import market_history, snapshot
 from coordinator.errors import Forbidden, NotFound, Unauthorized
 from coordinator.history import node_buckets
-from coordinator.models import NodeOffer
+from coordinator.models import InferenceRequest, NodeOffer
 from coordinator.models.account import utcnow
 from coordinator.usage import usage
 from coordinator.web_auth import COOKIE, Principal, principal_for
@@ -182,17 +183,11 @@ def _usage_account(request: Request, who: Principal) -> str:
         if asked and asked != who.subject:
             raise Forbidden("a buyer sees only its own usage")
         return who.subject or ""
-    asked = request.query_params.get("account")
-    if asked:
-        return asked
-    return ""
+    return request.query_params.get("account") or ""
 
 
 def _usage(s, settings, account_id: str) -> dict:
     if not account_id:  # the operator without ?account=: the busiest buyer of the last day
-        from sqlalchemy import func
-
-        from coordinator.models import InferenceRequest
         row = s.exec(select(InferenceRequest.account_id, func.count()).where(
             col(InferenceRequest.created_at) >= utcnow() - timedelta(days=1))
             .group_by(InferenceRequest.account_id).order_by(func.count().desc()).limit(1)).first()
