@@ -244,7 +244,7 @@ def coach(c: dict) -> str:
     for m in c["models"]:
         s = m["suggestion"]
         rank = (f'#{m["rank"]} of {m["rank_of"]}' if m["rank"] else
-                f'misses the median latency target ({m["latency_target_ms"]:.0f} ms) met by {m["rank_of"]} offers')
+                f'misses the median latency target ({m["latency_target_ms"]:.0f} ms) met by {m["rank_of"]} offer(s)')
         win = "–" if m["win_rate"] is None else f'{m["win_rate"]:.0%}'
         parts.append(
             f'<div class="card coach-model" data-model="{escape(m["model"])}"><h2>{escape(m["model"])}</h2>'

@@ -60,7 +60,7 @@ def rank(me: Seat, others: list[Seat], out_tokens: int) -> Rank:
     (`out_tokens`) is within the median of the market's (the median latency target)."""
     everyone = [me, *others]
     lat = sorted(s.latency_ms(out_tokens) for s in everyone)
-    target = lat[(len(lat) - 1) // 2] if len(lat) % 2 else (lat[len(lat) // 2 - 1] + lat[len(lat) // 2]) / 2
+    target = lat[len(lat) // 2]  # the upper median: at least half the offers meet it
     meeting = [s for s in everyone if s.latency_ms(out_tokens) <= target + 1e-9]
     if me not in meeting:
         return Rank(None, len(meeting), target)
@@ -97,14 +97,15 @@ def suggest(me: Seat, others: list[Seat], demand_per_min: float, *, fill: float 
     rev, util = outcome(best)
     usd = best / NANO_PER_USD
     cheaper = sum(1 for s in others if s.price_out < best)
-    if demand_per_min <= 0:
-        reason = "no demand recorded for this model in the window: keep the price until buyers arrive"
+    if demand_per_min < 0.01 * me.capacity_per_min(1.0):
+        reason = (f"the recorded demand ({demand_per_min:,.0f} tokens/min) is under 1% of what your machine can serve: "
+                  "too little to tell which price would fill it; keep the price until buyers arrive")
         best, rev, util = me.price_out, cur_rev, cur_util
     elif best == me.price_out:
         reason = (f"your price already earns the most under the recorded demand ({demand_per_min:,.0f} tokens/min): "
                   f"{cheaper} of {len(others)} competing offers are cheaper")
     elif best < me.price_out:
-        reason = (f"at {usd:.4f} USD/Mtok you undercut {len(others) - cheaper} of {len(others)} competing offers; "
+        reason = (f"at {usd:.4f} USD/Mtok you match or undercut {len(others) - cheaper} of {len(others)} competing offers; "
                   f"the recorded demand ({demand_per_min:,.0f} tokens/min) left after the cheaper offers' capacity "
                   f"fills {util:.0%} of your machine")
     else:

@@ -44,7 +44,9 @@ def test_a_busy_market_lets_a_seller_ask_more():
     assert s.expected_revenue_per_h > s.current_revenue_per_h
 
 
-def test_no_recorded_demand_keeps_the_price():
-    me = seat("me", 0.10)
-    s = suggest(me, [seat("a", 0.20)], demand_per_min=0)
-    assert s.price_out == me.price_out and "no demand" in s.reason
+def test_too_little_recorded_demand_keeps_the_price():
+    me = seat("me", 0.30)  # 12,000 tokens/min at full load
+    for demand in (0, 100):  # under 1% of that: no basis for a suggestion
+        s = suggest(me, [seat("a", 0.20)], demand_per_min=demand)
+        assert s.price_out == me.price_out and "too little" in s.reason
+    assert suggest(me, [seat("a", 0.20)], demand_per_min=200).price_out != me.price_out
