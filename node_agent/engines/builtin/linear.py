@@ -9,6 +9,8 @@ plain `F.linear` is used.
 
 from __future__ import annotations
 
+import threading
+
 import torch
 import torch.nn.functional as F
 
@@ -66,12 +68,29 @@ class Linear:
 
 
 # ---------------------------------------------------------------- int8 weight-only
-# Rows up to which the native int8 kernel runs; above, the weights are de-quantised for the
-# call and a float32 GEMM runs (prefill). Measured (2 shared cores, weights streamed from
-# memory, per layer, int8 kernel vs the packed float32 layer above): 5632x768 at 1 row 4.5-5x
-# faster, 8 rows 2.5-2.9x, 64 rows 1.03-1.05x, 256 rows 0.9x; 768x2816: 3.1-4.7x, 2.1-2.5x,
-# 1.1-1.2x, 0.7x.
+# Rows up to which the native int8 kernel runs; above, the weights are de-quantised by the
+# native kernel into a scratch buffer shared by all layers (one layer's float32 weights at
+# most, DEQUANT_CHUNK floats) and oneDNN multiplies all rows by them (prefill). Measured
+# (2 shared cores, weights streamed from memory, per layer, int8 kernel vs the packed float32
+# layer above): 5632x768 at 1 row 4.5-5x faster, 8 rows 2.5-2.9x, 64 rows 1.03-1.05x, 256 rows
+# 0.9x; 768x2816: 3.1-4.7x, 2.1-2.5x, 1.1-1.2x, 0.7x. The de-quantise + oneDNN path vs the
+# float32 layer: 160 rows 0.7-1.0x, 512-2048 rows 0.95-1.0x (de-quantising 4.3M weights takes
+# ~0.75 ms; MKL's sgemm, `F.linear`, on the same de-quantised weights is 2-2.5x slower than
+# oneDNN on this AMD CPU, and torch's per-call `.to(float32) * scale` path was 0.4-0.6x).
 INT8_KERNEL_ROWS = 128
+# Most float32 weights de-quantised at once (64 MiB); a larger layer runs in channel blocks.
+DEQUANT_CHUNK = 1 << 24
+
+_scratch = threading.local()
+
+
+def _dequant_scratch(numel: int) -> torch.Tensor:
+    """This thread's float32 scratch buffer of at least `numel` elements (grown, never
+    shrunk: at most DEQUANT_CHUNK floats)."""
+    buf = getattr(_scratch, "buf", None)
+    if buf is None or buf.numel() < numel:
+        buf = _scratch.buf = torch.empty(numel, dtype=torch.float32)
+    return buf
 
 
 def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -90,7 +109,8 @@ class Int8Linear:
     activations in the compute dtype.
 
     Paths: CPU float32 with the native kernels: the int8 kernel (weights kept in its packed
-    layout only) for up to INT8_KERNEL_ROWS rows, de-quantise + float32 GEMM above; else
+    layout only) for up to INT8_KERNEL_ROWS rows; above, the native de-quantiser into a
+    shared scratch buffer + oneDNN's float32 GEMM (`_many_rows`); else
     torch's `_weight_int8pack_mm` where this build runs it for the dtype and device (CPU
     bfloat16, measured at 1 row: 2-3.5x faster than the float32 layer; its float32 input is
     a scalar path, ~10x slower, so it is not used for float32), else the weights
@@ -112,6 +132,7 @@ class Int8Linear:
         if self.kernels is not None:
             self.packed, self.scale = native.pack_int8(q), scale
             self.path = "native"
+            self.onednn = _can_pack(torch.zeros(1, dtype=torch.float32))
             return
         self.q = q.to(self.device)
         self.scale = scale.to(device=self.device, dtype=dtype)
@@ -138,11 +159,38 @@ class Int8Linear:
         w = self.int8_weight().to(device=self.device, dtype=torch.float32) * self.scale.to(self.device, torch.float32)[:, None]
         return w.to(self.dtype)
 
+    def _gemm(self, x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        if self.onednn:
+            try:
+                return torch.ops.mkldnn._linear_pointwise(x, w, bias, "none", [], "")
+            except RuntimeError:  # this build cannot run it on plain weights
+                self.onednn = False
+        return F.linear(x, w, bias)
+
+    def _many_rows(self, x: torch.Tensor) -> torch.Tensor:
+        """Native path above INT8_KERNEL_ROWS: blocks of output channels de-quantised into
+        the shared scratch buffer (the whole layer when it fits DEQUANT_CHUNK), each block
+        multiplied by all rows. No float32 copy of the weights outlives the call."""
+        n, k = self.out_features, self.in_features
+        step = max(4, DEQUANT_CHUNK // k // 4 * 4)
+        buf = _dequant_scratch(min(n, step) * k)
+        if step >= n:
+            return self._gemm(x, self.kernels.int8_dequant(self.packed, self.scale, buf, 0, n, k), self.bias)
+        y = torch.empty(x.shape[0], n, dtype=torch.float32)
+        for n0 in range(0, n, step):
+            n1 = min(n, n0 + step)
+            w = self.kernels.int8_dequant(self.packed, self.scale, buf, n0, n1, k)
+            y[:, n0:n1] = self._gemm(x, w, self.bias[n0:n1] if self.bias is not None else None)
+        return y
+
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x2 = x.reshape(-1, self.in_features)
-        if self.path == "native" and x2.shape[0] <= INT8_KERNEL_ROWS:
-            y = self.kernels.int8_linear(x2, self.packed, self.scale, self.bias, self.out_features)
+        if self.path == "native":
+            if x2.shape[0] <= INT8_KERNEL_ROWS:
+                y = self.kernels.int8_linear(x2, self.packed, self.scale, self.bias, self.out_features)
+            else:
+                y = self._many_rows(x2.contiguous())
         elif self.path == "int8pack":
             y = torch.ops.aten._weight_int8pack_mm(x2.contiguous(), self.q, self.scale)
             if self.bias is not None:

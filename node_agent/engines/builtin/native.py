@@ -102,6 +102,9 @@ class Kernels:
         self._int8_linear = self.lib.agora_int8_linear
         self._int8_linear.argtypes = [p, p, p, p, p, i, i, i, ctypes.c_int]
         self._int8_linear.restype = ctypes.c_int
+        self._int8_dequant = self.lib.agora_int8_dequant
+        self._int8_dequant.argtypes = [p, p, p, i, i, i, i, ctypes.c_int]
+        self._int8_dequant.restype = ctypes.c_int
 
     def int8_linear(self, x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None,
                     out_features: int) -> torch.Tensor:
@@ -120,6 +123,22 @@ class Kernels:
                           bias.data_ptr() if bias is not None else None, out.data_ptr(), rows, out_features, k,
                           torch.get_num_threads())
         return out
+
+    def int8_dequant(self, packed: torch.Tensor, scale: torch.Tensor, out: torch.Tensor, n0: int, n1: int,
+                     in_features: int) -> torch.Tensor:
+        """Channels [n0, n1) of the packed int8 W [len(scale), in_features] times their scales,
+        written into `out` (contiguous float32 with at least (n1 - n0) * in_features elements,
+        n0 a multiple of 4). Returns out[:(n1 - n0) * in_features] viewed as [n1 - n0, in_features]."""
+        n, k = scale.numel(), in_features
+        if (n0 % 4 or not 0 <= n0 < n1 <= n or packed.dtype != torch.int8 or not packed.is_contiguous()
+                or packed.numel() != (n + 3) // 4 * 4 * ((k + 15) // 16 * 16)):
+            raise ValueError(f"channels [{n0}, {n1}) of packed weights {tuple(packed.shape)} -> {n}x{k}")
+        _check(scale=scale, out=out)
+        if out.numel() < (n1 - n0) * k:
+            raise ValueError(f"out holds {out.numel()} floats, {(n1 - n0) * k} needed")
+        self._int8_dequant(packed.data_ptr(), scale.data_ptr(), out.data_ptr(), n, k, n0, n1,
+                           torch.get_num_threads())
+        return out.view(-1)[:(n1 - n0) * k].view(n1 - n0, k)
 
     def decode_attention(self, qkv: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor,
                          pos: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, heads: int,

@@ -210,3 +210,49 @@ def test_engine_rejects_unknown_quantization(tiny_dir):
     with pytest.raises(EngineError, match="int8"):
         BuiltinEngine(tiny_dir, quantization="int4")
     assert BuiltinEngine(tiny_dir, max_seq_len=64, quantization="none").quantization is None
+
+
+@needs_kernel
+@pytest.mark.parametrize("chunk", [None, 16 * 160, 7 * 160])
+def test_int8_many_rows_path_matches_reference(monkeypatch, chunk):
+    """Above INT8_KERNEL_ROWS the native path de-quantises into the shared scratch buffer
+    (whole layer, or blocks of channels when DEQUANT_CHUNK is smaller) and runs a float32
+    GEMM: same tolerance against the float64 reference, bias included, N not a multiple of 4."""
+    if chunk is not None:
+        monkeypatch.setattr(linear, "DEQUANT_CHUNK", chunk)
+    asked = []
+    real = linear._dequant_scratch
+    monkeypatch.setattr(linear, "_dequant_scratch", lambda numel: asked.append(numel) or real(numel))
+    torch.manual_seed(3)
+    w, b = torch.randn(74, 160) * 0.05, torch.randn(74)
+    q, s = quantize_int8(w)
+    for bias in (b, None):
+        lin = Int8Linear(w, bias)
+        assert lin.path == "native"
+        for rows in (linear.INT8_KERNEL_ROWS + 1, 300):
+            x = torch.randn(rows, 160)
+            y = lin(x)
+            assert y.shape == (rows, 74) and y.dtype == torch.float32 and y.is_contiguous()
+            err = (y.double() - reference(x, q, s, bias)).abs()
+            assert (err <= bound(x, q, s)).all()
+    assert asked and max(asked) <= min(74 * 160, chunk or 74 * 160)  # one layer or one block at most
+    # the kernel's path just below the threshold agrees with the many-row path just above
+    x = torch.randn(linear.INT8_KERNEL_ROWS + 1, 160)
+    lin = Int8Linear(w, b)
+    below = torch.cat([lin(x[:linear.INT8_KERNEL_ROWS]), lin(x[linear.INT8_KERNEL_ROWS:])])
+    assert torch.allclose(lin(x), below, rtol=1e-5, atol=1e-5)
+
+
+@needs_kernel
+def test_int8_dequant_kernel_matches_dequantized_weights():
+    torch.manual_seed(4)
+    q = torch.randint(-127, 128, (37, 50), dtype=torch.int8)
+    s = torch.rand(37)
+    packed, full = native.pack_int8(q), q.float() * s[:, None]
+    out = torch.empty(37 * 50)
+    assert torch.equal(kernels.int8_dequant(packed, s, out, 0, 37, 50), full)
+    assert torch.equal(kernels.int8_dequant(packed, s, out, 8, 33, 50), full[8:33])
+    with pytest.raises(ValueError):
+        kernels.int8_dequant(packed, s, out, 2, 10, 50)  # not at a tile boundary
+    with pytest.raises(ValueError):
+        kernels.int8_dequant(packed, s, torch.empty(10), 0, 37, 50)  # out too small

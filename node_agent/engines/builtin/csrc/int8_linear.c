@@ -118,3 +118,32 @@ int agora_int8_linear(const float *x, const int8_t *w, const float *scale, const
     }
     return 0;
 }
+
+/* Output channels [n0, n1) of the packed W (n0 a multiple of 4), de-quantised into
+ * out [n1 - n0, K] float32 row-major: out[n - n0][k] = W[n][k] * scale[n]. For the many-row
+ * path (linear.py): a block of channels small enough to stay in L2 is de-quantised, then a
+ * float32 GEMM multiplies it by all rows, so the weights come from memory as int8 once per
+ * call and no float32 copy of the whole layer is ever held. Returns 0. */
+int agora_int8_dequant(const int8_t *w, const float *scale, float *out, int64_t N, int64_t K, int64_t n0,
+                       int64_t n1, int threads) {
+    const int64_t tile_bytes = (K + 15) / 16 * 16 * NR, blocks = (K + 15) / 16;
+    if (n1 > N) n1 = N;
+    const int64_t t0 = n0 / NR, t1 = (n1 + NR - 1) / NR;
+    #pragma omp parallel for num_threads(threads) schedule(static) if (threads > 1 && (t1 - t0) * tile_bytes > 65536)
+    for (int64_t t = t0; t < t1; t++) {
+        const int8_t *wt = w + t * tile_bytes;
+        for (int j = 0; j < NR; j++) {
+            const int64_t n = t * NR + j;
+            if (n >= n1) break;
+            const float s = scale[n];
+            float *o = out + (n - n0) * K;
+            for (int64_t b = 0; b < blocks; b++) {
+                const int8_t *src = wt + b * 16 * NR + 16 * j;
+                const int len = K - b * 16 >= 16 ? 16 : (int)(K - b * 16);
+                #pragma omp simd
+                for (int l = 0; l < len; l++) o[b * 16 + l] = (float)src[l] * s;
+            }
+        }
+    }
+    return 0;
+}
