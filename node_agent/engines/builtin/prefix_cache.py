@@ -28,30 +28,22 @@ from __future__ import annotations
 import hashlib
 from array import array
 from collections import OrderedDict
-from contextlib import contextmanager
 
 import torch
 
-from node_agent.engines.builtin.model import _huge_zeros
-
-INITIAL_POOL_BYTES = 16 << 20
+SEGMENT_BYTES = 16 << 20
 
 
-@contextmanager
-def _serial(device: torch.device):
-    """Block copies on one CPU thread: they are memory moves of a few MB at most, and on a
-    shared machine a copy split over an OpenMP team waits for a descheduled team member
-    (measured, 2 cores with a busy neighbour: 24-48 ms per store or load with 2 threads,
-    0.1-0.5 ms with 1)."""
-    threads = torch.get_num_threads()
-    if device.type != "cpu" or threads <= 1:
-        yield
-        return
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
+def _host_view(t: torch.Tensor):
+    """A numpy view of a CPU tensor (bfloat16 as int16: the copies only move bytes). Block
+    copies go through numpy on CPU: it copies on the calling thread, where torch would hand
+    a copy of more than 32K elements to its OpenMP team (on a shared machine it waits for a
+    descheduled member: 24-48 ms per copy measured with 2 threads and a busy neighbour), and
+    resizing the team to one thread around each copy, as this did before, stops libgomp's
+    spinning between the decode step's parallel regions."""
+    if t.dtype == torch.bfloat16:
+        t = t.view(torch.int16)
+    return t.numpy()
 
 
 def chain_hashes(seed: bytes, tokens: list[int], block: int, have: list[bytes], upto: int) -> list[bytes]:
@@ -73,13 +65,14 @@ class PrefixCache:
         self.block_bytes = 2 * c.num_layers * c.num_kv_heads * block * c.head_dim * model.embed.element_size()
         self.capacity = max(0, capacity_bytes // self.block_bytes)
         self.seed = hashlib.blake2b(seed, digest_size=16).digest()
-        self._k: torch.Tensor | None = None
-        self._v: torch.Tensor | None = None
         self._lru: OrderedDict[bytes, int] = OrderedDict()  # key -> pool index, least recent first
         self._tokens: dict[int, tuple[int, ...]] = {}  # pool index -> the block's token ids
         self._used = 0  # pool indexes handed out so far (the pool fills before anything is evicted)
         self.stats = {"lookups": 0, "lookup_tokens": 0, "hit_tokens": 0, "inserted_blocks": 0,
                       "evicted_blocks": 0}
+        self._host = model.device.type == "cpu"
+        self._seg_blocks = max(1, SEGMENT_BYTES // self.block_bytes)
+        self._segs: list[tuple[torch.Tensor, torch.Tensor]] = []
 
     # ------------------------------------------------------------------ queries
     def __len__(self) -> int:
@@ -121,9 +114,7 @@ class PrefixCache:
         self.stats["lookup_tokens"] += len(tokens)
         if not hit:
             return 0
-        idx = torch.tensor(hit, device=self._k.device)
-        with _serial(self._k.device):
-            self.model.write_blocks(slot, self._k.index_select(0, idx), self._v.index_select(0, idx))
+        self._copy(slot, [(i, idx) for i, idx in enumerate(hit)], to_pool=False)
         self._touch(hashes[:len(hit)])
         n = len(hit) * self.block
         self.stats["hit_tokens"] += n
@@ -140,15 +131,8 @@ class PrefixCache:
         missing = [i for i, key in enumerate(keys) if key not in self._lru]
         self._touch([keys[i] for i in range(nblocks) if keys[i] in self._lru])
         if missing:
-            with _serial(self.model.device):
-                self._grow(min(self.capacity, self._used + len(missing)))
-                first = missing[0]
-                k, v = self.model.read_blocks(slot, first * self.block, nblocks - first, self.block)
-                dest = [self._take() for _ in missing]
-                sel = torch.tensor([i - first for i in missing], device=k.device)
-                didx = torch.tensor(dest, device=k.device)
-                self._k.index_copy_(0, didx, k.index_select(0, sel))
-                self._v.index_copy_(0, didx, v.index_select(0, sel))
+            dest = [self._take() for _ in missing]
+            self._copy(slot, list(zip(missing, dest)), to_pool=True)
             for i, d in zip(missing, dest):
                 self._lru[keys[i]] = d
                 self._tokens[d] = tuple(tokens[i * self.block:(i + 1) * self.block])
@@ -161,20 +145,36 @@ class PrefixCache:
         self._lru.clear()
         self._tokens.clear()
         self._used = 0
-        self._k = self._v = None
+        self._segs = []
 
-    def _grow(self, blocks: int) -> None:
-        """Make the pool hold at least `blocks` blocks (at most `capacity`)."""
-        have = 0 if self._k is None else self._k.shape[0]
-        if have >= blocks:
-            return
-        size = min(self.capacity, max(blocks, 2 * have, INITIAL_POOL_BYTES // self.block_bytes))
-        c, m = self.model.cfg, self.model
-        shape = (size, c.num_layers, c.num_kv_heads, self.block, c.head_dim)
-        k, v = _huge_zeros(shape, m.device, m.dtype), _huge_zeros(shape, m.device, m.dtype)
-        if have:
-            k[:have], v[:have] = self._k, self._v
-        self._k, self._v = k, v
+    def _segment(self, idx: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """K segment, V segment and offset of pool index `idx`; segments are made as the
+        pool fills (never copied or zeroed: a block is written before it can be read)."""
+        n, off = divmod(idx, self._seg_blocks)
+        while len(self._segs) <= n:
+            c, m = self.model.cfg, self.model
+            size = min(self._seg_blocks, self.capacity - len(self._segs) * self._seg_blocks)
+            shape = (size, c.num_layers, c.num_kv_heads, self.block, c.head_dim)
+            self._segs.append((torch.empty(shape, device=m.device, dtype=m.dtype),
+                               torch.empty(shape, device=m.device, dtype=m.dtype)))
+        k, v = self._segs[n]
+        return k, v, off
+
+    def _copy(self, slot: int, pairs: list[tuple[int, int]], to_pool: bool) -> None:
+        """Copy block i of `slot` to (to_pool) or from pool index d, for each (i, d)."""
+        b, m = self.block, self.model
+        kc, vc = m.k_cache, m.v_cache
+        if self._host:
+            kc, vc = _host_view(kc), _host_view(vc)
+        for i, d in pairs:
+            k, v, off = self._segment(d)
+            if self._host:
+                k, v = _host_view(k), _host_view(v)
+            for cache, seg in ((kc, k), (vc, v)):
+                if to_pool:
+                    seg[off] = cache[:, slot, :, i * b:(i + 1) * b]
+                else:
+                    cache[:, slot, :, i * b:(i + 1) * b] = seg[off]
 
     def _take(self) -> int:
         """A free pool index, evicting the least recently used block when the pool is full.
