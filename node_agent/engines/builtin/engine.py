@@ -426,7 +426,14 @@ class BuiltinEngine(Engine):
         is copied into its slot first and not recomputed. Returns the pieces and the
         requests admitted whole (slots len(running), len(running) + 1, ...)."""
         chunking = self.prefill_chunk > 0
-        budget = self.prefill_chunk if chunking and self._running else self.prefill_budget
+        budget = self.prefill_budget
+        if chunking and self._running:
+            # `prefill_chunk` per prompt that could start this iteration (the staged one and
+            # the waiting ones that have a slot): one long prompt arriving among decoding
+            # streams is chunked finely, a burst fills the decode batch in a few iterations.
+            free = self.max_batch - len(self._running) - (self._staged is not None)
+            starters = (self._staged is not None) + min(len(self._waiting), max(0, free))
+            budget = min(self.prefill_budget, self.prefill_chunk * max(1, starters))
         pieces: list[tuple[_Running, int, int]] = []
         st = self._staged
         if st is not None:
