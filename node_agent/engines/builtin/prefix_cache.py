@@ -14,11 +14,13 @@ block, head_dim] for K and for V), so a request never pins a block and an
 evicted block can never be read by a request that already copied it. Eviction is LRU over
 blocks; a chain's blocks are touched deepest first so that its first blocks are the most
 recently used and a chain is evicted from its tail (a block whose parent is gone can never be
-hit again). The pool grows geometrically (from 16 MiB) as blocks arrive, each time as one
-zeroed allocation: measured on CPU, writing blocks into a fresh multi-GiB allocation page by
-page stalled stores and loads for 20-50 ms at a time, where a grown pool costs ~0.2 ms per
-store. A lookup also compares the block's stored token ids, so a hash collision cannot
-serve a wrong block.
+hit again). The pool is a list of 16 MiB segments, each made (torch.empty: neither zeroed nor
+copied) when the blocks reach it, so an unused pool costs no memory and growth moves nothing:
+the earlier pool, one allocation doubled and zeroed as it filled, took ~20% of a fresh
+tiny-20m serving run (32 requests), mostly faulting in up to 256 MiB at a time. Blocks are
+copied one at a time (on CPU through numpy, see `_host_view`); a store or load is a few
+hundred microseconds. A lookup also compares the block's stored token ids, so a hash
+collision cannot serve a wrong block.
 
 Everything here runs on the engine thread; nothing is locked.
 """
@@ -73,6 +75,12 @@ class PrefixCache:
         self._host = model.device.type == "cpu"
         self._seg_blocks = max(1, SEGMENT_BYTES // self.block_bytes)
         self._segs: list[tuple[torch.Tensor, torch.Tensor]] = []
+        if self.capacity and self._host:
+            # the first segment now, its pages faulted in (numpy: no OpenMP pool on the caller's
+            # thread), so a fresh engine's first stores do not pay for them
+            k, v, _ = self._segment(0)
+            _host_view(k).fill(0)
+            _host_view(v).fill(0)
 
     # ------------------------------------------------------------------ queries
     def __len__(self) -> int:
@@ -161,20 +169,25 @@ class PrefixCache:
         return k, v, off
 
     def _copy(self, slot: int, pairs: list[tuple[int, int]], to_pool: bool) -> None:
-        """Copy block i of `slot` to (to_pool) or from pool index d, for each (i, d)."""
+        """Copy block i of `slot` to (to_pool) or from pool index d, for each (i, d); runs
+        of consecutive blocks and pool indexes in one segment move in one copy."""
         b, m = self.block, self.model
-        kc, vc = m.k_cache, m.v_cache
-        if self._host:
-            kc, vc = _host_view(kc), _host_view(vc)
-        for i, d in pairs:
-            k, v, off = self._segment(d)
-            if self._host:
-                k, v = _host_view(k), _host_view(v)
-            for cache, seg in ((kc, k), (vc, v)):
-                if to_pool:
-                    seg[off] = cache[:, slot, :, i * b:(i + 1) * b]
+        j = 0
+        while j < len(pairs):
+            i0, d0 = pairs[j]
+            k, v, off = self._segment(d0)
+            n = 1
+            while (j + n < len(pairs) and pairs[j + n] == (i0 + n, d0 + n) and off + n < k.shape[0]):
+                n += 1
+            j += n
+            for cache, seg in ((m.k_cache, k), (m.v_cache, v)):
+                run = cache[:, slot, :, i0 * b:(i0 + n) * b]  # [layers, kv_heads, n * b, head_dim]
+                run = run.view(run.shape[0], run.shape[1], n, b, run.shape[-1]).permute(2, 0, 1, 3, 4)
+                dst, src = (seg[off:off + n], run) if to_pool else (run, seg[off:off + n])
+                if self._host:  # numpy: see _host_view
+                    _host_view(dst)[...] = _host_view(src)
                 else:
-                    cache[:, slot, :, i * b:(i + 1) * b] = seg[off]
+                    dst.copy_(src)
 
     def _take(self) -> int:
         """A free pool index, evicting the least recently used block when the pool is full.
