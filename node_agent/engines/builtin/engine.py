@@ -9,11 +9,14 @@ prefills them as one batch, then runs one batched decode step for every running 
 Prefix cache (`prefix_cache.py`): the KV blocks of every prompt and, when a request ends,
 of its generated tokens stay in a pool (LRU, `prefix_cache_bytes`); a new request copies
 the longest cached run of whole blocks of its context into its slot and prefills only the
-rest. Off by default (it costs fresh workloads throughput today, see DEFAULT_PREFILL_CHUNK); on
-with `prefix_cache=True` or AGORA_NODE_PREFIX_CACHE=true.
+rest. On by default (within noise of no cache on fresh workloads, see the figures above
+DEFAULT_PREFILL_CHUNK); off with `prefix_cache=False` or AGORA_NODE_PREFIX_CACHE=false.
 
 Chunked prefill: while streams are decoding, an iteration prefills at most `prefill_chunk`
-prompt tokens (0: off, whole prompts as before). A prompt that does not fit is prefilled
+prompt tokens per prompt that could start this iteration (the staged one and the waiting
+ones with a free slot), so a single long prompt is chunked finely and a burst still fills
+the batch in a few iterations (0: off, whole prompts, the default; see
+DEFAULT_PREFILL_CHUNK). A prompt that does not fit is prefilled
 chunk by chunk in a staging slot (one slot beyond the decode batch), one chunk per
 iteration before that iteration's decode step, so the running streams keep their
 inter-token latency; when its last chunk is done it moves into the decode batch. With
@@ -69,11 +72,20 @@ ENGINE_REVISION = 3
 # rides in the decode step's forward pass (LlamaModel.step); what remains is its attention
 # over the prompt's earlier positions, which at 3,000 positions costs a small model about as
 # much as the whole decode step.
-# Chunked prefill and the prefix cache are off unless asked for (AGORA_NODE_PREFILL_CHUNK,
-# AGORA_NODE_PREFIX_CACHE=true): on fresh (uncached) serving workloads both cost throughput today
-# (tiny, 32 requests of 16-512 prompt tokens: about 9,300 tok/s with neither, 6,600 with the
-# cache, 5,200 with both; one staging slot admits one long prompt at a time). PREFILL_CHUNK is
-# the chunk size measured for inter-token latency when it is switched on (bench/engine.py).
+# Defaults, measured on fresh serving workloads (32 requests of 16-512 prompt tokens and
+# 8-256 new ones, three seeds, so the cache gets no hits; engines taking turns against the
+# commit before these changes with neither feature; 1 torch thread because the 2 shared cores
+# had a busy neighbour; tok/s ratios, +-10% run-to-run noise on tiny's ~1 s runs):
+#   prefix cache alone: tiny 1.02, tiny-20m 1.00 -> on by default (AGORA_NODE_PREFIX_CACHE=
+#     false turns it off). It cost 30% before its pool was made of lazily allocated segments
+#     (growing one contiguous pool zeroed and copied up to 256 MiB at a time) and its block
+#     copies went through numpy instead of resizing torch's OpenMP team around each copy.
+#   cache and chunked prefill (64): tiny 0.92-0.99, tiny-20m 1.01-1.05 -> chunking stays off
+#     by default (AGORA_NODE_PREFILL_CHUNK=64 turns it on): on tiny it still measured 3-6%
+#     slower, about what its fused step costs (LlamaModel.step with chunk rows: 677 vs 650 ms
+#     of model time per run). It cost 45% before the per-iteration budget became
+#     `prefill_chunk` per prompt that can start (a burst now fills the batch in a few steps).
+# PREFILL_CHUNK is the chunk size measured for inter-token latency when it is switched on.
 PREFILL_CHUNK = 64
 DEFAULT_PREFILL_CHUNK = 0
 # Tokens per prefix-cache block.
@@ -121,7 +133,8 @@ class BuiltinEngine(Engine):
         AGORA_NODE_PREFIX_CACHE is false); `prefix_cache_bytes`: its pool (default: what the
         KV budget leaves after the slots, at most half the budget; AGORA_NODE_PREFIX_CACHE_MB);
         `prefill_chunk`: prompt tokens per iteration while streams decode (default
-        DEFAULT_PREFILL_CHUNK or AGORA_NODE_PREFILL_CHUNK; 0 prefills whole prompts);
+        DEFAULT_PREFILL_CHUNK = 0 or AGORA_NODE_PREFILL_CHUNK; 0 prefills whole prompts; the
+        budget is this per prompt that can start in an iteration, see `_plan_prefill`);
         `quantization`: "int8" quantises the attention and MLP weights at load time (per
         output channel, see linear.Int8Linear; declared in the offer); None or "none": the
         checkpoint's weights in `dtype`."""
@@ -159,7 +172,7 @@ class BuiltinEngine(Engine):
             raise EngineError(f"prefill_chunk must be >= 0, not {prefill_chunk}")
         self.prefill_chunk = prefill_chunk
         if prefix_cache is None:
-            prefix_cache = _env_flag("AGORA_NODE_PREFIX_CACHE", False)
+            prefix_cache = _env_flag("AGORA_NODE_PREFIX_CACHE", True)
         if prefix_cache_bytes is None and os.environ.get("AGORA_NODE_PREFIX_CACHE_MB"):
             prefix_cache_bytes = int(float(os.environ["AGORA_NODE_PREFIX_CACHE_MB"]) * (1 << 20))
         if prefix_cache_bytes is None:

@@ -204,8 +204,8 @@ def test_switches(tiny_dir, monkeypatch):
     asyncio.run(eng.close())
     monkeypatch.delenv("AGORA_NODE_PREFIX_CACHE")
     monkeypatch.delenv("AGORA_NODE_PREFILL_CHUNK")
-    eng = make(tiny_dir)  # both off by default (they cost fresh serving workloads throughput today)
-    assert eng.prefix_cache_bytes == 0 and eng.prefill_chunk == 0
+    eng = make(tiny_dir)  # the cache on by default, chunking off (engine.py: DEFAULT_PREFILL_CHUNK)
+    assert eng.prefix_cache_bytes > 0 and eng.prefill_chunk == 0
     monkeypatch.setenv("AGORA_NODE_PREFIX_CACHE", "true")
     monkeypatch.setenv("AGORA_NODE_PREFIX_CACHE_MB", "1")
     monkeypatch.setenv("AGORA_NODE_PREFILL_CHUNK", "48")
