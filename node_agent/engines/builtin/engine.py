@@ -62,7 +62,7 @@ from node_agent.errors import EngineError, ModelLoadError, RequestTooLong
 log = logging.getLogger(__name__)
 
 # Bump when a change makes the engine faster or slower: cached benchmarks are re-measured.
-ENGINE_REVISION = 3
+ENGINE_REVISION = 4
 # Prompt tokens prefilled per iteration while other streams decode. Measured (bench/engine.py,
 # tiny-20m, 2 shared cores; 16 streams decoding when a 3,000-token prompt arrives; median
 # inter-token gap during its prefill / before it, prefill time; serving workload of 32):
