@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from pricing.money import NANO_PER_USD
+from pricing.money import NANO_PER_USD, request_cost
 
 
 @dataclass(frozen=True)
@@ -88,13 +88,15 @@ def suggest(me: Seat, others: list[Seat], demand_per_min: float, *, fill: float 
 
     def outcome(p: int) -> tuple[int, float]:
         tok = served(p, me, others, demand_per_min, fill)
-        return int(tok * 60 * p / 1e6), tok / full
+        # revenue in integer nano-USD, charged as the ledger would: whole tokens at the price
+        return request_cost(0, int(tok * 60), 0, p), tok / full
 
     prices = {me.price_out} | {max(floor, s.price_out - 1) for s in others} | {
         max(floor, s.price_out) for s in others}
-    cur_rev, cur_util = outcome(me.price_out)
-    best = max(sorted(prices), key=lambda p: (outcome(p)[0], outcome(p)[1], p))
-    rev, util = outcome(best)
+    outcomes = {p: outcome(p) for p in prices}  # each candidate price evaluated once
+    cur_rev, cur_util = outcomes[me.price_out]
+    best = max(sorted(prices), key=lambda p: (*outcomes[p], p))
+    rev, util = outcomes[best]
     usd = best / NANO_PER_USD
     cheaper = sum(1 for s in others if s.price_out < best)
     if demand_per_min < 0.01 * me.capacity_per_min(1.0):
