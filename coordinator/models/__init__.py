@@ -3,6 +3,7 @@
 
 from coordinator.models.account import Account, AccountPublic, ApiKey
 from coordinator.models.audit import Audit, AuditStatus
+from coordinator.models.batch import Batch, BatchFile, BatchLine
 from coordinator.models.history import MarketMinute, NodeMinute
 from coordinator.models.node import Node, NodeNonce, NodeOffer, NodeOfferPublic, NodePublic
 from coordinator.models.replica import ApiReplica
@@ -18,6 +19,9 @@ __all__ = [
     "ApiReplica",
     "Audit",
     "AuditStatus",
+    "Batch",
+    "BatchFile",
+    "BatchLine",
     "InferenceRequest",
     "MarketMinute",
     "Node",
