@@ -16,7 +16,9 @@ from coordinator import liveness, metrics, replicas
 from coordinator.body_limit import BodyLimit
 from coordinator.bus import BusUnavailable
 from coordinator.errors import Unavailable, install_error_handlers, install_openapi_errors
-from coordinator.routes import accounts, audits, dashboard, nodes, openai_api, requests, seller, web_login
+from coordinator.batch_runner import BatchRunner
+from coordinator.file_store import make_file_store
+from coordinator.routes import accounts, audits, batches, dashboard, nodes, openai_api, requests, seller, web_login
 from coordinator.runtime import Runtime
 from coordinator.settings import CoordinatorSettings, get_settings
 
@@ -90,11 +92,16 @@ def create_app(settings: CoordinatorSettings | None = None, runtime: Runtime | N
             rt.start_in_process_worker()
         beating = asyncio.create_task(_replica_beat(rt))
         flushing = asyncio.create_task(_flush_liveness(rt))
+        runner = BatchRunner(rt, app.state.file_store) if settings.batch_runner else None  # batch_runner.py
+        if runner is not None:
+            runner.start()
         try:
             yield
         finally:
             beating.cancel()
             flushing.cancel()
+            if runner is not None:
+                await runner.stop()
             await run_in_threadpool(_replica_leave, rt)
             await rt.bus.close()
             if runtime is None:
@@ -102,10 +109,13 @@ def create_app(settings: CoordinatorSettings | None = None, runtime: Runtime | N
 
     app = FastAPI(title="Agora coordinator", version="0.1.0", lifespan=lifespan)
     app.state.settings = settings
-    app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
+    app.state.file_store = make_file_store(settings)  # Batch API files (file_store.py)
+    app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes,
+                       paths={"/v1/files": settings.batch_file_max_bytes + 64 * 1024})  # + multipart framing
     install_error_handlers(app)
     install_openapi_errors(app)
     app.include_router(openai_api.router)
+    app.include_router(batches.router)
     app.include_router(nodes.router)
     app.include_router(accounts.router)
     app.include_router(requests.router)

@@ -20,21 +20,23 @@ class BodyTooLarge(APIError):
 
 
 class BodyLimit:
-    """ASGI middleware: at most `max_bytes` of request body per HTTP request."""
+    """ASGI middleware: at most `max_bytes` of request body per HTTP request (`paths`: other
+    limits for exact paths, e.g. file uploads)."""
 
-    def __init__(self, app, max_bytes: int):
-        self.app, self.max_bytes = app, max_bytes
+    def __init__(self, app, max_bytes: int, paths: dict[str, int] | None = None):
+        self.app, self.default_bytes, self.paths = app, max_bytes, paths or {}
 
-    def _message(self) -> str:
-        return f"the request body is larger than this market's limit of {self.max_bytes} bytes"
+    def _message(self, max_bytes: int) -> str:
+        return f"the request body is larger than this market's limit of {max_bytes} bytes"
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
+        max_bytes = self.paths.get(scope.get("path", ""), self.default_bytes)
         length = dict(scope.get("headers") or ()).get(b"content-length")
         if length is not None and length.isdigit():
-            if int(length) > self.max_bytes:
-                return await self._refuse(send)
+            if int(length) > max_bytes:
+                return await self._refuse(send, max_bytes)
             return await self.app(scope, receive, send)
         # No length given (chunked): read it here, up to the limit, then hand it on.
         messages, seen = [], 0
@@ -44,8 +46,8 @@ class BodyLimit:
             if message["type"] != "http.request":
                 break
             seen += len(message.get("body", b""))
-            if seen > self.max_bytes:
-                return await self._refuse(send)
+            if seen > max_bytes:
+                return await self._refuse(send, max_bytes)
             if not message.get("more_body"):
                 break
 
@@ -54,8 +56,8 @@ class BodyLimit:
 
         return await self.app(scope, replay, send)
 
-    async def _refuse(self, send) -> None:
-        body = json.dumps(BodyTooLarge(self._message()).body()).encode()
+    async def _refuse(self, send, max_bytes: int) -> None:
+        body = json.dumps(BodyTooLarge(self._message(max_bytes)).body()).encode()
         await send({"type": "http.response.start", "status": 413,
                     "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
                                 (b"connection", b"close")]})

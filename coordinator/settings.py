@@ -87,6 +87,24 @@ class CoordinatorSettings(BaseSettings):
         default=30 * 24 * 3600, gt=0, description="ledger idempotency keys older than this are forgotten by the "
         "sweep; a client retrying with a key after that would repeat the operation")
 
+    # Batch API (coordinator/batches.py, coordinator/batch_runner.py)
+    files_dir: Path | None = Field(default=None, description="where uploaded files' bytes live; default "
+                                   "AGORA_HOME/files (shared storage when there are several API replicas)")
+    batch_file_max_bytes: int = Field(default=100 * 2**20, ge=1024, description="largest file a buyer may upload")
+    batch_max_lines: int = Field(default=50_000, ge=1, description="most requests in one batch input file")
+    batch_discount_pct: int = Field(default=50, ge=0, le=100, description="batch lines are routed only to nodes "
+                                    "whose output price is within (100 - this)% of the dearest routable offer of "
+                                    "the model (or the cheapest offer where none is), so they pay the cheapest "
+                                    "sellers' prices; nobody is paid less than their price")
+    batch_runner: bool = Field(default=True, description="API processes run batch lines on idle capacity")
+    batch_max_in_flight: int = Field(default=4, ge=1, description="batch lines one API process has in flight "
+                                     "at once (the bound on what batches take from interactive buyers)")
+    batch_reserve_slots: int = Field(default=1, ge=0, description="a batch line starts only where a node within "
+                                     "its price cap has more free slots than this, and no request of the model "
+                                     "is queued")
+    batch_lease_s: float = Field(default=30.0, gt=0, description="a runner's claim on a batch; another API "
+                                 "process takes over a batch whose lease has run out")
+
     # Prometheus (coordinator/metrics.py): GET /metrics on API processes, a port on workers
     worker_metrics_port: int = Field(default=9101, ge=0, le=65535, description="`agora worker` serves its "
                                      "Prometheus metrics on this port (0: not at all)")
