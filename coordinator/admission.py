@@ -100,12 +100,15 @@ def admit(
     hold: bool = True,
 ) -> Admitted:
     prefs = body.routing
-    offers, known = live_offers(session, body.model, settings, allow_unverified=bool(prefs and prefs.allow_unverified),
-                                view=view)
+    # Log-probs come only from nodes that name their tokens and report them (verifiable offers).
+    logprobs = body.wants_logprobs()
+    allow_unverified = bool(prefs and prefs.allow_unverified) and not logprobs
+    offers, known = live_offers(session, body.model, settings, allow_unverified=allow_unverified, view=view)
     if not known:
         raise ModelNotFound(f"the model {body.model!r} is not offered on this market", param="model")
     if not offers:
-        raise NoCapacity(f"no node serving {body.model!r} can take work right now; retry shortly")
+        raise NoCapacity(f"no node serving {body.model!r}{' that reports per-token log-probs' if logprobs else ''} "
+                         "can take work right now; retry shortly")
     if prefs and prefs.quantization is not None:
         offers = [o for o in offers if precision(o) in prefs.quantization]
         if not offers:
@@ -152,7 +155,7 @@ def admit(
         model=body.model,
         kind=kind,
         payload=payload,
-        routing={**(prefs.model_dump(exclude_none=True) if prefs else {}),
+        routing={**(prefs.model_dump(exclude_none=True) if prefs else {}), "allow_unverified": allow_unverified,
                  # the hold covers these prices: the request goes only to nodes within them
                  "max_price": min(price_out, prefs.max_price if prefs and prefs.max_price is not None else price_out),
                  "max_price_in": price_in},
@@ -161,6 +164,8 @@ def admit(
         hold_amount=hold_amount,
         idempotency_key=idempotency_key,
         replica_id=replica_id,
+        buyer_user=body.user,
+        buyer_metadata=body.metadata,
     )
     session.add(request)
     try:

@@ -11,6 +11,7 @@ who disconnects mid-stream cancels the request at the node.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 from typing import AsyncIterator
@@ -25,28 +26,21 @@ from coordinator import openai_format as fmt
 from coordinator.affinity import prefix_chain
 from coordinator.admission import admit, body_hash, find_keyed, new_request_id, place_hold
 from coordinator.bus import BusUnavailable, Subscription
-from coordinator.delivery import Delivery, Quote
+from coordinator.choices import collect_many, error_from as _error_from, gather_one, sse_many, usage_of as _usage
+from coordinator.delivery import Delivery
 from coordinator.endings import Ending
-from coordinator.errors import APIError, Conflict, NoCapacity, RelayInterrupted, Unavailable, UpstreamFailed
+from coordinator.errors import APIError, BadRequest, Conflict, InsufficientBalance, NoCapacity, RelayInterrupted, Unavailable
 from coordinator.models import Account, InferenceRequest, RequestStatus
 from coordinator.runtime import Runtime
 from coordinator.schemas import ChatCompletionRequest, CompletionRequest
 from coordinator.failover import fail_over
 from coordinator.frames import assignment_frame
+from coordinator.logprobs_format import LogprobsBuilder, builder_for
 from coordinator.placement import choose, claim
 from coordinator.settlement import fail_request
+from coordinator.unsupported import refuse_unsupported
 
 log = logging.getLogger(__name__)
-
-
-def _error_from(msg: dict) -> APIError:
-    status = int(msg.get("status", 502))
-    cls = NoCapacity if status == 503 else UpstreamFailed
-    err = cls(msg.get("message", "the request failed"), code=msg.get("code"))
-    err.status_code = status
-    if status == 400:
-        err.type = "invalid_request_error"
-    return err
 
 
 class RequestStream:
@@ -231,6 +225,7 @@ def _replay(prior: InferenceRequest, body, kind: str):
 async def handle(rt: Runtime, account: Account, body: ChatCompletionRequest | CompletionRequest, kind: str,
                  idempotency_key: str | None = None):
     started = time.monotonic()
+    refuse_unsupported(body)  # parameters no node here honours: a 400 naming them (unsupported.py)
     if idempotency_key:
         def _find():
             with rt.read_session() as s:
@@ -240,19 +235,34 @@ async def handle(rt: Runtime, account: Account, body: ChatCompletionRequest | Co
         if prior is not None:
             return _replay(prior, body, kind)
     # Rate limits first: refusing costs a Redis round trip (in memory: nothing), nothing more.
-    rid = new_request_id()
-    limits = (account.id, body.prompt_bytes() + (body.requested_max_tokens() or rt.settings.default_max_tokens), rid)
-    if not (rt.limiter.admit(*limits) if rt.limiter.in_memory else await run_in_threadpool(rt.limiter.admit, *limits)):
-        metrics.REQUESTS.labels(outcome="429").inc()
-        raise rt.limiter.concurrency_refusal()
+    # Each of the n choices is its own request on the market (choices.py).
+    n = body.n
+    if n > rt.settings.max_choices:
+        raise BadRequest(f"n={n} is more choices than this market serves per request ({rt.settings.max_choices})",
+                         param="n")
+    rids = [new_request_id() for _ in range(n)]
+    weight = body.prompt_bytes() + (body.requested_max_tokens() or rt.settings.default_max_tokens)
+    for k, rid in enumerate(rids):
+        limits = (account.id, weight, rid)
+        if not (rt.limiter.admit(*limits) if rt.limiter.in_memory else await run_in_threadpool(rt.limiter.admit, *limits)):
+            for earlier in rids[:k]:
+                await run_in_threadpool(rt.limiter.release, account.id, earlier)
+            metrics.REQUESTS.labels(outcome="429").inc()
+            raise rt.limiter.concurrency_refusal()
     # Listen before the request exists: nothing published for it can be missed, and a
     # relay that is down refuses the request before any money is held.
-    sub = rt.bus.subscribe(f"req:{rid}")
-    sub.on_close = lambda: rt.limiter.release(account.id, rid)  # the concurrency slot
+    subs: list[Subscription] = []
     try:
-        await sub.__aenter__()
+        for rid in rids:
+            sub = rt.bus.subscribe(f"req:{rid}")
+            await sub.__aenter__()
+            sub.on_close = functools.partial(rt.limiter.release, account.id, rid)  # the concurrency slot
+            subs.append(sub)
     except BusUnavailable as exc:
-        await run_in_threadpool(rt.limiter.release, account.id, rid)
+        for sub in subs:
+            sub.close()
+        for rid in rids[len(subs):]:
+            await run_in_threadpool(rt.limiter.release, account.id, rid)
         metrics.REQUESTS.labels(outcome="503").inc()
         raise Unavailable("the market's relay is reconnecting; retry shortly") from exc
 
@@ -261,17 +271,31 @@ async def handle(rt: Runtime, account: Account, body: ChatCompletionRequest | Co
             if idempotency_key:
                 prior = find_keyed(s, account, idempotency_key)
                 if prior is not None:
-                    return prior, True, None
-            req = admit(s, account, body, kind, rt.settings, idempotency_key, request_id=rid,
-                        replica_id=rt.replica_id, view=rt.market, hold=False).request
-            # Locks last, held the shortest: route (no lock), then the hold (the buyer's
-            # ledger row), then the node's slot (its lock); all commit together.
-            node_id = _try(s, req, lambda: choose(s, req, rt.settings, rt.market, getattr(rt, "affinity", None))) \
-                if rt.settings.inline_dispatch else None
-            place_hold(s, account, req, rt.settings)
-            if node_id is not None and not _try(s, req, lambda: claim(s, req, node_id, rt.settings)):
-                node_id = None
-            return req, False, node_id
+                    return [prior], True, []
+            reqs, nodes = [], []
+            for k, rid in enumerate(rids):  # only the first choice carries the Idempotency-Key
+                req = admit(s, account, body, kind, rt.settings, idempotency_key if k == 0 else None, request_id=rid,
+                            replica_id=rt.replica_id, view=rt.market, hold=False).request
+                # Locks last, held the shortest: route (no lock), then the hold (the buyer's
+                # ledger row), then the node's slot (its lock); all commit together.
+                nodes.append(_try(s, req, lambda: choose(s, req, rt.settings, rt.market, getattr(rt, "affinity", None)))
+                             if rt.settings.inline_dispatch else None)
+                reqs.append(req)
+            for k, req in enumerate(reqs):  # every choice is held, or none is
+                try:
+                    place_hold(s, account, req, rt.settings)
+                except InsufficientBalance as exc:
+                    if n == 1:
+                        raise
+                    total = sum(r.hold_amount for r in reqs)
+                    balance = exc.__cause__.available + sum(r.hold_amount for r in reqs[:k])
+                    raise InsufficientBalance(f"balance {balance} nano-USD is short of the {total} nano-USD these "
+                                              f"{n} choices may cost (max_tokens={req.max_tokens} each); top up, "
+                                              "lower max_tokens or n") from exc
+            for k, req in enumerate(reqs):
+                if nodes[k] is not None and not _try(s, req, lambda: claim(s, req, nodes[k], rt.settings)):
+                    nodes[k] = None
+            return reqs, False, nodes
 
     def _try(s, req, step):
         """A placement step (`placement.py`) in a savepoint: a lock timeout leaves the
@@ -283,45 +307,72 @@ async def handle(rt: Runtime, account: Account, body: ChatCompletionRequest | Co
             log.debug("request %s not placed at admission: %s", req.id, exc)
             return None
 
+    streams: list[RequestStream] = []
+    current = 0  # the choice whose first message is awaited
     try:
-        request, replayed, placed = await run_in_threadpool(_admit)
+        requests, replayed, placed = await run_in_threadpool(_admit)
         if replayed:
-            sub.close()
-            return _replay(request, body, kind)
-        stream = RequestStream(rt, request.id, sub)
-        stream.prompt = (request.model, request.payload)
+            for sub in subs:
+                sub.close()
+            return _replay(requests[0], body, kind)
+        for request, sub in zip(requests, subs):
+            stream = RequestStream(rt, request.id, sub)
+            stream.prompt = (request.model, request.payload)
+            streams.append(stream)
         try:
-            if placed:
-                metrics.observe_queue_wait(request.created_at, request.assigned_at, inline=True)
-                await rt.bus.publish(f"node:{placed}", assignment_frame(request))
-                await rt.bus.publish(f"req:{request.id}", {"type": "assigned", "node_id": placed})
-            else:  # others wait, or no node is free: the Celery micro-batch routes the queue in order
+            for request, node in zip(requests, placed):
+                if node:
+                    metrics.observe_queue_wait(request.created_at, request.assigned_at, inline=True)
+                    await rt.bus.publish(f"node:{node}", assignment_frame(request))
+                    await rt.bus.publish(f"req:{request.id}", {"type": "assigned", "node_id": node})
+            if not all(placed):  # others wait, or no node is free: the Celery micro-batch routes the queue in order
                 await run_in_threadpool(rt.trigger_dispatch)
         except BusUnavailable as exc:
-            await run_in_threadpool(_cancel_unsent, rt, request.id)  # never reached a node: release the hold now
+            for request in requests:  # never reached a node: release the holds now
+                await run_in_threadpool(_cancel_unsent, rt, request.id)
+            streams = []
             raise Unavailable("the market cannot dispatch work right now; nothing was charged; retry shortly") from exc
-        first = await stream.next()
-        if first["type"] == "error":
-            raise _error_from(first)
+        firsts = []
+        for current, stream in enumerate(streams):
+            first = await stream.next()
+            if first["type"] == "error":
+                raise _error_from(first)
+            firsts.append(first)
     except BaseException as exc:
-        if isinstance(exc, RelayInterrupted):
-            stream.finish(0, Delivery.RELAY_BROKEN)
-        elif not isinstance(exc, APIError) and "stream" in locals():
-            stream.finish(0, None)
-        sub.close()
+        for k, stream in enumerate(streams):
+            if k != current:  # the others are cancelled: nothing was written to the buyer
+                stream.finish(0, None)
+            elif isinstance(exc, RelayInterrupted):
+                stream.finish(0, Delivery.RELAY_BROKEN)
+            elif not isinstance(exc, APIError):
+                stream.finish(0, None)
+        for sub in subs:
+            sub.close()
         metrics.REQUESTS.labels(outcome=str(getattr(exc, "status_code", "error"))).inc()
         raise
     metrics.TTFT.observe(time.monotonic() - started)
     stream_keyed = idempotency_key is not None
+    builders = [builder_for(body, kind) for _ in streams]
+    headers = {"X-Agora-Request-Id": requests[0].id}
+    if n > 1:
+        headers["X-Agora-Choice-Request-Ids"] = ",".join(r.id for r in requests)
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        return StreamingResponse(_sse(stream, first, body.model, kind, include_usage, stream_keyed),
-                                 media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache", "X-Agora-Request-Id": request.id})
+        gen = _sse(streams[0], firsts[0], body.model, kind, include_usage, stream_keyed, builders[0]) if n == 1 else \
+            sse_many(streams, firsts, body.model, kind, include_usage, builders,
+                     functools.partial(_remember, rt, requests[0].id) if stream_keyed else None)
+        return StreamingResponse(gen, media_type="text/event-stream", headers={"Cache-Control": "no-cache", **headers})
     try:
-        return await _collect(stream, first, body.model, kind, stream_keyed)
+        if n == 1:
+            return await _collect(streams[0], firsts[0], body.model, kind, stream_keyed, builders[0])
+        whole, _ = await collect_many(streams, firsts, body.model, kind, builders)
+        metrics.REQUESTS.labels(outcome="200").inc()
+        if stream_keyed:
+            await _remember(rt, requests[0].id, whole)
+        return JSONResponse(whole, headers=headers)
     finally:
-        sub.close()
+        for sub in subs:
+            sub.close()
 
 
 async def _remember(rt: Runtime, rid: str, body: dict) -> None:
@@ -333,37 +384,17 @@ async def _remember(rt: Runtime, rid: str, body: dict) -> None:
     await run_in_threadpool(_save)
 
 
-def _usage(msg: dict, written: int) -> dict:
-    """The usage the buyer sees: exactly what settlement will charge for `written` tokens."""
-    quote = Quote.from_dict(msg["quote"])
-    return fmt.usage(quote.prompt_tokens, written, quote.buyer_cost(written, Delivery.COMPLETE))
-
-
-async def _collect(stream: RequestStream, msg: dict, model: str, kind: str, keyed: bool) -> JSONResponse:
-    parts: list[str] = []
+async def _collect(stream: RequestStream, msg: dict, model: str, kind: str, keyed: bool,
+                   lp: LogprobsBuilder | None = None) -> JSONResponse:
     created = fmt.now()
-    count = 0
-    last = None
     try:
-        while msg["type"] == "tokens":
-            parts.append(msg["text"])
-            count += msg["count"]
-            metrics.TOKENS.inc(msg["count"])
-            last = metrics.observe_gap(last, msg["count"])
-            msg = await stream.next()
-    except RelayInterrupted:
-        stream.finish(0, Delivery.RELAY_BROKEN)  # nothing was written to the buyer
-        metrics.REQUESTS.labels(outcome="503").inc()
+        text, count, msg = await gather_one(stream, msg, lp)  # on failure it has finished the stream
+    except APIError as exc:
+        metrics.REQUESTS.labels(outcome=str(exc.status_code)).inc()
         raise
-    except BaseException:
-        stream.finish(0, None)
-        raise
-    if msg["type"] == "error":
-        metrics.REQUESTS.labels(outcome=str(msg.get("status", 502))).inc()
-        raise _error_from(msg)
     metrics.REQUESTS.labels(outcome="200").inc()
-    body = fmt.whole(kind, stream.rid, model, created, "".join(parts), msg["finish_reason"],
-                     _usage(msg, count), msg.get("node_id"))
+    body = fmt.whole(kind, stream.rid, model, created, text, msg["finish_reason"],
+                     _usage(msg, count), msg.get("node_id"), lp.whole() if lp is not None else None)
     if keyed:
         await _remember(stream.rt, stream.rid, body)
     stream.finish(count, Delivery.COMPLETE)
@@ -371,7 +402,7 @@ async def _collect(stream: RequestStream, msg: dict, model: str, kind: str, keye
 
 
 async def _sse(stream: RequestStream, msg: dict, model: str, kind: str, include_usage: bool,
-               keyed: bool) -> AsyncIterator[bytes]:
+               keyed: bool, lp: LogprobsBuilder | None = None) -> AsyncIterator[bytes]:
     """The SSE body. `written` counts the tokens whose chunk the server has handed to the
     buyer's connection (a chunk counts once the response resumes this generator after
     it); that, and nothing the node sent beyond it, is what the buyer pays for."""
@@ -387,8 +418,9 @@ async def _sse(stream: RequestStream, msg: dict, model: str, kind: str, include_
             pending += msg["count"]
             metrics.TOKENS.inc(msg["count"])
             last = metrics.observe_gap(last, msg["count"])
-            if msg["text"] or first:
-                yield fmt.sse(fmt.chunk(kind, stream.rid, model, created, text=msg["text"], first=first))
+            part = lp.part(msg) if lp is not None else None
+            if msg["text"] or first or part:
+                yield fmt.sse(fmt.chunk(kind, stream.rid, model, created, text=msg["text"], first=first, logprobs=part))
                 first = False
                 written, pending = written + pending, 0
             msg = await stream.next()
@@ -407,7 +439,7 @@ async def _sse(stream: RequestStream, msg: dict, model: str, kind: str, include_
             if keyed:
                 await _remember(stream.rt, stream.rid, fmt.whole(
                     kind, stream.rid, model, created, "".join(parts), msg["finish_reason"], _usage(msg, written),
-                    msg.get("node_id")))
+                    msg.get("node_id"), lp.whole() if lp is not None else None))
         yield fmt.sse("[DONE]")
     except RelayInterrupted as exc:
         ended = True

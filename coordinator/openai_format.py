@@ -17,17 +17,18 @@ def usage(prompt_tokens: int, completion_tokens: int, cost_nano_usd: int) -> dic
 
 
 def chunk(kind: str, rid: str, model: str, created: int, *, text: str | None = None,
-          first: bool = False, finish_reason: str | None = None) -> dict[str, Any]:
+          first: bool = False, finish_reason: str | None = None, logprobs: dict | None = None,
+          index: int = 0) -> dict[str, Any]:
     if kind == "chat":
         delta: dict[str, Any] = {}
         if first:
             delta["role"] = "assistant"
         if text is not None:
             delta["content"] = text
-        choice = {"index": 0, "delta": delta, "finish_reason": finish_reason, "logprobs": None}
+        choice = {"index": index, "delta": delta, "finish_reason": finish_reason, "logprobs": logprobs}
         obj = "chat.completion.chunk"
     else:
-        choice = {"index": 0, "text": text or "", "finish_reason": finish_reason, "logprobs": None}
+        choice = {"index": index, "text": text or "", "finish_reason": finish_reason, "logprobs": logprobs}
         obj = "text_completion"
     return {"id": rid, "object": obj, "created": created, "model": model, "choices": [choice]}
 
@@ -37,16 +38,22 @@ def usage_chunk(kind: str, rid: str, model: str, created: int, u: dict[str, Any]
     return {"id": rid, "object": obj, "created": created, "model": model, "choices": [], "usage": u}
 
 
-def whole(kind: str, rid: str, model: str, created: int, text: str, finish_reason: str,
-          u: dict[str, Any], node_id: str | None) -> dict[str, Any]:
+def choice(kind: str, text: str, finish_reason: str, logprobs: dict | None = None, index: int = 0) -> dict[str, Any]:
     if kind == "chat":
-        choice = {"index": 0, "message": {"role": "assistant", "content": text},
-                  "finish_reason": finish_reason, "logprobs": None}
-        obj = "chat.completion"
-    else:
-        choice = {"index": 0, "text": text, "finish_reason": finish_reason, "logprobs": None}
-        obj = "text_completion"
-    return {"id": rid, "object": obj, "created": created, "model": model, "choices": [choice],
+        return {"index": index, "message": {"role": "assistant", "content": text},
+                "finish_reason": finish_reason, "logprobs": logprobs}
+    return {"index": index, "text": text, "finish_reason": finish_reason, "logprobs": logprobs}
+
+
+def whole(kind: str, rid: str, model: str, created: int, text: str, finish_reason: str,
+          u: dict[str, Any], node_id: str | None, logprobs: dict | None = None) -> dict[str, Any]:
+    return whole_of(kind, rid, model, created, [choice(kind, text, finish_reason, logprobs)], u, node_id)
+
+
+def whole_of(kind: str, rid: str, model: str, created: int, choices: list[dict[str, Any]], u: dict[str, Any],
+             node_id: str | None) -> dict[str, Any]:
+    obj = "chat.completion" if kind == "chat" else "text_completion"
+    return {"id": rid, "object": obj, "created": created, "model": model, "choices": choices,
             "usage": u, "system_fingerprint": f"agora-node-{node_id[:12]}" if node_id else None}
 
 

@@ -8,6 +8,9 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 MAX_TOKENS_CAP = 1_000_000
 MAX_STOP = 4
+MAX_TOP_LOGPROBS = 20  # chat's top_logprobs (OpenAI's bound); completions' logprobs: at most 5
+MAX_CHOICES = 128  # the schema's bound on n; the operator's (`max_choices`, lower) is checked at admission
+METADATA_KEYS, METADATA_KEY_CHARS, METADATA_VALUE_CHARS, USER_CHARS = 16, 64, 512, 256
 SEED_MAX = 2**63 - 1  # the engines seed a 64-bit generator
 
 
@@ -75,8 +78,30 @@ class _Common(BaseModel):
     stop: str | list[str] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
-    n: int = Field(default=1, ge=1, le=1)
+    n: int = Field(default=1, ge=1, le=MAX_CHOICES)
     routing: RoutingPrefs | None = None
+    user: str | None = Field(default=None, max_length=USER_CHARS)
+    metadata: dict[str, str] | None = None
+
+    @field_validator("user")
+    @classmethod
+    def _user(cls, v):
+        return None if v is None else _utf8(v, "user")
+
+    @field_validator("metadata")
+    @classmethod
+    def _metadata(cls, v):
+        if v is None:
+            return None
+        if len(v) > METADATA_KEYS:
+            raise ValueError(f"at most {METADATA_KEYS} keys")
+        for key, value in v.items():
+            if len(key) > METADATA_KEY_CHARS:
+                raise ValueError(f"key {key[:20]!r}... is longer than {METADATA_KEY_CHARS} characters")
+            if len(value) > METADATA_VALUE_CHARS:
+                raise ValueError(f"the value of {key!r} is longer than {METADATA_VALUE_CHARS} characters")
+            _utf8(key, "a metadata key"), _utf8(value, "a metadata value")
+        return v
 
     @field_validator("model")
     @classmethod
@@ -98,8 +123,16 @@ class _Common(BaseModel):
     def requested_max_tokens(self) -> int | None:
         return self.max_completion_tokens or self.max_tokens
 
+    def wants_logprobs(self) -> bool:
+        """Per-token log-probs asked for (chat: `logprobs: true`; completions: `logprobs: k`)."""
+        return False
+
+    def top_logprobs_k(self) -> int:
+        """Alternatives asked for per token (0: only the chosen token's log-prob)."""
+        return 0
+
     def sampling(self, max_tokens: int) -> dict[str, Any]:
-        return {
+        out = {
             "max_tokens": max_tokens,
             "temperature": self.temperature,
             "top_p": self.top_p,
@@ -107,6 +140,9 @@ class _Common(BaseModel):
             "seed": self.seed,
             "stop": list(self.stop or []),
         }
+        if self.top_logprobs_k():  # only then: older nodes' frames and stored payloads stay as they were
+            out["top_logprobs"] = self.top_logprobs_k()
+        return out
 
 
 class ChatMessage(BaseModel):
@@ -130,12 +166,21 @@ class ChatMessage(BaseModel):
 
 class ChatCompletionRequest(_Common):
     messages: list[ChatMessage] = Field(min_length=1)
+    logprobs: bool | None = None
+    top_logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
 
     @model_validator(mode="after")
     def _texts(self):
-        for m in self.messages:
-            m.text()  # raises on unsupported parts
+        for m in self.messages:  # non-text parts are refused by name first (`unsupported.py`)
+            if not isinstance(m.content, list) or all(p.get("type") == "text" for p in m.content):
+                m.text()
         return self
+
+    def wants_logprobs(self) -> bool:
+        return bool(self.logprobs)
+
+    def top_logprobs_k(self) -> int:
+        return (self.top_logprobs or 0) if self.logprobs else 0
 
     def plain_messages(self) -> list[dict[str, str]]:
         return [{"role": m.role, "content": m.text()} for m in self.messages]
@@ -147,6 +192,13 @@ class ChatCompletionRequest(_Common):
 class CompletionRequest(_Common):
     prompt: str | list[str]
     echo: bool = False
+    logprobs: int | None = Field(default=None, ge=0, le=5)
+
+    def wants_logprobs(self) -> bool:
+        return self.logprobs is not None
+
+    def top_logprobs_k(self) -> int:
+        return self.logprobs or 0
 
     @field_validator("prompt")
     @classmethod

@@ -52,6 +52,8 @@ class CoordinatorSettings(BaseSettings):
     node_rate_limit_per_min: int = Field(default=240, ge=0, description="signed messages per node identity")
     registration_rate_limit_per_min: int = Field(default=60, ge=0, description="node registrations per client address")
     default_max_tokens: int = 256
+    max_choices: int = Field(default=8, ge=1, le=128, description="highest `n` (choices per request) a buyer may ask; "
+                             "each choice is its own request on the market, all held together")
     assign_timeout_s: float = 30.0  # a request not assigned by then fails with 503
     first_token_timeout_s: float = 60.0  # assigned -> first token (prefill of a long prompt included)
     token_timeout_s: float = 30.0  # between tokens, then the stream is failed over as stalled

@@ -275,10 +275,12 @@ class Channel:
             st.ids_known = False
         if chunk.token_ids is None or chunk.logprobs is None:
             st.auditable = False  # no ids or no log-probs: nothing a verifier can check
+        msg = {"type": "tokens", "node_id": self.node_id, "text": chunk.text, "start": chunk.start, "count": n,
+               "token_ids": chunk.token_ids, "logprobs": chunk.logprobs}
+        if chunk.top_logprobs is not None:  # asked for by the buyer (logprobs_format.py)
+            msg["top_logprobs"] = [[alt.model_dump() for alt in alts] for alts in chunk.top_logprobs]
         try:
-            await self.rt.bus.publish(f"req:{chunk.request_id}", {
-                "type": "tokens", "node_id": self.node_id, "text": chunk.text, "start": chunk.start, "count": n,
-                "token_ids": chunk.token_ids, "logprobs": chunk.logprobs})
+            await self.rt.bus.publish(f"req:{chunk.request_id}", msg)
         except BusUnavailable:
             # Relayed from the node but lost on the way: the node is paid for it, the buyer's
             # handler sees the gap (or the bus drop) and charges the buyer only what it got.

@@ -29,7 +29,7 @@ from node_agent.identity import Identity
 from node_agent.settings import NodeSettings
 from protocol import (
     Assignment, ChannelHello, Done, Heartbeat, ModelOffer, Receipt, Registration, TokenChunk,
-    TokenCommitment, VerifyJob, VerifyResult, WorkError, fresh_stamp, quantize_logprob,
+    TokenCommitment, TopLogprob, VerifyJob, VerifyResult, WorkError, fresh_stamp, quantize_logprob,
 )
 from protocol.commitment import NO_LOGPROB
 
@@ -80,7 +80,11 @@ class Chunker:
     def add(self, ev: TokenEvent) -> TokenChunk | None:
         lp = None if ev.logprob is None else quantize_logprob(ev.logprob)
         if ev.token_id is not None and not self.textual:
-            return self._emit([ev.token_id], None if lp is None else [lp], ev.text, 1)
+            chunk = self._emit([ev.token_id], None if lp is None else [lp], ev.text, 1)
+            if ev.top is not None:  # the buyer asked for alternatives (not committed: never audited)
+                chunk.top_logprobs = [[TopLogprob(token_id=t, text=text[:256], logprob=quantize_logprob(v))
+                                       for t, text, v in ev.top[:20]]]
+            return chunk
         if self.count and not self.textual:  # ids, then none: the bound would refuse the rest
             raise EngineError("the engine stopped naming its tokens mid-stream")
         self.textual = True
@@ -291,7 +295,7 @@ class NodeAgent:
         `prefix_tokens` of max_tokens are spent either way."""
         s = a.sampling
         sampling = SamplingParams(max_tokens=s.max_tokens, temperature=s.temperature, top_p=s.top_p,
-                                  top_k=s.top_k, seed=s.seed, stop=list(s.stop))
+                                  top_k=s.top_k, seed=s.seed, stop=list(s.stop), top_logprobs=s.top_logprobs)
         if a.prefix_token_ids and getattr(core_engine(self.engine), "encodes_exactly", True):
             prefix = list(a.prefix_token_ids)
         else:

@@ -8,13 +8,13 @@ frames), `commitment` (the token hash chain).
 from protocol.commitment import LOGPROB_SCALE, TokenCommitment, commitment_of, quantize_logprob
 from protocol.messages import (
     PROTOCOL_VERSION, AccountQuery, Assignment, ChannelHello, Done, Heartbeat, ModelOffer, PayoutRequest,
-    Receipt, Registration, ReverifyRequest, Sampling, TokenChunk, UnbondRequest, VerifyJob, VerifyResult, WorkError,
+    Receipt, Registration, ReverifyRequest, Sampling, TokenChunk, TopLogprob, UnbondRequest, VerifyJob, VerifyResult, WorkError,
 )
 from protocol.signing import Signed, canonical_bytes, fresh_stamp, verify_signature
 
 __all__ = [
     "LOGPROB_SCALE", "PROTOCOL_VERSION", "AccountQuery", "Assignment", "ChannelHello", "Done", "Heartbeat",
     "ModelOffer", "PayoutRequest", "Receipt", "Registration", "ReverifyRequest", "Sampling", "Signed", "TokenChunk",
-    "TokenCommitment", "UnbondRequest", "VerifyJob", "VerifyResult", "WorkError", "canonical_bytes",
+    "TokenCommitment", "TopLogprob", "UnbondRequest", "VerifyJob", "VerifyResult", "WorkError", "canonical_bytes",
     "commitment_of", "fresh_stamp", "quantize_logprob", "verify_signature",
 ]

@@ -90,6 +90,8 @@ class Sampling(BaseModel):
     top_k: int = 0
     seed: int | None = None
     stop: list[str] = Field(default_factory=list)
+    top_logprobs: int = Field(default=0, ge=0, le=20, description="alternatives per token the buyer asked for "
+                              "(chunks' `top_logprobs`); nodes that predate it ignore it")
 
 
 class Assignment(BaseModel):
@@ -109,6 +111,14 @@ class Assignment(BaseModel):
     prefix_tokens: int = Field(default=0, ge=0, description="tokens delivered before (count against max_tokens)")
 
 
+class TopLogprob(BaseModel):
+    """One of the most likely tokens at a position: its id, text and quantised log-prob."""
+
+    token_id: int | None = Field(default=None, ge=0, lt=2**32)
+    text: str = Field(max_length=256)
+    logprob: int = Field(ge=-(2**31), lt=2**31, description="round(logprob * LOGPROB_SCALE)")
+
+
 class TokenChunk(BaseModel):
     """One or more consecutive generated tokens of one request.
 
@@ -125,6 +135,9 @@ class TokenChunk(BaseModel):
         default=None, description="round(logprob * LOGPROB_SCALE) per token")
     count: int | None = Field(default=None, ge=0, description="tokens in this chunk (default: len(token_ids))")
     text: str
+    top_logprobs: list[Annotated[list[TopLogprob], Field(max_length=20)]] | None = Field(
+        default=None, description="per token, the most likely alternatives, best first (only when the "
+        "assignment asked for them and the engine can tell; not part of the commitment)")
 
     @model_validator(mode="after")
     def _consistent(self) -> "TokenChunk":
@@ -134,6 +147,8 @@ class TokenChunk(BaseModel):
             raise ValueError("count disagrees with token_ids")
         if self.logprobs is not None and len(self.logprobs) != self.n:
             raise ValueError("one log-prob per token")
+        if self.top_logprobs is not None and len(self.top_logprobs) != self.n:
+            raise ValueError("one list of top log-probs per token")
         return self
 
     @property

@@ -60,6 +60,9 @@ class InferenceRequest(SQLModel, table=True):
     replica_id: str | None = Field(default=None, max_length=32, index=True)  # the API process serving the buyer
     finish_reason: str | None = None
     error: str | None = None
+    # the buyer's own labels, as OpenAI takes them (`user`, `metadata`); shown on GET /v1/requests/{id}
+    buyer_user: str | None = Field(default=None, max_length=256)
+    buyer_metadata: dict[str, str] | None = Field(default=None, sa_column=Column(JSON))
     created_at: datetime = Field(default_factory=utcnow, index=True)
     assigned_at: datetime | None = None
     first_token_at: datetime | None = None

@@ -36,6 +36,7 @@ async def get_request(request_id: str, account: Account = Depends(current_accoun
         "segments": [{"node_id": sg["node_id"], "tokens": sg["tokens"], "voided": bool(sg.get("voided"))}
                      for sg in segments],
         "delivery": req.delivery, "delivered_tokens": req.delivered_tokens,
+        "user": req.buyer_user, "metadata": req.buyer_metadata,  # the buyer's own labels, as sent
         # from the ledger's own transfers: what was held, charged and given back
         "ledger": {"held_nano_usd": money.held, "charged_nano_usd": money.charged,
                    "refunded_nano_usd": money.refunded, "pending": money.pending},

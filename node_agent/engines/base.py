@@ -22,6 +22,7 @@ class SamplingParams:
     seed: int | None = None
     stop: list[str] = field(default_factory=list)
     ignore_eos: bool = False  # keep generating past end-of-sequence (benchmarks)
+    top_logprobs: int = 0  # alternatives per token to report (TokenEvent.top), where the engine can
 
 
 @dataclass
@@ -68,6 +69,7 @@ class TokenEvent:
     text: str
     finish_reason: str | None = None
     count: int = 1  # tokens this event stands for (more than 1 only without token ids)
+    top: list[tuple[int | None, str, float]] | None = None  # (id, text, log-prob) of the likeliest, best first
 
 
 class Engine(abc.ABC):

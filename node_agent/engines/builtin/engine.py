@@ -54,7 +54,7 @@ import torch
 from node_agent.engines.base import Engine, GenerationRequest, TokenEvent
 from node_agent.engines.builtin.model import QUANTIZATIONS, LlamaModel
 from node_agent.engines.builtin.prefix_cache import PrefixCache
-from node_agent.engines.builtin.sampling import make_generator, select
+from node_agent.engines.builtin.sampling import make_generator, select_with_top
 from node_agent.engines.builtin.textstream import Detokenizer, StopStream
 from node_agent.engines.builtin.tokenizer import HFTokenizer
 from node_agent.errors import EngineError, ModelLoadError, RequestTooLong
@@ -492,11 +492,13 @@ class BuiltinEngine(Engine):
             r.slot = i
 
     def _accept(self, batch: list[_Running], logits: torch.Tensor) -> None:
-        ids, lps = select(logits, [r.request.sampling for r in batch], [r.gen for r in batch])
-        for r, tid, lp in zip(batch, ids, lps):
+        ids, lps, tops = select_with_top(logits, [r.request.sampling for r in batch], [r.gen for r in batch])
+        for r, tid, lp, top in zip(batch, ids, lps, tops):
             r.tokens.append(tid)
             r.remaining -= 1
             ev = TokenEvent(tid, lp, r.detok.add(tid))
+            if top is not None:
+                ev.top = [(t, self.tokenizer.decode([t]), v) for t, v in top]
             sp = r.request.sampling
             if tid in self.tokenizer.eos_ids and not sp.ignore_eos:
                 ev.text += r.detok.flush()

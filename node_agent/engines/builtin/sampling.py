@@ -39,6 +39,15 @@ def select(
     logits: torch.Tensor, params: list[SamplingParams], gens: list[torch.Generator | None]
 ) -> tuple[list[int], list[float]]:
     """Pick one token per row of float32 `logits` [B, vocab]; return (ids, log-probs)."""
+    ids, lps, _ = select_with_top(logits, params, gens)
+    return ids, lps
+
+
+def select_with_top(
+    logits: torch.Tensor, params: list[SamplingParams], gens: list[torch.Generator | None]
+) -> tuple[list[int], list[float], list[list[tuple[int, float]] | None]]:
+    """`select`, plus each row's `top_logprobs` likeliest (id, log-prob), best first (None
+    for rows that asked for none): one top-k over the log-softmax the row already has."""
     logits = logits.float().cpu()
     logp = torch.log_softmax(logits, -1)
     ids = logits.argmax(-1).tolist()
@@ -46,4 +55,10 @@ def select(
         if g is not None:
             ids[i] = _sample_row(logits[i], p, g)
     lps = logp.gather(1, torch.tensor(ids)[:, None])[:, 0].tolist()
-    return ids, lps
+    tops: list[list[tuple[int, float]] | None] = [None] * len(ids)
+    for i, p in enumerate(params):
+        k = min(getattr(p, "top_logprobs", 0) or 0, logp.shape[-1])
+        if k > 0:
+            values, idx = torch.topk(logp[i], k)
+            tops[i] = list(zip(idx.tolist(), values.tolist()))
+    return ids, lps, tops

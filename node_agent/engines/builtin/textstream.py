@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Callable
 
 from node_agent.engines.base import TokenEvent
@@ -85,7 +86,7 @@ class StopStream:
             if end >= index and kept:
                 break
             if end + len(e.text) > index:
-                e = TokenEvent(e.token_id, e.logprob, e.text[: max(0, index - end)])
+                e = dataclasses.replace(e, text=e.text[: max(0, index - end)])
             kept.append(e)
             end += len(e.text)
             if end >= index:
