@@ -18,7 +18,9 @@ other request. What makes it a batch line:
   takes over the lease of a batch whose runner died) looks that key up first: a request
   that answered is replayed (charged once), one still running is waited for, one that ended
   without an answer (it charged nothing: the buyer pays only what its handler wrote) is
-  tried again under the next attempt. The claim on a batch is a lease in the database
+  tried again under the next attempt. An answer whose delivery was never acknowledged (its
+  process died) is settled `unacked` like any other: the buyer is charged nothing for it, and
+  the output file's `usage.cost_nano_usd` says so. The claim on a batch is a lease in the database
   (`batches.lease_owner`, `lease_until`), so any API replica may resume it.
 """
 
@@ -82,8 +84,11 @@ async def run_line(rt: Runtime, account: Account, kind: str, body: dict, key: st
 
     prior = await run_in_threadpool(_prior)
     if prior is not None:
-        if prior.response is not None:
-            return Outcome("done", 200, prior.response, prior.id)
+        if prior.response is not None and prior.status.finished:
+            # Answered: replayed, never bought again; its usage says what settlement charged (nothing
+            # when the process that had to acknowledge its delivery died first: the platform paid the node)
+            body = {**prior.response, "usage": {**(prior.response.get("usage") or {}), "cost_nano_usd": prior.cost or 0}}
+            return Outcome("done", 200, body, prior.id)
         return Outcome("again", 409, {"error": {"message": f"request {prior.id} {prior.status.value}",
                                                 "code": "retrying"}}, prior.id)
     schema = dict(ENDPOINTS.values())[kind]
@@ -187,14 +192,15 @@ class BatchRunner:
             if b.status == "in_progress" and b.expired_at is None else []
         if room <= 0 or not (resumed or fresh):
             return
-        cap = self._cap(b.model)
+        body_of = self._input(b)
+        unverified = bool((body_of.lines[0][1].get("routing") or {}).get("allow_unverified"))
+        cap = self._cap(b.model, unverified)
         if cap is None:
             return
-        allowance = await run_in_threadpool(self._idle_slots, b.model, cap) if fresh else 0
+        allowance = await run_in_threadpool(self._idle_slots, b.model, cap, unverified) if fresh else 0
         start = resumed[:room] + fresh[:max(0, min(room - len(resumed), allowance))]
         if not start:
             return
-        body_of = self._input(b)
         fresh_idx = [ln.idx for ln in start if ln.state == "pending"]
         if fresh_idx:
             await run_in_threadpool(self._mark_running, bid, fresh_idx)
@@ -214,14 +220,14 @@ class BatchRunner:
             got = self.inputs[b.id] = parse(self.store.get(b.input_file_id), self.settings.batch_max_lines)
         return got
 
-    def _cap(self, model: str) -> int | None:
-        prices = [c.offer.price_out for c in self.rt.market.candidates(model)]
+    def _cap(self, model: str, unverified: bool = False) -> int | None:
+        prices = [c.offer.price_out for c in self.rt.market.candidates(model, allow_unverified=unverified)]
         return price_cap(prices, self.settings.batch_discount_pct) if prices else None
 
-    def _idle_slots(self, model: str, cap: int) -> int:
+    def _idle_slots(self, model: str, cap: int, unverified: bool = False) -> int:
         """Lines that may start now: none while a request of the model is queued, else the
         free slots beyond the reserve on each node within the cap."""
-        nodes = {c.node.id: c.node.max_concurrency for c in self.rt.market.candidates(model)
+        nodes = {c.node.id: c.node.max_concurrency for c in self.rt.market.candidates(model, allow_unverified=unverified)
                  if c.offer.price_out <= cap}
         if not nodes:
             return 0
