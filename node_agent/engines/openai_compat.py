@@ -215,8 +215,8 @@ class OpenAICompatEngine(Engine):
             "max_tokens": remaining, "temperature": sp.temperature, "top_p": sp.top_p,
             "stream": True, "stream_options": {"include_usage": True},
         }
-        if self.logprobs:
-            body.update(logprobs=1, return_tokens_as_token_ids=True)
+        if self.logprobs:  # the buyer's top_logprobs pass through (at least the chosen token's)
+            body.update(logprobs=max(1, sp.top_logprobs), return_tokens_as_token_ids=True)
         for key, value in (("top_k", sp.top_k or None), ("seed", sp.seed), ("stop", list(sp.stop) or None),
                            ("ignore_eos", sp.ignore_eos or None)):
             if value is not None:
@@ -239,7 +239,7 @@ class OpenAICompatEngine(Engine):
                         raise EngineError(f"upstream error: {chunk['error']}")
                     usage = chunk.get("usage") or usage
                     for choice in chunk.get("choices") or []:
-                        for ev in self._events(choice):
+                        for ev in self._events(choice, sp.top_logprobs):
                             if held is not None:
                                 yield held
                             held, counted = ev, counted + ev.count
@@ -269,16 +269,38 @@ class OpenAICompatEngine(Engine):
         while len(self.usage) > 4096:  # requests nobody asked about (benchmarks) must not pile up
             self.usage.pop(next(iter(self.usage)))
 
-    def _events(self, choice: dict) -> list[TokenEvent]:
+    def _events(self, choice: dict, top_k: int = 0) -> list[TokenEvent]:
         text = choice.get("text") or ""
         lp = choice.get("logprobs") or {}
         tokens = lp.get("tokens") or []
         if not tokens:  # no per-token detail: one chunk of text, counted as one token
             return [TokenEvent(None, None, text)] if text else []
         values = lp.get("token_logprobs") or []
+        tops = lp.get("top_logprobs") or []
         last = len(tokens) - 1
-        return [TokenEvent(self._token_id(tok), _float(values[k] if k < len(values) else None),
-                           text if k == last else "") for k, tok in enumerate(tokens)]
+        events = [TokenEvent(self._token_id(tok), _float(values[k] if k < len(values) else None),
+                             text if k == last else "") for k, tok in enumerate(tokens)]
+        if top_k > 0:
+            for k, ev in enumerate(events):
+                ev.top = self._alternatives(tops[k] if k < len(tops) else None, top_k)
+        return events
+
+    def _alternatives(self, top, k: int) -> list[tuple[int | None, str, float]] | None:
+        """The upstream's top log-probs of one position as (id, text, log-prob), best first;
+        an alternative whose text cannot be told (an id without a local tokenizer) is left out."""
+        if not isinstance(top, dict):
+            return None
+        out = []
+        for key, v in top.items():
+            value, tid = _float(v), self._token_id(key)
+            if value is None or not isinstance(key, str):
+                continue
+            if key.startswith("token_id:"):
+                if tid is None or self.tokenizer is None:
+                    continue
+                key = self.tokenizer.decode([tid])
+            out.append((tid, key, value))
+        return sorted(out, key=lambda a: -a[2])[:k]
 
     def _token_id(self, tok) -> int | None:
         if isinstance(tok, str) and tok.startswith("token_id:"):

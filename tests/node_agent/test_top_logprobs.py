@@ -48,3 +48,19 @@ def test_no_alternatives_unless_asked(local):  # noqa: F811
     assert chunks and all(c.top_logprobs is None for c in chunks)
     assert all(c.logprobs is not None for c in chunks)  # the chosen tokens' log-probs are always sent
     assert "top_logprobs" not in assignment().sampling.model_dump(exclude_defaults=True)
+
+
+def test_an_openai_compatible_upstreams_top_logprobs_pass_through_best_first():
+    from node_agent.engines.openai_compat import OpenAICompatEngine
+    from node_agent.tiny_model import resolve_model
+
+    eng = OpenAICompatEngine("http://127.0.0.1:9/v1", model="tiny", tokenizer_dir=resolve_model("tiny"))
+    a, b = eng.encode("a")[0], eng.encode("b")[0]
+    choice = {"text": "a", "logprobs": {"tokens": [f"token_id:{a}"], "token_logprobs": [-0.5],
+                                        "top_logprobs": [{f"token_id:{b}": -1.5, f"token_id:{a}": -0.5}]}}
+    ev = eng._events(choice, top_k=2)[0]
+    assert ev.token_id == a and ev.top == [(a, eng.decode([a]), -0.5), (b, eng.decode([b]), -1.5)]
+    assert eng._events(choice, top_k=1)[0].top == [(a, eng.decode([a]), -0.5)]
+    assert eng._events(choice)[0].top is None  # not asked
+    bare = OpenAICompatEngine("http://127.0.0.1:9/v1", model="tiny")  # ids it cannot spell: left out, not invented
+    assert bare._events(choice, top_k=2)[0].top == []
