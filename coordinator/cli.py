@@ -110,7 +110,11 @@ def cmd_account(argv: list[str]) -> int:
     stm.add_argument("account_id")
     stm.add_argument("--limit", type=int, default=20)
     stm.add_argument("--before", type=int, help="cursor from the previous page")
-    for q in (create, bal, dep, stm):
+    cache = sub.add_parser("cache", help="turn the response cache on or off as the account's default "
+                           "(a request's X-Agora-Cache header overrides it)")
+    cache.add_argument("account_id")
+    cache.add_argument("state", choices=["on", "off"])
+    for q in (create, bal, dep, stm, cache):
         q.add_argument("--database-url")
         q.add_argument("--json", action="store_true")
     args = p.parse_args(argv)
@@ -138,6 +142,12 @@ def cmd_account(argv: list[str]) -> int:
             print(f"no account {args.account_id}", file=sys.stderr)
             return 1
         ledger = Ledger(s)
+        if args.cmd == "cache":
+            account.response_cache = args.state == "on"
+            s.add(account)
+            print(json.dumps({"account_id": account.id, "response_cache": account.response_cache}) if args.json
+                  else f"response cache {args.state} for {account.id}")
+            return 0
         if args.cmd == "statement":
             from dataclasses import asdict
 

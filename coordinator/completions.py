@@ -21,7 +21,7 @@ from sqlalchemy import update
 from sqlalchemy.exc import OperationalError
 from starlette.concurrency import run_in_threadpool
 
-from coordinator import metrics
+from coordinator import metrics, response_cache
 from coordinator import openai_format as fmt
 from coordinator.affinity import prefix_chain
 from coordinator.admission import admit, body_hash, find_keyed, new_request_id, place_hold
@@ -65,6 +65,7 @@ class RequestStream:
         self.left: set[str] = set()  # nodes this request failed over from
         self.failovers = 0
         self.prompt: tuple[str, dict] | None = None  # (model, payload): recorded for cache affinity
+        self.keep: response_cache.Keep | None = None  # where the response cache keeps the answer
         self._new_segment()
 
     def _new_segment(self) -> None:
@@ -204,26 +205,29 @@ def _replay(prior: InferenceRequest, body, kind: str):
         raise Conflict(f"the request with this Idempotency-Key ended {prior.status.value}"
                        f"{': ' + prior.error if prior.error else ''}; send a new key to retry",
                        code="idempotency_conflict")
-    headers = {"X-Agora-Request-Id": prior.id, "X-Agora-Replay": "true"}
+    return _answer(prior.response, body, kind, {"X-Agora-Request-Id": prior.id, "X-Agora-Replay": "true"})
+
+
+def _answer(whole: dict, body, kind: str, headers: dict):
+    """A whole answer known in advance (a replay, a cache hit), whole or as one SSE stream."""
     if not body.stream:
-        return JSONResponse(prior.response, headers=headers)
-    whole = prior.response
+        return JSONResponse(whole, headers=headers)
     choice = whole["choices"][0]
     text = choice["message"]["content"] if kind == "chat" else choice["text"]
 
     async def _one():
-        yield fmt.sse(fmt.chunk(kind, prior.id, whole["model"], whole["created"], text=text, first=True))
-        yield fmt.sse(fmt.chunk(kind, prior.id, whole["model"], whole["created"],
+        yield fmt.sse(fmt.chunk(kind, whole["id"], whole["model"], whole["created"], text=text, first=True))
+        yield fmt.sse(fmt.chunk(kind, whole["id"], whole["model"], whole["created"],
                                 finish_reason=choice["finish_reason"]))
         if body.stream_options and body.stream_options.include_usage:
-            yield fmt.sse(fmt.usage_chunk(kind, prior.id, whole["model"], whole["created"], whole["usage"]))
+            yield fmt.sse(fmt.usage_chunk(kind, whole["id"], whole["model"], whole["created"], whole["usage"]))
         yield fmt.sse("[DONE]")
 
     return StreamingResponse(_one(), media_type="text/event-stream", headers=headers)
 
 
 async def handle(rt: Runtime, account: Account, body: ChatCompletionRequest | CompletionRequest, kind: str,
-                 idempotency_key: str | None = None):
+                 idempotency_key: str | None = None, cache: str | None = None):
     started = time.monotonic()
     refuse_unsupported(body)  # parameters no node here honours: a 400 naming them (unsupported.py)
     if idempotency_key:
@@ -234,6 +238,9 @@ async def handle(rt: Runtime, account: Account, body: ChatCompletionRequest | Co
         prior = await run_in_threadpool(_find)
         if prior is not None:
             return _replay(prior, body, kind)
+    hit, keep = await response_cache.consult(rt, account, body, kind, cache, idempotency_key, started)
+    if hit is not None:  # served without a node (response_cache.py)
+        return _answer(hit.body, body, kind, hit.headers)
     # Rate limits first: refusing costs a Redis round trip (in memory: nothing), nothing more.
     # Each of the n choices is its own request on the market (choices.py).
     n = body.n
@@ -319,6 +326,8 @@ async def handle(rt: Runtime, account: Account, body: ChatCompletionRequest | Co
             stream = RequestStream(rt, request.id, sub)
             stream.prompt = (request.model, request.payload)
             streams.append(stream)
+        if n == 1:
+            streams[0].keep = keep
         try:
             for request, node in zip(requests, placed):
                 if node:
@@ -384,6 +393,15 @@ async def _remember(rt: Runtime, rid: str, body: dict) -> None:
     await run_in_threadpool(_save)
 
 
+async def _keep(stream: RequestStream, body: dict, keyed: bool) -> None:
+    """A completed answer: for replays of its Idempotency-Key, and for the response cache."""
+    keep = getattr(stream, "keep", None)
+    if keep is not None:
+        await response_cache.fill(stream.rt, keep, body)
+    if keyed:
+        await _remember(stream.rt, stream.rid, body)
+
+
 async def _collect(stream: RequestStream, msg: dict, model: str, kind: str, keyed: bool,
                    lp: LogprobsBuilder | None = None) -> JSONResponse:
     created = fmt.now()
@@ -395,8 +413,7 @@ async def _collect(stream: RequestStream, msg: dict, model: str, kind: str, keye
     metrics.REQUESTS.labels(outcome="200").inc()
     body = fmt.whole(kind, stream.rid, model, created, text, msg["finish_reason"],
                      _usage(msg, count), msg.get("node_id"), lp.whole() if lp is not None else None)
-    if keyed:
-        await _remember(stream.rt, stream.rid, body)
+    await _keep(stream, body, keyed)
     stream.finish(count, Delivery.COMPLETE)
     return JSONResponse(body, headers={"X-Agora-Request-Id": stream.rid})
 
@@ -436,10 +453,10 @@ async def _sse(stream: RequestStream, msg: dict, model: str, kind: str, include_
             stream.finish(written, Delivery.COMPLETE)
             if include_usage:
                 yield fmt.sse(fmt.usage_chunk(kind, stream.rid, model, created, _usage(msg, written)))
-            if keyed:
-                await _remember(stream.rt, stream.rid, fmt.whole(
+            if keyed or getattr(stream, "keep", None):
+                await _keep(stream, fmt.whole(
                     kind, stream.rid, model, created, "".join(parts), msg["finish_reason"], _usage(msg, written),
-                    msg.get("node_id"), lp.whole() if lp is not None else None))
+                    msg.get("node_id"), lp.whole() if lp is not None else None), keyed)
         yield fmt.sse("[DONE]")
     except RelayInterrupted as exc:
         ended = True

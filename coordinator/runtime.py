@@ -18,6 +18,7 @@ from sqlmodel import Session
 
 from coordinator.auth import KeyCache
 from coordinator.bus import Bus, BusUnavailable, make_bus
+from coordinator.cache_store import make_store
 from coordinator.db import make_engine, read_only, read_scope, session_scope
 from coordinator.endings import Endings
 from coordinator.liveness import Liveness
@@ -61,6 +62,7 @@ class Runtime:
         # prompt prefixes served lately, per node (affinity.py); None: cache-aware routing off
         self.affinity = PrefixMap(settings.routing_affinity_entries, settings.routing_affinity_ttl_s) \
             if settings.routing_affinity else None
+        self.response_cache = make_store(settings)  # answers of opted-in deterministic requests (response_cache.py)
         set_store(self.store)
 
     @contextmanager

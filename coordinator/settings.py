@@ -66,6 +66,17 @@ class CoordinatorSettings(BaseSettings):
     routing_affinity_entries: int = Field(default=100_000, ge=1, description="prefixes remembered per API "
                                           "process (LRU)")
     platform_fee_bps: int = Field(default=500, ge=0, le=10_000)
+    # Response cache (coordinator/response_cache.py): opt-in per account and per request
+    response_cache_ttl_s: float = Field(default=3600, gt=0, description="a cached answer is served this long "
+                                        "after it was made")
+    response_cache_entries: int = Field(default=10_000, ge=1, description="answers kept (in Redis: for the "
+                                        "whole deployment; embedded: in the process); the oldest go first")
+    response_cache_entry_bytes: int = Field(default=256 * 1024, ge=256, description="a larger answer is not "
+                                            "cached")
+    response_cache_price_per_request: int = Field(default=0, ge=0, le=10**15, description="nano-USD charged per "
+                                                  "cache hit (to the platform's fees)")
+    response_cache_price_per_mtok: int = Field(default=0, ge=0, le=10**15, description="nano-USD per million "
+                                               "tokens (prompt + completion of the cached answer) charged per hit")
     request_ttl_s: float = Field(default=3600, gt=0, description="a request unfinished by then is failed "
                                  "unpaid and its hold released (the hold itself expires a little later)")
     dispatch_window_ms: float = 2.0  # micro-batch window of the dispatch task

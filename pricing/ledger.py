@@ -206,6 +206,25 @@ class Ledger:
 
         return self._once(idempotency_key, "deposit", {"account": account_id, "amount": amount}, op)["balance"]
 
+    def charge(self, buyer_account_id: int, amount: int, *, kind: str, idempotency_key: str,
+               request_ref: str | None = None) -> int:
+        """Buyer -> the platform's fees at once, no hold: a price known before the answer is
+        given (e.g. a cached answer's, `kind` "cache"). Returns the buyer's balance after the
+        first call; InsufficientFunds if it is short."""
+        if amount <= 0:
+            raise LedgerError("charge amount must be positive")
+
+        def op():
+            platform = self._sys(AccountKind.PLATFORM_FEES, buyer_account_id)
+            accts = self._lock([platform, buyer_account_id])
+            if accts[buyer_account_id].kind != AccountKind.BUYER:
+                raise WrongAccountKind("charges are made to buyer accounts")
+            self._move(accts, buyer_account_id, platform, amount, kind, request_ref=request_ref)
+            return {"balance": accts[buyer_account_id].balance}
+
+        params = {"buyer": buyer_account_id, "amount": amount, "kind": kind, "ref": request_ref}
+        return self._once(idempotency_key, "charge", params, op)["balance"]
+
     def create_hold(self, buyer_account_id: int, amount: int, *, idempotency_key: str,
                     request_ref: str | None = None, expires_at: datetime | None = None) -> LedgerHold:
         if amount < 0:

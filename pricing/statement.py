@@ -85,7 +85,7 @@ def request_charges(session: Session, request_ref: str) -> RequestCharges:
     rows = session.exec(select(T.kind, T.credit_account_id, T.amount).where(T.request_ref == request_ref)).all()
     held = sum(a for k, _, a in rows if k == "hold")
     refunded = sum(a for k, _, a in rows if k in ("release", "void"))
-    fees = sum(a for k, _, a in rows if k == "fee")
+    fees = sum(a for k, _, a in rows if k in ("fee", "cache"))  # "cache": a cached answer's price, no hold
     earnings: dict[int, int] = {}
     for k, credit, a in rows:
         if k == "earning":

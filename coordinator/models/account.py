@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from datetime import datetime, timezone
 
+from sqlalchemy import false
 from sqlmodel import Field, SQLModel
 
 
@@ -21,12 +22,16 @@ class Account(AccountBase, table=True):
     id: str = Field(primary_key=True, max_length=40)
     ledger_account_id: int = Field(index=True)
     created_at: datetime = Field(default_factory=utcnow)
+    # answers to its deterministic requests are cached and served again (response_cache.py);
+    # a request's X-Agora-Cache header overrides it
+    response_cache: bool = Field(default=False, sa_column_kwargs={"server_default": false()})
 
 
 class AccountPublic(AccountBase):
     id: str
     balance_nano_usd: int  # spendable now
     held_nano_usd: int = 0  # in escrow for requests not yet settled (their unused part comes back)
+    response_cache: bool = False  # the account's default for the response cache (X-Agora-Cache overrides it)
 
 
 class ApiKey(SQLModel, table=True):

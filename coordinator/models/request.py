@@ -6,7 +6,7 @@ import enum
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import JSON, Column, UniqueConstraint
+from sqlalchemy import JSON, Column, UniqueConstraint, false
 from sqlmodel import Field, SQLModel
 
 from coordinator.models.account import utcnow
@@ -63,6 +63,8 @@ class InferenceRequest(SQLModel, table=True):
     # the buyer's own labels, as OpenAI takes them (`user`, `metadata`); shown on GET /v1/requests/{id}
     buyer_user: str | None = Field(default=None, max_length=256)
     buyer_metadata: dict[str, str] | None = Field(default=None, sa_column=Column(JSON))
+    # served from the response cache (response_cache.py): no node, no hold; `cost` is the cache price
+    cached: bool = Field(default=False, sa_column_kwargs={"server_default": false()})
     created_at: datetime = Field(default_factory=utcnow, index=True)
     assigned_at: datetime | None = None
     first_token_at: datetime | None = None

@@ -4,15 +4,16 @@ from __future__ import annotations
 
 from dataclasses import asdict
 
-from fastapi import APIRouter, Depends, Query
+from fastapi import APIRouter, Depends, Query, Request
 from pydantic import BaseModel, Field
 from starlette.concurrency import run_in_threadpool
 
 from coordinator import account_service
-from coordinator.auth import require_admin
+from coordinator.auth import bearer_token, require_admin
 from coordinator.models import Account, AccountPublic
 from coordinator.routes.deps import current_account, runtime
 from coordinator.runtime import Runtime
+from coordinator.usage import usage
 from coordinator.errors import BadRequest, Conflict, NotFound
 from pricing.errors import IdempotencyConflict
 from pricing.ledger import AccountKind, Ledger
@@ -29,7 +30,48 @@ async def my_account(account: Account = Depends(current_account), rt: Runtime = 
             led = Ledger(s)
             return AccountPublic(id=account.id, name=account.name,
                                  balance_nano_usd=led.balance(account.ledger_account_id),
-                                 held_nano_usd=led.held(account.ledger_account_id))
+                                 held_nano_usd=led.held(account.ledger_account_id),
+                                 response_cache=account.response_cache)
+
+    return await run_in_threadpool(_do)
+
+
+class AccountUpdate(BaseModel):
+    model_config = {"extra": "forbid"}
+
+    response_cache: bool | None = Field(default=None, description="cache the answers of this account's "
+                                        "deterministic requests by default (a request's X-Agora-Cache overrides it)")
+
+
+@router.patch("/v1/account")
+async def update_my_account(body: AccountUpdate, request: Request, account: Account = Depends(current_account),
+                            rt: Runtime = Depends(runtime)) -> AccountPublic:
+    """The account owner's settings. Takes effect at once for this API key on this API
+    process, within `api_key_cache_s` elsewhere (keys are cached)."""
+    def _do():
+        with rt.session() as s:
+            row = s.get(Account, account.id)
+            if body.response_cache is not None:
+                row.response_cache = body.response_cache
+            s.add(row)
+            s.flush()
+            s.refresh(row)
+            s.expunge(row)
+            return row
+
+    fresh = await run_in_threadpool(_do)
+    rt.keys.put(bearer_token(request), fresh)
+    return await my_account(fresh, rt)
+
+
+@router.get("/v1/account/usage")
+async def my_usage(days: float = Query(30.0, gt=0, le=366), account: Account = Depends(current_account),
+                   rt: Runtime = Depends(runtime)):
+    """The buyer's usage: spend by model and day, requests served from the response cache
+    counted apart, recent requests (as the usage dashboard)."""
+    def _do():
+        with rt.read_session() as s:
+            return usage(s, account.id, days=days)
 
     return await run_in_threadpool(_do)
 

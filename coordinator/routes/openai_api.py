@@ -16,18 +16,22 @@ router = APIRouter(prefix="/v1", tags=["openai"])
 
 
 IdempotencyKey = Header(default=None, alias="Idempotency-Key", max_length=160)
+CacheMode = Header(default=None, alias="X-Agora-Cache", max_length=16,
+                   description="response cache for this request: use, refresh or skip (default: the account's)")
 
 
 @router.post("/chat/completions")
 async def chat_completions(body: ChatCompletionRequest, account: Account = Depends(current_account),
-                           rt: Runtime = Depends(runtime), idempotency_key: str | None = IdempotencyKey):
-    return await completions.handle(rt, account, body, "chat", idempotency_key)
+                           rt: Runtime = Depends(runtime), idempotency_key: str | None = IdempotencyKey,
+                           cache: str | None = CacheMode):
+    return await completions.handle(rt, account, body, "chat", idempotency_key, cache)
 
 
 @router.post("/completions")
 async def legacy_completions(body: CompletionRequest, account: Account = Depends(current_account),
-                             rt: Runtime = Depends(runtime), idempotency_key: str | None = IdempotencyKey):
-    return await completions.handle(rt, account, body, "completion", idempotency_key)
+                             rt: Runtime = Depends(runtime), idempotency_key: str | None = IdempotencyKey,
+                             cache: str | None = CacheMode):
+    return await completions.handle(rt, account, body, "completion", idempotency_key, cache)
 
 
 @router.get("/models")

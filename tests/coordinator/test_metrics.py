@@ -52,18 +52,19 @@ class LiveMarket:
     """The embedded coordinator (SQLite, in-process Celery worker) on a real port, a seller
     and a trusted verifier (built-in engine) as agents in a thread of their own."""
 
-    def __init__(self, home):
+    def __init__(self, home, **overrides):
         import uvicorn
 
         from coordinator.app import create_app
         from node_agent.identity import Identity
 
         self.verifier_id = Identity.generate()
-        self.settings = CoordinatorSettings(
-            home=home, database_url=f"sqlite:///{home / 'm.db'}", run_worker_in_process=True,
-            inline_dispatch=False,  # every request through the Celery micro-batch: dispatch rounds are measured
-            canary_interval_s=0,  # no purchases of the coordinator's own: the test counts every request
-            admin_token="admin", trusted_verifiers=[self.verifier_id.public_key_hex], heartbeat_interval_s=1.0)
+        self.settings = CoordinatorSettings(**{
+            "home": home, "database_url": f"sqlite:///{home / 'm.db'}", "run_worker_in_process": True,
+            "inline_dispatch": False,  # every request through the Celery micro-batch: dispatch rounds are measured
+            "canary_interval_s": 0,  # no purchases of the coordinator's own: the test counts every request
+            "admin_token": "admin", "trusted_verifiers": [self.verifier_id.public_key_hex],
+            "heartbeat_interval_s": 1.0, **overrides})
         engine = make_engine(self.settings.effective_database_url)
         create_all(engine)
         self.rt = Runtime(self.settings, engine=engine)
