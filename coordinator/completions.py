@@ -212,13 +212,15 @@ def _answer(whole: dict, body, kind: str, headers: dict):
     """A whole answer known in advance (a replay, a cache hit), whole or as one SSE stream."""
     if not body.stream:
         return JSONResponse(whole, headers=headers)
-    choice = whole["choices"][0]
-    text = choice["message"]["content"] if kind == "chat" else choice["text"]
 
     async def _one():
-        yield fmt.sse(fmt.chunk(kind, whole["id"], whole["model"], whole["created"], text=text, first=True))
-        yield fmt.sse(fmt.chunk(kind, whole["id"], whole["model"], whole["created"],
-                                finish_reason=choice["finish_reason"]))
+        for choice in whole["choices"]:  # n > 1: each choice in turn, with its index
+            text = choice["message"]["content"] if kind == "chat" else choice["text"]
+            i = choice.get("index", 0)
+            yield fmt.sse(fmt.chunk(kind, whole["id"], whole["model"], whole["created"], text=text, first=True,
+                                    logprobs=choice.get("logprobs"), index=i))
+            yield fmt.sse(fmt.chunk(kind, whole["id"], whole["model"], whole["created"],
+                                    finish_reason=choice["finish_reason"], index=i))
         if body.stream_options and body.stream_options.include_usage:
             yield fmt.sse(fmt.usage_chunk(kind, whole["id"], whole["model"], whole["created"], whole["usage"]))
         yield fmt.sse("[DONE]")

@@ -105,3 +105,26 @@ def test_whole_n_choices_are_answered_together_or_the_error_charges_none():
     with pytest.raises(UpstreamFailed):
         asyncio.run(collect_many([ok, bad], [_msg(0), _msg(0)], "tiny", "chat", [None, None]))
     assert ok.finished == [(0, None)]  # its answer never reached the buyer: it pays nothing for it
+
+
+def test_a_replayed_stream_of_n_choices_sends_every_choice_with_its_index():
+    from coordinator import openai_format as fmt
+    from coordinator.completions import _answer
+    from coordinator.schemas import ChatCompletionRequest
+
+    whole = fmt.whole_of("chat", "req_1", "tiny", 1, [fmt.choice("chat", "ab", "stop", index=0),
+                                                      fmt.choice("chat", "cd", "length", index=1)],
+                         fmt.usage(2, 4, 10), "n1")
+    body = ChatCompletionRequest(model="tiny", messages=[{"role": "user", "content": "x"}], n=2, stream=True)
+
+    async def main():
+        return [c async for c in _answer(whole, body, "chat", {}).body_iterator]
+
+    events = _events(asyncio.run(main()))
+    got = {}
+    for ev in events:
+        for ch in ev["choices"]:
+            got.setdefault(ch["index"], ["", None])
+            got[ch["index"]][0] += ch["delta"].get("content") or ""
+            got[ch["index"]][1] = ch["finish_reason"] or got[ch["index"]][1]
+    assert got == {0: ["ab", "stop"], 1: ["cd", "length"]}
