@@ -207,3 +207,23 @@ def test_the_cache_charge_moves_buyer_money_to_the_platform_once(runtime):
             led.charge(buyer, 701, kind="cache", idempotency_key="cache:r2", request_ref="r2")
         assert led.balance(buyer) == 700 and led.system_balance(AccountKind.PLATFORM_FEES) == 300
         assert total_balance(s) == 0
+
+
+def test_the_operator_turns_an_accounts_cache_default_on_and_off_with_the_cli(tmp_path, capsys):
+    from coordinator.cli import cmd_account
+    from coordinator.db import make_engine, session_scope
+
+    db = ["--database-url", f"sqlite:///{tmp_path / 'a.db'}"]
+    assert cmd_account(["create", *db]) == 0
+    account_id = capsys.readouterr().err.split()[1]
+
+    def flag() -> bool:
+        with session_scope(make_engine(db[1])) as s:
+            return s.get(Account, account_id).response_cache
+
+    assert flag() is False
+    assert cmd_account(["cache", account_id, "on", "--json", *db]) == 0
+    assert json.loads(capsys.readouterr().out) == {"account_id": account_id, "response_cache": True}
+    assert flag() is True
+    assert cmd_account(["cache", account_id, "off", *db]) == 0 and flag() is False
+    assert cmd_account(["cache", "acct_nope", "on", *db]) == 1
