@@ -132,8 +132,9 @@ def _record_minute(session: Session, settings: CoordinatorSettings, start: datet
             failed_over=sum(1 for r in done if (r.payload or {}).get("failovers")),
             buyer_gone=sum(r.delivery == "buyer_gone" for r in reqs),
             market_fault=sum(r.delivery in ("relay_broken", "unacked") for r in reqs),
-            prompt_tokens=sum(r.prompt_tokens or 0 for r in done),
-            completion_tokens=sum(r.completion_tokens or 0 for r in done),
+            # tokens nodes processed: a response-cache hit repeats tokens counted when first made
+            prompt_tokens=sum(r.prompt_tokens or 0 for r in done if not r.cached),
+            completion_tokens=sum(r.completion_tokens or 0 for r in done if not r.cached),
             volume=sum(r.cost or 0 for r in reqs), fees=int(fees.get(model) or 0),
             ttft_p50_ms=_pct(ttft, 50), ttft_p90_ms=_pct(ttft, 90), ttft_p99_ms=_pct(ttft, 99),
             itl_p50_ms=_pct(itl, 50), itl_p99_ms=_pct(itl, 99),

@@ -227,3 +227,26 @@ def test_the_operator_turns_an_accounts_cache_default_on_and_off_with_the_cli(tm
     assert flag() is True
     assert cmd_account(["cache", account_id, "off", *db]) == 0 and flag() is False
     assert cmd_account(["cache", "acct_nope", "on", *db]) == 1
+
+
+def test_market_history_counts_a_hit_as_a_request_but_not_its_tokens_as_work_done(runtime):
+    from datetime import timedelta
+
+    from coordinator.account_service import create_account
+    from coordinator.history import minute_of, record
+    from coordinator.models import InferenceRequest, MarketMinute, RequestStatus
+    from coordinator.models.account import utcnow
+    from sqlmodel import select
+
+    start = minute_of(utcnow()) - timedelta(minutes=1)
+    with runtime.session() as s:
+        account, _ = create_account(s, "b")
+        for rid, cached in (("req_made", False), ("req_hit", True)):
+            s.add(InferenceRequest(id=rid, account_id=account.id, model="tiny", kind="chat",
+                                   status=RequestStatus.COMPLETED, prompt_tokens_est=5, max_tokens=8, prompt_tokens=5,
+                                   completion_tokens=8, cost=10, cached=cached, created_at=start,
+                                   finished_at=start + timedelta(seconds=10)))
+    with runtime.session() as s:
+        record(s, runtime.settings, now=start + timedelta(minutes=1, seconds=30))
+        row = s.exec(select(MarketMinute).where(MarketMinute.minute == start)).one()
+        assert (row.requests, row.completed, row.prompt_tokens, row.completion_tokens) == (2, 2, 5, 8)
