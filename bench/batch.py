@@ -36,6 +36,13 @@ import openai  # noqa: E402
 import overhead as ov  # noqa: E402
 from overhead_procs import Procs, free_port, upstream_argv, wait_for  # noqa: E402
 
+try:
+    from results import emit  # noqa: E402  (bench/results.py: regression tracking saves the figures too)
+except ImportError:  # pragma: no cover - a tree without it: print the line alone
+    def emit(name: str, figures: dict) -> dict:
+        print(json.dumps(figures), flush=True)
+        return figures
+
 MAX_TOKENS = 16
 INTERACTIVE_CONC = 4
 
@@ -135,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
         figures.update(lines=lines, mode="quick" if args.quick else "full")
     finally:
         procs.stop()
-    print(json.dumps(figures))
+    emit("batch", figures)
     return 0
 
 
