@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import sys
 import tempfile
 import time
@@ -28,6 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import overhead as ov  # noqa: E402
 from overhead_procs import Procs, free_port, upstream_argv, wait_for  # noqa: E402
+from results import emit  # noqa: E402
 
 
 def seed_backlog(db: Path, n: int, node_id: str) -> None:
@@ -106,7 +106,7 @@ def main() -> int:
     print(f"audit backlog {out['audits']}: TTFT p50 {out['ttft_p50_ms_none']} -> {out['ttft_p50_ms_backlog']} ms, "
           f"32-stream req/s {out['rps_c32_stream_none']} -> {out['rps_c32_stream_backlog']} "
           f"(hot-path cost {out['hot_path_cost']:.1%})", file=sys.stderr)
-    print(json.dumps(out))
+    emit("backlog", out)
     return 0
 
 

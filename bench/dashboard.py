@@ -48,7 +48,6 @@ from __future__ import annotations
 import argparse
 import cProfile
 import io
-import json
 import pstats
 import random
 import secrets
@@ -64,6 +63,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np  # noqa: E402
+from results import emit  # noqa: E402  (bench/results.py)
 from sqlalchemy import event, insert  # noqa: E402
 
 TARGET_MS = 300.0
@@ -458,7 +458,7 @@ def main() -> int:
             result["profile"] = prof
         log(f"worst page {worst}: p99 {p99:.1f} ms (target {TARGET_MS:.0f} ms: {'met' if p99 <= TARGET_MS else 'MISSED'}); "
             f"history cost ratio {result['history_cost_ratio']}; {time.monotonic() - t_start:.1f} s in all")
-        print(json.dumps(result))
+        emit("dashboard", result)
         return 0
     finally:
         if not a.keep:

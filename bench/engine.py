@@ -686,7 +686,9 @@ async def main() -> None:
     }
     if vllm_skipped:
         result["vllm_skipped"] = vllm_skipped
-    print(json.dumps(result))
+    from results import emit  # bench/results.py: the JSON line, and bench/results/engine.json
+
+    emit("engine", result)
 
 
 if __name__ == "__main__":

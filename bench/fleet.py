@@ -70,6 +70,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
 
 from fleet_sim import Fleet
+from results import emit
 
 PY = sys.executable
 TICK = os.sysconf("SC_CLK_TCK")
@@ -404,7 +405,7 @@ def report(args, res: dict) -> None:
             "heartbeat_p99_le_50ms": c["heartbeat_p99_ms"] is not None and c["heartbeat_p99_ms"] <= 50,
             "nodes_10000": args.nodes >= 10000,
         }
-    print(json.dumps(out))
+    emit("fleet", out)
 
 
 def main() -> int:

@@ -25,7 +25,6 @@ last line is one JSON object.
 from __future__ import annotations
 
 import argparse
-import json
 import random
 import sys
 import tempfile
@@ -45,6 +44,7 @@ from pricing.ledger import (  # noqa: E402
 )
 from pricing.ledger_models import _utcnow  # noqa: E402
 from pricing.money import request_cost  # noqa: E402
+from results import emit  # noqa: E402  (bench/results.py)
 
 PG_ADMIN = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
 P_IN, P_OUT = 500_000_000, 1_500_000_000  # nano-USD per Mtok
@@ -173,6 +173,7 @@ def bench_settle_task(url: str, n: int) -> dict:
     from coordinator.account_service import create_account
     from coordinator.admission import admit
     from coordinator.db import create_all, make_engine
+    from coordinator.delivery import Delivery, acknowledge
     from coordinator.models import InferenceRequest, RequestStatus
     from coordinator.node_registry import register
     from coordinator.runtime import Runtime
@@ -209,6 +210,7 @@ def bench_settle_task(url: str, n: int) -> dict:
                                   finish_reason="length").sign(me)
                 with rt.session() as s:
                     accept_receipt(s, receipt, me.public_key_hex, Relayed(3, commitment_of(rid, ids, lps)), settings)
+                    acknowledge(s, rid, 3, Delivery.COMPLETE)  # the buyer's handler wrote all 3 (settling waits for it)
             single_ids, task_ids = rids[:n], rids[n:]
             t0 = time.perf_counter()
             for rid in single_ids:
@@ -306,7 +308,7 @@ def main() -> None:
                    pg_concurrent_requests_per_s=round(r["concurrent"]),
                    batched_vs_naive=round(r["batched"] / r["naive"], 1), pg_books_ok=r["ok"])
     admin.dispose()
-    print(json.dumps(out))
+    emit("ledger", out)
 
 
 if __name__ == "__main__":

