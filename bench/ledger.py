@@ -185,7 +185,9 @@ def bench_settle_task(url: str, n: int) -> dict:
     from scheduler.routing import Decision
 
     with tempfile.TemporaryDirectory() as home:
-        settings = CoordinatorSettings(home=Path(home), database_url=url, run_worker_in_process=False)
+        # the node never beats here: admitting 2n requests on a loaded machine can outlast the 20 s timeout
+        settings = CoordinatorSettings(home=Path(home), database_url=url, run_worker_in_process=False,
+                                       heartbeat_timeout_s=3600.0)
         engine = make_engine(url)
         create_all(engine)
         rt = Runtime(settings, engine=engine)
