@@ -14,7 +14,9 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from coordinator.errors import BadRequest
 from coordinator.schemas import ChatCompletionRequest, CompletionRequest
+from coordinator.unsupported import refuse_unsupported
 
 ENDPOINTS = {"/v1/chat/completions": ("chat", ChatCompletionRequest), "/v1/completions": ("completion", CompletionRequest)}
 MAX_CUSTOM_ID = 512
@@ -99,10 +101,13 @@ def parse(data: bytes, max_lines: int) -> BatchInput:
             out.error(number, "stream is not supported in a batch", param="body.stream")
             continue
         try:
-            ENDPOINTS[url][1].model_validate(body)
+            refuse_unsupported(ENDPOINTS[url][1].model_validate(body))  # what the endpoint refuses by name
         except ValidationError as exc:
             message, param = _schema_error(exc)
             out.error(number, message, param=param)
+            continue
+        except BadRequest as exc:
+            out.error(number, exc.message, code=exc.code, param=f"body.{exc.param}")
             continue
         if out.model is None:
             out.model = body["model"]

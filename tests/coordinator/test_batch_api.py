@@ -77,6 +77,7 @@ def test_another_account_sees_neither_files_nor_batches(client, runtime):
     ([_line(0), _line(1, url="/v1/completions")], 2, "one endpoint per batch"),
     ([_line(0), _line(1, model="other")], 2, "one model per batch"),
     ([_line(0, stream=True)], 1, "stream is not supported"),
+    ([_line(0), _line(1, response_format={"type": "json_object"})], 2, "response_format 'json_object' is not supported"),
     ([], 1, "no requests"),
 ])
 def test_an_invalid_file_is_refused_with_the_line_that_is_wrong(client, runtime, lines, line_no, words):
