@@ -44,6 +44,7 @@ import logging
 import os
 import queue
 import threading
+import time
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -88,6 +89,9 @@ ENGINE_REVISION = 4
 # PREFILL_CHUNK is the chunk size measured for inter-token latency when it is switched on.
 PREFILL_CHUNK = 64
 DEFAULT_PREFILL_CHUNK = 0
+# The staged prompt's chunk is steered so that an iteration carrying it takes at most this
+# many times a decode-only iteration (0: fixed `prefill_chunk` chunks).
+DEFAULT_ITL_SLACK = 1.5
 # Tokens per prefix-cache block.
 DEFAULT_PREFIX_BLOCK = 16
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -127,6 +131,7 @@ class BuiltinEngine(Engine):
         prefix_cache_bytes: int | None = None,
         prefix_block: int = DEFAULT_PREFIX_BLOCK,
         prefill_chunk: int | None = None,
+        itl_slack: float | None = None,
         quantization: str | None = None,
     ):
         """`prefix_cache`: keep and reuse KV blocks across requests (default: on unless
@@ -135,6 +140,9 @@ class BuiltinEngine(Engine):
         `prefill_chunk`: prompt tokens per iteration while streams decode (default
         DEFAULT_PREFILL_CHUNK = 0 or AGORA_NODE_PREFILL_CHUNK; 0 prefills whole prompts; the
         budget is this per prompt that can start in an iteration, see `_plan_prefill`);
+        `itl_slack`: while streams decode, the staged long prompt's chunk is sized so that an
+        iteration takes at most this many times a decode-only one (default DEFAULT_ITL_SLACK or
+        AGORA_NODE_ITL_SLACK; 0 keeps the chunk at `prefill_chunk`), see `_chunk_rows`;
         `quantization`: "int8" quantises the attention and MLP weights at load time (per
         output channel, see linear.Int8Linear; declared in the offer); None or "none": the
         checkpoint's weights in `dtype`."""
@@ -171,6 +179,13 @@ class BuiltinEngine(Engine):
         if prefill_chunk < 0:
             raise EngineError(f"prefill_chunk must be >= 0, not {prefill_chunk}")
         self.prefill_chunk = prefill_chunk
+        if itl_slack is None:
+            itl_slack = float(os.environ.get("AGORA_NODE_ITL_SLACK", DEFAULT_ITL_SLACK))
+        if itl_slack != 0 and itl_slack <= 1:
+            raise EngineError(f"itl_slack must be > 1 (or 0: fixed chunks), not {itl_slack}")
+        self.itl_slack = itl_slack
+        self._decode_s: float | None = None  # moving average of a decode-only iteration's model time
+        self._staged_rows = 0  # the staged prompt's current chunk (rows), steered by _chunk_rows
         if prefix_cache is None:
             prefix_cache = _env_flag("AGORA_NODE_PREFIX_CACHE", True)
         if prefix_cache_bytes is None and os.environ.get("AGORA_NODE_PREFIX_CACHE_MB"):
@@ -406,8 +421,10 @@ class BuiltinEngine(Engine):
             toks = torch.tensor([r.tokens[-1] for r in batch], device=dev)
             pos = torch.tensor([n - 1 for n in lens], device=dev)
             groups = None if self.model.kernels is not None else _span_groups(lens)  # torch path only
+        t0 = time.perf_counter()
         dec_logits, chunk_logits = self.model.step(toks, pos, [(r.slot, r.tokens[a:e], a) for r, a, e in pieces],
                                                    groups)
+        self._timed(time.perf_counter() - t0, bool(batch), pieces)
         done_rows, joined = [], []
         for row, (r, a, e) in enumerate(pieces):
             r.done = e
@@ -431,6 +448,32 @@ class BuiltinEngine(Engine):
         if joined:
             self._accept(joined, chunk_logits[done_rows])
 
+    def _timed(self, seconds: float, decoding: bool, pieces: list) -> None:
+        """Learn from this iteration's model time: a decode-only one updates the moving
+        average the ITL budget is measured against; one that carried the staged prompt's chunk
+        alongside decoding streams steers the next chunk (`_chunk_rows`)."""
+        if not decoding:
+            return
+        if not pieces:
+            self._decode_s = seconds if self._decode_s is None else 0.8 * self._decode_s + 0.2 * seconds
+            return
+        st = self._staged
+        if self.itl_slack and st is not None and self._decode_s and pieces[0][0] is st and len(pieces) == 1:
+            # Multiplicative steering toward extra = (slack - 1) x decode time; the square root
+            # damps it (the chunk's cost grows with its position, and single timings are noisy).
+            extra = max(seconds - self._decode_s, 1e-5)
+            ratio = (self.itl_slack - 1) * self._decode_s / extra
+            rows = pieces[0][2] - pieces[0][1]
+            self._staged_rows = max(1, min(self.prefill_chunk, int(rows * min(4.0, ratio) ** 0.5)))
+
+    def _chunk_rows(self) -> int:
+        """Rows of the staged prompt to prefill this iteration while streams decode:
+        `prefill_chunk` until a decode-only iteration has been timed or with `itl_slack` 0,
+        then what `_timed` steered it to (at least one row, so a prompt always progresses)."""
+        if not self.itl_slack or not self._decode_s or not self._staged_rows:
+            return self.prefill_chunk
+        return self._staged_rows
+
     def _plan_prefill(self) -> tuple[list[tuple[_Running, int, int]], list[_Running]]:
         """This iteration's prompt pieces (request, first position, end position): the next
         chunk of the staged prompt, then waiting requests (FIFO) while the token budget
@@ -450,7 +493,7 @@ class BuiltinEngine(Engine):
         pieces: list[tuple[_Running, int, int]] = []
         st = self._staged
         if st is not None:
-            n = min(len(st.tokens) - st.done, budget)
+            n = min(len(st.tokens) - st.done, budget, self._chunk_rows() if self._running else budget)
             pieces.append((st, st.done, st.done + n))
             budget -= n
         admitted: list[_Running] = []
@@ -471,6 +514,7 @@ class BuiltinEngine(Engine):
             r.slot = slot
             if slot == self.staging_slot:
                 self._staged = r
+                self._staged_rows = max(1, self.prefill_chunk // 4)  # then steered by _timed
             else:
                 admitted.append(r)
             pieces.append((r, start, end))

@@ -244,3 +244,60 @@ def test_native_cache_attention_matches_whole_prompt_attention():
     assert torch.equal(both, torch.cat([whole[40:], whole[:10]]))
     with pytest.raises(ValueError):
         kernels.prefill_cache_attention(q[:10].contiguous(), kc, vc, [(2, max_len - 5, 10)], 1.0)
+
+
+@pytest.mark.skipif(native.load() is None, reason="native kernels unavailable here")
+def test_small_chunks_take_the_row_path_with_the_tile_paths_arithmetic():
+    """Pieces of at most 4 rows (the small chunks an ITL budget cuts near the end of a long
+    prompt) are computed row by row; every row comes out bit for bit as in one whole piece,
+    and close to a plain softmax reference."""
+    kernels = native.load()
+    torch.manual_seed(1)
+    heads, kvh, hd, max_len, n, at = 8, 4, 64, 1200, 23, 1100
+    kc, vc = torch.randn(2, kvh, max_len, hd), torch.randn(2, kvh, max_len, hd)
+    q = torch.randn(n, heads, hd)
+    scale = 1 / math.sqrt(hd)
+    whole = kernels.prefill_cache_attention(q, kc, vc, [(1, at, n)], scale)
+    if whole is None:
+        pytest.skip("the prefill kernel needs AVX-512, which this CPU lacks")
+    for size in (1, 2, 3, 4):
+        parts = [kernels.prefill_cache_attention(q[a:a + size].contiguous(), kc, vc,
+                                                 [(1, at + a, min(size, n - a))], scale) for a in range(0, n, size)]
+        assert torch.equal(torch.cat(parts), whole), size
+    rows = []
+    for i in range(n):
+        for h in range(heads):
+            keys, vals = kc[1, h // (heads // kvh), :at + i + 1], vc[1, h // (heads // kvh), :at + i + 1]
+            rows.append(torch.softmax(keys @ q[i, h] * scale, 0) @ vals)
+    assert torch.allclose(whole, torch.stack(rows).reshape(n, heads, hd), atol=2e-5)
+
+
+def test_itl_budget_steers_the_staged_chunk(tiny_dir, monkeypatch):
+    """With streams decoding, the staged prompt's chunk shrinks when an iteration carrying it
+    took more than `itl_slack` times a decode-only one and grows back (at most to
+    `prefill_chunk`) when it was cheap; it never drops below one row."""
+    eng = make(tiny_dir, prefix_cache=False, prefill_chunk=64, itl_slack=1.5)
+    staged = object()
+    eng._staged = staged
+    for _ in range(5):
+        eng._timed(0.010, True, [])  # decode-only iterations: 10 ms
+    assert eng._decode_s == pytest.approx(0.010)
+    eng._timed(0.040, True, [(staged, 0, 64)])  # 30 ms extra where 5 ms was the budget
+    assert eng._chunk_rows() == int(64 * (5 / 30) ** 0.5) < 64
+    eng._timed(0.011, True, [(staged, 64, 64 + eng._chunk_rows())])  # cheap: it grows, by at most 2x
+    assert eng._chunk_rows() == 2 * int(64 * (5 / 30) ** 0.5)
+    for _ in range(10):
+        eng._timed(0.001, True, [(staged, 0, eng._chunk_rows())])
+    assert eng._chunk_rows() == 64  # capped at prefill_chunk
+    for _ in range(20):
+        eng._timed(1.0, True, [(staged, 0, eng._chunk_rows())])
+    assert eng._chunk_rows() == 1
+    fixed = make(tiny_dir, prefix_cache=False, prefill_chunk=64, itl_slack=0)
+    fixed._staged = staged
+    fixed._timed(0.010, True, [])
+    fixed._timed(1.0, True, [(staged, 0, 64)])
+    assert fixed._chunk_rows() == 64  # slack 0: fixed chunks
+    monkeypatch.setenv("AGORA_NODE_ITL_SLACK", "2.5")
+    assert make(tiny_dir).itl_slack == 2.5
+    with pytest.raises(EngineError):
+        make(tiny_dir, itl_slack=0.5)

@@ -50,12 +50,115 @@ static inline __m512 exp512(__m512 x) {
 }
 #endif
 
-typedef struct { int64_t prompt, head, row0, keys; } task_t;
+/* A task: 16 query rows (row0..) of one query head of one prompt (tile), or, for a prompt of
+ * at most RB new rows (a small chunk or a short continuation), all its rows for every query
+ * head sharing one kv head (rowwise: `head` is then the kv head). */
+typedef struct { int64_t prompt, head, row0, keys, rowwise; } task_t;
+
+/* Prompts with at most this many new rows take the row-wise path. A tile computes 16 query
+ * lanes whatever its rows, so a 4-row chunk at position 3,000 cost as much as 16 rows (and
+ * about as much as the decode step of 16 streams it rides with). Row-wise, the kv head's keys
+ * are transposed once into dimension-major order and each (row, head) pays for itself. Its
+ * arithmetic per row is the tile's, operation for operation (scores: one fma per dimension in
+ * order; softmax sum: keys in order; P.V: one fma per key in order), so a row's output does
+ * not depend on which path computed it. */
+#define RB 4
 
 static int by_keys_desc(const void *a, const void *b) {
     int64_t ka = ((const task_t *)a)->keys, kb = ((const task_t *)b)->keys;
     return (ka < kb) - (ka > kb);
 }
+
+#if defined(__AVX512F__)
+/* r[0..15] (rows) becomes its transpose: r[i] lane j <- r[j] lane i. */
+static inline void transpose16(__m512 r[16]) {
+    __m512 t[16];
+    for (int k = 0; k < 8; k++) {
+        t[2 * k] = _mm512_unpacklo_ps(r[2 * k], r[2 * k + 1]);
+        t[2 * k + 1] = _mm512_unpackhi_ps(r[2 * k], r[2 * k + 1]);
+    }
+    for (int k = 0; k < 4; k++) {
+        __m512d a = _mm512_castps_pd(t[4 * k]), b = _mm512_castps_pd(t[4 * k + 1]);
+        __m512d c = _mm512_castps_pd(t[4 * k + 2]), d = _mm512_castps_pd(t[4 * k + 3]);
+        r[4 * k] = _mm512_castpd_ps(_mm512_unpacklo_pd(a, c));
+        r[4 * k + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(a, c));
+        r[4 * k + 2] = _mm512_castpd_ps(_mm512_unpacklo_pd(b, d));
+        r[4 * k + 3] = _mm512_castpd_ps(_mm512_unpackhi_pd(b, d));
+    }
+    for (int k = 0; k < 4; k++) {
+        t[k] = _mm512_shuffle_f32x4(r[k], r[k + 4], 0x88);
+        t[k + 4] = _mm512_shuffle_f32x4(r[k], r[k + 4], 0xDD);
+        t[k + 8] = _mm512_shuffle_f32x4(r[k + 8], r[k + 12], 0x88);
+        t[k + 12] = _mm512_shuffle_f32x4(r[k + 8], r[k + 12], 0xDD);
+    }
+    for (int k = 0; k < 8; k++) {
+        r[k] = _mm512_shuffle_f32x4(t[k], t[k + 8], 0x88);
+        r[k + 8] = _mm512_shuffle_f32x4(t[k], t[k + 8], 0xDD);
+    }
+}
+
+/* The row-wise path for one kv head of one prompt: rows 0..n-1 (positions past..past+n-1)
+ * of each of the `group` query heads kvh*group.. . kb, vb: this kv head's key/value 0; rs:
+ * stride between positions; kt [head_dim][kpad], s [>= keys] scratch. */
+static void rowwise_task(const float *restrict q, const float *restrict kb, const float *restrict vb, int64_t rs,
+                         int64_t past, float *restrict out, int64_t base, int64_t n, int64_t kvh, int64_t group,
+                         int64_t qs, int64_t head_dim, int64_t kpad, float scale, float *restrict kt,
+                         float *restrict s)
+{
+    const int64_t nk = past + n, nb = (nk + 15) / 16 * 16;
+    /* keys into dimension-major order, 16 keys x 16 dims per in-register transpose (keys
+     * past nk repeat the last one; they are never visible) */
+    for (int64_t j0 = 0; j0 < nb; j0 += 16)
+        for (int64_t d0 = 0; d0 < head_dim; d0 += 16) {
+            __m512 r[16];
+            for (int u = 0; u < 16; u++) r[u] = _mm512_loadu_ps(kb + (j0 + u < nk ? j0 + u : nk - 1) * rs + d0);
+            transpose16(r);
+            for (int u = 0; u < 16; u++) _mm512_store_ps(kt + (d0 + u) * kpad + j0, r[u]);
+        }
+    const __m512 ninf = _mm512_set1_ps(-INFINITY);
+    for (int64_t g = 0; g < group; g++) {
+        const int64_t head = kvh * group + g;
+        for (int64_t r = 0; r < n; r++) {
+            const float *qr = q + (base + r) * qs + head * head_dim;
+            const int64_t vis = past + r + 1; /* keys 0..past+r */
+            const int64_t vb16 = (vis + 15) / 16 * 16;
+            /* scores: lane = key; per key the tile's sum, fma over d in order, of (q*scale)*k */
+            for (int64_t j0 = 0; j0 < vb16; j0 += 128) { /* 8 blocks of 16 keys: 8 independent chains */
+                const int nbk = vb16 - j0 >= 128 ? 8 : (int)((vb16 - j0) / 16);
+                __m512 a[8];
+                for (int b = 0; b < 8; b++) a[b] = _mm512_setzero_ps();
+                for (int64_t d = 0; d < head_dim; d++) {
+                    const __m512 qd = _mm512_set1_ps(qr[d] * scale);
+                    const float *kd = kt + d * kpad + j0;
+                    for (int b = 0; b < nbk; b++) a[b] = _mm512_fmadd_ps(qd, _mm512_load_ps(kd + 16 * b), a[b]);
+                }
+                for (int b = 0; b < nbk; b++) _mm512_store_ps(s + j0 + 16 * b, a[b]);
+            }
+            for (int64_t j = vis; j < vb16; j++) s[j] = -INFINITY;
+            __m512 mv = ninf;
+            for (int64_t j0 = 0; j0 < vb16; j0 += 16) mv = _mm512_max_ps(mv, _mm512_load_ps(s + j0));
+            const __m512 m = _mm512_set1_ps(_mm512_reduce_max_ps(mv));
+            for (int64_t j0 = 0; j0 < vb16; j0 += 16)
+                _mm512_store_ps(s + j0, exp512(_mm512_sub_ps(_mm512_load_ps(s + j0), m)));
+            float sum = 0.0f; /* keys in order, as the tile's lane does */
+            for (int64_t j = 0; j < vis; j++) sum += s[j];
+            const float inv = 1.0f / sum;
+            float *o = out + (base + r) * qs + head * head_dim;
+            for (int64_t d0 = 0; d0 < head_dim; d0 += 64) { /* up to 4 x 16 dims: independent chains */
+                const int nd = head_dim - d0 >= 64 ? 4 : (int)((head_dim - d0) / 16);
+                __m512 acc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
+                for (int64_t j = 0; j < vis; j++) {
+                    const __m512 pj = _mm512_set1_ps(s[j]);
+                    const float *vr = vb + j * rs + d0;
+                    for (int b = 0; b < nd; b++) acc[b] = _mm512_fmadd_ps(pj, _mm512_loadu_ps(vr + 16 * b), acc[b]);
+                }
+                for (int b = 0; b < nd; b++)
+                    _mm512_storeu_ps(o + d0 + 16 * b, _mm512_mul_ps(acc[b], _mm512_set1_ps(inv)));
+            }
+        }
+    }
+}
+#endif
 
 /* kbase[p], vbase[p]: prompt p's key/value 0 of kv head 0; rs: stride between positions,
  * hs: stride between kv heads; past[p]: the position of prompt p's first new row. */
@@ -74,7 +177,7 @@ static int prefill_core(
     int64_t ntasks = 0, longest = 0;
     for (int64_t p = 0; p < prompts; p++) {
         int64_t n = starts[p + 1] - starts[p];
-        ntasks += heads * ((n + QB - 1) / QB);
+        ntasks += n <= RB ? kv_heads : heads * ((n + QB - 1) / QB);
         if (past[p] + n > longest) longest = past[p] + n;
     }
     task_t *tasks = (task_t *)malloc(sizeof(task_t) * (size_t)(ntasks ? ntasks : 1));
@@ -82,14 +185,21 @@ static int prefill_core(
     int64_t t = 0;
     for (int64_t p = 0; p < prompts; p++) {
         int64_t n = starts[p + 1] - starts[p];
+        if (n <= RB) {
+            for (int64_t h = 0; h < kv_heads; h++) {
+                task_t x = {p, h, 0, past[p] + n, 1};
+                tasks[t++] = x;
+            }
+            continue;
+        }
         for (int64_t h = 0; h < heads; h++)
             for (int64_t r = 0; r < n; r += QB) {
-                task_t x = {p, h, r, past[p] + (r + QB < n ? r + QB : n)};
+                task_t x = {p, h, r, past[p] + (r + QB < n ? r + QB : n), 0};
                 tasks[t++] = x;
             }
     }
     qsort(tasks, (size_t)ntasks, sizeof(task_t), by_keys_desc);
-    const int64_t kpad = (longest + 7) / 8 * 8;
+    const int64_t kpad = (longest + 15) / 16 * 16;
     int failed = 0;
     #pragma omp parallel num_threads(threads) reduction(|:failed)
     {
@@ -97,11 +207,22 @@ static int prefill_core(
         float *qt = (float *)aligned_alloc(64, sizeof(float) * (size_t)(head_dim * QB));
         float *st = (float *)aligned_alloc(64, sizeof(float) * (size_t)(kpad * QB));
         float *ot = (float *)aligned_alloc(64, sizeof(float) * (size_t)(head_dim * QB));
+        float *kt = NULL; /* row-wise: the kv head's keys [head_dim][kpad] */
         if (!qt || !st || !ot) failed = 1;
         #pragma omp for schedule(dynamic, 1)
         for (int64_t i = 0; i < ntasks; i++) {
             if (!qt || !st || !ot) continue;
             const task_t x = tasks[i];
+            if (x.rowwise) {
+                if (!kt && !(kt = (float *)aligned_alloc(64, sizeof(float) * (size_t)(head_dim * kpad)))) {
+                    failed = 1;
+                    continue;
+                }
+                rowwise_task(q, kbase[x.prompt] + x.head * hs, vbase[x.prompt] + x.head * hs, rs, past[x.prompt],
+                             out, starts[x.prompt], starts[x.prompt + 1] - starts[x.prompt], x.head, group, qs,
+                             head_dim, kpad, scale, kt, st);
+                continue;
+            }
             const int64_t base = starts[x.prompt], pos0 = past[x.prompt] + x.row0, rows = x.keys - pos0;
             const int64_t kvh = x.head / group, nk = x.keys;
             for (int64_t d = 0; d < head_dim; d++)
@@ -161,6 +282,7 @@ static int prefill_core(
         free(qt);
         free(st);
         free(ot);
+        free(kt);
     }
     free(tasks);
     return failed ? -1 : 0;
