@@ -19,89 +19,98 @@ request's messages is the only per-request work; nothing is written to the datab
 
 from __future__ import annotations
 
-import hashlib
 import threading
 import time
 from collections import OrderedDict
 from collections.abc import Iterable
-from typing import Any
 
-CHUNK_CHARS = 256  # completion prompts: one chain link per this many characters
+from protocol.prefix import CHUNK_CHARS, MESSAGE_ALLOWANCE, prefix_chain  # noqa: F401  (re-exported)
+
 NODES_PER_PREFIX = 4
-MESSAGE_ALLOWANCE = 8  # as ChatCompletionRequest.prompt_bytes counts each message
-
-
-def _link(prev: bytes, *parts: bytes) -> bytes:
-    h = hashlib.blake2b(prev, digest_size=16)
-    for p in parts:
-        h.update(len(p).to_bytes(4, "little"))
-        h.update(p)
-    return h.digest()
-
-
-def prefix_chain(model: str, payload: dict[str, Any]) -> list[tuple[bytes, int]]:
-    """(chain hash, prefix size) for each prefix of a request's prompt, shortest first.
-
-    Chat: one link per message (role + content); the size counts each message's UTF-8
-    bytes + 8. Completion: one link per `CHUNK_CHARS` characters (only whole chunks, and
-    the whole prompt last). Seeded by the model: the same text for another model is another
-    cache."""
-    h = _link(b"agora-prefix", model.encode())
-    out: list[tuple[bytes, int]] = []
-    messages = payload.get("messages")
-    if messages is not None:
-        size = MESSAGE_ALLOWANCE
-        for m in messages:
-            content = m.get("content") or ""
-            if not isinstance(content, str):
-                content = str(content)
-            data = content.encode()
-            size += len(data) + MESSAGE_ALLOWANCE
-            h = _link(h, str(m.get("role", "")).encode(), data)
-            out.append((h, size))
-        return out
-    prompt = payload.get("prompt")
-    if not isinstance(prompt, str) or not prompt:
-        return out
-    size = 0
-    for lo in range(0, len(prompt) - CHUNK_CHARS + 1, CHUNK_CHARS):
-        data = prompt[lo:lo + CHUNK_CHARS].encode()
-        size += len(data)
-        h = _link(h, data)
-        out.append((h, size))
-    if len(prompt) % CHUNK_CHARS:
-        out.append((_link(h, b"\x00end", prompt[len(prompt) - len(prompt) % CHUNK_CHARS:].encode()),
-                    len(prompt.encode()) + 2))
-    return out
 
 
 class PrefixMap:
-    """Chain hash → {node id: (prefix size, time)}, LRU-bounded, entries expire after a TTL."""
+    """Chain hash → {node id: (prefix size, time)}, LRU-bounded, entries expire after a TTL.
+
+    Filled two ways: `record` (a request completed on a node: it holds every prefix of that
+    prompt) and `report` (the node itself said which served prefixes its engine's cache still
+    holds, `node_agent/prefix_report.py`): a reported drop forgets the pair at once, where a
+    guess from routing alone would keep sending conversations to a node that evicted them.
+    """
 
     def __init__(self, max_entries: int = 100_000, ttl_s: float = 300.0, clock=time.monotonic) -> None:
         self.max_entries, self.ttl_s, self.clock = max_entries, ttl_s, clock
         self._map: OrderedDict[bytes, dict[str, tuple[int, float]]] = OrderedDict()
+        self._by_node: dict[str, set[bytes]] = {}  # node id -> its keys (for full reports)
         self._lock = threading.Lock()  # routing runs in worker threads, recording on the event loop
 
     def __len__(self) -> int:
         return len(self._map)
+
+    def _put(self, key: bytes, node_id: str, size: int, now: float) -> None:
+        nodes = self._map.get(key)
+        if nodes is None:
+            nodes = self._map[key] = {}
+        else:
+            self._map.move_to_end(key)
+            nodes.pop(node_id, None)
+        nodes[node_id] = (size, now)  # newest last
+        self._by_node.setdefault(node_id, set()).add(key)
+        while len(nodes) > NODES_PER_PREFIX:
+            self._unindex(next(iter(nodes)), key)
+            nodes.pop(next(iter(nodes)))
+
+    def _unindex(self, node_id: str, key: bytes) -> None:
+        keys = self._by_node.get(node_id)
+        if keys is not None:
+            keys.discard(key)
+            if not keys:
+                del self._by_node[node_id]
+
+    def _drop(self, key: bytes, node_id: str) -> None:
+        nodes = self._map.get(key)
+        if nodes is not None and nodes.pop(node_id, None) is not None and not nodes:
+            del self._map[key]
+        self._unindex(node_id, key)
+
+    def _trim(self) -> None:
+        while len(self._map) > self.max_entries:
+            key, nodes = self._map.popitem(last=False)
+            for nid in nodes:
+                self._unindex(nid, key)
 
     def record(self, chain: Iterable[tuple[bytes, int]], node_id: str) -> None:
         """`node_id` has just served a prompt with these prefixes: it holds them all."""
         now = self.clock()
         with self._lock:
             for key, size in chain:
+                self._put(key, node_id, size, now)
+            self._trim()
+
+    def report(self, node_id: str, held: Iterable[bytes], drop: Iterable[bytes] = (), full: bool = False) -> None:
+        """What `node_id` says its cache holds: `held` keys are still cached (their pairs'
+        time is renewed: they outlive the TTL while the node keeps them), `drop` ones are not;
+        `full` means `held` is everything (its other pairs go). A node can only confirm or
+        withdraw pairs it was seen serving here: a key it was never routed is ignored, so a
+        seller cannot attract a conversation by claiming a prefix it does not hold."""
+        now = self.clock()
+        held = set(held)
+        with self._lock:
+            mine = self._by_node.get(node_id, set())
+            if full:
+                for key in [k for k in mine if k not in held]:
+                    self._drop(key, node_id)
+            for key in drop:
+                self._drop(key, node_id)
+            for key in held & self._by_node.get(node_id, set()):
                 nodes = self._map.get(key)
-                if nodes is None:
-                    nodes = self._map[key] = {}
-                else:
-                    self._map.move_to_end(key)
-                    nodes.pop(node_id, None)
-                nodes[node_id] = (size, now)  # newest last
-                while len(nodes) > NODES_PER_PREFIX:
-                    nodes.pop(next(iter(nodes)))
-            while len(self._map) > self.max_entries:
-                self._map.popitem(last=False)
+                if nodes is not None and node_id in nodes:
+                    nodes[node_id] = (nodes[node_id][0], now)
+
+    def forget_node(self, node_id: str) -> None:
+        with self._lock:
+            for key in list(self._by_node.get(node_id, ())):
+                self._drop(key, node_id)
 
     def lookup(self, chain: list[tuple[bytes, int]]) -> tuple[tuple[str, int], ...]:
         """((node id, size of the longest prefix it served within the TTL), ...), largest first."""

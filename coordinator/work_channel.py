@@ -35,6 +35,7 @@ from coordinator.frames import assignment_frame
 from protocol import ChannelHello, Done, TokenChunk, TokenCommitment, VerifyResult, WorkError
 
 log = logging.getLogger(__name__)
+MAX_PREFIX_KEYS = 1024  # per list in one beat (agents send at most 256)
 HELLO_TIMEOUT_S = 10.0
 FINGERPRINT_DUE = datetime(2000, 1, 1, tzinfo=timezone.utc)  # last_canary_at that makes a canary due now
 BUYER_ERRORS = ("context_length_exceeded", "bad_request")  # a node's error codes that are the request's fault
@@ -224,6 +225,8 @@ class Channel:
                     self._background(self._on_verify_result(VerifyResult.model_validate(frame)), kind)
                 elif kind == "beat":  # liveness on the authenticated channel: noted, written in batches
                     self.rt.liveness.heard(self.node_id)
+                    if "prefix_add" in frame or "prefix_drop" in frame:
+                        self._prefix_report(frame)
                     if frame.get("ack", True):  # agents ask every few beats (older ones always)
                         async with self.send_lock:
                             await self.ws.send_text(f'{{"type":"beat_ack","t":{_number(frame.get("t"))}}}')
@@ -235,6 +238,21 @@ class Channel:
                 log.warning("node %s sent a malformed %s frame: %s", self.node_id[:12], kind, exc)
             except Exception:  # one bad frame (or a database hiccup) must not drop the channel
                 log.exception("node %s: handling a %s frame failed", self.node_id[:12], kind)
+
+    def _prefix_report(self, frame: dict) -> None:
+        """The node's word on which prefixes its cache still holds (node_agent/prefix_report.py):
+        confirms or withdraws cache-affinity pairs (`PrefixMap.report`). Bounded and checked:
+        a malformed report is ignored."""
+        affinity = getattr(self.rt, "affinity", None)
+        if affinity is None:
+            return
+        try:
+            add = [bytes.fromhex(k) for k in frame.get("prefix_add", ())[:MAX_PREFIX_KEYS]]
+            drop = [bytes.fromhex(k) for k in frame.get("prefix_drop", ())[:MAX_PREFIX_KEYS]]
+        except (TypeError, ValueError):
+            log.warning("node %s sent a malformed prefix report", self.node_id[:12])
+            return
+        affinity.report(self.node_id, add, drop, full=frame.get("prefix_full") is True)
 
     def _background(self, work, kind: str) -> None:
         task = asyncio.create_task(work)

@@ -22,6 +22,7 @@ import httpx
 import websockets
 from pydantic import ValidationError
 
+from node_agent.prefix_report import PrefixReport
 from node_agent.engines.base import Engine, GenerationRequest, SamplingParams, TokenEvent
 from node_agent.engines.throttle import ThrottledEngine
 from node_agent.errors import CoordinatorRejected, EngineError
@@ -133,6 +134,10 @@ class NodeAgent:
         self._beat_acked = 0.0
         self._beats = 0  # beats sent on this channel
         self._first_receipt: Receipt | None = None  # for the replay_receipt test mode
+        core = core_engine(engine)
+        # what the engine's prefix cache holds, reported in beats (prefix_report.py); None
+        # for engines whose cache cannot be read (vLLM, upstream servers)
+        self.prefix_report = PrefixReport(core.held_prefix_keys) if hasattr(core, "held_prefix_keys") else None
 
     @property
     def node_id(self) -> str:
@@ -189,8 +194,11 @@ class NodeAgent:
                 self._beats += 1
                 if ask:
                     self._beat_sent = now
+                beat = {"type": "beat", "t": now, "ack": ask}
+                if self.prefix_report is not None:  # the first beat on a channel says everything
+                    beat.update(self.prefix_report.beat_fields(full=self._beats == 1))
                 try:
-                    await self._send_raw({"type": "beat", "t": now, "ack": ask})
+                    await self._send_raw(beat)
                     continue
                 except (OSError, websockets.WebSocketException) as exc:
                     log.debug("beat not sent (%s): heartbeat over HTTP", exc)
@@ -324,6 +332,12 @@ class NodeAgent:
                 await self._send(last)
             usage = core_engine(self.engine).take_usage(a.request_id) or {}
             prompt_tokens = int(usage.get("prompt_tokens") or prompt_tokens)
+            if self.prefix_report is not None and finish != "cancelled" and not (a.prefix_token_ids or a.prefix_text):
+                try:  # a hint for routing: never fails the request
+                    self.prefix_report.served(a.model, {"messages": a.messages, "prompt": a.prompt},
+                                              core_engine(self.engine).prefix_keys(prompt_ids))
+                except Exception:  # noqa: BLE001
+                    log.exception("prefix report: could not note %s", a.request_id)
         except EngineError as exc:
             await self._send(WorkError(request_id=a.request_id, code=exc.code, message=str(exc)))
             return

@@ -91,6 +91,33 @@ def test_entries_expire_after_the_ttl_and_the_map_is_bounded():
     assert {n for n, _ in m.lookup(shared)} == {f"n{k}" for k in range(2, NODES_PER_PREFIX + 2)}
 
 
+def test_node_reports_withdraw_evicted_prefixes_and_renew_held_ones():
+    clock = Clock()
+    m = PrefixMap(ttl_s=60.0, clock=clock)
+    t1, t2 = prefix_chain("tiny", _chat("hello")), prefix_chain("tiny", _chat("bye"))
+    m.record(t1, "a")
+    m.record(t2, "a")
+    m.record(t1, "b")
+    clock.t += 50.0
+    m.report("a", held=[k for k, _ in t1], drop=[k for k, _ in t2[1:]])  # a evicted the second conversation
+    assert dict(m.lookup(t2)) == {"a": t2[0][1], "b": t2[0][1]}  # only the shared system prompt is left
+    clock.t += 50.0  # past the TTL since routing: a's report renewed its pair, b's expired
+    assert m.lookup(t1) == (("a", t1[-1][1]),)
+    m.report("a", held=[t1[0][0]], full=True)  # a full report: only the system prompt is left
+    assert m.lookup(t1) == (("a", t1[0][1]),)
+    m.forget_node("a")
+    assert m.lookup(t1) == ()
+
+
+def test_a_node_cannot_claim_a_prefix_it_was_never_routed():
+    """The attack: a seller reports a popular prompt's prefixes to attract its conversations."""
+    m = PrefixMap()
+    popular = prefix_chain("tiny", _chat("the popular system prompt"))
+    m.record(popular, "honest")
+    m.report("liar", held=[k for k, _ in popular], full=True)
+    assert m.lookup(popular) == (("honest", popular[-1][1]),)
+
+
 def test_a_completed_stream_records_its_prompt_for_its_node():
     m = PrefixMap()
     added = []

@@ -148,3 +148,27 @@ def test_a_flush_on_postgresql(tmp_path, pg_url):
             assert s.get(InferenceRequest, req.id).status == RequestStatus.RUNNING
     finally:
         rt.stop()
+
+
+def test_a_beats_prefix_report_updates_cache_affinity(client, runtime):
+    """A node's beat withdraws the prefixes its cache evicted (and a malformed report is
+    ignored without dropping the channel)."""
+    from coordinator.affinity import prefix_chain
+    if runtime.affinity is None:
+        pytest.skip("cache-aware routing is off in this runtime")
+    me = _seller(client, runtime, connected=False)
+    nid = me.public_key_hex
+    kept = prefix_chain("tiny", {"messages": [{"role": "user", "content": "kept"}]})
+    evicted = prefix_chain("tiny", {"messages": [{"role": "user", "content": "evicted"}]})
+    runtime.affinity.record(kept, nid)
+    runtime.affinity.record(evicted, nid)
+    with client.websocket_connect("/v1/nodes/channel") as ws:
+        ws.send_json(ChannelHello(node_id=nid, **fresh_stamp()).sign(me).model_dump(mode="json"))
+        assert ws.receive_json()["type"] == "welcome"
+        ws.send_json({"type": "beat", "t": 1.0, "prefix_add": "zz-not-a-list", "ack": True})
+        ws.send_json({"type": "beat", "t": 2.0, "prefix_drop": [evicted[-1][0].hex()], "ack": True})
+        acks = 0
+        while acks < 2:
+            acks += ws.receive_json()["type"] == "beat_ack"
+    assert runtime.affinity.lookup(kept) == ((nid, kept[-1][1]),)
+    assert runtime.affinity.lookup(evicted) == ()

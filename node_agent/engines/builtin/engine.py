@@ -246,6 +246,21 @@ class BuiltinEngine(Engine):
         """The cached blocks' chain keys (16 bytes each), most recently used first."""
         return self.prefix_cache.block_keys(limit) if self.prefix_cache is not None else []
 
+    def prefix_keys(self, prompt_ids: list[int]) -> list[bytes]:
+        """The cache keys of the prompt's whole blocks (what serving it stores), [] without a cache."""
+        pc = self.prefix_cache
+        return pc.hashes(prompt_ids, [], len(prompt_ids) // pc.block) if pc is not None and pc.capacity else []
+
+    def held_prefix_keys(self) -> set[bytes]:
+        """The keys of the blocks cached now; safe to call from the agent's thread."""
+        pc = self.prefix_cache
+        for _ in range(3):
+            try:
+                return set(pc._lru) if pc is not None else set()
+            except RuntimeError:  # the engine thread changed it meanwhile: read again
+                continue
+        return set()
+
     async def start(self) -> None:
         if self._thread is None:
             # One slot more than the decode batch: the staging slot of a chunked prefill.
