@@ -17,6 +17,7 @@ cross-engine section and the vLLM tests use it.
 from __future__ import annotations
 
 import inspect
+import os
 import uuid
 from typing import AsyncIterator
 
@@ -95,6 +96,10 @@ class VLLMEngine(Engine):
         # `dtype` is what was asked for until start() reads what vLLM resolved.
         self.device, self.dtype, self.quantization = "vllm", dtype, engine_kwargs.get("quantization")
         self.rescore_top_k = rescore_top_k
+        # Prefix caching on, as in the built-in engine (AGORA_NODE_PREFIX_CACHE=false turns it
+        # off): multi-turn chats and shared system prompts reuse their KV blocks.
+        engine_kwargs.setdefault("enable_prefix_caching",
+                                 os.environ.get("AGORA_NODE_PREFIX_CACHE", "true").lower() not in ("0", "false", "no"))
         self._args = args_cls(model=model, dtype=dtype, max_model_len=max_model_len,
                               gpu_memory_utilization=gpu_memory_utilization, enforce_eager=enforce_eager,
                               max_logprobs=max(rescore_top_k, 20), **engine_kwargs)
