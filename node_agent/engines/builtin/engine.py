@@ -525,11 +525,12 @@ class BuiltinEngine(Engine):
                 break
             self._waiting.popleft()
             start = self.prefix_cache.load(slot, r.tokens, r.hashes) if cached else 0
-            end = min(len(r.tokens), start + budget) if slot == self.staging_slot else len(r.tokens)
+            end = len(r.tokens)
             r.slot = slot
             if slot == self.staging_slot:
                 self._staged = r
-                self._staged_rows = max(1, self.prefill_chunk // 4)  # then steered by _timed
+                self._staged_rows = max(1, self.prefill_chunk // 4)  # a cautious first chunk, then steered
+                end = min(end, start + (min(budget, self._chunk_rows()) if self._running else budget))
             else:
                 admitted.append(r)
             pieces.append((r, start, end))
