@@ -15,11 +15,13 @@ DEFAULT_PREFILL_CHUNK); off with `prefix_cache=False` or AGORA_NODE_PREFIX_CACHE
 Chunked prefill: while streams are decoding, an iteration prefills at most `prefill_chunk`
 prompt tokens per prompt that could start this iteration (the staged one and the waiting
 ones with a free slot), so a single long prompt is chunked finely and a burst still fills
-the batch in a few iterations (0: off, whole prompts, the default; see
+the batch in a few iterations (0: off, whole prompts; on by default, see
 DEFAULT_PREFILL_CHUNK). A prompt that does not fit is prefilled
 chunk by chunk in a staging slot (one slot beyond the decode batch), one chunk per
-iteration before that iteration's decode step, so the running streams keep their
-inter-token latency; when its last chunk is done it moves into the decode batch. With
+iteration riding in that iteration's decode step, so the running streams keep their
+inter-token latency; when its last chunk is done it moves into the decode batch. The
+staged prompt's chunk is steered by an ITL budget (`itl_slack`): an iteration carrying it
+may take at most 1.5x a decode-only one (moving average), never fewer than MIN_CHUNK rows. With
 nothing decoding an iteration takes up to `prefill_budget` tokens. Every chunk attends
 to the slot's earlier positions through the same kernel as a whole prompt, so the
 output does not depend on the chunking.
@@ -63,7 +65,7 @@ from node_agent.errors import EngineError, ModelLoadError, RequestTooLong
 log = logging.getLogger(__name__)
 
 # Bump when a change makes the engine faster or slower: cached benchmarks are re-measured.
-ENGINE_REVISION = 4
+ENGINE_REVISION = 5
 # Prompt tokens prefilled per iteration while other streams decode. Measured (bench/engine.py,
 # tiny-20m, 2 shared cores; 16 streams decoding when a 3,000-token prompt arrives; median
 # inter-token gap during its prefill / before it, prefill time; serving workload of 32):
@@ -81,17 +83,30 @@ ENGINE_REVISION = 4
 #     false turns it off). It cost 30% before its pool was made of lazily allocated segments
 #     (growing one contiguous pool zeroed and copied up to 256 MiB at a time) and its block
 #     copies went through numpy instead of resizing torch's OpenMP team around each copy.
-#   cache and chunked prefill (64): tiny 0.92-0.99, tiny-20m 1.01-1.05 -> chunking stays off
+#   cache and chunked prefill (64): tiny 0.92-0.99, tiny-20m 1.01-1.05 -> chunking stayed off (until the ITL budget below)
 #     by default (AGORA_NODE_PREFILL_CHUNK=64 turns it on): on tiny it still measured 3-6%
 #     slower, about what its fused step costs (LlamaModel.step with chunk rows: 677 vs 650 ms
 #     of model time per run). It cost 45% before the per-iteration budget became
 #     `prefill_chunk` per prompt that can start (a burst now fills the batch in a few steps).
 # PREFILL_CHUNK is the chunk size measured for inter-token latency when it is switched on.
+#   With the ITL budget (2026-12-01, 1 torch thread, a busy neighbour; tiny-20m, 16 streams,
+#   3,000-token prompt, two interleaved rounds): p99 gap during / median before x3.1-3.6
+#   (fixed 64-token chunks x5.4-6.3, whole prompt x107-127); the long prompt's prefill 5.4 s
+#   (fixed 64: 2.4 s, whole 1.7 s). Serving (32 requests, fresh, 3 seeds, on/off taking
+#   turns): tiny-20m tok/s 0.98-1.03 of chunking off; tiny 0.78-1.00 (median 0.87; ~1.5 s runs,
+#   noisy). On by default: a long prompt no longer stalls every stream on the node for its
+#   whole prefill (x100+), at ~3x its own TTFT.
 PREFILL_CHUNK = 64
-DEFAULT_PREFILL_CHUNK = 0
+DEFAULT_PREFILL_CHUNK = PREFILL_CHUNK
 # The staged prompt's chunk is steered so that an iteration carrying it takes at most this
 # many times a decode-only iteration (0: fixed `prefill_chunk` chunks).
 DEFAULT_ITL_SLACK = 1.5
+# ...but never fewer rows than this per iteration: the long prompt's own first token is
+# bounded too. Below 16 rows the attention kernel's tiles cost about the same, and at
+# 3,000 positions even one row re-reads the slot's whole KV cache every iteration
+# (memory-bound: about +40 % on tiny-20m's 16-stream decode step), so smaller chunks
+# stretch the prefill (1 row: 108 s for 3,000 tokens, measured) for little ITL gain.
+MIN_CHUNK = 16
 # Tokens per prefix-cache block.
 DEFAULT_PREFIX_BLOCK = 16
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -138,7 +153,7 @@ class BuiltinEngine(Engine):
         AGORA_NODE_PREFIX_CACHE is false); `prefix_cache_bytes`: its pool (default: what the
         KV budget leaves after the slots, at most half the budget; AGORA_NODE_PREFIX_CACHE_MB);
         `prefill_chunk`: prompt tokens per iteration while streams decode (default
-        DEFAULT_PREFILL_CHUNK = 0 or AGORA_NODE_PREFILL_CHUNK; 0 prefills whole prompts; the
+        DEFAULT_PREFILL_CHUNK = 64 or AGORA_NODE_PREFILL_CHUNK; 0 prefills whole prompts; the
         budget is this per prompt that can start in an iteration, see `_plan_prefill`);
         `itl_slack`: while streams decode, the staged long prompt's chunk is sized so that an
         iteration takes at most this many times a decode-only one (default DEFAULT_ITL_SLACK or
@@ -479,7 +494,8 @@ class BuiltinEngine(Engine):
             extra = max(seconds - self._decode_s, 1e-5)
             ratio = (self.itl_slack - 1) * self._decode_s / extra
             rows = pieces[0][2] - pieces[0][1]
-            self._staged_rows = max(1, min(self.prefill_chunk, int(rows * min(4.0, ratio) ** 0.5)))
+            self._staged_rows = max(min(MIN_CHUNK, self.prefill_chunk),
+                                    min(self.prefill_chunk, int(rows * min(4.0, ratio) ** 0.5)))
 
     def _chunk_rows(self) -> int:
         """Rows of the staged prompt to prefill this iteration while streams decode:

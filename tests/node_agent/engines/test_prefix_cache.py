@@ -14,6 +14,7 @@ import torch
 
 from node_agent.engines.base import GenerationRequest, SamplingParams
 from node_agent.engines.builtin import BuiltinEngine, native
+from node_agent.engines.builtin.engine import MIN_CHUNK
 from node_agent.engines.builtin.prefix_cache import chain_hashes
 from node_agent.errors import EngineError
 from node_agent.tiny_model import generate_tiny_model
@@ -204,8 +205,8 @@ def test_switches(tiny_dir, monkeypatch):
     asyncio.run(eng.close())
     monkeypatch.delenv("AGORA_NODE_PREFIX_CACHE")
     monkeypatch.delenv("AGORA_NODE_PREFILL_CHUNK")
-    eng = make(tiny_dir)  # the cache on by default, chunking off (engine.py: DEFAULT_PREFILL_CHUNK)
-    assert eng.prefix_cache_bytes > 0 and eng.prefill_chunk == 0
+    eng = make(tiny_dir)  # the cache and chunking on by default (engine.py: DEFAULT_PREFILL_CHUNK)
+    assert eng.prefix_cache_bytes > 0 and eng.prefill_chunk == 64 and eng.itl_slack == 1.5
     monkeypatch.setenv("AGORA_NODE_PREFIX_CACHE", "true")
     monkeypatch.setenv("AGORA_NODE_PREFIX_CACHE_MB", "1")
     monkeypatch.setenv("AGORA_NODE_PREFILL_CHUNK", "48")
@@ -275,7 +276,7 @@ def test_small_chunks_take_the_row_path_with_the_tile_paths_arithmetic():
 def test_itl_budget_steers_the_staged_chunk(tiny_dir, monkeypatch):
     """With streams decoding, the staged prompt's chunk shrinks when an iteration carrying it
     took more than `itl_slack` times a decode-only one and grows back (at most to
-    `prefill_chunk`) when it was cheap; it never drops below one row."""
+    `prefill_chunk`) when it was cheap; it never drops below MIN_CHUNK rows."""
     eng = make(tiny_dir, prefix_cache=False, prefill_chunk=64, itl_slack=1.5)
     staged = object()
     eng._staged = staged
@@ -291,7 +292,7 @@ def test_itl_budget_steers_the_staged_chunk(tiny_dir, monkeypatch):
     assert eng._chunk_rows() == 64  # capped at prefill_chunk
     for _ in range(20):
         eng._timed(1.0, True, [(staged, 0, eng._chunk_rows())])
-    assert eng._chunk_rows() == 1
+    assert eng._chunk_rows() == MIN_CHUNK  # the floor: the long prompt's own prefill stays bounded
     fixed = make(tiny_dir, prefix_cache=False, prefill_chunk=64, itl_slack=0)
     fixed._staged = staged
     fixed._timed(0.010, True, [])

@@ -55,6 +55,26 @@ static inline __m512 exp512(__m512 x) {
  * head sharing one kv head (rowwise: `head` is then the kv head). */
 typedef struct { int64_t prompt, head, row0, keys, rowwise; } task_t;
 
+/* Per-thread scratch buffers that only grow: OpenMP's pool threads live as long as the
+ * process, so a buffer is allocated once, not per call. Allocating them per call (hundreds of
+ * KB at a few thousand positions, so mmap'd and page-faulted afresh each time) cost a chunk
+ * of one row at position 3,000 more than its attention. Never freed: at most four buffers
+ * per thread, sized by the longest sequence seen. */
+static _Thread_local float *scratch_buf[4];
+static _Thread_local size_t scratch_cap[4];
+
+static float *scratch(int i, size_t floats) {
+    if (scratch_cap[i] < floats) {
+        size_t cap = (floats + 4095) / 4096 * 4096; /* a multiple of 64 bytes, as aligned_alloc wants */
+        float *p = (float *)aligned_alloc(64, sizeof(float) * cap);
+        if (!p) return NULL;
+        free(scratch_buf[i]);
+        scratch_buf[i] = p;
+        scratch_cap[i] = cap;
+    }
+    return scratch_buf[i];
+}
+
 /* Prompts with at most this many new rows take the row-wise path. A tile computes 16 query
  * lanes whatever its rows, so a 4-row chunk at position 3,000 cost as much as 16 rows (and
  * about as much as the decode step of 16 streams it rides with). Row-wise, the kv head's keys
@@ -204,9 +224,9 @@ static int prefill_core(
     #pragma omp parallel num_threads(threads) reduction(|:failed)
     {
         /* qt: the block's queries transposed [head_dim][16]; st: scores [keys][16]. */
-        float *qt = (float *)aligned_alloc(64, sizeof(float) * (size_t)(head_dim * QB));
-        float *st = (float *)aligned_alloc(64, sizeof(float) * (size_t)(kpad * QB));
-        float *ot = (float *)aligned_alloc(64, sizeof(float) * (size_t)(head_dim * QB));
+        float *qt = scratch(0, (size_t)(head_dim * QB));
+        float *st = scratch(1, (size_t)(kpad * QB));
+        float *ot = scratch(2, (size_t)(head_dim * QB));
         float *kt = NULL; /* row-wise: the kv head's keys [head_dim][kpad] */
         if (!qt || !st || !ot) failed = 1;
         #pragma omp for schedule(dynamic, 1)
@@ -214,7 +234,7 @@ static int prefill_core(
             if (!qt || !st || !ot) continue;
             const task_t x = tasks[i];
             if (x.rowwise) {
-                if (!kt && !(kt = (float *)aligned_alloc(64, sizeof(float) * (size_t)(head_dim * kpad)))) {
+                if (!kt && !(kt = scratch(3, (size_t)(head_dim * kpad)))) {
                     failed = 1;
                     continue;
                 }
@@ -279,10 +299,6 @@ static int prefill_core(
                 for (int64_t d = 0; d < head_dim; d++) o[d] = ot[d * QB + r] * inv[r];
             }
         }
-        free(qt);
-        free(st);
-        free(ot);
-        free(kt);
     }
     free(tasks);
     return failed ? -1 : 0;
