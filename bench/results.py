@@ -56,7 +56,7 @@ def _record(name: str, **body) -> Path:
     status = _git("status", "--porcelain", "--untracked-files=no")
     record = {"bench": name, "commit": commit, "dirty": bool(status) if status is not None else None,
               "time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-              "quick": (body.get("figures") or {}).get("quick"), **_finite(body)}
+              "quick": (body.get("figures") or {}).get("quick", "--quick" in sys.argv[1:]), **_finite(body)}
     folder = results_dir()
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"{name}.json"
