@@ -22,6 +22,7 @@ import argparse
 import asyncio
 import io
 import json
+import os
 import sys
 import tempfile
 import time
@@ -95,6 +96,34 @@ def run_batch(t: ov.Target, lines: int, done_flag: list) -> dict:
     return {"seconds": elapsed, "lines_per_s": lines / elapsed, "cost_per_token": cost / tokens}
 
 
+def cache_hits(t: ov.Target, n: int) -> dict:
+    """The response cache on the same market: one deterministic streamed request fills it
+    (`X-Agora-Cache: use`), then `n` identical ones are hits; server time from each hit's
+    `Server-Timing` header (handler start to built answer), against the first (market) answer."""
+    body = {**_body(t), "messages": [{"role": "user", "content": "cache me"}], "stream": True}
+    headers = {**t.headers, "X-Agora-Cache": "use"}
+    served, first = [], None
+    with httpx.Client(timeout=60) as c:
+        for i in range(n + 1):
+            t0 = time.perf_counter()
+            with c.stream("POST", t.v1 + "/chat/completions", json=body, headers=headers) as r:
+                if r.status_code != 200:
+                    raise RuntimeError(f"cache request: {r.status_code} {r.read()!r}")
+                for _ in r.iter_lines():
+                    pass
+            if i == 0:
+                first = time.perf_counter() - t0
+                continue
+            if r.headers.get("x-agora-cache") != "hit":
+                raise RuntimeError(f"request {i} was not a cache hit: {dict(r.headers)}")
+            served.append(float(r.headers["server-timing"].split("dur=")[1]))
+    served.sort()
+    ov._log(f"response cache: {n} hits, server time p50 {served[len(served) // 2]:.3f} ms "
+            f"(the market answer that filled it: {first * 1e3:.1f} ms at the client)")
+    return {"cache_hit_ms_p50": round(served[len(served) // 2], 3),
+            "cache_hit_ms_p99": round(served[min(len(served) - 1, int(0.99 * len(served)))], 3)}
+
+
 async def measure_batch(t: ov.Target, lines: int, seconds: float) -> dict:
     """Interactive TTFT p99 alone, then while the batch runs (the same load); the batch's figures."""
     await interactive(t, 2.0)  # warm up
@@ -126,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         wait_for(lambda: httpx.get(f"http://127.0.0.1:{up_port}/v1/models", timeout=1).status_code == 200,
                  "the upstream", 30, procs)
-        env = ov.agora_env(work / "home", AGORA_BATCH_MAX_IN_FLIGHT="4")
+        env = ov.agora_env(work / "home", AGORA_BATCH_MAX_IN_FLIGHT=os.environ.get("AGORA_BATCH_MAX_IN_FLIGHT", "4"))
         t = ov.start_market(procs, "agora", env, f"http://127.0.0.1:{up_port}/v1", False)
         base = t.v1.removesuffix("/v1")
         procs.spawn("cheap-node", [ov.PY, "-m", "agora", "node", "--coordinator", base, "--engine", "openai",
@@ -139,6 +168,7 @@ def main(argv: list[str] | None = None) -> int:
         figures = asyncio.run(measure_batch(t, lines, seconds))
         interactive_cpt = interactive_cost_per_token(t)
         figures["batch_cost_ratio"] = round(figures.pop("_batch_cost_per_token") / interactive_cpt, 3)
+        figures.update(cache_hits(t, 50 if args.quick else 200))
         figures.update(lines=lines, mode="quick" if args.quick else "full")
     finally:
         procs.stop()
