@@ -92,10 +92,12 @@ ENGINE_REVISION = 5
 #   With the ITL budget (2026-12-01, 1 torch thread, a busy neighbour; tiny-20m, 16 streams,
 #   3,000-token prompt, two interleaved rounds): p99 gap during / median before x3.1-3.6
 #   (fixed 64-token chunks x5.4-6.3, whole prompt x107-127); the long prompt's prefill 5.4 s
-#   (fixed 64: 2.4 s, whole 1.7 s). Serving (32 requests, fresh, 3 seeds, on/off taking
-#   turns): tiny-20m tok/s 0.98-1.03 of chunking off; tiny 0.78-1.00 (median 0.87; ~1.5 s runs,
-#   noisy). On by default: a long prompt no longer stalls every stream on the node for its
-#   whole prefill (x100+), at ~3x its own TTFT.
+#   (fixed 64: 2.4 s, whole 1.7 s). Serving (32 requests at once, fresh, on/off taking turns
+#   twice per seed, 2 threads): tiny-20m tok/s 1.04 of chunking off (2 seeds), tiny 0.94-1.03
+#   (3 seeds, median 1.00) -- once the ITL steering stopped applying while prompts queue
+#   behind the staged one (steering a burst measured 0.45-0.87 of unchunked on tiny). On by
+#   default: a long prompt no longer stalls every stream on the node for its whole prefill
+#   (x100+), at ~3x its own TTFT.
 PREFILL_CHUNK = 64
 DEFAULT_PREFILL_CHUNK = PREFILL_CHUNK
 # The staged prompt's chunk is steered so that an iteration carrying it takes at most this
@@ -497,13 +499,16 @@ class BuiltinEngine(Engine):
             self._staged_rows = max(min(MIN_CHUNK, self.prefill_chunk),
                                     min(self.prefill_chunk, int(rows * min(4.0, ratio) ** 0.5)))
 
-    def _chunk_rows(self) -> int:
-        """Rows of the staged prompt to prefill this iteration while streams decode:
-        `prefill_chunk` until a decode-only iteration has been timed or with `itl_slack` 0,
-        then what `_timed` steered it to (at least one row, so a prompt always progresses)."""
-        if not self.itl_slack or not self._decode_s or not self._staged_rows:
-            return self.prefill_chunk
-        return self._staged_rows
+    def _chunk_rows(self, budget: int) -> int:
+        """Rows of the staged prompt to prefill this iteration while streams decode: what
+        `_timed` steered it to, within `budget`. The budget alone (`prefill_chunk` per prompt
+        that can start) while other prompts wait behind it: then the queue's throughput comes
+        first (steering it with a queue measured half the serving throughput on tiny: every
+        waiting prompt stalls behind the one staging slot), and with `itl_slack` 0 or before a
+        decode-only iteration has been timed."""
+        if not self.itl_slack or not self._decode_s or not self._staged_rows or self._waiting:
+            return budget
+        return min(budget, self._staged_rows)
 
     def _plan_prefill(self) -> tuple[list[tuple[_Running, int, int]], list[_Running]]:
         """This iteration's prompt pieces (request, first position, end position): the next
@@ -524,7 +529,7 @@ class BuiltinEngine(Engine):
         pieces: list[tuple[_Running, int, int]] = []
         st = self._staged
         if st is not None:
-            n = min(len(st.tokens) - st.done, budget, self._chunk_rows() if self._running else budget)
+            n = min(len(st.tokens) - st.done, self._chunk_rows(budget) if self._running else budget)
             pieces.append((st, st.done, st.done + n))
             budget -= n
         admitted: list[_Running] = []
@@ -546,7 +551,7 @@ class BuiltinEngine(Engine):
             if slot == self.staging_slot:
                 self._staged = r
                 self._staged_rows = max(1, self.prefill_chunk // 4)  # a cautious first chunk, then steered
-                end = min(end, start + (min(budget, self._chunk_rows()) if self._running else budget))
+                end = min(end, start + (self._chunk_rows(budget) if self._running else budget))
             else:
                 admitted.append(r)
             pieces.append((r, start, end))

@@ -284,20 +284,23 @@ def test_itl_budget_steers_the_staged_chunk(tiny_dir, monkeypatch):
         eng._timed(0.010, True, [])  # decode-only iterations: 10 ms
     assert eng._decode_s == pytest.approx(0.010)
     eng._timed(0.040, True, [(staged, 0, 64)])  # 30 ms extra where 5 ms was the budget
-    assert eng._chunk_rows() == int(64 * (5 / 30) ** 0.5) < 64
-    eng._timed(0.011, True, [(staged, 64, 64 + eng._chunk_rows())])  # cheap: it grows, by at most 2x
-    assert eng._chunk_rows() == 2 * int(64 * (5 / 30) ** 0.5)
+    assert eng._chunk_rows(64) == int(64 * (5 / 30) ** 0.5) < 64
+    eng._timed(0.011, True, [(staged, 64, 64 + eng._chunk_rows(64))])  # cheap: it grows, by at most 2x
+    assert eng._chunk_rows(64) == 2 * int(64 * (5 / 30) ** 0.5)
     for _ in range(10):
-        eng._timed(0.001, True, [(staged, 0, eng._chunk_rows())])
-    assert eng._chunk_rows() == 64  # capped at prefill_chunk
+        eng._timed(0.001, True, [(staged, 0, eng._chunk_rows(64))])
+    assert eng._chunk_rows(64) == 64  # capped at prefill_chunk
     for _ in range(20):
-        eng._timed(1.0, True, [(staged, 0, eng._chunk_rows())])
-    assert eng._chunk_rows() == MIN_CHUNK  # the floor: the long prompt's own prefill stays bounded
+        eng._timed(1.0, True, [(staged, 0, eng._chunk_rows(64))])
+    assert eng._chunk_rows(64) == MIN_CHUNK  # the floor: the long prompt's own prefill stays bounded
+    eng._waiting.append(object())  # a queue behind it: the per-iteration budget, not the ITL steering
+    assert eng._chunk_rows(64) == 64 and eng._chunk_rows(640) == 640
+    eng._waiting.clear()
     fixed = make(tiny_dir, prefix_cache=False, prefill_chunk=64, itl_slack=0)
     fixed._staged = staged
     fixed._timed(0.010, True, [])
     fixed._timed(1.0, True, [(staged, 0, 64)])
-    assert fixed._chunk_rows() == 64  # slack 0: fixed chunks
+    assert fixed._chunk_rows(64) == 64  # slack 0: fixed chunks
     monkeypatch.setenv("AGORA_NODE_ITL_SLACK", "2.5")
     assert make(tiny_dir).itl_slack == 2.5
     with pytest.raises(EngineError):
