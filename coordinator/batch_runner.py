@@ -301,8 +301,11 @@ class BatchRunner:
             if o.kind == "again":
                 self.not_before[(bid, idx)] = time.monotonic() + RETRY_AFTER_S
                 prior = find_keyed(s, acct, line_key(bid, idx, attempt))
-                if prior is not None and not prior.status.finished:
-                    return  # still on the market: the next pass looks again
+                if prior is not None and (not prior.status.finished or prior.response is not None):
+                    # still on the market, or answered since run_line looked (an answer stored by a
+                    # process that died, settled meanwhile): the next pass waits or replays it;
+                    # never a new attempt for a line that has an answer
+                    return
                 ln.result, ln.status_code = o.body, o.status_code
                 if prior is not None:
                     ln.attempt += 1  # that request ended unanswered and uncharged: a new one
@@ -328,6 +331,19 @@ class BatchRunner:
                 BatchLine.batch_id == bid, col(BatchLine.state).in_(("pending", "running")))).one()
             if left:
                 return
+            # Each answered line's usage must say what settlement charged: wait until every
+            # line's request is settled (a live answer is recorded before its delivery is
+            # acknowledged; if that process died first, it settles `unacked`, charged nothing).
+            rids = [r for r in s.exec(select(BatchLine.request_id).where(
+                BatchLine.batch_id == bid, BatchLine.state == "done")).all() if r]
+            costs: dict[str, int] = {}
+            for i in range(0, len(rids), 500):
+                for rid, status, cost in s.exec(select(InferenceRequest.id, InferenceRequest.status,
+                                                       InferenceRequest.cost).where(
+                        col(InferenceRequest.id).in_(rids[i:i + 500]))).all():
+                    if not status.finished:
+                        return  # the next pass finalizes once it is settled
+                    costs[rid] = cost or 0
             if b.status == "in_progress":
                 b.status, b.finalizing_at = "finalizing", utcnow()
-            batches.finalize(s, self.store, b)
+            batches.finalize(s, self.store, b, costs)

@@ -138,17 +138,21 @@ def end_pending(session: Session, b: Batch, code: str, message: str) -> int:
     return ended
 
 
-def _line_json(b: Batch, line: BatchLine) -> dict[str, Any]:
+def _line_json(b: Batch, line: BatchLine, costs: dict[str, int] | None = None) -> dict[str, Any]:
     rid = f"batch_req_{b.id.removeprefix('batch_')}_{line.idx}"
     if line.status_code is None:  # never reached the market (cancelled, expired)
         return {"id": rid, "custom_id": line.custom_id, "response": None, "error": (line.result or {}).get("error")}
+    body = line.result
+    if costs is not None and line.request_id in costs and isinstance(body, dict) and isinstance(body.get("usage"), dict):
+        body = {**body, "usage": {**body["usage"], "cost_nano_usd": costs[line.request_id]}}  # what was charged
     return {"id": rid, "custom_id": line.custom_id,
-            "response": {"status_code": line.status_code, "request_id": line.request_id, "body": line.result},
+            "response": {"status_code": line.status_code, "request_id": line.request_id, "body": body},
             "error": None}
 
 
-def finalize(session: Session, store: FileStore, b: Batch) -> None:
+def finalize(session: Session, store: FileStore, b: Batch, costs: dict[str, int] | None = None) -> None:
     """Write the output file (answered lines) and the error file (the rest) and end the batch.
+    `costs`: request id -> what settlement charged, written into each answer's usage.
     File ids follow from the batch id, so a finalization redone after a crash rewrites the same
     files instead of making new ones."""
     lines = session.exec(select(BatchLine).where(BatchLine.batch_id == b.id).order_by(BatchLine.idx)).all()
@@ -159,7 +163,7 @@ def finalize(session: Session, store: FileStore, b: Batch) -> None:
         if not chosen:
             continue
         fid = f"file-{stem}{'o' if kind == 'output' else 'e'}"
-        data = "".join(json.dumps(_line_json(b, ln)) + "\n" for ln in chosen).encode()
+        data = "".join(json.dumps(_line_json(b, ln, costs)) + "\n" for ln in chosen).encode()
         if session.get(BatchFile, fid) is None:
             store_file(session, store, b.account_id, "batch_output", f"{b.id}_{kind}.jsonl", data, len(chosen), fid)
         else:

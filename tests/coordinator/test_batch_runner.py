@@ -240,3 +240,17 @@ def test_two_runners_on_postgresql_share_a_batch_through_the_lease(tmp_path, pg_
         assert _charged(rt) == {i: 1 for i in range(10)}
     finally:
         rt.stop()
+
+
+def test_the_output_says_what_settlement_charged_not_what_the_live_answer_quoted():
+    """A line answered just before its process died is settled `unacked` (charged nothing):
+    its output usage must say 0, not the quote its live answer carried."""
+    from coordinator.batches import _line_json
+    from coordinator.models import Batch, BatchLine
+    b = Batch(id="batch_x", account_id=1, input_file_id="file-x", endpoint="/v1/chat/completions",
+              completion_window="24h")
+    body = {"choices": [], "usage": {"prompt_tokens": 3, "completion_tokens": 5, "cost_nano_usd": 11100}}
+    ln = BatchLine(batch_id=b.id, idx=0, custom_id="c0", state="done", status_code=200, result=body, request_id="req_a")
+    assert _line_json(b, ln, {"req_a": 0})["response"]["body"]["usage"]["cost_nano_usd"] == 0
+    assert _line_json(b, ln, {"req_a": 11100})["response"]["body"]["usage"] == body["usage"]
+    assert _line_json(b, ln)["response"]["body"]["usage"]["cost_nano_usd"] == 11100  # no settlement figures: as answered
