@@ -24,6 +24,7 @@ from typing import AsyncIterator
 from coordinator import metrics
 from coordinator import openai_format as fmt
 from coordinator.delivery import Delivery, Quote
+from coordinator.endings import acknowledged
 from coordinator.errors import APIError, NoCapacity, RelayInterrupted, UpstreamFailed
 from coordinator.logprobs_format import LogprobsBuilder
 
@@ -124,6 +125,7 @@ async def sse_many(streams: list, firsts: list[dict], model: str, kind: str, inc
     written, pending = [0] * n, [0] * n
     texts: list[list[str]] = [[] for _ in range(n)]
     dones: list[dict | None] = [None] * n
+    acks = []  # each completed choice's ending, written before the usage is sent
     ended = [False] * n  # each choice's side ended as it should (answer, error or interruption)
     last = None
     try:
@@ -153,11 +155,12 @@ async def sse_many(streams: list, firsts: list[dict], model: str, kind: str, inc
                                     index=k))
             written[k], pending[k] = written[k] + pending[k], 0
             ended[k], dones[k] = True, msg
-            streams[k].finish(written[k], Delivery.COMPLETE)
+            acks.append(streams[k].finish(written[k], Delivery.COMPLETE))
         if all(d is not None for d in dones):
             metrics.REQUESTS.labels(outcome="200").inc()
             usage = total_usage([usage_of(d, w) for d, w in zip(dones, written)])
             if include_usage:
+                await acknowledged(*acks)  # what the usage says is what settlement charges
                 yield fmt.sse(fmt.usage_chunk(kind, rid, model, created, usage))
             if remember is not None:
                 await remember(fmt.whole_of(kind, rid, model, created, [

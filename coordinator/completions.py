@@ -14,6 +14,7 @@ import asyncio
 import functools
 import logging
 import time
+from concurrent.futures import Future
 from typing import AsyncIterator
 
 from fastapi.responses import JSONResponse, StreamingResponse
@@ -28,7 +29,7 @@ from coordinator.admission import admit, body_hash, find_keyed, new_request_id, 
 from coordinator.bus import BusUnavailable, Subscription
 from coordinator.choices import collect_many, error_from as _error_from, gather_one, sse_many, usage_of as _usage
 from coordinator.delivery import Delivery
-from coordinator.endings import Ending
+from coordinator.endings import Ending, acknowledged
 from coordinator.errors import APIError, BadRequest, Conflict, InsufficientBalance, NoCapacity, RelayInterrupted, Unavailable
 from coordinator.models import Account, InferenceRequest, RequestStatus
 from coordinator.runtime import Runtime
@@ -176,18 +177,20 @@ class RequestStream:
             await self.rt.bus.publish(f"node:{self.node_id}", {"type": "cancel", "request_id": self.rid})
         return failed
 
-    def finish(self, written: int, delivery: Delivery | None) -> None:
+    def finish(self, written: int, delivery: Delivery | None) -> Future:
         """The buyer's side is over: say what it was written (settlement charges that, see
         `delivery.py`); `delivery` None means the buyer left. Work not yet assigned is
         cancelled and its hold released; work a node is doing is acknowledged, and cancelled
         at the node unless it completed. Written in a worker thread together with the other
         requests that end meanwhile (`endings.py`), not awaited, so it completes even while
-        the handler's task is being cancelled."""
-        self.rt.endings.add(Ending(self.rid, written, delivery), loop=asyncio.get_running_loop())
+        the handler's task is being cancelled; the future returned resolves once written
+        (`acknowledged`)."""
+        done = self.rt.endings.add(Ending(self.rid, written, delivery), loop=asyncio.get_running_loop())
         affinity = getattr(self.rt, "affinity", None)
         if affinity is not None and delivery is Delivery.COMPLETE and self.node_id and self.prompt:
             # the node has this prompt's prefixes in its KV cache now (affinity.py): a dict update
             affinity.record(prefix_chain(*self.prompt), self.node_id)
+        return done
 
 
 def _cancel_unsent(rt: Runtime, rid: str) -> None:
@@ -452,8 +455,9 @@ async def _sse(stream: RequestStream, msg: dict, model: str, kind: str, include_
                                     finish_reason=msg["finish_reason"]))
             written, pending = written + pending, 0
             ended = True
-            stream.finish(written, Delivery.COMPLETE)
+            done = stream.finish(written, Delivery.COMPLETE)
             if include_usage:
+                await acknowledged(done)
                 yield fmt.sse(fmt.usage_chunk(kind, stream.rid, model, created, _usage(msg, written)))
             if keyed or getattr(stream, "keep", None):
                 await _keep(stream, fmt.whole(

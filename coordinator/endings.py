@@ -10,13 +10,17 @@ request its buyer left.
 
 A process that dies with endings not yet written loses nothing: their receipts are settled
 as unacknowledged by the sweep (`delivery_ack_timeout_s`, or at once for a dead replica).
+That charges the buyer nothing, so a handler that is about to tell the buyer what it cost
+(the usage chunk of a stream) first waits for its ending to be written: `add` returns a
+future that resolves once it is (True), or once writing it failed (False).
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import threading
-from concurrent.futures import Executor
+from concurrent.futures import Executor, Future
 from dataclasses import dataclass
 
 from coordinator.bus import BusUnavailable
@@ -25,6 +29,8 @@ from coordinator.models import InferenceRequest, RequestStatus
 from coordinator.settlement import fail_request
 
 log = logging.getLogger(__name__)
+
+ACK_WAIT_S = 5.0  # the longest a usage chunk waits for its ending to be written
 
 
 @dataclass(frozen=True)
@@ -38,21 +44,23 @@ class Endings:
     def __init__(self, rt) -> None:
         self.rt = rt
         self._lock = threading.Lock()
-        self._queue: list[Ending] = []
+        self._queue: list[tuple[Ending, Future]] = []
         self._running = False
 
-    def add(self, ending: Ending, executor: Executor | None = None, loop=None) -> None:
+    def add(self, ending: Ending, executor: Executor | None = None, loop=None) -> Future:
         """Queue `ending`; a write starts in a worker thread unless one is running (it takes
-        this one next)."""
+        this one next). The future says whether it was written (True) once that is known."""
+        written: Future = Future()
         with self._lock:
-            self._queue.append(ending)
+            self._queue.append((ending, written))
             if self._running:
-                return
+                return written
             self._running = True
         if loop is not None:
             loop.run_in_executor(executor, self._drain)
         else:
             threading.Thread(target=self._drain, name="endings", daemon=True).start()
+        return written
 
     def pending(self) -> int:
         with self._lock:
@@ -65,22 +73,30 @@ class Endings:
                 if not batch:
                     self._running = False
                     return
+            ok: set[int] = set()
             try:
-                self._write(batch)
+                self._write([e for e, _ in batch], ok)
             except Exception:  # noqa: BLE001 - the sweep settles unacknowledged receipts later
                 log.exception("recording how %d request(s) ended failed", len(batch))
+                ok = set()
+            for k, (_, written) in enumerate(batch):
+                written.set_result(k in ok)
 
-    def _write(self, batch: list[Ending]) -> None:
+    def _write(self, batch: list[Ending], ok: set[int]) -> None:
+        """Write `batch`; `ok` gets the index of each ending that is in the database once
+        this returns (all of them, less those whose savepoint failed)."""
         ready: list[str] = []
         cancels: list[tuple[str, str]] = []
+        done: list[int] = []
         with self.rt.session() as s:
-            for e in batch:
+            for k, e in enumerate(batch):
                 try:
                     with s.begin_nested():
                         outcome = _record(s, e)
                 except Exception:  # noqa: BLE001
                     log.exception("request %s: recording its delivery failed", e.request_id)
                     continue
+                done.append(k)
                 if outcome is None:
                     continue
                 is_ready, node_id = outcome
@@ -88,6 +104,7 @@ class Endings:
                     ready.append(e.request_id)
                 if e.delivery != Delivery.COMPLETE and node_id is not None:
                     cancels.append((node_id, e.request_id))
+        ok.update(done)  # the session committed on leaving the block
         if ready:
             self.rt.enqueue_settle(ready[0])  # one task settles them all (see Runtime.enqueue_settle)
         for node_id, rid in cancels:
@@ -107,3 +124,14 @@ def _record(s, e: Ending) -> tuple[bool, str | None] | None:
                      status=RequestStatus.CANCELLED)
         return None
     return acknowledge(s, e.request_id, e.written, e.delivery or Delivery.BUYER_GONE), req.node_id
+
+
+async def acknowledged(*done: Future, timeout_s: float = ACK_WAIT_S) -> None:
+    """Wait until these endings are written, before the buyer is told what it was charged
+    (the usage chunk): a process that died between the two would have told the buyer a
+    cost the sweep then settles as unacknowledged, charging nothing. Bounded: a database
+    that does not answer delays the usage chunk by `timeout_s` at most."""
+    try:
+        await asyncio.wait_for(asyncio.gather(*(asyncio.wrap_future(d) for d in done)), timeout_s)
+    except asyncio.TimeoutError:
+        log.warning("%d ending(s) not written within %.1fs; sending usage anyway", len(done), timeout_s)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from concurrent.futures import Future
 
 import pytest
 
@@ -86,6 +87,8 @@ class FakeStream:
         self.sub = FakeSub([])
         self.messages = list(messages)
         self.finished = []
+        self.ack = Future()  # the ending's write (endings.py): already done unless a test holds it
+        self.ack.set_result(True)
 
     async def next(self):
         msg = self.messages.pop(0)
@@ -95,6 +98,7 @@ class FakeStream:
 
     def finish(self, written, delivery):
         self.finished.append((written, delivery))
+        return self.ack
 
 
 def _chunks(messages, first, read=None):
@@ -134,3 +138,24 @@ def test_an_interrupted_relay_ends_with_a_clean_error_and_acknowledges_what_was_
     assert stream.finished == [(3, Delivery.RELAY_BROKEN)]
     assert json.loads(out[-2][len(b"data: "):])["error"]["code"] == "relay_interrupted"
     assert out[-1] == b"data: [DONE]\n\n"
+
+
+def test_the_usage_chunk_waits_until_the_ending_is_written():
+    # A process killed after sending the usage but before writing the ending would settle
+    # the request unacknowledged (charged nothing) while the buyer was told its cost.
+    stream = FakeStream([tokens(2, [3]), done(3)])
+    stream.ack = Future()
+
+    async def main():
+        gen = _sse(stream, tokens(0, [1, 2]), "tiny", "chat", True, False)
+        out = [await gen.__anext__() for _ in range(3)]  # two token chunks and the finish chunk
+        nxt = asyncio.ensure_future(gen.__anext__())  # the finish chunk was handed over: acknowledged
+        await asyncio.sleep(0.2)
+        assert stream.finished == [(3, Delivery.COMPLETE)]
+        assert not nxt.done()  # no usage while the ending is not in the database
+        stream.ack.set_result(True)
+        out.append(await asyncio.wait_for(nxt, 2))
+        return out
+
+    out = asyncio.run(main())
+    assert json.loads(out[-1][len(b"data: "):])["usage"]["completion_tokens"] == 3

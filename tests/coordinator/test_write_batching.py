@@ -87,12 +87,15 @@ def test_endings_arriving_together_are_written_together_and_each_counts(runtime,
     event.listen(runtime.engine, "commit", lambda conn: commits.append(1))
     hold = threading.Event()
     real = runtime.endings._write
-    monkeypatch.setattr(runtime.endings, "_write", lambda batch: (hold.wait(5), real(batch)))
-    runtime.endings.add(Ending(rids[0], 3, Delivery.COMPLETE))  # its write waits for the others
+    monkeypatch.setattr(runtime.endings, "_write", lambda batch, ok: (hold.wait(5), real(batch, ok)))
+    written = [runtime.endings.add(Ending(rids[0], 3, Delivery.COMPLETE))]  # its write waits for the others
     for rid in rids[1:]:
-        runtime.endings.add(Ending(rid, 2, Delivery.BUYER_GONE))
-    runtime.endings.add(Ending("req_unknown", 1, Delivery.COMPLETE))  # a bad one holds back nobody
+        written.append(runtime.endings.add(Ending(rid, 2, Delivery.BUYER_GONE)))
+    written.append(runtime.endings.add(Ending("req_unknown", 1, Delivery.COMPLETE)))  # a bad one holds back nobody
+    time.sleep(0.1)
+    assert not any(w.done() for w in written)  # nothing is said to be written before it is
     hold.set()
+    assert [w.result(10) for w in written] == [True] * 7
     deadline = time.monotonic() + 10
     while (runtime.endings.pending() or runtime.endings._running) and time.monotonic() < deadline:
         time.sleep(0.02)
@@ -103,3 +106,19 @@ def test_endings_arriving_together_are_written_together_and_each_counts(runtime,
     assert got[rids[0]] == (Delivery.COMPLETE.value, 3)
     assert all(got[r] == (Delivery.BUYER_GONE.value, 2) for r in rids[1:])
     assert sent == [rids[0]]  # one settle task stands for all of them
+
+
+def test_an_ending_that_could_not_be_written_is_not_said_to_be(runtime, monkeypatch):
+    from coordinator import endings
+
+    real = endings._record
+
+    def record(s, e):
+        if e.request_id == "req_bad":
+            raise RuntimeError("the database refused it")
+        return real(s, e)
+
+    monkeypatch.setattr(endings, "_record", record)
+    bad = runtime.endings.add(Ending("req_bad", 1, Delivery.COMPLETE))
+    good = runtime.endings.add(Ending("req_unknown", 1, Delivery.COMPLETE))
+    assert (bad.result(10), good.result(10)) == (False, True)  # the bad one is left to the sweep
