@@ -13,8 +13,10 @@ SWEEP_INTERVAL_S = 2.0
 def configure(broker_url: str, *, queue: str = "agora", sweep_interval_s: float = SWEEP_INTERVAL_S) -> Celery:
     transport_options = {}
     if broker_url.startswith("memory://"):
-        # kombu's in-memory transport polls (1 s by default): poll fast, it is in-process
-        transport_options["polling_interval"] = 0.002
+        # kombu's in-memory transport polls; this one is woken by each message (inproc_broker.py)
+        from kombu.transport import TRANSPORT_ALIASES
+
+        TRANSPORT_ALIASES["memory"] = "scheduler.inproc_broker:Transport"
     celery_app.conf.update(
         broker_url=broker_url,
         broker_transport_options=transport_options,
