@@ -56,8 +56,8 @@ def batch_object(b: Batch) -> dict[str, Any]:
     }
 
 
-def own_file(session: Session, account: Account, file_id: str) -> BatchFile:
-    f = session.get(BatchFile, file_id)
+def own_file(session: Session, account: Account, file_id: str, *, lock: bool = False) -> BatchFile:
+    f = session.get(BatchFile, file_id, with_for_update=lock)
     if f is None or f.account_id != account.id:  # another account's file does not exist for this one
         raise NotFound(f"no file {file_id!r}", param="file_id")
     return f
@@ -87,7 +87,7 @@ def create(session: Session, account: Account, input_file_id: str, endpoint: str
                          param="endpoint")
     if completion_window not in WINDOWS:
         raise BadRequest(f"completion_window must be one of {sorted(WINDOWS)}", param="completion_window")
-    f = own_file(session, account, input_file_id)
+    f = own_file(session, account, input_file_id, lock=True)  # against a concurrent delete_file
     if f.purpose != "batch":
         raise BadRequest(f"file {input_file_id!r} was uploaded with purpose {f.purpose!r}, not 'batch'",
                          param="input_file_id")
@@ -112,6 +112,44 @@ def page(session: Session, account: Account, after: str | None, limit: int) -> d
     data = [batch_object(b) for b in rows[:limit]]
     return {"object": "list", "data": data, "first_id": data[0]["id"] if data else None,
             "last_id": data[-1]["id"] if data else None, "has_more": len(rows) > limit}
+
+
+def file_page(session: Session, account: Account, purpose: str | None, after: str | None, limit: int,
+              order: str) -> dict[str, Any]:
+    """The account's files, newest first (`order` "desc") or oldest first; `after` is the
+    last id of the previous page."""
+    q = select(BatchFile).where(BatchFile.account_id == account.id)
+    if purpose:
+        q = q.where(BatchFile.purpose == purpose)
+    newest = order == "desc"
+    if after:
+        mark = session.get(BatchFile, after)
+        if mark is None or mark.account_id != account.id:
+            raise NotFound(f"no file {after!r} to list after", param="after")
+        if newest:
+            q = q.where(or_(BatchFile.created_at < mark.created_at,
+                            and_(BatchFile.created_at == mark.created_at, col(BatchFile.id) < mark.id)))
+        else:
+            q = q.where(or_(BatchFile.created_at > mark.created_at,
+                            and_(BatchFile.created_at == mark.created_at, col(BatchFile.id) > mark.id)))
+    keys = (col(BatchFile.created_at).desc(), col(BatchFile.id).desc()) if newest else \
+        (col(BatchFile.created_at).asc(), col(BatchFile.id).asc())
+    rows = session.exec(q.order_by(*keys).limit(limit + 1)).all()
+    data = [file_object(f) for f in rows[:limit]]
+    return {"object": "list", "data": data, "first_id": data[0]["id"] if data else None,
+            "last_id": data[-1]["id"] if data else None, "has_more": len(rows) > limit}
+
+
+def delete_file(session: Session, account: Account, file_id: str) -> BatchFile:
+    """Delete the row (the caller then deletes the bytes: a row never names bytes that are
+    gone). The input of a batch a runner still reads cannot be deleted: 409."""
+    f = own_file(session, account, file_id, lock=True)  # against a concurrent batch create
+    busy = session.exec(select(Batch.id).where(Batch.input_file_id == f.id, col(Batch.status).in_(RUNNING))).first()
+    if busy is not None:
+        raise Conflict(f"file {file_id!r} is the input of batch {busy!r}, which is still running; cancel it or "
+                       "wait for it to end", param="file_id", code="file_in_use")
+    session.delete(f)
+    return f
 
 
 def cancel(session: Session, account: Account, batch_id: str) -> Batch:

@@ -59,6 +59,32 @@ async def upload_file(file: UploadFile = File(...), purpose: str = Form(...),
     return await run_in_threadpool(_store)
 
 
+@router.get("/files")
+async def list_files(purpose: str | None = Query(default=None, max_length=32),
+                     after: str | None = Query(default=None, max_length=40),
+                     limit: int = Query(default=10_000, ge=1, le=10_000),
+                     order: str = Query(default="desc", pattern="^(asc|desc)$"),
+                     account: Account = Depends(current_account), rt: Runtime = Depends(runtime)):
+    def _list():
+        with rt.read_session() as s:
+            return batches.file_page(s, account, purpose, after, limit, order)
+
+    return await run_in_threadpool(_list)
+
+
+@router.delete("/files/{file_id}")
+async def delete_file(file_id: str, account: Account = Depends(current_account), rt: Runtime = Depends(runtime),
+                      store: FileStore = Depends(file_store)):
+    def _delete():
+        with rt.session() as s:
+            f = batches.delete_file(s, account, file_id)
+            fid = f.id
+        store.delete(fid)  # after the row is gone: a crash in between leaves unnamed bytes, never a dangling row
+        return {"id": fid, "object": "file", "deleted": True}
+
+    return await run_in_threadpool(_delete)
+
+
 @router.get("/files/{file_id}")
 async def get_file(file_id: str, account: Account = Depends(current_account), rt: Runtime = Depends(runtime)):
     def _get():

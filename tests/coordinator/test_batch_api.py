@@ -54,17 +54,52 @@ def test_upload_create_retrieve_list_and_cancel_with_the_official_client(client,
     assert cancelled.status == "cancelling" and cancelled.cancelling_at is not None
 
 
+def test_files_are_listed_in_pages_and_deleted_with_the_official_client(client, runtime):
+    oc = _client(client, _key(runtime))
+    made = [_upload(oc, [_line(i)]) for i in range(3)]
+    first = oc.files.list(limit=2)  # newest first
+    assert [f.id for f in first.data] == [made[2].id, made[1].id] and first.has_more
+    assert [f.id for f in oc.files.list(limit=2, after=made[1].id).data] == [made[0].id]
+    assert [f.id for f in oc.files.list()] == [m.id for m in reversed(made)]  # the client pages through all
+    assert [f.id for f in oc.files.list(order="asc", limit=10).data] == [m.id for m in made]
+    assert [f.id for f in oc.files.list(purpose="batch_output").data] == []
+
+    gone = oc.files.delete(made[0].id)
+    assert gone.id == made[0].id and gone.deleted
+    for call in (lambda: oc.files.retrieve(made[0].id), lambda: oc.files.content(made[0].id),
+                 lambda: oc.files.delete(made[0].id)):
+        with pytest.raises(openai.NotFoundError):
+            call()
+    assert not (runtime.settings.home / "files" / made[0].id).exists()  # its bytes too
+    assert (runtime.settings.home / "files" / made[2].id).exists()
+    assert [f.id for f in oc.files.list()] == [made[2].id, made[1].id]
+
+    # the input of a batch still running cannot be deleted (its runner reads it); after cancel it can
+    b = oc.batches.create(input_file_id=made[1].id, endpoint="/v1/chat/completions", completion_window="24h")
+    with pytest.raises(openai.ConflictError, match="still running"):
+        oc.files.delete(made[1].id)
+    assert oc.files.retrieve(made[1].id).id == made[1].id
+    with runtime.session() as s:  # the runner has ended it
+        from coordinator.models import Batch
+        s.get(Batch, b.id).status = "cancelled"
+    assert oc.files.delete(made[1].id).deleted
+    with pytest.raises(openai.BadRequestError):
+        oc.files.list(order="sideways")
+
+
 def test_another_account_sees_neither_files_nor_batches(client, runtime):
     mine, theirs = _client(client, _key(runtime)), _client(client, _key(runtime))
     f = _upload(mine, [_line(0)])
     b = mine.batches.create(input_file_id=f.id, endpoint="/v1/chat/completions", completion_window="24h")
     for call in (lambda: theirs.files.retrieve(f.id), lambda: theirs.files.content(f.id),
+                 lambda: theirs.files.delete(f.id),
                  lambda: theirs.batches.retrieve(b.id), lambda: theirs.batches.cancel(b.id),
                  lambda: theirs.batches.create(input_file_id=f.id, endpoint="/v1/chat/completions",
                                                completion_window="24h")):
         with pytest.raises(openai.NotFoundError):
             call()
-    assert theirs.batches.list().data == []
+    assert theirs.batches.list().data == [] and theirs.files.list().data == []
+    assert mine.files.retrieve(f.id).id == f.id  # their delete did nothing
 
 
 @pytest.mark.parametrize("lines, line_no, words", [
