@@ -52,7 +52,6 @@ import pstats
 import random
 import secrets
 import shutil
-import statistics
 import sys
 import tempfile
 import time
@@ -382,7 +381,6 @@ def main() -> int:
     t_start = time.monotonic()
 
     from coordinator.migrate import upgrade
-    from coordinator.models import MarketMinute, NodeMinute
 
     work = Path(a.keep) if a.keep else Path(tempfile.mkdtemp(prefix="agora-dashboard-bench-"))
     work.mkdir(parents=True, exist_ok=True)
