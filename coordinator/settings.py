@@ -103,6 +103,11 @@ class CoordinatorSettings(BaseSettings):
     # Batch API (coordinator/batches.py, coordinator/batch_runner.py)
     files_dir: Path | None = Field(default=None, description="where uploaded files' bytes live; default "
                                    "AGORA_HOME/files (shared storage when there are several API replicas)")
+    files_url: str | None = Field(default=None, pattern=r"^s3://[a-z0-9][a-z0-9.-]{1,61}[a-z0-9](/.*)?$",
+                                  description="keep uploaded files in an S3-compatible bucket instead, e.g. "
+                                  "s3://agora-files/prod (credentials: the usual AWS_* variables; needs agora[s3])")
+    files_s3_endpoint_url: str | None = Field(default=None, description="an S3-compatible service's endpoint "
+                                              "(MinIO, R2, ...); default: AWS")
     batch_file_max_bytes: int = Field(default=100 * 2**20, ge=1024, description="largest file a buyer may upload")
     batch_max_lines: int = Field(default=50_000, ge=1, description="most requests in one batch input file")
     batch_discount_pct: int = Field(default=50, ge=0, le=100, description="batch lines are routed only to nodes "

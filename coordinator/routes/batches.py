@@ -5,6 +5,8 @@ Everything is per account: another account's file or batch answers 404.
 
 from __future__ import annotations
 
+import logging
+
 from fastapi import APIRouter, Depends, File, Form, Query, Request, UploadFile
 from fastapi.responses import Response
 from pydantic import BaseModel, ConfigDict, Field
@@ -14,11 +16,12 @@ from coordinator import batches
 from coordinator.batch_input import parse
 from coordinator.body_limit import BodyTooLarge
 from coordinator.errors import BadRequest, NotFound
-from coordinator.file_store import FileMissing, FileStore
+from coordinator.file_store import FileMissing, FileStore, StoreUnavailable
 from coordinator.models import Account
 from coordinator.routes.deps import current_account, runtime
 from coordinator.runtime import Runtime
 
+log = logging.getLogger(__name__)
 router = APIRouter(prefix="/v1", tags=["batch"])
 
 
@@ -79,7 +82,10 @@ async def delete_file(file_id: str, account: Account = Depends(current_account),
         with rt.session() as s:
             f = batches.delete_file(s, account, file_id)
             fid = f.id
-        store.delete(fid)  # after the row is gone: a crash in between leaves unnamed bytes, never a dangling row
+        try:  # after the row is gone: a crash in between leaves unnamed bytes, never a dangling row
+            store.delete(fid)
+        except StoreUnavailable as exc:  # the file is deleted for the buyer; its bytes are left behind
+            log.warning("file %s: row deleted, its bytes not: %s", fid, exc.message)
         return {"id": fid, "object": "file", "deleted": True}
 
     return await run_in_threadpool(_delete)
