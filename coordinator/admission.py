@@ -183,15 +183,15 @@ def place_hold(session: Session, account: Account, request: InferenceRequest, se
     """The escrow hold of an admitted `request`, in the caller's transaction. It locks the
     buyer's ledger row until that transaction ends: callers that do more work in it do that
     work first (`completions.handle` routes before it holds)."""
-    try:
-        held = Ledger(session).create_hold(
-            account.ledger_account_id, request.hold_amount, idempotency_key=f"hold:{request.id}",
-            request_ref=request.id, expires_at=utcnow() + timedelta(seconds=settings.request_ttl_s + HOLD_GRACE_S),
+    try:  # the request row is new in this transaction: it makes the hold once (Ledger.hold_for_new_request)
+        hold_id = Ledger(session).hold_for_new_request(
+            account.ledger_account_id, request.hold_amount, request.id,
+            expires_at=utcnow() + timedelta(seconds=settings.request_ttl_s + HOLD_GRACE_S),
         )
     except InsufficientFunds as exc:
         raise InsufficientBalance(
             f"balance {exc.available} nano-USD is short of the {exc.needed} nano-USD this request "
             f"may cost (max_tokens={request.max_tokens}); top up or lower max_tokens"
         ) from exc
-    request.hold_id = held.id
+    request.hold_id = hold_id
     session.add(request)

@@ -30,7 +30,8 @@ from dataclasses import asdict
 from datetime import datetime
 from typing import Any, Iterable
 
-from sqlalchemy import delete
+from sqlalchemy import delete, update
+from sqlalchemy import select as core_select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm.util import identity_key
 from sqlmodel import Session, col, select
@@ -247,6 +248,53 @@ class Ledger:
         result = self._once(idempotency_key, "hold", {"buyer": buyer_account_id, "amount": amount,
                                                       "ref": request_ref}, op)
         return self.s.get(LedgerHold, result["hold_id"])
+
+    def hold_for_new_request(self, buyer_account_id: int, amount: int, request_ref: str,
+                             expires_at: datetime | None = None) -> int:
+        """`create_hold` for a request admitted in this same transaction, in four statements
+        instead of about ten (it is on every buyer's path to the first token): the buyer's
+        balance is checked and moved by one conditional UPDATE, escrow credited, the hold
+        and its transfer inserted. No idempotency row: the caller's request row, inserted
+        in this transaction under a fresh unique id, makes a second hold for it impossible
+        (a retried transaction starts over, and a replayed request finds its row). Rows are
+        updated in id order, like `_lock`, so it never deadlocks with a settlement.
+        Returns the hold's id."""
+        if amount < 0 or not isinstance(amount, int):
+            raise LedgerError(f"hold amount must be a non-negative int, got {amount!r}")
+        escrow = self._sys(AccountKind.ESCROW, buyer_account_id)
+        accounts = LedgerAccount.__table__
+        self.s.flush()  # the caller's pending rows first: their errors are theirs
+        conn = self.s.connection()
+        for acct_id in sorted({buyer_account_id, escrow}):
+            if acct_id == escrow:
+                conn.execute(update(accounts).where(accounts.c.id == escrow)
+                             .values(balance=accounts.c.balance + amount))
+                continue
+            moved = conn.execute(update(accounts).where(
+                accounts.c.id == buyer_account_id, accounts.c.kind == AccountKind.BUYER,
+                accounts.c.balance >= amount).values(balance=accounts.c.balance - amount)).rowcount
+            if moved != 1:
+                row = conn.execute(core_select(accounts.c.kind, accounts.c.balance)
+                                   .where(accounts.c.id == buyer_account_id)).first()
+                if row is None:
+                    raise UnknownAccount(f"no ledger account(s) [{buyer_account_id}]")
+                if row.kind != AccountKind.BUYER:
+                    raise WrongAccountKind("holds are placed on buyer accounts")
+                raise InsufficientFunds(int(row.balance), amount)
+        now = _utcnow()
+        hold_id = conn.execute(LedgerHold.__table__.insert().values(
+            buyer_account_id=buyer_account_id, amount=amount, state=HoldState.PENDING, request_ref=request_ref,
+            expires_at=expires_at, created_at=now, posted_amount=0).returning(LedgerHold.__table__.c.id)).scalar_one()
+        if amount:
+            conn.execute(LedgerTransfer.__table__.insert().values(
+                debit_account_id=buyer_account_id, credit_account_id=escrow, amount=amount, kind="hold",
+                hold_id=hold_id, request_ref=request_ref, created_at=now))
+        # ORM copies of the two accounts loaded earlier in this session are stale now
+        for acct_id in (buyer_account_id, escrow):
+            cached = self.s.identity_map.get(identity_key(LedgerAccount, acct_id))
+            if cached is not None:
+                self.s.expire(cached, ["balance"])
+        return hold_id
 
     def _pending_hold(self, hold_id: int) -> LedgerHold:
         hold = self.s.get(LedgerHold, hold_id, with_for_update=True, populate_existing=True)

@@ -208,3 +208,25 @@ def test_old_idempotency_keys_are_pruned_and_young_ones_kept(session, led):
     assert session.get(LedgerIdempotency, "young") is not None
     assert led.deposit(buyer, 100, idempotency_key="young") == 300  # still a replay
     assert total_balance(session) == 0
+
+
+def test_hold_for_a_new_request_moves_to_escrow_refuses_overdraft_and_settles_like_any_hold(led, buyer, sellers):
+    before = led.balance(buyer.id)  # an ORM copy of the buyer's row is in the session now
+    hid = led.hold_for_new_request(buyer.id, 700, "req_fast")
+    assert led.balance(buyer.id) == before - 700 == 300  # the copy was refreshed, not stale
+    assert bal(led, AccountKind.ESCROW) == 700
+    hold = led.s.get(LedgerHold, hid)
+    assert (hold.state, hold.amount, hold.request_ref) == (HoldState.PENDING, 700, "req_fast")
+    transfers = led.s.exec(select(LedgerTransfer).where(LedgerTransfer.hold_id == hid)).all()
+    assert [(t.kind, t.debit_account_id, t.amount) for t in transfers] == [("hold", buyer.id, 700)]
+    with pytest.raises(InsufficientFunds) as e:
+        led.hold_for_new_request(buyer.id, 301, "req_too_big")
+    assert (e.value.available, e.value.needed) == (300, 301)
+    assert led.balance(buyer.id) == 300 and bal(led, AccountKind.ESCROW) == 700  # nothing moved
+    with pytest.raises(WrongAccountKind):
+        led.hold_for_new_request(sellers[0].id, 1, "req_wrong")
+    with pytest.raises(LedgerError):
+        led.hold_for_new_request(buyer.id, -1, "req_negative")
+    led.settle_hold(hid, [(sellers[0].id, 500)], 1000, idempotency_key="s-fast")
+    assert led.balance(buyer.id) == 500 and bal(led, AccountKind.ESCROW) == 0
+    assert total_balance(led.s) == 0
