@@ -23,6 +23,8 @@ import threading
 from concurrent.futures import Executor, Future
 from dataclasses import dataclass
 
+from sqlalchemy import bindparam, select, update
+
 from coordinator.bus import BusUnavailable
 from coordinator.delivery import Delivery, acknowledge
 from coordinator.models import InferenceRequest, RequestStatus
@@ -84,27 +86,26 @@ class Endings:
 
     def _write(self, batch: list[Ending], ok: set[int]) -> None:
         """Write `batch`; `ok` gets the index of each ending that is in the database once
-        this returns (all of them, less those whose savepoint failed)."""
+        this returns. All of them in a few statements (`_record_all`); if that fails, each
+        in a savepoint of its own, so one bad ending holds back nobody."""
+        try:
+            with self.rt.session() as s:
+                outcomes = _record_all(s, batch)
+        except Exception:  # noqa: BLE001 - find the bad one: one savepoint each
+            log.warning("writing %d endings together failed; writing each alone", len(batch), exc_info=True)
+            outcomes = self._write_each(batch)
         ready: list[str] = []
         cancels: list[tuple[str, str]] = []
-        done: list[int] = []
-        with self.rt.session() as s:
-            for k, e in enumerate(batch):
-                try:
-                    with s.begin_nested():
-                        outcome = _record(s, e)
-                except Exception:  # noqa: BLE001
-                    log.exception("request %s: recording its delivery failed", e.request_id)
-                    continue
-                done.append(k)
-                if outcome is None:
-                    continue
-                is_ready, node_id = outcome
-                if is_ready:
-                    ready.append(e.request_id)
-                if e.delivery != Delivery.COMPLETE and node_id is not None:
-                    cancels.append((node_id, e.request_id))
-        ok.update(done)  # the session committed on leaving the block
+        for k, outcome in outcomes.items():
+            ok.add(k)
+            if outcome is None:
+                continue
+            is_ready, node_id = outcome
+            e = batch[k]
+            if is_ready:
+                ready.append(e.request_id)
+            if e.delivery != Delivery.COMPLETE and node_id is not None:
+                cancels.append((node_id, e.request_id))
         if ready:
             self.rt.enqueue_settle(ready[0])  # one task settles them all (see Runtime.enqueue_settle)
         for node_id, rid in cancels:
@@ -112,6 +113,48 @@ class Endings:
                 self.rt.bus.publish_sync(f"node:{node_id}", {"type": "cancel", "request_id": rid})
             except BusUnavailable as exc:  # the cancel is lost: the node finishes, unpaid beyond the rule
                 log.warning("request %s: could not cancel it at its node: %s", rid, exc)
+
+    def _write_each(self, batch: list[Ending]) -> dict[int, tuple[bool, str | None] | None]:
+        out: dict[int, tuple[bool, str | None] | None] = {}
+        with self.rt.session() as s:
+            for k, e in enumerate(batch):
+                try:
+                    with s.begin_nested():
+                        out[k] = _record(s, e)
+                except Exception:  # noqa: BLE001 - the sweep settles it as unacknowledged
+                    log.exception("request %s: recording its delivery failed", e.request_id)
+        return out
+
+
+def _record_all(s, batch: list[Ending]) -> dict[int, tuple[bool, str | None] | None]:
+    """Every ending of `batch` in one locking read (rows in id order, like every other
+    multi-row locker) and one batched update: a handful of round trips for the batch instead
+    of four per ending, which on PostgreSQL under load (each round trip waiting for the GIL)
+    cost ~17 ms per ending and held every stream's usage chunk back. Same rules as `_record`
+    (the first acknowledgement wins); a request still QUEUED goes through `_record`."""
+    table = InferenceRequest.__table__
+    ids = sorted({e.request_id for e in batch})
+    rows = {r.id: r for r in s.execute(
+        select(table.c.id, table.c.status, table.c.node_id, table.c.delivery)
+        .where(table.c.id.in_(ids)).order_by(table.c.id).with_for_update())}
+    out: dict[int, tuple[bool, str | None] | None] = {}
+    updates, seen = [], set()
+    for k, e in enumerate(batch):
+        row = rows.get(e.request_id)
+        status = None if row is None else RequestStatus(row.status)
+        if row is None or status.finished or row.delivery is not None or e.request_id in seen:
+            out[k] = None
+        elif status == RequestStatus.QUEUED:
+            out[k] = _record(s, e)
+        else:
+            seen.add(e.request_id)
+            delivery = e.delivery or Delivery.BUYER_GONE
+            updates.append({"rid": e.request_id, "written": max(0, int(e.written)), "delivery": delivery.value})
+            out[k] = (status == RequestStatus.SETTLING, row.node_id)
+    if updates:
+        s.execute(update(table).where(table.c.id == bindparam("rid"))
+                  .values(delivered_tokens=bindparam("written"), delivery=bindparam("delivery")), updates)
+    return out
 
 
 def _record(s, e: Ending) -> tuple[bool, str | None] | None:

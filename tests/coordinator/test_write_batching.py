@@ -111,6 +111,8 @@ def test_endings_arriving_together_are_written_together_and_each_counts(runtime,
 def test_an_ending_that_could_not_be_written_is_not_said_to_be(runtime, monkeypatch):
     from coordinator import endings
 
+    node = _node(runtime)
+    rid, _ = _request(runtime, node, max_tokens=4)
     real = endings._record
 
     def record(s, e):
@@ -118,7 +120,19 @@ def test_an_ending_that_could_not_be_written_is_not_said_to_be(runtime, monkeypa
             raise RuntimeError("the database refused it")
         return real(s, e)
 
+    def record_all(s, batch):  # the batch write fails as a whole: each ending is then tried alone
+        raise RuntimeError("one of them is bad")
+
     monkeypatch.setattr(endings, "_record", record)
+    monkeypatch.setattr(endings, "_record_all", record_all)
+    hold = threading.Event()
+    real_write = runtime.endings._write
+    monkeypatch.setattr(runtime.endings, "_write", lambda batch, ok: (hold.wait(5), real_write(batch, ok)))
+    first = runtime.endings.add(Ending("req_unknown", 1, Delivery.COMPLETE))
     bad = runtime.endings.add(Ending("req_bad", 1, Delivery.COMPLETE))
-    good = runtime.endings.add(Ending("req_unknown", 1, Delivery.COMPLETE))
-    assert (bad.result(10), good.result(10)) == (False, True)  # the bad one is left to the sweep
+    good = runtime.endings.add(Ending(rid, 2, Delivery.BUYER_GONE))
+    hold.set()
+    assert (first.result(10), bad.result(10), good.result(10)) == (True, False, True)  # the bad one: the sweep's
+    with runtime.session() as s:
+        assert (s.get(InferenceRequest, rid).delivery, s.get(InferenceRequest, rid).delivered_tokens) == \
+            (Delivery.BUYER_GONE.value, 2)
