@@ -60,7 +60,7 @@ def is_trusted(node: Node, settings: CoordinatorSettings) -> bool:
 
 def maybe_select(session: Session, req: InferenceRequest, node: Node, token_ids: list[int],
                  logprobs_q: list[int], finish_reason: str | None, settings: CoordinatorSettings, *,
-                 u: float | None = None, prompt_tokens: int | None = None) -> Audit | None:
+                 u: float | None = None, prompt_tokens: int | None = None, count_job: bool = True) -> Audit | None:
     """Count the job and, with the node's audit rate, keep it for an audit (the rate at
     the time of the job is kept with it: it sizes the slash if the job was a cheat).
 
@@ -71,9 +71,10 @@ def maybe_select(session: Session, req: InferenceRequest, node: Node, token_ids:
     answer for. A continuation made from text (an engine without token ids) cannot be
     re-scored exactly and is not audited."""
     rate = audit_rate(node, settings)
-    node.jobs += 1
-    node.session_jobs += 1
-    session.add(node)
+    if count_job:  # else the caller counts it after its commit (`job_counts.py`)
+        node.jobs += 1
+        node.session_jobs += 1
+        session.add(node)
     segments = req.payload.get("segments", [])
     prefix = list(req.payload.get("prefix_token_ids", [])) if segments else []
     if not token_ids or len(logprobs_q) != len(token_ids) or (

@@ -21,6 +21,7 @@ from coordinator.bus import Bus, BusUnavailable, make_bus
 from coordinator.cache_store import make_store
 from coordinator.db import make_engine, read_only, read_scope, session_scope
 from coordinator.endings import Endings
+from coordinator.job_counts import JobCounts
 from coordinator.liveness import Liveness
 from coordinator.market_view import MarketView
 from coordinator.ratelimit import RateLimiter
@@ -58,6 +59,7 @@ class Runtime:
         self.liveness = Liveness()  # beats heard on this process's work channels (liveness.py)
         self.keys = KeyCache(settings.api_key_cache_s)  # valid API keys seen lately (auth.py)
         self.endings = Endings(self)  # what each buyer was written, recorded in batches (endings.py)
+        self.job_counts = JobCounts(self)  # nodes' job counters, written in batches (job_counts.py)
         self.market = MarketView(self.read_engine, settings)  # routable offers in memory (market_view.py)
         # prompt prefixes served lately, per node (affinity.py); None: cache-aware routing off
         self.affinity = PrefixMap(settings.routing_affinity_entries, settings.routing_affinity_ttl_s) \

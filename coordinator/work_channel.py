@@ -348,9 +348,11 @@ class Channel:
             if accepted.fresh:
                 audit = maybe_select(s, s.get(InferenceRequest, done.request_id), s.get(Node, self.node_id),
                                      st.token_ids if st.auditable else [], st.logprobs, done.receipt.finish_reason,
-                                     self.rt.settings, prompt_tokens=done.receipt.prompt_tokens)
+                                     self.rt.settings, prompt_tokens=done.receipt.prompt_tokens, count_job=False)
                 accepted.audit_id = audit.id if audit else None
-            return accepted
+        if accepted.fresh:  # committed: counted off this transaction, not on the node's hot row
+            self.rt.job_counts.add(self.node_id, self.channel_id)
+        return accepted
 
     async def _on_verify_result(self, result: VerifyResult) -> None:
         def _apply():
