@@ -20,7 +20,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
-from concurrent.futures import Executor, Future
+from concurrent.futures import Executor, Future, InvalidStateError
 from dataclasses import dataclass
 
 from sqlalchemy import bindparam, select, update
@@ -82,7 +82,11 @@ class Endings:
                 log.exception("recording how %d request(s) ended failed", len(batch))
                 ok = set()
             for k, (_, written) in enumerate(batch):
-                written.set_result(k in ok)
+                if not written.done():  # a future its waiter cancelled stays so (and must not stop this loop)
+                    try:
+                        written.set_result(k in ok)
+                    except InvalidStateError:
+                        pass
 
     def _write(self, batch: list[Ending], ok: set[int]) -> None:
         """Write `batch`; `ok` gets the index of each ending that is in the database once
@@ -174,7 +178,7 @@ async def acknowledged(*done: Future, timeout_s: float = ACK_WAIT_S) -> None:
     (the usage chunk): a process that died between the two would have told the buyer a
     cost the sweep then settles as unacknowledged, charging nothing. Bounded: a database
     that does not answer delays the usage chunk by `timeout_s` at most."""
-    try:
-        await asyncio.wait_for(asyncio.gather(*(asyncio.wrap_future(d) for d in done)), timeout_s)
+    try:  # shielded: a buyer who hangs up (or the timeout) cancels this wait, never the write
+        await asyncio.wait_for(asyncio.shield(asyncio.gather(*(asyncio.wrap_future(d) for d in done))), timeout_s)
     except asyncio.TimeoutError:
         log.warning("%d ending(s) not written within %.1fs; sending usage anyway", len(done), timeout_s)

@@ -136,3 +136,30 @@ def test_an_ending_that_could_not_be_written_is_not_said_to_be(runtime, monkeypa
     with runtime.session() as s:
         assert (s.get(InferenceRequest, rid).delivery, s.get(InferenceRequest, rid).delivered_tokens) == \
             (Delivery.BUYER_GONE.value, 2)
+
+
+def test_a_buyer_gone_while_waiting_for_its_ending_stops_no_other_ending(runtime, monkeypatch):
+    # The usage chunk waits on the ending's future (endings.acknowledged); a buyer who hangs up
+    # then, or the wait's timeout, cancels that wait. The writer must still write that ending
+    # and every later one.
+    import asyncio
+
+    from coordinator.endings import acknowledged
+
+    node = _node(runtime)
+    rids = [_request(runtime, node, max_tokens=4)[0] for _ in range(2)]
+    hold = threading.Event()
+    real = runtime.endings._write
+    monkeypatch.setattr(runtime.endings, "_write", lambda batch, ok: (hold.wait(5), real(batch, ok)))
+    first = runtime.endings.add(Ending(rids[0], 3, Delivery.COMPLETE))
+
+    async def impatient():
+        await acknowledged(first, timeout_s=0.1)  # gives up while the write is held
+
+    asyncio.run(impatient())
+    hold.set()
+    assert first.result(10) is True  # written all the same
+    assert runtime.endings.add(Ending(rids[1], 2, Delivery.BUYER_GONE)).result(10) is True
+    with runtime.session() as s:
+        assert [s.get(InferenceRequest, r).delivery for r in rids] == [Delivery.COMPLETE.value,
+                                                                       Delivery.BUYER_GONE.value]
