@@ -96,8 +96,7 @@ async def collect_many(streams: list, firsts: list[dict], model: str, kind: str,
         usages.append(usage_of(done, count))
     body = fmt.whole_of(kind, streams[0].rid, model, created, choices, total_usage(usages),
                         results[0][2].get("node_id"))
-    for s, (_, count, _) in zip(streams, results):
-        s.finish(count, Delivery.COMPLETE)
+    await acknowledged(*(s.finish(count, Delivery.COMPLETE) for s, (_, count, _) in zip(streams, results)))
     return body, [r[1] for r in results]
 
 

@@ -419,7 +419,7 @@ async def _collect(stream: RequestStream, msg: dict, model: str, kind: str, keye
     body = fmt.whole(kind, stream.rid, model, created, text, msg["finish_reason"],
                      _usage(msg, count), msg.get("node_id"), lp.whole() if lp is not None else None)
     await _keep(stream, body, keyed)
-    stream.finish(count, Delivery.COMPLETE)
+    await acknowledged(stream.finish(count, Delivery.COMPLETE))  # the body states its cost: charged so first
     return JSONResponse(body, headers={"X-Agora-Request-Id": stream.rid})
 
 

@@ -9,7 +9,7 @@ from concurrent.futures import Future
 
 import pytest
 
-from coordinator.completions import RequestStream, _sse
+from coordinator.completions import RequestStream, _collect, _sse
 from coordinator.delivery import Delivery, Quote
 from coordinator.errors import RelayInterrupted
 
@@ -159,3 +159,18 @@ def test_the_usage_chunk_waits_until_the_ending_is_written():
 
     out = asyncio.run(main())
     assert json.loads(out[-1][len(b"data: "):])["usage"]["completion_tokens"] == 3
+
+
+def test_a_whole_answer_is_returned_only_once_its_ending_is_written():
+    stream = FakeStream([tokens(2, [3]), done(3)])
+    stream.ack = Future()
+
+    async def main():
+        answer = asyncio.ensure_future(_collect(stream, tokens(0, [1, 2]), "tiny", "chat", False))
+        await asyncio.sleep(0.2)
+        assert stream.finished == [(3, Delivery.COMPLETE)] and not answer.done()
+        stream.ack.set_result(True)
+        return await asyncio.wait_for(answer, 2)
+
+    body = json.loads(asyncio.run(main()).body)
+    assert body["usage"]["completion_tokens"] == 3
