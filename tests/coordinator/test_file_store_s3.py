@@ -1,5 +1,5 @@
 """Batch API files in an S3-compatible bucket (`AGORA_FILES_URL=s3://...`,
-`coordinator/file_store_s3.py`), against moto's S3: the same API through the official
+`coordinator/file_store.S3FileStore`), against moto's S3: the same API through the official
 client as with the local folder, one object per file under the prefix, and a store that
 cannot be reached is a 503, never a 500 or a file row without its bytes."""
 
@@ -16,8 +16,7 @@ from moto import mock_aws
 from coordinator.account_service import create_account
 from coordinator.app import create_app
 from coordinator.db import create_all, make_engine
-from coordinator.file_store import FileMissing
-from coordinator.file_store_s3 import S3FileStore
+from coordinator.file_store import FileMissing, S3FileStore
 from coordinator.runtime import Runtime
 from coordinator.settings import CoordinatorSettings
 from tests.coordinator.test_batch_api import _jsonl, _line
