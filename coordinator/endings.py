@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from sqlalchemy import bindparam, select, update
 
 from coordinator.bus import BusUnavailable
+from coordinator.db import writes_first
 from coordinator.delivery import Delivery, acknowledge
 from coordinator.models import InferenceRequest, RequestStatus
 from coordinator.settlement import fail_request
@@ -77,7 +78,8 @@ class Endings:
                     return
             ok: set[int] = set()
             try:
-                self._write([e for e, _ in batch], ok)
+                with writes_first():  # the buyers' usage chunks wait on it (db.writes_first)
+                    self._write([e for e, _ in batch], ok)
             except Exception:  # noqa: BLE001 - the sweep settles unacknowledged receipts later
                 log.exception("recording how %d request(s) ended failed", len(batch))
                 ok = set()

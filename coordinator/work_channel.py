@@ -23,7 +23,7 @@ from sqlmodel import select
 from coordinator.audits import maybe_select
 from coordinator.verdicts import apply_result
 from coordinator.bus import BusUnavailable
-from coordinator.db import retry_transient
+from coordinator.db import retry_transient, writes_first
 from coordinator.errors import APIError
 from coordinator.models import InferenceRequest, Node, RequestStatus
 from coordinator.models.account import utcnow
@@ -343,7 +343,7 @@ class Channel:
     def _accept(self, done: Done, relayed: Relayed, st: _Stream):
         """Store the receipt and, in the same transaction, maybe pick the job for an audit
         (on the tokens the coordinator itself relayed)."""
-        with self.rt.session() as s:
+        with writes_first(), self.rt.session() as s:  # the buyer's last chunks wait on it (db.writes_first)
             accepted = accept_receipt(s, done.receipt, self.node_id, relayed, self.rt.settings)
             if accepted.fresh:
                 audit = maybe_select(s, s.get(InferenceRequest, done.request_id), s.get(Node, self.node_id),

@@ -44,6 +44,45 @@ def test_writers_get_the_lock_in_arrival_order_and_a_waiter_can_give_up():
     assert turns.acquire(0.05)  # nobody holds it any more
 
 
+def test_writers_that_end_requests_take_the_turn_before_queued_admissions():
+    turns = WriterTurns()
+    assert turns.acquire(1)
+    order, threads = [], []
+
+    def wait(name, first):
+        assert turns.acquire(5, first=first)
+        order.append(name)
+        turns.release()
+
+    for name, first in (("admit-1", False), ("admit-2", False), ("receipt", True), ("admit-3", False), ("ending", True)):
+        t = threading.Thread(target=wait, args=(name, first))
+        t.start()
+        threads.append(t)
+        time.sleep(0.05)  # queued in this order
+    assert not turns.acquire(0.05, first=True)  # a waiter that gives up leaves the queue
+    turns.release()
+    for t in threads:
+        t.join(5)
+    assert order == ["receipt", "ending", "admit-1", "admit-2", "admit-3"]
+
+
+def test_writes_first_marks_only_the_transactions_begun_inside_it(tmp_path, monkeypatch):
+    from coordinator import db
+
+    engine = db.make_engine(f"sqlite:///{tmp_path / 'f.db'}")
+    seen = []
+    real = db.WriterTurns.acquire
+    monkeypatch.setattr(db.WriterTurns, "acquire", lambda self, t, first=False: (seen.append(first), real(self, t, first))[1])
+    for inside in (True, False):
+        if inside:
+            with db.writes_first(), db.session_scope(engine) as s:
+                s.connection()
+        else:
+            with db.session_scope(engine) as s:
+                s.connection()
+    assert seen == [True, False]
+
+
 def test_concurrent_writers_of_one_sqlite_engine_all_commit(runtime):
     _node(runtime)
     errors = []
