@@ -55,7 +55,11 @@ from typing import AsyncIterator, Callable
 import torch
 
 from node_agent.engines.base import Engine, GenerationRequest, TokenEvent
-from node_agent.engines.builtin.model import QUANTIZATIONS, LlamaModel
+from node_agent.engines.builtin.chunk_steer import DEFAULT_ITL_SLACK, MIN_CHUNK, ChunkSteer  # noqa: F401 (MIN_CHUNK: re-exported)
+from node_agent.engines.builtin.loading import (
+    default_kv_budget, env_flag, load_without_omp_pool, model_identity, one_thread,
+)
+from node_agent.engines.builtin.model import QUANTIZATIONS
 from node_agent.engines.builtin.prefix_cache import PrefixCache
 from node_agent.engines.builtin.sampling import make_generator, select_with_top
 from node_agent.engines.builtin.textstream import Detokenizer, StopStream
@@ -100,15 +104,6 @@ ENGINE_REVISION = 5
 #   (x100+), at ~3x its own TTFT.
 PREFILL_CHUNK = 64
 DEFAULT_PREFILL_CHUNK = PREFILL_CHUNK
-# The staged prompt's chunk is steered so that an iteration carrying it takes at most this
-# many times a decode-only iteration (0: fixed `prefill_chunk` chunks).
-DEFAULT_ITL_SLACK = 1.5
-# ...but never fewer rows than this per iteration: the long prompt's own first token is
-# bounded too. Below 16 rows the attention kernel's tiles cost about the same, and at
-# 3,000 positions even one row re-reads the slot's whole KV cache every iteration
-# (memory-bound: about +40 % on tiny-20m's 16-stream decode step), so smaller chunks
-# stretch the prefill (1 row: 108 s for 3,000 tokens, measured) for little ITL gain.
-MIN_CHUNK = 16
 # Tokens per prefix-cache block.
 DEFAULT_PREFIX_BLOCK = 16
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -159,7 +154,7 @@ class BuiltinEngine(Engine):
         budget is this per prompt that can start in an iteration, see `_plan_prefill`);
         `itl_slack`: while streams decode, the staged long prompt's chunk is sized so that an
         iteration takes at most this many times a decode-only one (default DEFAULT_ITL_SLACK or
-        AGORA_NODE_ITL_SLACK; 0 keeps the chunk at `prefill_chunk`), see `_chunk_rows`;
+        AGORA_NODE_ITL_SLACK; 0 keeps the chunk at `prefill_chunk`), see `chunk_steer.py`;
         `quantization`: "int8" quantises the attention and MLP weights at load time (per
         output channel, see linear.Int8Linear; declared in the offer); None or "none": the
         checkpoint's weights in `dtype`."""
@@ -177,14 +172,14 @@ class BuiltinEngine(Engine):
         self.quantization = quantization  # declared in the offer (node_agent.agent.capabilities)
         if not self.model_dir.is_dir():
             raise ModelLoadError(f"model folder {self.model_dir} does not exist")
-        self.model = _load_without_omp_pool(self.model_dir, device, DTYPES[dtype], quantization)
+        self.model = load_without_omp_pool(self.model_dir, device, DTYPES[dtype], quantization)
         self.tokenizer = HFTokenizer(self.model_dir)
         c = self.model.cfg
         self.max_seq_len = min(max_seq_len or c.max_position_embeddings, c.max_position_embeddings)
         # The KV cache is one slot of max_seq_len positions per request: the memory budget
         # bounds the batch.
         per_slot = 2 * c.num_layers * c.num_kv_heads * c.head_dim * self.model.embed.element_size() * self.max_seq_len
-        budget = kv_cache_bytes if kv_cache_bytes is not None else _default_kv_budget(device)
+        budget = kv_cache_bytes if kv_cache_bytes is not None else default_kv_budget(device)
         if budget < per_slot:
             raise EngineError(f"KV cache budget of {budget} bytes cannot hold one {self.max_seq_len}-token sequence "
                               f"({per_slot} bytes); lower max_seq_len")
@@ -201,10 +196,9 @@ class BuiltinEngine(Engine):
         if itl_slack != 0 and itl_slack <= 1:
             raise EngineError(f"itl_slack must be > 1 (or 0: fixed chunks), not {itl_slack}")
         self.itl_slack = itl_slack
-        self._decode_s: float | None = None  # moving average of a decode-only iteration's model time
-        self._staged_rows = 0  # the staged prompt's current chunk (rows), steered by _chunk_rows
+        self.steer = ChunkSteer(prefill_chunk, itl_slack)  # the staged prompt's chunk (chunk_steer.py)
         if prefix_cache is None:
-            prefix_cache = _env_flag("AGORA_NODE_PREFIX_CACHE", True)
+            prefix_cache = env_flag("AGORA_NODE_PREFIX_CACHE", True)
         if prefix_cache_bytes is None and os.environ.get("AGORA_NODE_PREFIX_CACHE_MB"):
             prefix_cache_bytes = int(float(os.environ["AGORA_NODE_PREFIX_CACHE_MB"]) * (1 << 20))
         if prefix_cache_bytes is None:
@@ -213,7 +207,7 @@ class BuiltinEngine(Engine):
             raise EngineError(f"prefix_block must be >= 1, not {prefix_block}")
         self.prefix_block = prefix_block
         self.prefix_cache_bytes = prefix_cache_bytes if prefix_cache else 0
-        self._cache_seed = _model_identity(self.model_dir, dtype, quantization)
+        self._cache_seed = model_identity(self.model_dir, dtype, quantization)
         self.prefix_cache: PrefixCache | None = None  # made by start(), dropped by close()
         self._staged: _Running | None = None  # the prompt being prefilled chunk by chunk
         self._to_store: list[_Running] = []  # prefilled last iteration: blocks to cache
@@ -282,7 +276,7 @@ class BuiltinEngine(Engine):
         if self._thread is None:
             # One slot more than the decode batch: the staging slot of a chunked prefill.
             slots = self.max_batch + (1 if self.prefill_chunk else 0)
-            _one_thread(self.device, self.model.allocate_cache, slots, self.max_seq_len)
+            one_thread(self.device, self.model.allocate_cache, slots, self.max_seq_len)
             # A fresh cache on every start: nothing cached survives a restart or a reload.
             self.prefix_cache = None
             if self.prefix_cache_bytes:
@@ -381,7 +375,7 @@ class BuiltinEngine(Engine):
         # managed threads than CPUs) and every region pays a futex wake-up. A batch-2 decode
         # step takes 5.2 ms here vs 2.6 ms when this thread owns the only pool; the 32-request
         # serving run 5.0 s vs 3.7 s. So the model is loaded with one thread in the caller
-        # (`_load_without_omp_pool`), and benchmarks run baselines in another process.
+        # (`loading.load_without_omp_pool`), and benchmarks run baselines in another process.
         torch.set_grad_enabled(False)
         try:
             while True:
@@ -456,7 +450,7 @@ class BuiltinEngine(Engine):
         t0 = time.perf_counter()
         dec_logits, chunk_logits = self.model.step(toks, pos, [(r.slot, r.tokens[a:e], a) for r, a, e in pieces],
                                                    groups)
-        self._timed(time.perf_counter() - t0, bool(batch), pieces)
+        self.steer.timed(time.perf_counter() - t0, bool(batch), pieces, self._staged)
         done_rows, joined = [], []
         for row, (r, a, e) in enumerate(pieces):
             r.done = e
@@ -480,36 +474,6 @@ class BuiltinEngine(Engine):
         if joined:
             self._accept(joined, chunk_logits[done_rows])
 
-    def _timed(self, seconds: float, decoding: bool, pieces: list) -> None:
-        """Learn from this iteration's model time: a decode-only one updates the moving
-        average the ITL budget is measured against; one that carried the staged prompt's chunk
-        alongside decoding streams steers the next chunk (`_chunk_rows`)."""
-        if not decoding:
-            return
-        if not pieces:
-            self._decode_s = seconds if self._decode_s is None else 0.8 * self._decode_s + 0.2 * seconds
-            return
-        st = self._staged
-        if self.itl_slack and st is not None and self._decode_s and pieces[0][0] is st and len(pieces) == 1:
-            # Multiplicative steering toward extra = (slack - 1) x decode time; the square root
-            # damps it (the chunk's cost grows with its position, and single timings are noisy).
-            extra = max(seconds - self._decode_s, 1e-5)
-            ratio = (self.itl_slack - 1) * self._decode_s / extra
-            rows = pieces[0][2] - pieces[0][1]
-            self._staged_rows = max(min(MIN_CHUNK, self.prefill_chunk),
-                                    min(self.prefill_chunk, int(rows * min(4.0, ratio) ** 0.5)))
-
-    def _chunk_rows(self, budget: int) -> int:
-        """Rows of the staged prompt to prefill this iteration while streams decode: what
-        `_timed` steered it to, within `budget`. The budget alone (`prefill_chunk` per prompt
-        that can start) while other prompts wait behind it: then the queue's throughput comes
-        first (steering it with a queue measured half the serving throughput on tiny: every
-        waiting prompt stalls behind the one staging slot), and with `itl_slack` 0 or before a
-        decode-only iteration has been timed."""
-        if not self.itl_slack or not self._decode_s or not self._staged_rows or self._waiting:
-            return budget
-        return min(budget, self._staged_rows)
-
     def _plan_prefill(self) -> tuple[list[tuple[_Running, int, int]], list[_Running]]:
         """This iteration's prompt pieces (request, first position, end position): the next
         chunk of the staged prompt, then waiting requests (FIFO) while the token budget
@@ -529,7 +493,7 @@ class BuiltinEngine(Engine):
         pieces: list[tuple[_Running, int, int]] = []
         st = self._staged
         if st is not None:
-            n = min(len(st.tokens) - st.done, self._chunk_rows(budget) if self._running else budget)
+            n = min(len(st.tokens) - st.done, self.steer.rows(budget, bool(self._waiting)) if self._running else budget)
             pieces.append((st, st.done, st.done + n))
             budget -= n
         admitted: list[_Running] = []
@@ -550,8 +514,8 @@ class BuiltinEngine(Engine):
             r.slot = slot
             if slot == self.staging_slot:
                 self._staged = r
-                self._staged_rows = max(1, self.prefill_chunk // 4)  # a cautious first chunk, then steered
-                end = min(end, start + (self._chunk_rows(budget) if self._running else budget))
+                self.steer.restart()  # a cautious first chunk, then steered
+                end = min(end, start + (self.steer.rows(budget, bool(self._waiting)) if self._running else budget))
             else:
                 admitted.append(r)
             pieces.append((r, start, end))
@@ -632,55 +596,6 @@ class BuiltinEngine(Engine):
                 loop.call_soon_threadsafe(_deliver, items)
             except RuntimeError:  # the consumer's loop is closed
                 pass
-
-
-def _env_flag(name: str, default: bool) -> bool:
-    raw = os.environ.get(name)
-    if raw is None or not raw.strip():
-        return default
-    return raw.strip().lower() not in ("0", "false", "no", "off")
-
-
-def _model_identity(folder: Path, dtype: str, quantization: str | None = None) -> bytes:
-    """Seeds the prefix cache's block keys: the same tokens under other weights, another
-    dtype or another quantisation are other keys."""
-    parts = [dtype.encode()] + ([f"quantization={quantization}".encode()] if quantization else [])
-    for f in sorted(folder.glob("*.json")) + sorted(folder.glob("*.safetensors")):
-        st = f.stat()
-        parts.append(f"{f.name}:{st.st_size}:{st.st_mtime_ns}".encode())
-    parts.append((folder / "config.json").read_bytes() if (folder / "config.json").exists() else b"")
-    return b"|".join(parts)
-
-
-def _load_without_omp_pool(folder: Path, device: str, dtype: torch.dtype, quantization: str | None = None
-                           ) -> LlamaModel:
-    """Load (and pre-pack) the weights with one intra-op thread in the calling thread, so that
-    the caller (usually the main thread) does not start an OpenMP pool of its own just for
-    loading: see the note in `_main` on libgomp throttling the engine thread's team."""
-    return _one_thread(device, lambda: LlamaModel(folder, device=device, dtype=dtype, quantization=quantization))
-
-
-def _one_thread(device: str, fn, *args, **kwargs):
-    threads = torch.get_num_threads()
-    if device.startswith("cuda") or threads <= 1:
-        return fn(*args, **kwargs)
-    torch.set_num_threads(1)
-    try:
-        return fn(*args, **kwargs)
-    finally:
-        torch.set_num_threads(threads)
-
-
-def _default_kv_budget(device: str) -> int:
-    """A quarter of the device's memory (CPU: physical RAM), at most 16 GiB."""
-    try:
-        if device.startswith("cuda"):
-            total = torch.cuda.get_device_properties(torch.device(device)).total_memory
-        else:
-            total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (ValueError, OSError, AttributeError):
-        total = 8 << 30
-    return min(total // 4, 16 << 30)
 
 
 def _span_groups(lens: list[int], min_rows: int = 4, slack: float = 0.75) -> list[tuple[int, int, int]]:

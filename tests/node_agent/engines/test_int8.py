@@ -26,7 +26,7 @@ import torch
 from node_agent.agent import capabilities
 from node_agent.engines.base import GenerationRequest, SamplingParams
 from node_agent.engines.builtin import BuiltinEngine, linear, native
-from node_agent.engines.builtin.engine import _model_identity
+from node_agent.engines.builtin.loading import model_identity
 from node_agent.engines.builtin.linear import Int8Linear, Linear, quantize_int8
 from node_agent.engines.builtin.model import LlamaModel
 from node_agent.errors import EngineError, ModelLoadError
@@ -201,7 +201,7 @@ def test_int8_engine_batched_equals_batch1_and_is_declared(tiny_dir):
     assert eng.quantization == "int8" and fp.quantization is None
     assert eng.bench_key.endswith("-int8") and eng.bench_key != fp.bench_key
     assert eng._cache_seed != fp._cache_seed
-    assert _model_identity(tiny_dir, "float32", "int8") != _model_identity(tiny_dir, "float32")
+    assert model_identity(tiny_dir, "float32", "int8") != model_identity(tiny_dir, "float32")
     assert capabilities(eng) == {**capabilities(fp), "quantization": "int8"}
     assert capabilities(fp)["quantization"] is None and capabilities(eng)["dtype"] == "float32"
 

@@ -278,29 +278,26 @@ def test_itl_budget_steers_the_staged_chunk(tiny_dir, monkeypatch):
     took more than `itl_slack` times a decode-only one and grows back (at most to
     `prefill_chunk`) when it was cheap; it never drops below MIN_CHUNK rows."""
     eng = make(tiny_dir, prefix_cache=False, prefill_chunk=64, itl_slack=1.5)
-    staged = object()
-    eng._staged = staged
+    steer, staged = eng.steer, object()
     for _ in range(5):
-        eng._timed(0.010, True, [])  # decode-only iterations: 10 ms
-    assert eng._decode_s == pytest.approx(0.010)
-    eng._timed(0.040, True, [(staged, 0, 64)])  # 30 ms extra where 5 ms was the budget
-    assert eng._chunk_rows(64) == int(64 * (5 / 30) ** 0.5) < 64
-    eng._timed(0.011, True, [(staged, 64, 64 + eng._chunk_rows(64))])  # cheap: it grows, by at most 2x
-    assert eng._chunk_rows(64) == 2 * int(64 * (5 / 30) ** 0.5)
+        steer.timed(0.010, True, [], staged)  # decode-only iterations: 10 ms
+    assert steer.decode_s == pytest.approx(0.010)
+    steer.timed(0.040, True, [(staged, 0, 64)], staged)  # 30 ms extra where 5 ms was the budget
+    assert steer.rows(64, False) == int(64 * (5 / 30) ** 0.5) < 64
+    steer.timed(0.011, True, [(staged, 64, 64 + steer.rows(64, False))], staged)  # cheap: it grows, by at most 2x
+    assert steer.rows(64, False) == 2 * int(64 * (5 / 30) ** 0.5)
     for _ in range(10):
-        eng._timed(0.001, True, [(staged, 0, eng._chunk_rows(64))])
-    assert eng._chunk_rows(64) == 64  # capped at prefill_chunk
+        steer.timed(0.001, True, [(staged, 0, steer.rows(64, False))], staged)
+    assert steer.rows(64, False) == 64  # capped at prefill_chunk
     for _ in range(20):
-        eng._timed(1.0, True, [(staged, 0, eng._chunk_rows(64))])
-    assert eng._chunk_rows(64) == MIN_CHUNK  # the floor: the long prompt's own prefill stays bounded
-    eng._waiting.append(object())  # a queue behind it: the per-iteration budget, not the ITL steering
-    assert eng._chunk_rows(64) == 64 and eng._chunk_rows(640) == 640
-    eng._waiting.clear()
-    fixed = make(tiny_dir, prefix_cache=False, prefill_chunk=64, itl_slack=0)
-    fixed._staged = staged
-    fixed._timed(0.010, True, [])
-    fixed._timed(1.0, True, [(staged, 0, 64)])
-    assert fixed._chunk_rows(64) == 64  # slack 0: fixed chunks
+        steer.timed(1.0, True, [(staged, 0, steer.rows(64, False))], staged)
+    assert steer.rows(64, False) == MIN_CHUNK  # the floor: the long prompt's own prefill stays bounded
+    # a queue behind it: the per-iteration budget, not the ITL steering
+    assert steer.rows(64, True) == 64 and steer.rows(640, True) == 640
+    fixed = make(tiny_dir, prefix_cache=False, prefill_chunk=64, itl_slack=0).steer
+    fixed.timed(0.010, True, [], staged)
+    fixed.timed(1.0, True, [(staged, 0, 64)], staged)
+    assert fixed.rows(64, False) == 64  # slack 0: fixed chunks
     monkeypatch.setenv("AGORA_NODE_ITL_SLACK", "2.5")
     assert make(tiny_dir).itl_slack == 2.5
     with pytest.raises(EngineError):
