@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import threading
 from concurrent.futures import Executor, Future, InvalidStateError
 from dataclasses import dataclass
 
@@ -30,6 +29,7 @@ from coordinator.db import writes_first
 from coordinator.delivery import Delivery, acknowledge
 from coordinator.models import InferenceRequest, RequestStatus
 from coordinator.settlement import fail_request
+from coordinator.write_behind import WriteBehind
 
 log = logging.getLogger(__name__)
 
@@ -43,52 +43,37 @@ class Ending:
     delivery: Delivery | None  # None: the buyer left
 
 
-class Endings:
+class Endings(WriteBehind):
+    name = "endings"
+
     def __init__(self, rt) -> None:
         self.rt = rt
-        self._lock = threading.Lock()
-        self._queue: list[tuple[Ending, Future]] = []
-        self._running = False
+        super().__init__()
+
+    def _empty(self) -> list[tuple[Ending, Future]]:
+        return []
 
     def add(self, ending: Ending, executor: Executor | None = None, loop=None) -> Future:
-        """Queue `ending`; a write starts in a worker thread unless one is running (it takes
-        this one next). The future says whether it was written (True) once that is known."""
+        """Queue `ending` (written with the others that end meanwhile). The future says
+        whether it was written (True) once that is known."""
         written: Future = Future()
-        with self._lock:
-            self._queue.append((ending, written))
-            if self._running:
-                return written
-            self._running = True
-        if loop is not None:
-            loop.run_in_executor(executor, self._drain)
-        else:
-            threading.Thread(target=self._drain, name="endings", daemon=True).start()
+        self._submit(lambda queue: queue.append((ending, written)), executor, loop)
         return written
 
-    def pending(self) -> int:
-        with self._lock:
-            return len(self._queue)
-
-    def _drain(self) -> None:
-        while True:
-            with self._lock:
-                batch, self._queue = self._queue, []
-                if not batch:
-                    self._running = False
-                    return
-            ok: set[int] = set()
-            try:
-                with writes_first():  # the buyers' usage chunks wait on it (db.writes_first)
-                    self._write([e for e, _ in batch], ok)
-            except Exception:  # noqa: BLE001 - the sweep settles unacknowledged receipts later
-                log.exception("recording how %d request(s) ended failed", len(batch))
-                ok = set()
-            for k, (_, written) in enumerate(batch):
-                if not written.done():  # a future its waiter cancelled stays so (and must not stop this loop)
-                    try:
-                        written.set_result(k in ok)
-                    except InvalidStateError:
-                        pass
+    def _write_batch(self, batch: list[tuple[Ending, Future]]) -> None:
+        ok: set[int] = set()
+        try:
+            with writes_first():  # the buyers' usage chunks wait on it (db.writes_first)
+                self._write([e for e, _ in batch], ok)
+        except Exception:  # noqa: BLE001 - the sweep settles unacknowledged receipts later
+            log.exception("recording how %d request(s) ended failed", len(batch))
+            ok = set()
+        for k, (_, written) in enumerate(batch):
+            if not written.done():  # a future its waiter cancelled stays so (and must not stop this loop)
+                try:
+                    written.set_result(k in ok)
+                except InvalidStateError:
+                    pass
 
     def _write(self, batch: list[Ending], ok: set[int]) -> None:
         """Write `batch`; `ok` gets the index of each ending that is in the database once

@@ -18,52 +18,36 @@ resets `session_jobs`) adds to `jobs` alone.
 from __future__ import annotations
 
 import logging
-import threading
 from collections import Counter
 
 from sqlalchemy import case, update
 
 from coordinator.models import Node
+from coordinator.write_behind import WriteBehind
 
 log = logging.getLogger(__name__)
 
 
-class JobCounts:
+class JobCounts(WriteBehind):
+    name = "job-counts"
+
     def __init__(self, rt) -> None:
         self.rt = rt
-        self._lock = threading.Lock()
-        self._pending: Counter[tuple[str, str | None]] = Counter()
-        self._running = False
-        self._idle = threading.Event()
-        self._idle.set()
+        super().__init__()
+
+    def _empty(self) -> Counter:
+        return Counter()
 
     def add(self, node_id: str, channel_id: str | None) -> None:
         """One more finished job of `node_id`, done on its channel `channel_id`."""
-        with self._lock:
-            self._pending[(node_id, channel_id)] += 1
-            if self._running:
-                return
-            self._running = True
-            self._idle.clear()
-        threading.Thread(target=self._drain, name="job-counts", daemon=True).start()
+        self._submit(lambda counts: counts.update([(node_id, channel_id)]))
 
-    def flush(self, timeout: float = 10.0) -> bool:
-        """Wait until every count added so far is written (tests, shutdown)."""
-        return self._idle.wait(timeout)
-
-    def _drain(self) -> None:
-        while True:
-            with self._lock:
-                batch, self._pending = self._pending, Counter()
-                if not batch:
-                    self._running = False
-                    self._idle.set()
-                    return
-            try:
-                self._write(batch)
-            except Exception:  # noqa: BLE001 - lost counts only keep the node's audit rate higher
-                log.warning("could not write %d node job count(s); they are dropped", sum(batch.values()),
-                            exc_info=True)
+    def _write_batch(self, batch: Counter) -> None:
+        try:
+            self._write(batch)
+        except Exception:  # noqa: BLE001 - lost counts only keep the node's audit rate higher
+            log.warning("could not write %d node job count(s); they are dropped", sum(batch.values()),
+                        exc_info=True)
 
     def _write(self, batch: Counter) -> None:
         nodes = Node.__table__
