@@ -265,22 +265,17 @@ class Ledger:
         accounts = LedgerAccount.__table__
         self.s.flush()  # the caller's pending rows first: their errors are theirs
         conn = self.s.connection()
-        for acct_id in sorted({buyer_account_id, escrow}):
-            if acct_id == escrow:
-                conn.execute(update(accounts).where(accounts.c.id == escrow)
-                             .values(balance=accounts.c.balance + amount))
-                continue
-            moved = conn.execute(update(accounts).where(
-                accounts.c.id == buyer_account_id, accounts.c.kind == AccountKind.BUYER,
-                accounts.c.balance >= amount).values(balance=accounts.c.balance - amount)).rowcount
-            if moved != 1:
+        debit = update(accounts).where(accounts.c.id == buyer_account_id, accounts.c.kind == AccountKind.BUYER,
+                                       accounts.c.balance >= amount).values(balance=accounts.c.balance - amount)
+        credit = update(accounts).where(accounts.c.id == escrow).values(balance=accounts.c.balance + amount)
+        for acct_id, stmt in sorted(((buyer_account_id, debit), (escrow, credit)), key=lambda x: x[0]):
+            if conn.execute(stmt).rowcount != 1 and acct_id == buyer_account_id:
                 row = conn.execute(core_select(accounts.c.kind, accounts.c.balance)
                                    .where(accounts.c.id == buyer_account_id)).first()
                 if row is None:
                     raise UnknownAccount(f"no ledger account(s) [{buyer_account_id}]")
-                if row.kind != AccountKind.BUYER:
-                    raise WrongAccountKind("holds are placed on buyer accounts")
-                raise InsufficientFunds(int(row.balance), amount)
+                raise WrongAccountKind("holds are placed on buyer accounts") if row.kind != AccountKind.BUYER \
+                    else InsufficientFunds(int(row.balance), amount)
         now = _utcnow()
         hold_id = conn.execute(LedgerHold.__table__.insert().values(
             buyer_account_id=buyer_account_id, amount=amount, state=HoldState.PENDING, request_ref=request_ref,
@@ -289,10 +284,8 @@ class Ledger:
             conn.execute(LedgerTransfer.__table__.insert().values(
                 debit_account_id=buyer_account_id, credit_account_id=escrow, amount=amount, kind="hold",
                 hold_id=hold_id, request_ref=request_ref, created_at=now))
-        # ORM copies of the two accounts loaded earlier in this session are stale now
-        for acct_id in (buyer_account_id, escrow):
-            cached = self.s.identity_map.get(identity_key(LedgerAccount, acct_id))
-            if cached is not None:
+        for cached in (self.s.identity_map.get(identity_key(LedgerAccount, a)) for a in (buyer_account_id, escrow)):
+            if cached is not None:  # an ORM copy loaded earlier in this session is stale now
                 self.s.expire(cached, ["balance"])
         return hold_id
 
