@@ -344,6 +344,20 @@ def int8_declared(model: str, quick: bool, split: str, probe, verifiers: dict, e
                 int8_declared=dict(reasons=reasons, cells=summary, request_seeds=f"{seed}..{seed + 5}"))
 
 
+def only_int8(model: str, quick: bool, split: str, probe, verifiers: dict, eos, t0: float) -> dict:
+    """`--only-int8`: the declared-int8 section alone (3,200 honest audits in a full run, and
+    int4 weights that declare int8). int8 weights under a full-precision claim are caught
+    across audits (`scheduler.evidence`), measured by the full run's trust section
+    (`int8_as_bf16_jobs_to_detect`)."""
+    int8 = int8_declared(model, quick, split, probe, verifiers, eos)
+    result = dict(model=model, quick=quick, calibration_split=split,
+                  **{k: v for k, v in int8.items() if k != "int8_declared"},
+                  int4_declared_int8_jobs_to_detect=jobs_to_detect(int8["int4_declared_int8_detection_rate"]),
+                  int8_declared=int8["int8_declared"], seconds=round(time.perf_counter() - t0, 1))
+    emit("verify_int8", _finite(result))
+    return result
+
+
 def _finite(x):
     """JSON has no Infinity: an unbounded figure (never detected) becomes null."""
     if isinstance(x, dict):
@@ -367,6 +381,8 @@ def main(argv=None) -> dict:
                          "were set on)")
     ap.add_argument("--cross-jobs", type=int, default=None, help="jobs per cross-engine population")
     ap.add_argument("--no-cross-engine", action="store_true", help="skip the vLLM cross-engine section")
+    ap.add_argument("--only-int8", action="store_true",
+                    help="only the declared-int8 section: honest int8 audits, int4 weights declaring int8")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
@@ -379,6 +395,8 @@ def main(argv=None) -> dict:
     verifiers = {"float32": LlamaModel(folder, dtype=torch.float32), "bfloat16": LlamaModel(folder, dtype=torch.bfloat16)}
     probe = load_builtin_engine(model, max_batch=1)
     eos = sorted(probe.eos_ids)
+    if args.only_int8:
+        return only_int8(model, quick, args.split, probe, verifiers, eos, t0)
     cross = CrossEngine(model, quick, args.split, probe, args.cross_jobs)
     if args.no_cross_engine:
         cross.reason = "--no-cross-engine"
