@@ -35,6 +35,7 @@ from pricing.money import request_cost
 class Admitted:
     request: InferenceRequest
     hold_amount: int
+    offers: list[NodeOffer] | None = None  # those it may be routed to (for `reprice`)
 
 
 HOLD_GRACE_S = 600
@@ -98,7 +99,12 @@ def admit(
     replica_id: str | None = None,
     view: MarketView | None = None,
     hold: bool = True,
+    optimistic: bool = False,
 ) -> Admitted:
+    """A new request row (QUEUED, in this session) and, with `hold`, its escrow hold.
+    `optimistic` (without `hold`): priced for every offer without reading the buyer's
+    balance first; the caller's hold then either succeeds, the usual case, or reports the
+    balance, and `reprice` narrows the request to the offers it can afford."""
     prefs = body.routing
     # Log-probs come only from nodes that name their tokens and report them (verifiable offers).
     logprobs = body.wants_logprobs()
@@ -138,8 +144,11 @@ def admit(
             param="max_tokens",
             code="context_length_exceeded",
         )
-    balance = Ledger(session).balance(account.ledger_account_id)
-    price_in, price_out = affordable_prices(offers, prompt_est, max_tokens, balance)
+    if optimistic and not hold:
+        price_in, price_out = max(o.price_in for o in offers), max(o.price_out for o in offers)
+    else:
+        balance = Ledger(session).balance(account.ledger_account_id)
+        price_in, price_out = affordable_prices(offers, prompt_est, max_tokens, balance)
     hold_amount = request_cost(prompt_est, max_tokens, price_in, price_out)
     rid = request_id or new_request_id()
     payload: dict = {"sampling": body.sampling(max_tokens)}
@@ -155,10 +164,7 @@ def admit(
         model=body.model,
         kind=kind,
         payload=payload,
-        routing={**(prefs.model_dump(exclude_none=True) if prefs else {}), "allow_unverified": allow_unverified,
-                 # the hold covers these prices: the request goes only to nodes within them
-                 "max_price": min(price_out, prefs.max_price if prefs and prefs.max_price is not None else price_out),
-                 "max_price_in": price_in},
+        routing=_routing(prefs, allow_unverified, price_in, price_out),
         prompt_tokens_est=prompt_est,
         max_tokens=max_tokens,
         hold_amount=hold_amount,
@@ -168,15 +174,37 @@ def admit(
         buyer_metadata=body.metadata,
     )
     session.add(request)
-    try:
-        with session.begin_nested():
-            session.flush()
-    except IntegrityError:
-        raise Conflict("a request with this Idempotency-Key is already in progress",
-                       code="idempotency_conflict") from None
+    if idempotency_key:  # the key's unique index may refuse the row: only then a savepoint
+        try:
+            with session.begin_nested():
+                session.flush()
+        except IntegrityError:
+            raise Conflict("a request with this Idempotency-Key is already in progress",
+                           code="idempotency_conflict") from None
     if hold:
         place_hold(session, account, request, settings)
-    return Admitted(request=request, hold_amount=hold_amount)
+    return Admitted(request=request, hold_amount=hold_amount, offers=offers)
+
+
+def _routing(prefs, allow_unverified: bool, price_in: int, price_out: int) -> dict:
+    return {**(prefs.model_dump(exclude_none=True) if prefs else {}), "allow_unverified": allow_unverified,
+            # the hold covers these prices: the request goes only to nodes within them
+            "max_price": min(price_out, prefs.max_price if prefs and prefs.max_price is not None else price_out),
+            "max_price_in": price_in}
+
+
+def reprice(request: InferenceRequest, offers: list[NodeOffer], balance: int) -> bool:
+    """Narrow an `optimistic` request whose hold `balance` could not cover to the cheaper
+    offers it can (`affordable_prices`); False if nothing changes (the buyer cannot afford
+    even the cheapest: the hold's refusal stands)."""
+    price_in, price_out = affordable_prices(offers, request.prompt_tokens_est, request.max_tokens, balance)
+    amount = request_cost(request.prompt_tokens_est, request.max_tokens, price_in, price_out)
+    if amount >= request.hold_amount:
+        return False
+    prefs = request.routing
+    request.routing = {**prefs, "max_price": min(price_out, prefs["max_price"]), "max_price_in": price_in}
+    request.hold_amount = amount
+    return True
 
 
 def place_hold(session: Session, account: Account, request: InferenceRequest, settings: CoordinatorSettings) -> None:

@@ -19,25 +19,24 @@ from typing import AsyncIterator
 
 from fastapi.responses import JSONResponse, StreamingResponse
 from sqlalchemy import update
-from sqlalchemy.exc import OperationalError
 from starlette.concurrency import run_in_threadpool
 
 from coordinator import metrics, response_cache
 from coordinator import openai_format as fmt
 from coordinator.affinity import prefix_chain
-from coordinator.admission import admit, body_hash, find_keyed, new_request_id, place_hold
+from coordinator.admission import body_hash, find_keyed, new_request_id
 from coordinator.bus import BusUnavailable, Subscription
 from coordinator.choices import collect_many, error_from as _error_from, gather_one, sse_many, usage_of as _usage
 from coordinator.delivery import Delivery
 from coordinator.endings import Ending, acknowledged
-from coordinator.errors import APIError, BadRequest, Conflict, InsufficientBalance, NoCapacity, RelayInterrupted, Unavailable
+from coordinator.errors import APIError, BadRequest, Conflict, NoCapacity, RelayInterrupted, Unavailable
 from coordinator.models import Account, InferenceRequest, RequestStatus
 from coordinator.runtime import Runtime
 from coordinator.schemas import ChatCompletionRequest, CompletionRequest
 from coordinator.failover import fail_over
 from coordinator.frames import assignment_frame
 from coordinator.logprobs_format import LogprobsBuilder, builder_for
-from coordinator.placement import choose, claim
+from coordinator.intake import admit_and_place
 from coordinator.settlement import fail_request
 from coordinator.unsupported import refuse_unsupported
 
@@ -278,51 +277,11 @@ async def handle(rt: Runtime, account: Account, body: ChatCompletionRequest | Co
         metrics.REQUESTS.labels(outcome="503").inc()
         raise Unavailable("the market's relay is reconnecting; retry shortly") from exc
 
-    def _admit():
-        with rt.session() as s:
-            if idempotency_key:
-                prior = find_keyed(s, account, idempotency_key)
-                if prior is not None:
-                    return [prior], True, []
-            reqs, nodes = [], []
-            for k, rid in enumerate(rids):  # only the first choice carries the Idempotency-Key
-                req = admit(s, account, body, kind, rt.settings, idempotency_key if k == 0 else None, request_id=rid,
-                            replica_id=rt.replica_id, view=rt.market, hold=False).request
-                # Locks last, held the shortest: route (no lock), then the hold (the buyer's
-                # ledger row), then the node's slot (its lock); all commit together.
-                nodes.append(_try(s, req, lambda: choose(s, req, rt.settings, rt.market, getattr(rt, "affinity", None)))
-                             if rt.settings.inline_dispatch else None)
-                reqs.append(req)
-            for k, req in enumerate(reqs):  # every choice is held, or none is
-                try:
-                    place_hold(s, account, req, rt.settings)
-                except InsufficientBalance as exc:
-                    if n == 1:
-                        raise
-                    total = sum(r.hold_amount for r in reqs)
-                    balance = exc.__cause__.available + sum(r.hold_amount for r in reqs[:k])
-                    raise InsufficientBalance(f"balance {balance} nano-USD is short of the {total} nano-USD these "
-                                              f"{n} choices may cost (max_tokens={req.max_tokens} each); top up, "
-                                              "lower max_tokens or n") from exc
-            for k, req in enumerate(reqs):
-                if nodes[k] is not None and not _try(s, req, lambda: claim(s, req, nodes[k], rt.settings)):
-                    nodes[k] = None
-            return reqs, False, nodes
-
-    def _try(s, req, step):
-        """A placement step (`placement.py`) in a savepoint: a lock timeout leaves the
-        request queued for a dispatch round."""
-        try:
-            with s.begin_nested():
-                return step()
-        except OperationalError as exc:
-            log.debug("request %s not placed at admission: %s", req.id, exc)
-            return None
-
     streams: list[RequestStream] = []
     current = 0  # the choice whose first message is awaited
     try:
-        requests, replayed, placed = await run_in_threadpool(_admit)
+        requests, replayed, placed = await run_in_threadpool(admit_and_place, rt, account, body, kind, rids,
+                                                              idempotency_key)
         if replayed:
             for sub in subs:
                 sub.close()

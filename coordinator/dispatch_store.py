@@ -132,13 +132,24 @@ def free_slots(s: Session, node_ids: set[str]) -> dict[str, int]:
     if not ids:
         return {}
     if s.get_bind().dialect.name == "postgresql":
-        for nid in ids:
-            s.exec(text("SELECT pg_advisory_xact_lock(hashtext(:k))").bindparams(k=f"slots:{nid}"))
+        lock_slots(s, ids)
     cap = dict(s.exec(select(Node.id, Node.max_concurrency).where(col(Node.id).in_(ids))).all())
     busy = dict(s.exec(select(InferenceRequest.node_id, func.count()).where(
         col(InferenceRequest.node_id).in_(ids), col(InferenceRequest.status).in_(ACTIVE))
         .group_by(InferenceRequest.node_id)).all())
     return {nid: cap.get(nid, 0) - busy.get(nid, 0) for nid in ids}
+
+
+def lock_slots(s: Session, node_ids: list[str]) -> None:
+    """PostgreSQL: the transaction-scoped advisory locks of these nodes' slots, in id order."""
+    for nid in sorted(node_ids):
+        s.exec(text("SELECT pg_advisory_xact_lock(hashtext(:k))").bindparams(k=f"slots:{nid}"))
+
+
+def active_on(s: Session, node_id: str) -> int:
+    """Requests assigned to or running on `node_id` (count under `lock_slots` on PostgreSQL)."""
+    return s.exec(select(func.count()).select_from(InferenceRequest).where(
+        InferenceRequest.node_id == node_id, col(InferenceRequest.status).in_(ACTIVE))).one()
 
 
 class SqlDispatchStore:

@@ -12,10 +12,12 @@ publishes rejections.
 
 from __future__ import annotations
 
-from sqlmodel import Session, select
+from collections.abc import Collection
+
+from sqlmodel import Session, col, select
 
 from coordinator.affinity import PrefixMap
-from coordinator.dispatch_store import free_slots, node_states, pending_of
+from coordinator.dispatch_store import active_on, lock_slots, node_states, pending_of
 from coordinator.market_view import MarketView
 from coordinator.models import InferenceRequest, Node, NodeOffer, RequestStatus
 from coordinator.models.account import utcnow
@@ -36,14 +38,16 @@ def place_now(session: Session, req: InferenceRequest, settings: CoordinatorSett
 
 
 def choose(session: Session, req: InferenceRequest, settings: CoordinatorSettings,
-           view: MarketView | None = None, affinity: PrefixMap | None = None) -> str | None:
+           view: MarketView | None = None, affinity: PrefixMap | None = None,
+           siblings: Collection[str] = ()) -> str | None:
     """The node the policy would give `req` now, or None (older requests of its model wait,
     or none fits). Takes no lock. Among `view`'s offers (in memory, maybe a second old)
     when given; `claim` then checks the node's own row. With `affinity` (the process's
-    prefix map), nodes that recently served a prefix of its prompt score their saved prefill."""
+    prefix map), nodes that recently served a prefix of its prompt score their saved prefill.
+    `siblings`: the other choices admitted with it (n > 1), which do not queue ahead of it."""
     older = session.exec(select(InferenceRequest.id).where(
         InferenceRequest.status == RequestStatus.QUEUED, InferenceRequest.model == req.model,
-        InferenceRequest.id != req.id).limit(1)).first()
+        col(InferenceRequest.id).not_in([req.id, *siblings])).limit(1)).first()
     if older is not None:  # the queue goes first, in its order
         return None
     pending = pending_of(req, utcnow(), affinity)
@@ -55,11 +59,17 @@ def choose(session: Session, req: InferenceRequest, settings: CoordinatorSetting
 def claim(session: Session, req: InferenceRequest, node_id: str, settings: CoordinatorSettings) -> bool:
     """Assign `req` to `node_id` if the node still has a free slot (counted under its lock,
     held to the end of the transaction: call this last) and is still routable at a price
-    the request's hold covers."""
-    if free_slots(session, {node_id}).get(node_id, 0) <= 0:
+    the request's hold covers. The node and its offer as they are now (the policy may have
+    seen an older copy) come in one read, its active requests in a second."""
+    if session.get_bind().dialect.name == "postgresql":
+        lock_slots(session, [node_id])
+    row = session.exec(select(Node, NodeOffer).join(NodeOffer, col(NodeOffer.node_id) == Node.id)
+                       .where(Node.id == node_id, NodeOffer.model == req.model)
+                       .execution_options(populate_existing=True)).first()
+    if row is None:
         return False
-    offer = session.exec(select(NodeOffer).where(NodeOffer.node_id == node_id, NodeOffer.model == req.model)).first()
-    if offer is None or not _still_routable(session, req, offer, settings):
+    node, offer = row
+    if node.max_concurrency - active_on(session, node_id) <= 0 or not _still_routable(session, req, node, offer, settings):
         return False
     req.status, req.node_id, req.assigned_at = RequestStatus.ASSIGNED, node_id, utcnow()
     req.price_in, req.price_out = offer.price_in, offer.price_out
@@ -67,12 +77,9 @@ def claim(session: Session, req: InferenceRequest, node_id: str, settings: Coord
     return True
 
 
-def _still_routable(session: Session, req: InferenceRequest, offer: NodeOffer, settings: CoordinatorSettings) -> bool:
-    """The node's row as it is now (the policy may have seen an older copy): routable, and
-    its offer within the prices the request's hold covers."""
-    node = session.get(Node, offer.node_id, populate_existing=True)
-    if node is None:
-        return False
+def _still_routable(session: Session, req: InferenceRequest, node: Node, offer: NodeOffer,
+                    settings: CoordinatorSettings) -> bool:
+    """Routable, and its offer within the prices the request's hold covers."""
     bonded = bonded_by_ref(session, [f"node:{node.id}"]).get(f"node:{node.id}") if settings.min_stake else None
     if why_not_routable(node, offer, settings, bonded) is not None:
         return False
@@ -80,4 +87,3 @@ def _still_routable(session: Session, req: InferenceRequest, offer: NodeOffer, s
         return False
     return offer.price_out <= req.routing.get("max_price", offer.price_out) and \
         offer.price_in <= req.routing.get("max_price_in", offer.price_in)
-
