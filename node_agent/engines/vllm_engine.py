@@ -26,6 +26,7 @@ from node_agent.errors import EngineError, ModelLoadError, RequestTooLong
 from node_agent.rescoring import DEFAULT_MARGIN, Rescore, rescore_topk
 
 RESCORE_TOP_K = 20  # top log-probs per position for a rescoring (plus the claimed token)
+MAX_TOP_LOGPROBS = 20  # alternatives per generated token a buyer may ask for (OpenAI's limit)
 
 
 def _import_vllm():
@@ -58,6 +59,17 @@ def _lp_of(entry, token_id: int) -> float:
         return 0.0
     v = entry[token_id]
     return float(getattr(v, "logprob", v))
+
+
+def _alternatives(entry, k: int) -> list[tuple[int | None, str, float]]:
+    """The `k` likeliest tokens at one position, best first, as (id, text, log-prob), from
+    vLLM's `logprobs=k` entry: the top k by rank, plus the sampled token, which is dropped
+    here unless it ranks among them."""
+    if not entry:
+        return []
+    ranked = sorted(entry.items(), key=lambda kv: (getattr(kv[1], "rank", None) or 10**9,
+                                                   -float(getattr(kv[1], "logprob", kv[1]))))
+    return [(int(t), getattr(v, "decoded_token", None) or "", float(getattr(v, "logprob", v))) for t, v in ranked[:k]]
 
 
 async def _maybe_await(x):
@@ -183,7 +195,7 @@ class VLLMEngine(Engine):
             raise RequestTooLong(f"prompt of {len(ids)} tokens does not fit the context of {self.max_seq_len}")
         params = self._vsp(max_tokens=remaining, temperature=sp.temperature, top_p=sp.top_p,
                            top_k=sp.top_k if sp.top_k > 0 else -1, seed=sp.seed, stop=list(sp.stop) or None,
-                           ignore_eos=sp.ignore_eos, logprobs=0)
+                           ignore_eos=sp.ignore_eos, logprobs=max(0, min(sp.top_logprobs, MAX_TOP_LOGPROBS)))
         sent_tokens, sent_text = 0, ""
         rid = f"{request.request_id}-{uuid.uuid4().hex[:8]}"
         try:
@@ -192,9 +204,11 @@ class VLLMEngine(Engine):
                 new_ids = list(o.token_ids)[sent_tokens:]
                 new_text = o.text[len(sent_text):]
                 for k, tid in enumerate(new_ids):
-                    lp = _lp_of(o.logprobs[sent_tokens + k] if o.logprobs else None, tid)
+                    entry = o.logprobs[sent_tokens + k] if o.logprobs else None
                     last = k == len(new_ids) - 1
-                    ev = TokenEvent(tid, lp, new_text if last else "")
+                    ev = TokenEvent(tid, _lp_of(entry, tid), new_text if last else "")
+                    if sp.top_logprobs > 0:
+                        ev.top = _alternatives(entry, sp.top_logprobs)
                     if last and out.finished:
                         ev.finish_reason = "length" if o.finish_reason == "length" else "stop"
                     yield ev
@@ -255,7 +269,8 @@ class VLLMEngine(Engine):
 async def run_batch(engine: VLLMEngine, jobs: list[dict], concurrency: int = 64) -> list[dict]:
     """Run generate / rescore jobs concurrently on a started engine (vLLM batches them).
     A job: {"op": "generate", "prompt": ids, "sampling": {...SamplingParams fields}} ->
-    {"ids", "lps", "finish"} (and "rescore" of those ids when the job asks "rescore": true);
+    {"ids", "lps", "finish"} (and "rescore" of those ids when the job asks "rescore": true;
+    "top", the alternatives per token, when its sampling asks `top_logprobs`);
     {"op": "rescore", "prompt", "claimed", "sampling"} -> a
     `Rescore.to_dict()`. A job that fails gives {"error": "..."}."""
     import asyncio
@@ -269,12 +284,15 @@ async def run_batch(engine: VLLMEngine, jobs: list[dict], concurrency: int = 64)
             try:
                 if job["op"] == "generate":
                     sp = SamplingParams(**job["sampling"])
-                    ids, lps, finish = [], [], None
+                    ids, lps, tops, finish = [], [], [], None
                     async for ev in engine.generate(GenerationRequest(f"b{i}", list(job["prompt"]), sp)):
                         ids.append(ev.token_id)
                         lps.append(ev.logprob)
+                        tops.append(ev.top)
                         finish = ev.finish_reason or finish
                     out = {"ids": ids, "lps": lps, "finish": finish}
+                    if sp.top_logprobs:
+                        out["top"] = tops
                     if job.get("rescore") and ids:  # the engine audits its own output
                         out["rescore"] = (await engine.rescore(job["prompt"], ids, job["sampling"])).to_dict()
                     return out

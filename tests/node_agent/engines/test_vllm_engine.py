@@ -90,6 +90,7 @@ def vllm_run(tmp_path_factory):
             for sp in (greedy, sampled) for p in prompts]
     jobs += [dict(op="rescore", prompt=p, claimed=o["ids"], sampling=dataclasses.asdict(greedy))
              for p, o in zip(prompts, other)]
+    jobs += [dict(op="generate", prompt=prompts[0], sampling=dataclasses.asdict(dataclasses.replace(greedy, top_logprobs=3)))]
     d = tmp_path_factory.mktemp("vllm")
     (d / "jobs.json").write_text(json.dumps(jobs))
     env = {k: v for k, v in os.environ.items() if k != "VIRTUAL_ENV"}
@@ -144,3 +145,22 @@ def test_vllm_rescore_of_another_seeds_output_fails(vllm_run):
         v = _verdict(vllm_run, o["ids"], o["lps"], r, vllm_run["greedy"], o["finish"])
         assert not v.passed
         assert {"logprob_mismatch", "unlikely_tokens"} & set(v.reasons), v.reasons
+
+
+@pytest.mark.slow
+@needs_vllm_venv
+def test_vllm_reports_the_alternatives_a_buyer_asks_for(vllm_run):
+    """`top_logprobs`: each generated token comes with the k likeliest tokens at its
+    position, best first; greedy picks the first, with the log-prob reported for it."""
+    job = vllm_run["out"]["results"][-1]
+    assert len(job["top"]) == len(job["ids"]) == 24
+    for tid, lp, top in zip(job["ids"], job["lps"], job["top"]):
+        assert len(top) == 3
+        values = [v for _, _, v in top]
+        assert values == sorted(values, reverse=True) and all(v <= 0 for v in values)
+        assert all(isinstance(t, int) and isinstance(text, str) for t, text, _ in top)
+        assert top[0][0] == tid or abs(top[0][2] - lp) < 1e-4  # the greedy token, or a tie with it
+        assert abs(top[0][2] - lp) < 1e-4
+    # the same request without alternatives gives the same tokens
+    plain = vllm_run["out"]["results"][0]
+    assert plain["ids"] == job["ids"] and "top" not in plain
