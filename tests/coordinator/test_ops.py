@@ -29,3 +29,16 @@ def test_readiness_follows_the_relay_bus(tmp_path, own_redis):
             assert c.get("/readyz").status_code == 200  # reconnects by itself
     finally:
         rt.stop()
+
+
+def test_gc_thresholds_come_from_the_environment_when_an_operator_sets_them(monkeypatch, caplog):
+    from coordinator.app import GC_THRESHOLDS, gc_thresholds
+
+    monkeypatch.delenv("AGORA_GC_THRESHOLDS", raising=False)
+    assert gc_thresholds() == GC_THRESHOLDS
+    monkeypatch.setenv("AGORA_GC_THRESHOLDS", "5000,3,50")
+    assert gc_thresholds() == (5000, 3, 50)
+    for bad in ("5000,3", "a,b,c", "0,2,10"):
+        monkeypatch.setenv("AGORA_GC_THRESHOLDS", bad)
+        assert gc_thresholds() == GC_THRESHOLDS
+    assert "not three positive integers" in caplog.text
