@@ -47,6 +47,7 @@ NODE_COLUMNS = ("online", "channel_connected", "banned", "backoff_until", "verif
                 "channel_id", "max_concurrency")
 OFFER_COLUMNS = ("model", "price_in", "price_out", "token_ids", "logprobs", "max_context")
 RELOAD_COST_SHARE = 0.1  # the background reload runs at most this share of the time
+SLOW_RELOAD_S = 1.0  # a reload slower than this is logged (a large fleet: see bench/fleet.py)
 
 _views: "weakref.WeakSet[MarketView]" = weakref.WeakSet()  # every view of this process
 
@@ -196,6 +197,9 @@ class MarketView:
         took = time.monotonic() - started
         self._interval_s = max(self.ttl_s, took / RELOAD_COST_SHARE)
         snap.loaded_at = time.monotonic()
+        (log.info if took > SLOW_RELOAD_S else log.debug)(
+            "market view: %d offers reloaded in %.2fs; next reload in %.0fs",
+            sum(len(v) for v in snap.by_model.values()), took, self._interval_s)
         return snap
 
     def _patch(self, old: _Snapshot) -> _Snapshot:

@@ -68,7 +68,12 @@ def candidates(session: Session, settings: CoordinatorSettings, model: str | Non
         q = q.where(NodeOffer.model == model)
     if node_ids is not None:
         q = q.where(col(Node.id).in_(node_ids))
-    rows = session.exec(q).all()
+    return routable_of(session, settings, session.exec(q).all(), allow_unverified=allow_unverified)
+
+
+def routable_of(session: Session, settings: CoordinatorSettings, rows, *,
+                allow_unverified: bool = False) -> list[Candidate]:
+    """`candidates` among (offer, node) `rows` the caller has loaded already."""
     stakes = bonded_by_ref(session, sorted({f"node:{n.id}" for _, n in rows})) if settings.min_stake else {}
     now = utcnow()
     unverified_ok = allow_unverified and settings.allow_unverified_nodes
