@@ -76,8 +76,8 @@ def tune_gc() -> None:
     process for ~1 s every few seconds (`bench/fleet.py`). What start-up built is frozen
     (never walked again) and young objects are collected less often, so full collections
     become rare; memory of short-lived cycles is freed a little later. `AGORA_GC_THRESHOLDS`
-    overrides (at 10,000 nodes, (20000, 2, 1000) gave heartbeat p99 45 ms in one run and
-    515 ms in the next, against 470-500 ms: not adopted)."""
+    overrides (at 10,000 nodes, (20000, 2, 1000) gave heartbeat p99 45, 515 and 433 ms in three
+    runs, against 368-515 ms: not adopted)."""
     gc.collect()
     gc.freeze()
     gc.set_threshold(*gc_thresholds())
