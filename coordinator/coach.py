@@ -74,7 +74,7 @@ def _losses(session: Session, node: Node, since) -> dict:
     done = session.exec(select(func.count(), func.coalesce(func.sum(InferenceRequest.cost), 0)).where(
         InferenceRequest.node_id == node.id, InferenceRequest.status == "completed",
         col(InferenceRequest.finished_at) >= since)).one()
-    per_job = done[1] / done[0] if done[0] else 0
+    per_job = int(done[1]) / done[0] if done[0] else 0  # PostgreSQL sums a BIGINT as a Decimal
     return {"earned_nano_usd": int(earned), "clawed_back_nano_usd": int(rows.get("clawback") or 0),
             "slashed_nano_usd": int(rows.get("slash") or 0), "failed_jobs": int(failed),
             "errors_lost_nano_usd": int(failed * per_job), "error_rate": node.error_rate,

@@ -32,7 +32,7 @@ def snapshot(session: Session, settings: CoordinatorSettings, window_h: float = 
     ledger = Ledger(session)
     active = dict(session.exec(select(InferenceRequest.node_id, func.count()).where(
         col(InferenceRequest.status).in_(ACTIVE)).group_by(InferenceRequest.node_id)).all())
-    served = {(nid, st): (n, toks or 0, cost or 0) for nid, st, n, toks, cost in session.exec(
+    served = {(nid, st): (n, int(toks or 0), int(cost or 0)) for nid, st, n, toks, cost in session.exec(
         select(InferenceRequest.node_id, InferenceRequest.status, func.count(),
                func.sum(InferenceRequest.completion_tokens), func.sum(InferenceRequest.cost))
         .where(col(InferenceRequest.status).in_([RequestStatus.COMPLETED, RequestStatus.FAILED]),

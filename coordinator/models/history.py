@@ -24,10 +24,10 @@ class MarketMinute(SQLModel, table=True):
     nodes_live: int = 0  # routable offers of this model when the minute was recorded
     capacity: int = 0  # their summed max concurrency
     active: int = 0  # requests assigned or running on them then
-    ask_out_p10: int | None = None  # nano-USD per million completion tokens, over live offers
-    ask_out_p50: int | None = None
-    ask_out_p90: int | None = None
-    ask_in_p50: int | None = None
+    ask_out_p10: int | None = Field(default=None, sa_type=BigInteger)  # nano-USD per million completion tokens, live offers
+    ask_out_p50: int | None = Field(default=None, sa_type=BigInteger)
+    ask_out_p90: int | None = Field(default=None, sa_type=BigInteger)
+    ask_in_p50: int | None = Field(default=None, sa_type=BigInteger)
     tok_s_p50: float | None = None  # measured per-stream tok/s over live offers
     tok_s_p90: float | None = None
     requests: int = 0  # ended in this minute, any outcome
@@ -61,8 +61,8 @@ class NodeMinute(SQLModel, table=True):
     model: str = Field(max_length=200)
     online: bool = False
     routable: bool = False
-    price_in: int = 0
-    price_out: int = 0
+    price_in: int = Field(default=0, sa_type=BigInteger)
+    price_out: int = Field(default=0, sa_type=BigInteger)
     tok_s: float | None = None  # measured per stream
     ttft_ms: float | None = None  # measured
     active: int = 0

@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import JSON, Column
+from sqlalchemy import JSON, BigInteger, Column
 from sqlmodel import Field, SQLModel
 
 from coordinator.models.account import utcnow
@@ -73,8 +73,9 @@ class NodePublic(NodeBase):
 
 class NodeOfferBase(SQLModel):
     model: str = Field(max_length=200, index=True)
-    price_in: int  # nano-dollars per million prompt tokens
-    price_out: int  # nano-dollars per million completion tokens
+    # nano-dollars per million tokens: 64-bit (a 32-bit column ends at $2.147 per million)
+    price_in: int = Field(sa_type=BigInteger)  # prompt tokens
+    price_out: int = Field(sa_type=BigInteger)  # completion tokens
     tokens_per_s: float  # advertised (benchmarked by the node)
     tokens_per_s_b1: float | None = None
     ttft_ms: float | None = None

@@ -6,7 +6,7 @@ import enum
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import JSON, Column, UniqueConstraint, false
+from sqlalchemy import JSON, BigInteger, Column, UniqueConstraint, false
 from sqlmodel import Field, SQLModel
 
 from coordinator.models.account import utcnow
@@ -46,13 +46,13 @@ class InferenceRequest(SQLModel, table=True):
     prompt_tokens_est: int
     max_tokens: int
     hold_id: int | None = None
-    hold_amount: int = 0
+    hold_amount: int = Field(default=0, sa_type=BigInteger)  # nano-USD (64-bit, like every amount)
     node_id: str | None = Field(default=None, index=True)
-    price_in: int | None = None  # locked at assignment
-    price_out: int | None = None
+    price_in: int | None = Field(default=None, sa_type=BigInteger)  # locked at assignment
+    price_out: int | None = Field(default=None, sa_type=BigInteger)
     prompt_tokens: int | None = None
     completion_tokens: int | None = None
-    cost: int | None = None  # nano-dollars charged
+    cost: int | None = Field(default=None, sa_type=BigInteger)  # nano-dollars charged
     # What the buyer's handler wrote to the buyer (see coordinator/delivery.py); settlement
     # waits for it and charges only these tokens.
     delivered_tokens: int | None = None

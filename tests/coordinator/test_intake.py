@@ -14,11 +14,22 @@ from coordinator.errors import APIError
 from coordinator.intake import admit_and_place
 from coordinator.models import InferenceRequest, RequestStatus
 from coordinator.schemas import ChatCompletionRequest
+from coordinator.settings import CoordinatorSettings
 from pricing.ledger import Ledger
 from pricing.money import request_cost
 from tests.coordinator.test_routability import CEILING, _seller
 
 BODY = dict(model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=100)
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
+def settings(request, tmp_path) -> CoordinatorSettings:
+    """Both stores: on PostgreSQL the placement steps run in savepoints, on SQLite not. The
+    dear seller asks $100 per million tokens (the default ceiling): on PostgreSQL its
+    registration failed with a 500 while prices were 32-bit columns (at most $2.147)."""
+    url = f"sqlite:///{tmp_path / 't.db'}" if request.param == "sqlite" else request.getfixturevalue("pg_url")
+    return CoordinatorSettings(home=tmp_path, database_url=url, run_worker_in_process=False, assign_timeout_s=2.0,
+                               admin_token="admin-secret")
 
 
 def _market(client, runtime):
