@@ -167,6 +167,7 @@ class RedisBus(Bus):
         self._async = aredis.Redis.from_url(url, socket_timeout=5.0, **opts)
         self._aredis = aredis
         self._opts = opts
+        self._conn_errors = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OSError)
         self._pubsub = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._reader: asyncio.Task | None = None
@@ -316,17 +317,30 @@ class RedisBus(Bus):
             pass
 
     # ------------------------------------------------------------ publishing
+    # A pooled connection from before a Redis restart fails its next command ("Connection
+    # closed by server") and is dropped: a publish is tried once more, on a fresh connection.
+    # Without it a buyer's `done` published just after the bus came back was lost, and its
+    # stream hung until the client gave up (tests/chaos, the Redis case). Redis still down: the
+    # second try is refused at once. A message the dead server never delivered is not doubled.
     async def publish(self, channel: str, message: dict[str, Any]) -> None:
-        try:
-            await self._async.publish(self._key(channel), json.dumps(message))
-        except Exception as exc:
-            raise BusUnavailable(f"relay bus publish failed: {type(exc).__name__}: {exc}") from exc
+        data = json.dumps(message)
+        for attempt in range(2):
+            try:
+                await self._async.publish(self._key(channel), data)
+                return
+            except Exception as exc:
+                if attempt or not isinstance(exc, self._conn_errors):
+                    raise BusUnavailable(f"relay bus publish failed: {type(exc).__name__}: {exc}") from exc
 
     def publish_sync(self, channel: str, message: dict[str, Any]) -> None:
-        try:
-            self._sync.publish(self._key(channel), json.dumps(message))
-        except Exception as exc:
-            raise BusUnavailable(f"relay bus publish failed: {type(exc).__name__}: {exc}") from exc
+        data = json.dumps(message)
+        for attempt in range(2):
+            try:
+                self._sync.publish(self._key(channel), data)
+                return
+            except Exception as exc:
+                if attempt or not isinstance(exc, self._conn_errors):
+                    raise BusUnavailable(f"relay bus publish failed: {type(exc).__name__}: {exc}") from exc
 
     def set_flag(self, key: str, ttl_s: float) -> bool:
         try:

@@ -95,6 +95,29 @@ def test_redis_bus_tells_subscribers_of_an_outage_and_recovers_by_itself(own_red
     asyncio.run(main())
 
 
+def test_publishes_right_after_redis_restarts_are_not_lost(own_redis):
+    """Connections pooled before a Redis restart are dead; the first publishes after the bus
+    came back must still arrive (a lost `done` left a buyer's stream hanging)."""
+    bus = RedisBus(own_redis.url, "t:")
+
+    async def main():
+        async with bus.subscribe("req:1") as sub:
+            await asyncio.gather(*(bus.publish("req:1", {"i": i}) for i in range(8)))  # several pooled connections
+            assert sorted([(await sub.get(2))["i"] for _ in range(8)]) == list(range(8))
+            own_redis.kill()
+            assert await sub.get(5) == {"type": "bus_lost"}
+            own_redis.start()
+            assert await sub.get(10) == {"type": "bus_restored"}
+            await asyncio.gather(*(bus.publish("req:1", {"i": i}) for i in range(8, 16)))
+            assert sorted([(await sub.get(2))["i"] for _ in range(8)]) == list(range(8, 16))
+            for i in range(16, 20):
+                await asyncio.to_thread(bus.publish_sync, "req:1", {"i": i})
+                assert await sub.get(2) == {"i": i}
+        await bus.close()
+
+    asyncio.run(main())
+
+
 def test_redis_bus_skips_client_setinfo_for_old_servers(redis_url):
     """Redis before 7.2 refuses CLIENT SETINFO, which redis-py sends on connect by default."""
     bus = RedisBus(redis_url, "t:")
