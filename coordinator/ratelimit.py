@@ -17,7 +17,7 @@ import time
 
 from limits import RateLimitItemPerMinute, storage, strategies
 
-from coordinator.errors import APIError, BadRequest
+from coordinator.errors import APIError, BadRequest, Unavailable
 from coordinator.settings import CoordinatorSettings
 
 
@@ -37,15 +37,27 @@ class RateLimiter:
             import redis
 
             self._redis = redis.Redis.from_url(url, lib_name=None, lib_version=None, socket_timeout=2.0)
+            self._down = (redis.exceptions.RedisError, OSError)
         else:
             self._storage = storage.MemoryStorage()
             self._redis = None
+            self._down = ()
         self._window = strategies.MovingWindowRateLimiter(self._storage)
         self._local: dict[str, dict[str, float]] = {}
         self._lock = threading.Lock()
 
     # ------------------------------------------------------------ windows
+    def _unreachable(self, exc: Exception) -> Unavailable:
+        """Redis down: a 503 the client retries, not a 500 (nothing was counted or admitted)."""
+        return Unavailable(f"the market's rate limiter is unreachable ({type(exc).__name__}); retry shortly")
+
     def _hit(self, per_minute: int, key: str, what: str, cost: int = 1) -> None:
+        try:
+            self._hit_window(per_minute, key, what, cost)
+        except self._down as exc:
+            raise self._unreachable(exc) from exc
+
+    def _hit_window(self, per_minute: int, key: str, what: str, cost: int = 1) -> None:
         if per_minute <= 0:
             return
         item = RateLimitItemPerMinute(per_minute)
@@ -86,7 +98,7 @@ class RateLimiter:
     # ------------------------------------------------------------ concurrency
     def acquire(self, account_id: str, request_id: str) -> bool:
         """Take one of the key's concurrent-request slots (held at most `request_ttl_s`).
-        False if it has none left; raises nothing."""
+        False if it has none left; `Unavailable` (503) while Redis is unreachable."""
         limit = self.s.rate_limit_concurrent
         if limit <= 0:
             return True
@@ -101,6 +113,12 @@ class RateLimiter:
                 held[request_id] = expiry
                 self._local[account_id] = held
                 return True
+        try:
+            return self._acquire_in_redis(account_id, request_id, now, expiry, limit)
+        except self._down as exc:
+            raise self._unreachable(exc) from exc
+
+    def _acquire_in_redis(self, account_id: str, request_id: str, now: float, expiry: float, limit: int) -> bool:
         key = f"{self.s.redis_prefix}conc:{account_id}"
         pipe = self._redis.pipeline()
         pipe.zremrangebyscore(key, "-inf", now)

@@ -174,3 +174,24 @@ def test_a_broker_that_cannot_take_work_is_a_503_and_nothing_is_held(client, run
 
         acct = s.exec(select(Account).where(Account.name == "buyer")).one()
         assert Ledger(s).held(acct.ledger_account_id) == 0
+
+
+def test_a_rate_limiter_whose_redis_is_down_refuses_with_503_not_500(tmp_path, own_redis):
+    """Redis killed: every limit check (buyer requests, concurrency, node messages,
+    registrations) is a 503 the client retries, never a 500; back up, it counts again."""
+    from coordinator.errors import Unavailable
+    from coordinator.ratelimit import RateLimiter
+    from coordinator.settings import CoordinatorSettings
+
+    limiter = RateLimiter(CoordinatorSettings(home=tmp_path, redis_url=own_redis.url, rate_limit_concurrent=4))
+    assert limiter.admit("acct", 10, "r1")
+    own_redis.kill()
+    try:
+        for check in (lambda: limiter.admit("acct", 10, "r2"), lambda: limiter.acquire("acct", "r3"),
+                      lambda: limiter.node_message("n"), lambda: limiter.registration("1.2.3.4")):
+            with pytest.raises(Unavailable) as exc:
+                check()
+            assert exc.value.status_code == 503
+    finally:
+        own_redis.start()
+    assert limiter.admit("acct", 10, "r4")
